@@ -1,0 +1,56 @@
+# The verbs people type. Everything a fresh machine needs is installed by these targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export PYTHONPATH := $(CURDIR)/hack
+
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status test test-unit test-integration lint clean
+
+help:
+	@echo "make test          install what the tests need and run every test (what CI runs)"
+	@echo "make cluster       build (once) and start a local Kubernetes control plane"
+	@echo "make cluster-down  stop it"
+	@echo "make lint          ruff and mypy --strict"
+
+$(STAMP): pyproject.toml
+	@echo "Installing the project and its test tools into $(VENV)..."
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -m pip install -q -U pip
+	@$(VPY) -m pip install -q -e '.[operator,client,launcher,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+cluster-bin:
+	@bash hack/cluster/build.sh
+
+cluster: cluster-bin venv
+	@$(VPY) -m localcluster up
+
+cluster-down: venv
+	@$(VPY) -m localcluster down
+
+cluster-status: venv
+	@$(VPY) -m localcluster status
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy operator provisioner_client launchers hack/localcluster
+
+test-unit: venv
+	@$(VENV)/bin/pytest -q tests/unit
+
+test-integration: cluster-bin venv
+	@$(VENV)/bin/pytest -q tests/integration
+
+# What CI runs (.ci/run): system packages, builds, lint, then every test in one pytest run.
+test: cluster-bin venv
+	@bash hack/install-system-deps.sh
+	@$(MAKE) --no-print-directory lint
+	@$(VENV)/bin/pytest -q -rs tests
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite's real servers need, only when missing.
+set -euo pipefail
+need=()
+# command -> Debian package
+declare -A packages=(
+  [ip]=iproute2
+)
+for cmd in "${!packages[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
+done
+if ((${#need[@]})); then
+  echo "Installing Debian packages: ${need[*]}"
+  sudo_cmd=""; [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi

@@ -1,0 +1,148 @@
+"""The launcher <-> operator wire protocol: sealing, opening, and every way a message can be bad."""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+
+import pytest
+from kernel_launchers import protocol
+from kernel_launchers.protocol import LaunchPayload, ProtocolError
+
+
+def payload(kernel_id: str | None = None, token: str = "tok") -> LaunchPayload:
+    return {
+        "kernel_id": kernel_id or str(uuid.uuid4()),
+        "token": token,
+        "connection": {
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": "secret-hmac-key",
+            "kernel_name": "",
+            "shell_port": 5001,
+            "iopub_port": 5002,
+            "stdin_port": 5003,
+            "control_port": 5004,
+            "hb_port": 5005,
+        },
+        "pid": 123,
+        "pgid": 123,
+        "hostname": "h",
+        "control_port": 5006,
+        "control_key": "ck",
+        "sent_at": 1.0,
+    }
+
+
+@pytest.fixture
+def keys() -> tuple[bytes, bytes]:
+    private = protocol.new_private_key()
+    return private, protocol.public_key_of(private)
+
+
+def unframe(frame: bytes) -> bytes:
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    return frame[4:]
+
+
+def test_a_sealed_payload_opens_with_the_operator_key(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    sent = payload()
+    message = unframe(protocol.seal_launch_payload(sent, public))
+    assert protocol.peek_kernel_id(message) == sent["kernel_id"]
+    assert protocol.open_launch_payload(message, private) == sent
+    # The HMAC key never travels in clear text.
+    assert b"secret-hmac-key" not in message
+
+
+def test_every_flipped_byte_is_detected(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    message = unframe(protocol.seal_launch_payload(payload(), public))
+    for index in range(len(protocol.MAGIC) + protocol.KERNEL_ID_LEN, len(message), 7):
+        altered = bytearray(message)
+        altered[index] ^= 0x01
+        with pytest.raises(ProtocolError):
+            protocol.open_launch_payload(bytes(altered), private)
+
+
+def test_a_payload_moved_to_another_kernel_is_rejected(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    message = unframe(protocol.seal_launch_payload(payload(), public))
+    other = str(uuid.uuid4()).encode()
+    moved = message[:4] + other + message[4 + 36 :]
+    with pytest.raises(ProtocolError, match="authentication"):
+        protocol.open_launch_payload(moved, private)
+
+
+def test_a_payload_for_another_operator_is_rejected(keys: tuple[bytes, bytes]) -> None:
+    _, public = keys
+    message = unframe(protocol.seal_launch_payload(payload(), public))
+    with pytest.raises(ProtocolError, match="authentication"):
+        protocol.open_launch_payload(message, protocol.new_private_key())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"RKO1", b"GET / HTTP/1.1\r\n\r\n", b"RKO1" + b"x" * 200, bytes(range(256))],
+)
+def test_garbage_and_truncated_messages_are_rejected(
+    keys: tuple[bytes, bytes], garbage: bytes
+) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.open_launch_payload(garbage, keys[0])
+
+
+def test_a_truncated_message_is_rejected(keys: tuple[bytes, bytes]) -> None:
+    private, public = keys
+    message = unframe(protocol.seal_launch_payload(payload(), public))
+    for cut in (10, protocol.HEADER_LEN, len(message) - 1):
+        with pytest.raises(ProtocolError):
+            protocol.open_launch_payload(message[:cut], private)
+
+
+def test_a_kernel_id_that_is_no_uuid_cannot_be_sealed(keys: tuple[bytes, bytes]) -> None:
+    with pytest.raises(ProtocolError, match="not a kernel id"):
+        protocol.seal_launch_payload(payload(kernel_id="../../etc"), keys[1])
+
+
+def test_keys_encode_and_decode() -> None:
+    raw = protocol.new_private_key()
+    assert protocol.decode_key(protocol.encode_key(raw)) == raw
+    with pytest.raises(ProtocolError, match="32 bytes"):
+        protocol.decode_key(protocol.encode_key(b"short"))
+    with pytest.raises(ProtocolError):
+        protocol.decode_key("not base64 at all!!")
+
+
+def test_tokens_are_random_and_only_their_hash_is_kept() -> None:
+    first, second = protocol.new_token(), protocol.new_token()
+    assert first != second and len(first) >= 43
+    assert protocol.token_hash(first) != first
+    assert protocol.token_hash(first) == protocol.token_hash(first)
+
+
+def test_signed_control_requests_verify_once() -> None:
+    key, seen = b"k" * 32, set[str]()
+    line = protocol.sign_control({"request": "signal", "signum": 2}, key, now=1000.0)
+    body = protocol.verify_control(line, key, seen, now=1001.0)
+    assert body["request"] == "signal" and body["signum"] == 2
+    with pytest.raises(ProtocolError, match="replayed"):
+        protocol.verify_control(line, key, seen, now=1001.0)
+
+
+def test_control_requests_with_bad_signature_or_age_are_rejected() -> None:
+    key = b"k" * 32
+    line = protocol.sign_control({"request": "shutdown"}, key, now=1000.0)
+    with pytest.raises(ProtocolError, match="signature"):
+        protocol.verify_control(line, b"x" * 32, set(), now=1000.0)
+    with pytest.raises(ProtocolError, match="too old"):
+        protocol.verify_control(line, key, set(), now=1000.0 + 3600)
+    tampered = json.loads(line)
+    tampered["body"]["request"] = "signal"
+    with pytest.raises(ProtocolError, match="signature"):
+        protocol.verify_control(json.dumps(tampered).encode(), key, set(), now=1000.0)
+    with pytest.raises(ProtocolError, match="not a signed"):
+        protocol.verify_control(b"{not json", key, set())

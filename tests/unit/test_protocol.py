@@ -7,6 +7,7 @@ import struct
 import uuid
 
 import pytest
+
 from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload, ProtocolError
 

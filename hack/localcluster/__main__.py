@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             except ClusterError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
-            print(
-                f"The cluster is ready at {state.server} after {time.monotonic() - started:.1f} s."
-            )
+            print(f"The cluster is ready at {state.server} after {time.monotonic() - started:.1f} s.")
         print("Use it with:")
         print(f"  export KUBECONFIG={cluster.admin_kubeconfig}")
         print("  kubectl get namespaces")

@@ -240,8 +240,7 @@ class LocalCluster:
         """Start every component and wait until the cluster serves and has its controllers."""
         if not self.binary.exists():
             raise ClusterError(
-                f"{self.binary} does not exist; build it with `make cluster-bin` "
-                "(hack/cluster/build.sh)."
+                f"{self.binary} does not exist; build it with `make cluster-bin` (hack/cluster/build.sh)."
             )
         if self.running():
             raise ClusterError(f"A cluster is already running from {self.dir}; stop it first.")
@@ -259,9 +258,7 @@ class LocalCluster:
         )
         self._save_state(state)
         self.write_kubeconfig(self.admin_kubeconfig, "kubernetes-admin", ("system:masters",))
-        self.write_kubeconfig(
-            self.dir / "controller-manager.kubeconfig", "system:kube-controller-manager"
-        )
+        self.write_kubeconfig(self.dir / "controller-manager.kubeconfig", "system:kube-controller-manager")
         self.write_kubeconfig(self.dir / "scheduler.kubeconfig", "system:kube-scheduler")
         args = self._args(state)
         deadline = time.monotonic() + timeout
@@ -310,9 +307,7 @@ class LocalCluster:
         admin = self.dir / "pki" / "admin"
         admin.mkdir(exist_ok=True)
         if not (admin / "tls.crt").exists():
-            client = pki.issue(
-                self._ca(), "kubernetes-admin", organizations=("system:masters",), client=True
-            )
+            client = pki.issue(self._ca(), "kubernetes-admin", organizations=("system:masters",), client=True)
             self._write(admin / "tls.crt", client.cert_pem)
             self._write(admin / "tls.key", client.key_pem, private=True)
         ctx.load_cert_chain(str(admin / "tls.crt"), str(admin / "tls.key"))
@@ -368,9 +363,7 @@ class LocalCluster:
             if status == 200:
                 return
             time.sleep(0.2)
-        raise ClusterError(
-            "kube-controller-manager did not create the default ServiceAccount in time."
-        )
+        raise ClusterError("kube-controller-manager did not create the default ServiceAccount in time.")
 
 
 def _alive(pid: int) -> bool:

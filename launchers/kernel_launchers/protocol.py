@@ -63,6 +63,7 @@ class ConnectionInfo(TypedDict, total=False):
     control_port: int
     hb_port: int
     curve_publickey: str
+    curve_secretkey: str  # jupyter_client's clients use the server's key pair (see its connect.py)
 
 
 class LaunchPayload(TypedDict):

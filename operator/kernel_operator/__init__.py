@@ -1,0 +1,17 @@
+"""kernel_operator: the kopf operator that reconciles RemoteKernel resources.
+
+Layers, top to bottom (each imports only those below it):
+- ``handlers``: kopf registrations; thin, they read the resource and call ``lifecycle``.
+- ``lifecycle``: the phase machine of one kernel (launch, wait, watch, stop).
+- ``listener``, ``keys``: the launch handshake's server side and the operator's key pair.
+- ``backends``: one module per backend behind the ``Backend`` interface; no kopf inside.
+- ``spec``, ``status``, ``launch_command``: pure functions (validation, status patches,
+  the launcher's command line).
+- ``kube``: the one I/O seam to the Kubernetes API besides kopf's own watching.
+- ``settings``, ``errors``: configuration read once from the environment; exception types.
+"""
+
+GROUP = "kernel-operator.io"
+VERSION = "v1alpha1"
+PLURAL = "remotekernels"
+KIND = "RemoteKernel"

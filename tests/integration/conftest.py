@@ -58,9 +58,7 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 
     def has_default_sa() -> bool:
-        return any(
-            sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items
-        )
+        return any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items)
 
     wait_for(has_default_sa, what=f"the default ServiceAccount in {name}")
     yield name

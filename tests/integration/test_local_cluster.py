@@ -42,9 +42,7 @@ def crd_installed(kubeconfig: Path, api_client: client.ApiClient) -> None:
 
     def established() -> bool:
         crd = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
-        return any(
-            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
-        )
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
 
     wait_for(established, what="the RemoteKernel CRD to be established")
 
@@ -73,9 +71,7 @@ def test_crd_is_served_and_its_schema_enforced(
     crd_installed: None, api_client: client.ApiClient, kubeconfig: Path, namespace: str
 ) -> None:
     custom = client.CustomObjectsApi(api_client)
-    created = custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, remote_kernel("good")
-    )
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, remote_kernel("good"))
     assert created["spec"]["idleTimeoutSeconds"] == 0  # a schema default was applied
 
     for bad_spec in ({"backend": "mainframe"}, {"portRange": "100-200"}, {"env": {"1BAD": "x"}}):
@@ -126,9 +122,7 @@ def test_rbac_is_enforced(api_client: client.ApiClient, namespace: str) -> None:
             namespace,
             client.V1Role(
                 metadata=client.V1ObjectMeta(name="read-configmaps"),
-                rules=[
-                    client.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list"])
-                ],
+                rules=[client.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["list"])],
             ),
         )
         rbac.create_namespaced_role_binding(
@@ -138,9 +132,7 @@ def test_rbac_is_enforced(api_client: client.ApiClient, namespace: str) -> None:
                 role_ref=client.V1RoleRef(
                     api_group="rbac.authorization.k8s.io", kind="Role", name="read-configmaps"
                 ),
-                subjects=[
-                    client.RbacV1Subject(kind="ServiceAccount", name="reader", namespace=namespace)
-                ],
+                subjects=[client.RbacV1Subject(kind="ServiceAccount", name="reader", namespace=namespace)],
             ),
         )
 
@@ -159,9 +151,7 @@ def test_rbac_is_enforced(api_client: client.ApiClient, namespace: str) -> None:
         assert err.value.status == 403
 
 
-def test_deleting_an_owner_deletes_its_dependents(
-    api_client: client.ApiClient, namespace: str
-) -> None:
+def test_deleting_an_owner_deletes_its_dependents(api_client: client.ApiClient, namespace: str) -> None:
     core = client.CoreV1Api(api_client)
     owner = core.create_namespaced_config_map(
         namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"), data={"a": "1"})
@@ -183,8 +173,7 @@ def test_deleting_an_owner_deletes_its_dependents(
 
     def dependent_gone() -> bool:
         return not any(
-            cm.metadata.name == "dependent"
-            for cm in core.list_namespaced_config_map(namespace).items
+            cm.metadata.name == "dependent" for cm in core.list_namespaced_config_map(namespace).items
         )
 
     wait_for(dependent_gone, timeout=30, what="the garbage collector to delete the dependent")
@@ -198,9 +187,7 @@ def test_a_pod_is_scheduled_to_a_ready_node(api_client: client.ApiClient, namesp
     )
     core.create_node(node)
     try:
-        now = client.V1NodeCondition(
-            type="Ready", status="True", reason="KubeletReady", message="test node"
-        )
+        now = client.V1NodeCondition(type="Ready", status="True", reason="KubeletReady", message="test node")
         now.last_heartbeat_time = now.last_transition_time = dt.datetime.now(dt.timezone.utc)
         status = {
             "status": {
@@ -212,9 +199,7 @@ def test_a_pod_is_scheduled_to_a_ready_node(api_client: client.ApiClient, namesp
         core.patch_node_status(node_name, status)
         pod = client.V1Pod(
             metadata=client.V1ObjectMeta(name="sleeper"),
-            spec=client.V1PodSpec(
-                containers=[client.V1Container(name="main", image="kernel:test")]
-            ),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="main", image="kernel:test")]),
         )
         core.create_namespaced_pod(namespace, pod)
 

@@ -89,9 +89,7 @@ def test_a_payload_for_another_operator_is_rejected(keys: tuple[bytes, bytes]) -
     "garbage",
     [b"", b"RKO1", b"GET / HTTP/1.1\r\n\r\n", b"RKO1" + b"x" * 200, bytes(range(256))],
 )
-def test_garbage_and_truncated_messages_are_rejected(
-    keys: tuple[bytes, bytes], garbage: bytes
-) -> None:
+def test_garbage_and_truncated_messages_are_rejected(keys: tuple[bytes, bytes], garbage: bytes) -> None:
     with pytest.raises(ProtocolError):
         protocol.open_launch_payload(garbage, keys[0])
 

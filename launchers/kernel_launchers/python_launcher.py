@@ -1,0 +1,374 @@
+"""The Python kernel launcher: picks ports, starts ipykernel, sends the connection info home.
+
+Runs beside the kernel (in a pod, container, YARN container or on an ssh host) and needs no
+Kubernetes library. It accepts gateway_provisioners' launcher arguments, plus the launch token
+and the transport-encryption policy. It stays up as the kernel's supervisor: it serves signed
+control requests (signal, shutdown) from the operator, and exits with the kernel's exit code.
+
+    python -m kernel_launchers.python_launcher --kernel-id ID --response-address HOST:PORT \
+        --public-key KEY [--token TOKEN | env RKO_LAUNCH_TOKEN] [--port-range 0..0] \
+        [--transport-encryption disabled|auto|required] [--kernel-class-name CLASS] [--ip IP]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .ports import PortRangeError, bind_free_port, free_ports, parse_port_range
+
+log = logging.getLogger("kernel_launchers")
+
+EXIT_LAUNCH_FAILED = 3  # the kernel could not be started or its info not delivered
+ENCRYPTION_POLICIES = ("disabled", "auto", "required")
+
+
+@dataclass(frozen=True)
+class LauncherArgs:
+    kernel_id: str
+    response_address: tuple[str, int]
+    public_key: bytes
+    token: str
+    port_range: tuple[int, int]
+    transport_encryption: str
+    kernel_class_name: str | None
+    ip: str
+    run_dir: Path
+    response_retry_seconds: float
+    spark_context_initialization_mode: str
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
+    """Read and check the launcher's arguments; exits with a usage error on bad input."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="python -m kernel_launchers.python_launcher")
+    parser.add_argument("--kernel-id", required=True)
+    parser.add_argument("--response-address", required=True, help="HOST:PORT of the operator")
+    parser.add_argument("--public-key", required=True, help="the operator's public key")
+    parser.add_argument("--token", default=env.get("RKO_LAUNCH_TOKEN"), help="single-use token")
+    parser.add_argument("--token-file", default=None, help="read the token from this file, then delete it")
+    parser.add_argument("--port-range", default=env.get("KERNEL_PORT_RANGE", "0..0"))
+    parser.add_argument("--transport-encryption", default="disabled", choices=ENCRYPTION_POLICIES)
+    parser.add_argument("--kernel-class-name", default=None)
+    parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds and reports")
+    parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--response-retry-seconds", type=float, default=300.0)
+    parser.add_argument(
+        "--spark-context-initialization-mode",
+        "--RemoteProcessProxy.spark-context-initialization-mode",
+        default="none",
+        choices=("lazy", "eager", "none"),
+    )
+    ns = parser.parse_args(argv)
+    try:
+        kernel_id = protocol.canonical_kernel_id(ns.kernel_id)
+        public_key = protocol.decode_key(ns.public_key)
+        port_range = parse_port_range(ns.port_range)
+    except (protocol.ProtocolError, PortRangeError) as err:
+        parser.error(str(err))
+    host, sep, port = ns.response_address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        parser.error(f"--response-address {ns.response_address!r} is not HOST:PORT.")
+    if ns.token_file:
+        try:
+            ns.token = Path(ns.token_file).read_text().strip()
+            Path(ns.token_file).unlink()
+        except OSError as err:
+            parser.error(f"cannot read --token-file: {err}")
+    if not ns.token:
+        parser.error("a launch token is required: pass --token or set RKO_LAUNCH_TOKEN.")
+    run_dir = Path(ns.run_dir or f"/tmp/rko-{kernel_id}")
+    return LauncherArgs(
+        kernel_id=kernel_id,
+        response_address=(host.strip("[]"), int(port)),
+        public_key=public_key,
+        token=ns.token,
+        port_range=port_range,
+        transport_encryption=ns.transport_encryption,
+        kernel_class_name=ns.kernel_class_name,
+        ip=ns.ip,
+        run_dir=run_dir,
+        response_retry_seconds=ns.response_retry_seconds,
+        spark_context_initialization_mode=ns.spark_context_initialization_mode,
+    )
+
+
+def advertised_ip(bind_ip: str) -> str:
+    """The address clients reach the kernel on: the bind address, or this host's address."""
+    if bind_ip not in ("0.0.0.0", "::", ""):
+        return bind_ip
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def curve_keys(policy: str) -> tuple[str, str] | None:
+    """A CurveZMQ server key pair (Z85 text) when the policy asks for one and zmq has curve."""
+    if policy == "disabled":
+        return None
+    import zmq
+
+    if not zmq.has("curve"):
+        if policy == "required":
+            raise RuntimeError(
+                "transport_encryption='required' but this kernel's pyzmq has no CurveZMQ "
+                "support; install a pyzmq built with libsodium in the kernel image."
+            )
+        return None
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+def build_connection_file(
+    ip: str, ports: list[int], key: str, curve: tuple[str, str] | None
+) -> dict[str, Any]:
+    """The connection file the kernel reads (server side, so it holds the Curve secret)."""
+    names = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+    info: dict[str, Any] = dict(zip(names, ports, strict=True))
+    info.update(ip=ip, transport="tcp", signature_scheme="hmac-sha256", key=key, kernel_name="")
+    if curve is not None:
+        info["curve_publickey"], info["curve_secretkey"] = curve
+    return info
+
+
+def kernel_command(connection_file: Path, kernel_class_name: str | None) -> list[str]:
+    """The command that starts ipykernel on the given connection file."""
+    cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
+    if kernel_class_name:
+        cmd.append(f"--IPKernelApp.kernel_class={kernel_class_name}")
+    return cmd
+
+
+class Launcher:
+    """Starts one kernel, reports it, supervises it and serves control requests."""
+
+    def __init__(self, args: LauncherArgs) -> None:
+        self.args = args
+        self.kernel: subprocess.Popen[bytes] | None = None
+        self.control_key = secrets.token_bytes(32)
+        self.control_socket: socket.socket | None = None
+        self.control_port = 0
+        self.seen_nonces: set[str] = set()
+        self.shutting_down = threading.Event()
+
+    # -- start ---------------------------------------------------------------------------
+    def start_kernel(self) -> dict[str, Any]:
+        args = self.args
+        args.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        bind_ip = args.ip
+        ports = free_ports(bind_ip if bind_ip else "0.0.0.0", 5, args.port_range)
+        key = secrets.token_hex(32)
+        curve = curve_keys(args.transport_encryption)
+        info = build_connection_file(bind_ip, ports, key, curve)
+        connection_file = args.run_dir / "kernel.json"
+        fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(info, handle)
+        env = dict(os.environ)
+        env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
+        self.kernel = subprocess.Popen(
+            kernel_command(connection_file, args.kernel_class_name),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        log.info("Started kernel %s as pid %d.", args.kernel_id, self.kernel.pid)
+        return info
+
+    def wait_kernel_listening(self, info: dict[str, Any], timeout: float = 60.0) -> None:
+        """Wait until the kernel accepts on its shell port, so 'Running' means ready."""
+        deadline = time.monotonic() + timeout
+        host = "127.0.0.1" if info["ip"] in ("0.0.0.0", "") else info["ip"]
+        while time.monotonic() < deadline:
+            assert self.kernel is not None
+            if self.kernel.poll() is not None:
+                raise RuntimeError(f"The kernel exited with code {self.kernel.returncode} during start-up.")
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                if probe.connect_ex((host, info["shell_port"])) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"The kernel did not listen on its shell port within {timeout:.0f} s.")
+
+    def open_control_port(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.control_port = bind_free_port(sock, self.args.ip, self.args.port_range)
+        sock.listen(8)
+        self.control_socket = sock
+        threading.Thread(target=self._serve_control, name="control", daemon=True).start()
+
+    def payload(self, info: dict[str, Any]) -> protocol.LaunchPayload:
+        assert self.kernel is not None
+        connection: protocol.ConnectionInfo = {
+            "ip": advertised_ip(info["ip"]),
+            "transport": info["transport"],
+            "signature_scheme": info["signature_scheme"],
+            "key": info["key"],
+            "kernel_name": "",
+            "shell_port": info["shell_port"],
+            "iopub_port": info["iopub_port"],
+            "stdin_port": info["stdin_port"],
+            "control_port": info["control_port"],
+            "hb_port": info["hb_port"],
+        }
+        if "curve_publickey" in info:
+            connection["curve_publickey"] = info["curve_publickey"]
+            connection["curve_secretkey"] = info["curve_secretkey"]
+        return {
+            "kernel_id": self.args.kernel_id,
+            "token": self.args.token,
+            "connection": connection,
+            "pid": os.getpid(),
+            "pgid": os.getpgid(0),
+            "hostname": socket.gethostname(),
+            "control_port": self.control_port,
+            "control_key": protocol.encode_key(self.control_key),
+            "sent_at": time.time(),
+        }
+
+    def send_home(self, payload: protocol.LaunchPayload) -> None:
+        """Deliver the sealed payload, retrying until the operator acknowledges it."""
+        frame = protocol.seal_launch_payload(payload, self.args.public_key)
+        deadline = time.monotonic() + self.args.response_retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                with socket.create_connection(self.args.response_address, timeout=10) as conn:
+                    conn.sendall(frame)
+                    conn.shutdown(socket.SHUT_WR)
+                    if conn.recv(16).startswith(b"OK"):
+                        log.info("The operator accepted the connection info.")
+                        return
+                    reason = "the operator did not accept it yet"
+            except OSError as err:
+                reason = str(err)
+            if time.monotonic() + delay > deadline:
+                raise RuntimeError(f"Could not deliver the connection info: {reason}.")
+            log.warning("Could not deliver the connection info (%s); retrying in %.1f s.", reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # -- control -------------------------------------------------------------------------
+    def _serve_control(self) -> None:
+        assert self.control_socket is not None
+        while not self.shutting_down.is_set():
+            try:
+                conn, peer = self.control_socket.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    line = conn.makefile("rb").readline(8192)
+                    body = protocol.verify_control(line, self.control_key, self.seen_nonces)
+                    reply = self.handle_control(body)
+                except protocol.ProtocolError as err:
+                    log.warning("Rejected a control request from %s: %s", peer, err)
+                    reply = {"ok": False, "error": "rejected"}
+                except OSError as err:
+                    log.warning("A control connection from %s failed: %s", peer, err)
+                    continue
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def handle_control(self, body: dict[str, Any]) -> dict[str, Any]:
+        request = body.get("request")
+        if request == "signal":
+            signum = body.get("signum")
+            if not isinstance(signum, int) or signum not in {s.value for s in signal.Signals}:
+                return {"ok": False, "error": f"unknown signal {signum!r}"}
+            if signum == 0:
+                return {"ok": True, "alive": self.kernel is not None and self.kernel.poll() is None}
+            if self.kernel is not None and self.kernel.poll() is None:
+                self.kernel.send_signal(signum)
+            return {"ok": True}
+        if request == "shutdown":
+            threading.Thread(target=self.stop_kernel, daemon=True).start()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {request!r}"}
+
+    def stop_kernel(self, grace: float = 5.0) -> None:
+        """Ask the kernel to terminate; kill it if it is still there after ``grace`` seconds.
+
+        Never waits: it runs in signal handlers, where waiting on the child would contend with
+        the main thread's own wait for it.
+        """
+        self.shutting_down.set()
+        kernel = self.kernel
+        if kernel is None or kernel.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            kernel.terminate()
+
+        def kill_if_alive() -> None:
+            if kernel.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    kernel.kill()
+
+        timer = threading.Timer(grace, kill_if_alive)
+        timer.daemon = True
+        timer.start()
+
+    # -- run -----------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_kernel())
+        try:
+            info = self.start_kernel()
+            self.wait_kernel_listening(info)
+            self.open_control_port()
+            self.send_home(self.payload(info))
+        except Exception as err:
+            log.error("The kernel launch failed: %s", err)
+            self.stop_kernel()
+            if self.kernel is not None:
+                try:
+                    self.kernel.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.kernel.kill()
+                    self.kernel.wait()
+            self.write_exit_status(EXIT_LAUNCH_FAILED, str(err))
+            return EXIT_LAUNCH_FAILED
+        assert self.kernel is not None
+        while True:
+            try:
+                code = self.kernel.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+        self.shutting_down.set()
+        if self.control_socket is not None:
+            self.control_socket.close()
+        log.info("Kernel %s exited with code %d.", self.args.kernel_id, code)
+        self.write_exit_status(code, "")
+        return code if code >= 0 else 128 - code
+
+    def write_exit_status(self, code: int, message: str) -> None:
+        """Leave the exit code where a backend that cannot wait on us can read it."""
+        with contextlib.suppress(OSError):
+            self.args.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.args.run_dir / "exit_status").write_text(json.dumps({"code": code, "message": message}))
+            (self.args.run_dir / "kernel.json").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+    return Launcher(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

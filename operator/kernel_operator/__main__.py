@@ -1,0 +1,57 @@
+"""``remote-kernel-operator`` / ``python -m kernel_operator``: run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import kopf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="remote-kernel-operator", description="Run the Remote Kernel Operator."
+    )
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="watch only this namespace (repeatable; default RKO_WATCH_NAMESPACES, else all)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("RKO_LIVENESS_ENDPOINT"),
+        help="e.g. http://0.0.0.0:8080/healthz",
+    )
+    parser.add_argument(
+        "--peering",
+        default=os.environ.get("RKO_PEERING"),
+        help="a KopfPeering name for several replicas",
+    )
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    from . import handlers  # noqa: F401  (registers the handlers)
+    from .settings import OperatorSettings
+
+    namespaces: list[str] = args.namespace or list(OperatorSettings.from_env().watch_namespaces)
+    kopf.configure(verbose=args.verbose)
+    # The API client logs whole response bodies at DEBUG, Secrets included: never let it.
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=args.liveness,
+            standalone=not args.peering,
+            peering_name=args.peering,  # naming one makes peering mandatory
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Backends: one module per kind of infrastructure, each behind the ``Backend`` interface.
+
+Adding a backend is one module here, its tests, and its block in the CRD. Backends know
+nothing of kopf or of the RemoteKernel resource; they launch, inspect and stop.
+"""
+
+from __future__ import annotations
+
+from ..errors import SpecError
+from ..settings import OperatorSettings
+from .base import Backend, BackendRef, BackendStatus, LaunchPlan
+from .ssh import SshBackend
+
+__all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan"]
+
+
+class Backends:
+    """The backends this operator runs, created once at start-up."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self._by_name: dict[str, Backend] = {"ssh": SshBackend(settings.ssh)}
+
+    def get(self, name: str) -> Backend:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SpecError(
+                f"The {name!r} backend is not available in this operator yet; "
+                f"available: {', '.join(sorted(self._by_name))}.",
+                reason="BackendNotAvailable",
+            ) from None

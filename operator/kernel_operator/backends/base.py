@@ -1,0 +1,63 @@
+"""The interface every backend implements. No kopf, no Kubernetes resource handling here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from ..launch_command import launcher_args
+from ..spec import KernelRequest
+
+BackendRef = dict[str, Any]  # JSON-able; stored as status.backendRef
+State = Literal["starting", "running", "succeeded", "failed", "gone"]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a backend needs to start a launcher for one kernel."""
+
+    request: KernelRequest
+    response_address: str
+    public_key: bytes
+    token: str  # single-use; a backend delivers it without putting it on a command line
+    run_dir: str
+
+    def launcher_args(self, ip: str) -> list[str]:
+        """The launcher's arguments (without the interpreter) for a kernel bound to ``ip``."""
+        return launcher_args(self.request, self.response_address, self.public_key, ip, self.run_dir)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What a backend reports about a kernel it started."""
+
+    state: State
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+
+
+class Backend(Protocol):
+    """Launch, inspect and stop kernels on one kind of infrastructure."""
+
+    name: str
+
+    async def launch(self, plan: LaunchPlan) -> BackendRef:
+        """Start the launcher; return how to find what was started. Raises BackendError."""
+        ...
+
+    async def status(self, ref: BackendRef) -> BackendStatus:
+        """The current state of what ``launch`` started."""
+        ...
+
+    async def stop(self, ref: BackendRef) -> None:
+        """Stop everything ``launch`` started; idempotent, no error if already gone."""
+        ...
+
+    def release(self, ref: BackendRef) -> None:
+        """Forget bookkeeping for a stopped kernel (e.g. least-connection counts)."""
+        ...
+
+    def adopt(self, ref: BackendRef) -> None:
+        """Take back bookkeeping for a kernel found running after an operator restart."""
+        ...

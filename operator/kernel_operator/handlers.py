@@ -1,0 +1,129 @@
+"""kopf registrations. Thin: each reads the resource and calls the lifecycle or start-up code."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Any
+
+import kopf
+
+from . import GROUP, PLURAL, VERSION, keys
+from .backends import Backends
+from .errors import BackendError, SpecError
+from .kube import Kube, KubeError
+from .lifecycle import KernelLifecycle, Logger, OperatorContext
+from .listener import ResponseListener
+from .settings import OperatorSettings
+from .status import Phase
+
+SIGNAL_ANNOTATION = f"{GROUP}/signal"
+FINALIZER = f"{GROUP}/finalizer"
+
+
+def _emitter(body: kopf.Body) -> Any:
+    def emit(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+    return emit
+
+
+def _advertised(bind_host: str, port: int) -> str:
+    host = bind_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    cfg = OperatorSettings.from_env()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # A watch that goes silent (a dropped connection no one notices) is re-opened in time.
+    settings.watching.server_timeout = int(cfg.watch_server_timeout)
+    settings.watching.client_timeout = int(cfg.watch_client_timeout)
+    settings.watching.connect_timeout = 10
+    settings.posting.level = logging.INFO
+    kube = await Kube.connect()
+    try:
+        private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
+        alive = await kube.list_remote_kernels()
+    except KubeError as err:
+        await kube.close()
+        # E.g. 429 while a just-installed CRD's storage initializes: retry soon, not in 60 s.
+        raise kopf.TemporaryError(f"The operator cannot start yet: {err}", delay=2) from err
+    listener = ResponseListener(private_key)
+    host, port = await listener.start(*cfg.response_bind)
+    backends = Backends(cfg)
+    ctx = OperatorContext(
+        settings=cfg,
+        kube=kube,
+        backends=backends,
+        listener=listener,
+        private_key=private_key,
+        response_address=cfg.response_address or _advertised(host, port),
+    )
+    # Rebuild bookkeeping (least-connection counts) from the kernels that are alive.
+    for item in alive:
+        status = item.get("status") or {}
+        ref = status.get("backendRef")
+        if ref and status.get("phase") in (Phase.LAUNCHING.value, Phase.RUNNING.value):
+            with contextlib.suppress(SpecError):
+                backends.get(str(item["spec"].get("backend"))).adopt(ref)
+    memo["ctx"] = ctx
+    logger.info(
+        f"The operator is ready: launchers report to {ctx.response_address}; key "
+        f"{keys.fingerprint(ctx.public_key)} from Secret {cfg.namespace}/{cfg.key_secret}."
+    )
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    ctx: OperatorContext | None = memo.get("ctx")
+    if ctx is not None:
+        await ctx.listener.stop()
+        await ctx.kube.close()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, initial_delay=0)
+async def kernel(
+    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: Logger, **_: Any
+) -> None:
+    lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
+    try:
+        await lifecycle.run(stopped)
+    except KubeError as err:
+        raise kopf.TemporaryError(f"The Kubernetes API failed; retrying: {err}", delay=5) from err
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
+    try:
+        await lifecycle.delete()
+    except KubeError as err:
+        raise kopf.TemporaryError(f"Cleaning up failed; retrying: {err}", delay=2) from err
+    except BackendError as err:
+        raise kopf.TemporaryError(f"Stopping the kernel failed; retrying: {err}", delay=2) from err
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field=f"metadata.annotations.{SIGNAL_ANNOTATION}")
+async def signal(body: kopf.Body, new: Any, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """Forward a signal the client asked for (annotation value ``<signum>/<request id>``)."""
+    if not new:
+        return
+    text = str(new).split("/", 1)[0]
+    if not text.isdigit():
+        raise kopf.PermanentError(f"The signal annotation {new!r} is not '<signal number>/<request id>'.")
+    lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
+    try:
+        reply = await lifecycle.send_signal(int(text))
+    except BackendError as err:
+        logger.warning(f"Signal {text} could not be delivered: {err}")
+        return
+    logger.info(f"Signal {text} was delivered to the kernel: {reply}.")

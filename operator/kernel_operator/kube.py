@@ -1,0 +1,129 @@
+"""The operator's one I/O seam to the Kubernetes API (besides kopf's own watching).
+
+A thin async wrapper: plain dicts in and out, our own error type, no business logic. Unit tests
+replace this class, never the library beneath it.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from . import GROUP, PLURAL, VERSION
+from .errors import OperatorError
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(OperatorError):
+    """A Kubernetes API call failed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(what: str, err: ApiException) -> KubeError:
+    return KubeError(f"{what} failed: {err.status} {err.reason}", status=err.status)
+
+
+class Kube:
+    """Async access to the few objects the operator reads and writes itself."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        # Typed as Any: the generated stubs reject plain dict bodies and _content_type,
+        # both of which the client accepts and this wrapper relies on.
+        self.core: Any = client.CoreV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
+
+    @classmethod
+    async def connect(cls) -> Kube:
+        """In-cluster credentials inside a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            await config.load_kube_config()
+        return cls(client.ApiClient())
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    # -- secrets -------------------------------------------------------------------------------
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded; None when it does not exist."""
+        try:
+            secret = await self.core.read_namespaced_secret(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading Secret {namespace}/{name}", err) from err
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    async def create_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, bytes],
+        labels: dict[str, str] | None = None,
+        owner: dict[str, Any] | None = None,
+    ) -> bool:
+        """Create a Secret; False if one by that name already exists."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "labels": labels or {},
+                "ownerReferences": [owner] if owner else [],
+            },
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+        try:
+            await self.core.create_namespaced_secret(namespace, body)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise _error(f"Creating Secret {namespace}/{name}", err) from err
+        return True
+
+    async def replace_secret_data(self, namespace: str, name: str, data: dict[str, bytes]) -> None:
+        body = {"data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+        try:
+            await self.core.patch_namespaced_secret(name, namespace, body)
+        except ApiException as err:
+            raise _error(f"Updating Secret {namespace}/{name}", err) from err
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await self.core.delete_namespaced_secret(name, namespace)
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Deleting Secret {namespace}/{name}", err) from err
+
+    # -- remote kernels ------------------------------------------------------------------------
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge ``status`` into the RemoteKernel's status subresource (None deletes a key)."""
+        try:
+            await self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as err:
+            raise _error(f"Patching the status of RemoteKernel {namespace}/{name}", err) from err
+
+    async def list_remote_kernels(self) -> list[dict[str, Any]]:
+        try:
+            result = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        except ApiException as err:
+            raise _error("Listing RemoteKernels", err) from err
+        return list(result.get("items", []))

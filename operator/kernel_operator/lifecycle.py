@@ -1,0 +1,343 @@
+"""The phase machine of one kernel: Pending -> Launching -> Running -> Succeeded/Failed.
+
+Everything a phase needs is read back from the resource's status, so a restarted operator
+continues where the previous one stopped (a launch in flight still completes). No kopf here:
+the handlers pass in a stop flag and an event callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kernel_launchers import protocol
+from kernel_launchers.protocol import LaunchPayload
+
+from . import GROUP, KIND, VERSION, keys
+from .backends import Backend, BackendRef, Backends, LaunchPlan
+from .control import send_control
+from .errors import BackendError, BackendUnavailable, SpecError
+from .kube import Kube
+from .launch_command import run_dir_for
+from .listener import ResponseListener
+from .settings import OperatorSettings
+from .spec import KernelRequest, build_request
+from .status import TERMINAL, Phase, connection_status, now_iso, phase_patch, secret_name
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+class StopFlag(Protocol):
+    """kopf's DaemonStopped, as far as we use it."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
+
+
+class Emit(Protocol):
+    def __call__(self, type_: str, reason: str, message: str) -> None: ...
+
+
+@dataclass
+class OperatorContext:
+    """What every kernel's lifecycle shares: created once at operator start-up."""
+
+    settings: OperatorSettings
+    kube: Kube
+    backends: Backends
+    listener: ResponseListener
+    private_key: bytes
+    response_address: str
+
+    @property
+    def public_key(self) -> bytes:
+        return protocol.public_key_of(self.private_key)
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class KernelLifecycle:
+    def __init__(
+        self,
+        ctx: OperatorContext,
+        body: Mapping[str, Any],
+        emit: Emit,
+        logger: Logger,
+    ) -> None:
+        meta = body["metadata"]
+        self.ctx = ctx
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.uid: str = meta["uid"]
+        self.generation: int = int(meta.get("generation", 1))
+        self.spec: Mapping[str, Any] = body.get("spec") or {}
+        self.status: dict[str, Any] = dict(body.get("status") or {})
+        self.emit = emit
+        self.log = logger
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    async def patch(self, status: dict[str, Any]) -> None:
+        await self.ctx.kube.patch_status(self.namespace, self.name, status)
+        for key, value in status.items():
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = value
+
+    async def set_phase(self, phase: Phase, reason: str, message: str, **extra: Any) -> None:
+        patch = phase_patch(self.status, phase, reason, message, now_iso())
+        patch.update(extra)
+        await self.patch(patch)
+        warning = phase is Phase.FAILED
+        self.emit("Warning" if warning else "Normal", reason, message)
+        (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
+
+    def request(self) -> KernelRequest:
+        return build_request(self.namespace, self.name, self.uid, self.spec, self.ctx.settings)
+
+    def backend(self) -> Backend:
+        return self.ctx.backends.get(str(self.spec.get("backend")))
+
+    # -- the phases ----------------------------------------------------------------------------
+    async def run(self, stopped: StopFlag) -> None:
+        """Drive the kernel from its current phase until it ends or the daemon is stopped."""
+        if self.phase in {p.value for p in TERMINAL} or self.phase == Phase.TERMINATING.value:
+            return
+        if self.phase in (None, "", Phase.PENDING.value) and not await self.launch():
+            return
+        if self.phase == Phase.LAUNCHING.value and not await self.await_connection(stopped):
+            return
+        if self.phase == Phase.RUNNING.value:
+            await self.monitor(stopped)
+
+    async def launch(self) -> bool:
+        if not self.phase:
+            await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
+        try:
+            request = self.request()
+            backend = self.backend()
+        except SpecError as err:
+            await self.set_phase(Phase.FAILED, err.reason, str(err), observedGeneration=self.generation)
+            return False
+        token = protocol.new_token()
+        now = _utcnow()
+        deadline = now + dt.timedelta(seconds=request.launch_timeout)
+        await self.set_phase(
+            Phase.LAUNCHING,
+            "Launching",
+            f"Launching the kernel on the {backend.name} backend.",
+            launch={
+                "tokenHash": protocol.token_hash(token),
+                "startedAt": now_iso(now),
+                "deadline": now_iso(deadline),
+            },
+            observedGeneration=self.generation,
+        )
+        plan = LaunchPlan(
+            request=request,
+            response_address=self.ctx.response_address,
+            public_key=self.ctx.public_key,
+            token=token,
+            run_dir=run_dir_for(request.kernel_id),
+        )
+        try:
+            ref = await backend.launch(plan)
+        except BackendError as err:
+            await self.set_phase(Phase.FAILED, err.reason, str(err), launch=None)
+            return False
+        await self.patch({"backendRef": ref, "launchedAt": now_iso()})
+        self.log.info(f"The {backend.name} backend started the launcher: {ref}.")
+        return True
+
+    async def await_connection(self, stopped: StopFlag) -> bool:
+        launch = self.status.get("launch") or {}
+        token_hash = launch.get("tokenHash")
+        if not token_hash:
+            await self.set_phase(
+                Phase.FAILED,
+                "LaunchLost",
+                "The launch record is missing; delete and recreate the kernel.",
+            )
+            return False
+        deadline = _parse_time(launch["deadline"])
+        kernel_id = protocol.canonical_kernel_id(str(self.spec["kernelId"]))
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[LaunchPayload] = loop.create_future()
+        persisted: asyncio.Future[None] = loop.create_future()
+
+        async def on_launch(payload: LaunchPayload) -> None:
+            # Runs in the listener's task; the daemon's task persists (it has kopf's context),
+            # and the launcher is acknowledged only once that is done.
+            if not received.done():
+                received.set_result(payload)
+            await asyncio.shield(persisted)
+
+        self.ctx.listener.expect(kernel_id, token_hash, on_launch)
+        try:
+            while not received.done():
+                remaining = (deadline - _utcnow()).total_seconds()
+                if remaining <= 0:
+                    return await self._launch_timed_out()
+                await asyncio.wait([received], timeout=min(self.ctx.settings.monitor_interval, remaining))
+                if received.done():
+                    break
+                if stopped:
+                    return False
+                failure = await self._launch_failure()
+                if failure is not None:
+                    await self.stop_backend()
+                    await self.set_phase(Phase.FAILED, failure[0], failure[1], launch=None)
+                    return False
+            try:
+                await self.persist_connection(received.result())
+            except BaseException as err:
+                persisted.set_exception(err)
+                raise
+            persisted.set_result(None)
+            return True
+        finally:
+            self.ctx.listener.forget(kernel_id)
+            if not persisted.done():
+                persisted.cancel()
+
+    async def _launch_failure(self) -> tuple[str, str] | None:
+        ref = self.status.get("backendRef")
+        if not ref:
+            return None
+        try:
+            state = await self.backend().status(ref)
+        except BackendUnavailable as err:
+            self.log.warning(f"Cannot check the launch on the backend for now: {err}")
+            return None
+        if state.state in ("starting", "running"):
+            return None
+        return (
+            state.reason or "LaunchFailed",
+            f"The kernel stopped before it was ready: {state.message}",
+        )
+
+    async def _launch_timed_out(self) -> bool:
+        timeout = self.spec.get("launchTimeoutSeconds") or self.ctx.settings.launch_timeout
+        await self.stop_backend()
+        await self.set_phase(
+            Phase.FAILED,
+            "LaunchTimeout",
+            f"The kernel did not send its connection info within {timeout:g} s; the backend was "
+            "stopped. Check the launcher's log on the backend, and that it can reach the "
+            f"operator at {self.ctx.response_address}.",
+            launch=None,
+        )
+        return False
+
+    async def persist_connection(self, payload: LaunchPayload) -> None:
+        """Store the key in a Secret owned by the resource, the rest in status: then Running."""
+        connection = payload["connection"]
+        control_key = protocol.decode_key(payload["control_key"])
+        secret = secret_name(self.name)
+        data = {
+            "key": connection["key"].encode(),
+            "control-key.sealed": keys.seal(self.ctx.private_key, payload["kernel_id"], control_key),
+        }
+        if connection.get("curve_publickey"):
+            data["curve-publickey"] = connection["curve_publickey"].encode()
+            data["curve-secretkey"] = connection.get("curve_secretkey", "").encode()
+        labels = {"kernel-operator.io/kernel-id": payload["kernel_id"]}
+        if not await self.ctx.kube.create_secret(
+            self.namespace, secret, data, labels, self.owner_reference()
+        ):
+            await self.ctx.kube.replace_secret_data(self.namespace, secret, data)
+        ref: BackendRef = dict(self.status.get("backendRef") or {})
+        ref.setdefault("pid", payload["pid"])
+        ref.setdefault("pgid", payload["pgid"])
+        ref.update(launcherHost=payload["hostname"], controlPort=payload["control_port"])
+        await self.set_phase(
+            Phase.RUNNING,
+            "KernelReady",
+            f"The kernel is ready at {connection['ip']} (shell port {connection['shell_port']}).",
+            connection=connection_status(connection, secret),
+            backendRef=ref,
+            readyAt=now_iso(),
+            launch=None,
+        )
+
+    async def monitor(self, stopped: StopFlag) -> None:
+        backend = self.backend()
+        ref = self.status.get("backendRef") or {}
+        while not stopped:
+            await stopped.wait(self.ctx.settings.monitor_interval)
+            if stopped:
+                return
+            try:
+                state = await backend.status(ref)
+            except BackendUnavailable as err:
+                self.log.warning(f"Cannot check the kernel on the backend for now: {err}")
+                continue
+            if state.state in ("starting", "running"):
+                continue
+            await self.stop_backend()
+            if state.state == "succeeded":
+                await self.set_phase(Phase.SUCCEEDED, state.reason or "KernelExited", state.message)
+            else:
+                await self.set_phase(Phase.FAILED, state.reason or "KernelFailed", state.message)
+            return
+
+    # -- stopping and signals ------------------------------------------------------------------
+    async def stop_backend(self) -> None:
+        ref = self.status.get("backendRef")
+        if not ref:
+            return
+        backend = self.backend()
+        await backend.stop(ref)
+        backend.release(ref)
+
+    async def delete(self) -> None:
+        """Stop everything the kernel started; called by the finalizer."""
+        if self.phase not in {p.value for p in TERMINAL}:
+            await self.set_phase(Phase.TERMINATING, "Deleting", "The kernel is being deleted.")
+        with contextlib.suppress(SpecError):  # an unknown backend never started anything
+            await self.stop_backend()
+        await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
+
+    async def send_signal(self, signum: int) -> dict[str, Any]:
+        """Forward a signal to the kernel through its launcher's control port."""
+        ref = self.status.get("backendRef") or {}
+        connection = self.status.get("connection") or {}
+        if self.phase != Phase.RUNNING.value or "controlPort" not in ref:
+            raise BackendError(f"The kernel is {self.phase or 'not started'}; it cannot take signals.")
+        data = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
+        sealed = data.get("control-key.sealed")
+        if not sealed:
+            raise BackendError("The kernel's control key is missing from its Secret.")
+        key = keys.unseal(self.ctx.private_key, str(self.spec["kernelId"]), sealed)
+        return await send_control(
+            str(connection.get("ip")),
+            int(ref["controlPort"]),
+            key,
+            {"request": "signal", "signum": signum},
+        )

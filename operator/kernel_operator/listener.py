@@ -1,0 +1,106 @@
+"""The response listener: receives launchers' sealed connection info over TCP.
+
+Each launch in flight is registered with the hash of its single-use token. A message is
+accepted only if it opens with the operator's key, names a kernel with a launch pending, and
+carries the matching token; the launch's callback then persists the result, and only after
+that does the launcher get its ``OK`` (so a crash in between makes the launcher retry).
+Anything else is logged and dropped; the listener keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from kernel_launchers import protocol
+from kernel_launchers.protocol import LaunchPayload, ProtocolError
+
+log = logging.getLogger(__name__)
+OnLaunch = Callable[[LaunchPayload], Awaitable[None]]
+READ_TIMEOUT = 10.0
+
+
+@dataclass
+class _Pending:
+    token_hash: str
+    on_launch: OnLaunch
+
+
+class ResponseListener:
+    def __init__(self, private_key: bytes) -> None:
+        self._private_key = private_key
+        self._pending: dict[str, _Pending] = {}
+        self._server: asyncio.Server | None = None
+        self.accepted = 0
+        self.rejected = 0
+
+    def expect(self, kernel_id: str, token_hash: str, on_launch: OnLaunch) -> None:
+        """Accept one launch response for ``kernel_id`` whose token hashes to ``token_hash``."""
+        self._pending[kernel_id] = _Pending(token_hash, on_launch)
+
+    def forget(self, kernel_id: str) -> None:
+        self._pending.pop(kernel_id, None)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=protocol.MAX_FRAME)
+        sockname = self._server.sockets[0].getsockname()
+        log.info("The response listener serves on %s:%d.", sockname[0], sockname[1])
+        return str(sockname[0]), int(sockname[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            message = await self._read_frame(reader)
+            await self._accept(message)
+            writer.write(b"OK\n")
+            await writer.drain()
+        except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as err:
+            self.rejected += 1
+            reason = "the message was truncated" if isinstance(err, asyncio.IncompleteReadError) else str(err)
+            log.warning("Rejected a launch response from %s: %s", peer, reason or type(err).__name__)
+        except Exception:  # the listener must outlive any single bad connection
+            self.rejected += 1
+            log.exception("A launch response from %s could not be processed.", peer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
+        header = await asyncio.wait_for(reader.readexactly(4), READ_TIMEOUT)
+        (length,) = struct.unpack(">I", header)
+        if not protocol.HEADER_LEN < length <= protocol.MAX_FRAME:
+            raise ProtocolError(f"A frame of {length} bytes is outside the allowed size.")
+        return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+
+    async def _accept(self, message: bytes) -> None:
+        kernel_id = protocol.peek_kernel_id(message)
+        pending = self._pending.get(kernel_id)
+        if pending is None:
+            raise ProtocolError(
+                f"No launch is pending for kernel {kernel_id} (unknown, already answered, or replayed)."
+            )
+        payload = protocol.open_launch_payload(message, self._private_key)
+        if not hmac.compare_digest(protocol.token_hash(payload["token"]), pending.token_hash):
+            raise ProtocolError(f"The launch token for kernel {kernel_id} does not match.")
+        # Single use: claim it before awaiting, so a concurrent duplicate finds nothing.
+        if self._pending.get(kernel_id) is not pending:
+            raise ProtocolError(f"The launch for kernel {kernel_id} was answered concurrently.")
+        del self._pending[kernel_id]
+        try:
+            await pending.on_launch(payload)
+        except BaseException:
+            self._pending.setdefault(kernel_id, pending)  # not persisted: let the launcher retry
+            raise
+        self.accepted += 1
+        log.info("Accepted the connection info of kernel %s.", kernel_id)

@@ -1,0 +1,137 @@
+"""Operator settings: one frozen dataclass, read once from RKO_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kernel_launchers.ports import PortRangeError, parse_port_range
+
+from .errors import SettingsError
+
+ENCRYPTION_POLICIES = ("disabled", "auto", "required")
+LOAD_BALANCING = ("round-robin", "least-connection")
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise SettingsError(f"{name}={raw!r} is not a number.") from err
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}.")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (true or false).")
+
+
+def _address(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SettingsError(f"{name}={value!r} is not HOST:PORT.")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How the ssh backend reaches its hosts."""
+
+    hosts: tuple[str, ...] = ("localhost",)
+    load_balancing: str = "round-robin"
+    user: str = ""
+    port: int = 22
+    key_file: str = ""
+    known_hosts: str = ""
+    allow_unknown_hosts: bool = False
+    python: str = "python3"  # on the hosts; RKO_SSH_PYTHON defaults to the operator's own
+    connect_timeout: float = 5.0
+    local_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything configurable about the operator (see the README's settings table)."""
+
+    namespace: str = "remote-kernel-operator"
+    key_secret: str = "remote-kernel-operator-keys"
+    watch_namespaces: tuple[str, ...] = ()
+    launch_timeout: float = 30.0
+    authorized_users: frozenset[str] = frozenset()
+    unauthorized_users: frozenset[str] = frozenset({"root"})
+    port_range: tuple[int, int] = (0, 0)
+    port_range_text: str = "0..0"
+    transport_encryption: str = "disabled"
+    response_bind: tuple[str, int] = ("0.0.0.0", 8877)
+    response_address: str = ""
+    monitor_interval: float = 1.0
+    watch_server_timeout: float = 60.0
+    watch_client_timeout: float = 90.0
+    ssh: SshSettings = field(default_factory=SshSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        port_text = env.get("RKO_PORT_RANGE", "0..0")
+        try:
+            port_range = parse_port_range(port_text)
+        except PortRangeError as err:
+            raise SettingsError(f"RKO_PORT_RANGE: {err}") from err
+        encryption = env.get("RKO_TRANSPORT_ENCRYPTION", "disabled").lower()
+        if encryption not in ENCRYPTION_POLICIES:
+            raise SettingsError(
+                f"RKO_TRANSPORT_ENCRYPTION={encryption!r} must be one of {', '.join(ENCRYPTION_POLICIES)}."
+            )
+        balancing = env.get("RKO_SSH_LOAD_BALANCING", "round-robin")
+        if balancing not in LOAD_BALANCING:
+            raise SettingsError(
+                f"RKO_SSH_LOAD_BALANCING={balancing!r} must be one of {', '.join(LOAD_BALANCING)}."
+            )
+        hostname = socket.gethostname()
+        ssh = SshSettings(
+            hosts=_list(env.get("RKO_SSH_HOSTS", "localhost")) or ("localhost",),
+            load_balancing=balancing,
+            user=env.get("RKO_SSH_USER", ""),
+            port=int(_number(env, "RKO_SSH_PORT", 22, 1)),
+            key_file=env.get("RKO_SSH_KEY_FILE", ""),
+            known_hosts=env.get("RKO_SSH_KNOWN_HOSTS", ""),
+            allow_unknown_hosts=_flag(env, "RKO_SSH_ALLOW_UNKNOWN_HOSTS", False),
+            python=env.get("RKO_SSH_PYTHON", sys.executable),
+            connect_timeout=_number(env, "RKO_SSH_CONNECT_TIMEOUT", 5.0, 0.1),
+            local_hosts=_list(env.get("RKO_SSH_LOCAL_HOSTS", f"localhost,127.0.0.1,::1,{hostname}")),
+        )
+        return cls(
+            namespace=env.get("RKO_NAMESPACE", "remote-kernel-operator"),
+            key_secret=env.get("RKO_KEY_SECRET", "remote-kernel-operator-keys"),
+            watch_namespaces=_list(env.get("RKO_WATCH_NAMESPACES", "")),
+            launch_timeout=_number(env, "RKO_LAUNCH_TIMEOUT", 30.0, 1),
+            authorized_users=frozenset(_list(env.get("RKO_AUTHORIZED_USERS", ""))),
+            unauthorized_users=frozenset(_list(env.get("RKO_UNAUTHORIZED_USERS", "root"))),
+            port_range=port_range,
+            port_range_text=port_text,
+            transport_encryption=encryption,
+            response_bind=_address(env.get("RKO_RESPONSE_BIND", "0.0.0.0:8877"), "RKO_RESPONSE_BIND"),
+            response_address=env.get("RKO_RESPONSE_ADDRESS", ""),
+            monitor_interval=_number(env, "RKO_MONITOR_INTERVAL", 1.0, 0.05),
+            watch_server_timeout=_number(env, "RKO_WATCH_SERVER_TIMEOUT", 60.0, 1),
+            watch_client_timeout=_number(env, "RKO_WATCH_CLIENT_TIMEOUT", 90.0, 1),
+            ssh=ssh,
+        )

@@ -1,0 +1,157 @@
+"""The client's one I/O seam to Kubernetes: RemoteKernels and their Secrets, as plain dicts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from .resource import GROUP, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ClusterError(RuntimeError):
+    """A Kubernetes call failed; the message says which and why."""
+
+
+class RemoteKernels:
+    """RemoteKernels in one namespace."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        # Any: the generated stubs reject plain dict bodies and _content_type.
+        self.custom: Any = client.CustomObjectsApi(api)
+        self.core: Any = client.CoreV1Api(api)
+
+    @classmethod
+    async def connect(cls, namespace: str, kubeconfig: str | None = None) -> RemoteKernels:
+        """From ``kubeconfig`` (or KUBECONFIG / ~/.kube/config), else in-cluster credentials."""
+        cfg = client.Configuration()
+        try:
+            await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        except (config.ConfigException, OSError, TypeError):
+            if kubeconfig:
+                raise
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return cls(client.ApiClient(cfg), namespace)
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, body
+            )
+        except ApiException as err:
+            raise ClusterError(
+                f"Creating RemoteKernel {self.namespace}/{body['metadata']['name']} failed: "
+                f"{err.status} {err.reason}: {err.body!r}"
+            ) from err
+        return result
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise ClusterError(
+                f"Reading RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
+            ) from err
+        return result
+
+    async def delete(self, name: str) -> None:
+        try:
+            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise ClusterError(
+                    f"Deleting RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
+                ) from err
+
+    async def annotate(self, name: str, key: str, value: str) -> None:
+        body = {"metadata": {"annotations": {key: value}}}
+        try:
+            await self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name, body, _content_type=MERGE_PATCH
+            )
+        except ApiException as err:
+            raise ClusterError(
+                f"Annotating RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
+            ) from err
+
+    async def secret_data(self, name: str) -> dict[str, str]:
+        try:
+            secret = await self.core.read_namespaced_secret(name, self.namespace)
+        except ApiException as err:
+            raise ClusterError(
+                f"Reading Secret {self.namespace}/{name} failed: {err.status} {err.reason}"
+            ) from err
+        return dict(secret.data or {})
+
+    async def watch_until(
+        self, name: str, done: Callable[[dict[str, Any] | None], bool], timeout: float
+    ) -> dict[str, Any] | None:
+        """Watch one RemoteKernel until ``done(obj)`` (obj None: deleted) or ``timeout``.
+
+        Returns the last object seen (None if it is gone); raises TimeoutError.
+        """
+        deadline = time.monotonic() + timeout
+        obj = await self.get(name)
+        while not done(obj):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"RemoteKernel {self.namespace}/{name} did not reach the expected state in time."
+                )
+            version = (obj or {}).get("metadata", {}).get("resourceVersion")
+            try:
+                obj = await asyncio.wait_for(self._watch_once(name, version, done, obj, remaining), remaining)
+            except TimeoutError:
+                continue
+            if not done(obj):
+                obj = await self.get(name)
+        return obj
+
+    async def _watch_once(
+        self,
+        name: str,
+        version: str | None,
+        done: Callable[[dict[str, Any] | None], bool],
+        obj: dict[str, Any] | None,
+        remaining: float,
+    ) -> dict[str, Any] | None:
+        # The context closes the watch's response and the ApiClient it makes for itself.
+        async with watch.Watch() as stream:
+            try:
+                async for event in stream.stream(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    field_selector=f"metadata.name={name}",
+                    resource_version=version,
+                    # The server ends the watch in time, so a silent stream is re-opened.
+                    timeout_seconds=max(1, min(int(remaining) + 1, 60)),
+                ):
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: our version is too old; the caller re-reads
+                    obj = None if event["type"] == "DELETED" else event["object"]
+                    if done(obj):
+                        break
+            except ApiException as err:
+                if err.status != 410:
+                    raise ClusterError(
+                        f"Watching RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
+                    ) from err
+        return obj

@@ -1,0 +1,301 @@
+"""RemoteKernelProvisioner: jupyter_client's provisioner interface on top of RemoteKernels.
+
+A kernelspec selects it with ``"metadata": {"kernel_provisioner": {"provisioner_name":
+"remote-kernel", "config": {...}}}``; every key of ``config`` is a trait below. It needs no
+rights beyond creating, watching and deleting RemoteKernels and reading their Secrets in one
+namespace; the operator does the launching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import uuid
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default
+
+from .cluster import RemoteKernels
+from .resource import (
+    SIGNAL_ANNOTATION,
+    build_remote_kernel,
+    check_user,
+    connection_info,
+    kernel_env,
+    resource_name,
+)
+
+RUNNING, FAILED, SUCCEEDED = "Running", "Failed", "Succeeded"
+
+
+class KernelLaunchError(RuntimeError):
+    """The operator reported the kernel Failed; the message is its reason."""
+
+
+class RemoteKernelProvisioner(KernelProvisionerBase):
+    """Launches kernels by creating RemoteKernel resources for the Remote Kernel Operator."""
+
+    backend = CaselessStrEnum(
+        ["kubernetes", "sparkApplication", "customResource", "docker", "dockerSwarm", "yarn", "ssh"],
+        default_value="kubernetes",
+        config=True,
+        help="Where the operator runs the kernel.",
+    )
+    namespace = Unicode(config=True, help="Namespace of the RemoteKernel (KERNEL_NAMESPACE, else 'default').")
+    kubeconfig = Unicode(
+        None, allow_none=True, config=True, help="kubeconfig path (default: KUBECONFIG or in-cluster)."
+    )
+    image_name = Unicode(
+        None, allow_none=True, config=True, help="Kernel image (container backends; KERNEL_IMAGE)."
+    )
+    executor_image_name = Unicode(
+        None, allow_none=True, config=True, help="Spark executor image (KERNEL_EXECUTOR_IMAGE)."
+    )
+    launch_timeout = Float(
+        None, allow_none=True, config=True, help="Seconds to wait for the kernel (default: the operator's)."
+    )
+    idle_timeout = Integer(0, config=True, help="Delete the kernel after this many idle seconds; 0 never.")
+    port_range = Unicode(
+        None, allow_none=True, config=True, help="'lower..upper' ports for the kernel; '0..0' any."
+    )
+    transport_encryption = CaselessStrEnum(
+        ["disabled", "auto", "required"],
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="CurveZMQ policy.",
+    )
+    authorized_users = List(
+        Unicode(), config=True, help="Users who may launch (checked again by the operator)."
+    )
+    unauthorized_users = List(
+        Unicode(), default_value=["root"], config=True, help="Users who may not launch."
+    )
+    remote_hosts = List(
+        Unicode(), config=True, help="ssh backend: hosts to launch on (default: the operator's)."
+    )
+    load_balancing_algorithm = CaselessStrEnum(
+        ["round-robin", "least-connection"],
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="ssh backend.",
+    )
+    backend_config = Dict(
+        config=True, help="Extra settings for the backend's block of the RemoteKernel spec."
+    )
+    env_passthrough = List(Unicode(), config=True, help="Variables besides KERNEL_* to pass to the kernel.")
+    kernel_class_name = Unicode(
+        None, allow_none=True, config=True, help="Python kernel class (KERNEL_CLASS_NAME)."
+    )
+    delete_failed = Bool(True, config=True, help="Delete a RemoteKernel that failed to launch.")
+    poll_interval = Float(
+        0.1, config=True, help="Seconds between polls while waiting for the kernel to exit."
+    )
+
+    _kernels: RemoteKernels | None = None
+    _created = False
+
+    @default("namespace")
+    def _namespace_default(self) -> str:
+        return os.environ.get("KERNEL_NAMESPACE", "default")
+
+    # -- helpers -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return resource_name(str(self.kernel_id))
+
+    async def _api(self) -> RemoteKernels:
+        if self._kernels is None:
+            self._kernels = await RemoteKernels.connect(self.namespace, self.kubeconfig)
+        return self._kernels
+
+    @property
+    def has_process(self) -> bool:
+        return self._created
+
+    # -- launch --------------------------------------------------------------------------------
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        env: dict[str, str] = kwargs["env"]
+        username = env.get("KERNEL_USERNAME") or getpass.getuser()
+        check_user(username, self.authorized_users, self.unauthorized_users)
+        self._username = username
+        self._kernel_env = kernel_env(env, self.env_passthrough)
+        self._kernel_env["KERNEL_USERNAME"] = username
+        # The command is the operator's to build; keep the kernelspec's for the log only.
+        kwargs["cmd"] = list(self.kernel_spec.argv) if self.kernel_spec else []
+        return kwargs
+
+    def _body(self) -> dict[str, Any]:
+        env = self._kernel_env
+        backend_config = dict(self.backend_config)
+        if self.backend == "ssh":
+            if self.remote_hosts:
+                backend_config.setdefault("hosts", list(self.remote_hosts))
+            if self.load_balancing_algorithm:
+                backend_config.setdefault("loadBalancing", self.load_balancing_algorithm)
+        return build_remote_kernel(
+            kernel_id=str(self.kernel_id),
+            username=self._username,
+            language=self.kernel_spec.language if self.kernel_spec else "python",
+            backend=self.backend,
+            env=env,
+            image=env.get("KERNEL_IMAGE") or self.image_name,
+            executor_image=env.get("KERNEL_EXECUTOR_IMAGE") or self.executor_image_name,
+            class_name=env.get("KERNEL_CLASS_NAME") or self.kernel_class_name,
+            launch_timeout=float(env["KERNEL_LAUNCH_TIMEOUT"])
+            if env.get("KERNEL_LAUNCH_TIMEOUT")
+            else self.launch_timeout,
+            idle_timeout=self.idle_timeout,
+            port_range=self.port_range,
+            transport_encryption=self.transport_encryption,
+            backend_config=backend_config,
+        )
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        kernels = await self._api()
+        body = self._body()
+        # A restart reuses the kernel id: the previous resource must be gone first.
+        existing = await kernels.get(self.name)
+        if existing is not None:
+            if not _deleting(existing):
+                raise KernelLaunchError(
+                    f"RemoteKernel {self.namespace}/{self.name} already exists; delete it or use a new kernel id."
+                )
+            await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
+        await kernels.create(body)
+        self._created = True
+        timeout = (self.launch_timeout or 30.0) + 15.0  # the operator times out first, with a reason
+        self.log.info("Created RemoteKernel %s/%s; waiting for it to run.", self.namespace, self.name)
+        try:
+            obj = await kernels.watch_until(self.name, _settled, timeout)
+        except TimeoutError as err:
+            await self._discard()
+            raise TimeoutError(
+                f"Kernel {self.kernel_id} did not start within {timeout:.0f} s and no reason was "
+                "reported; is the Remote Kernel Operator running?"
+            ) from err
+        if obj is None:
+            self._created = False
+            raise KernelLaunchError(f"RemoteKernel {self.namespace}/{self.name} was deleted during launch.")
+        status = obj.get("status") or {}
+        if status.get("phase") != RUNNING:
+            message = (
+                f"Kernel {self.kernel_id} failed to launch: {status.get('reason')}: {status.get('message')}"
+            )
+            if self.delete_failed:
+                await self._discard()
+            raise KernelLaunchError(message)
+        await self._load_connection(obj)
+        return self.connection_info
+
+    async def _load_connection(self, obj: dict[str, Any]) -> None:
+        kernels = await self._api()
+        status = obj["status"]
+        data = await kernels.secret_data(status["connection"]["secretRef"]["name"])
+        self.connection_info = connection_info(status, data)
+
+    async def _discard(self) -> None:
+        kernels = await self._api()
+        await kernels.delete(self.name)
+        self._created = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def poll(self) -> int | None:
+        if not self._created:
+            return 0
+        obj = await (await self._api()).get(self.name)
+        if obj is None:
+            return 0
+        phase = (obj.get("status") or {}).get("phase")
+        if phase == SUCCEEDED:
+            return 0
+        if phase == FAILED:
+            return 1
+        return None
+
+    async def wait(self) -> int | None:
+        while True:
+            code = await self.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(self.poll_interval)
+
+    async def send_signal(self, signum: int) -> None:
+        if signum == 0 or not self._created:
+            return
+        # The operator forwards it to the launcher, which holds the kernel process.
+        await (await self._api()).annotate(self.name, SIGNAL_ANNOTATION, f"{int(signum)}/{uuid.uuid4().hex}")
+
+    async def kill(self, restart: bool = False) -> None:
+        await self._delete_and_wait()
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self._delete_and_wait()
+
+    async def _delete_and_wait(self, timeout: float = 30.0) -> None:
+        if not self._created:
+            return
+        kernels = await self._api()
+        await kernels.delete(self.name)
+        await kernels.watch_until(self.name, lambda obj: obj is None, timeout)
+        self._created = False
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await self._delete_and_wait()
+        # Close even on restart: jupyter_client may hand the restart to a new provisioner.
+        if self._kernels is not None:
+            await self._kernels.close()
+            self._kernels = None
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """Nothing to do: the kernel's shutdown_request ends it, and the operator sees that."""
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return recommended
+
+    # -- persistence ---------------------------------------------------------------------------
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await super().get_provisioner_info()
+        connection = dict(info.get("connection_info") or {})
+        for name in ("key", "curve_publickey", "curve_secretkey"):
+            if isinstance(connection.get(name), bytes):
+                connection[name] = connection[name].decode()
+        info.update(
+            connection_info=connection,
+            namespace=self.namespace,
+            resource=self.name,
+            kubeconfig=self.kubeconfig,
+            backend=self.backend,
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.namespace = provisioner_info.get("namespace", self.namespace)
+        self.kubeconfig = provisioner_info.get("kubeconfig", self.kubeconfig)
+        self.backend = provisioner_info.get("backend", self.backend)
+        obj = await (await self._api()).get(self.name)
+        if obj is None or (obj.get("status") or {}).get("phase") != RUNNING:
+            raise KernelLaunchError(
+                f"RemoteKernel {self.namespace}/{self.name} is not running; cannot re-attach."
+            )
+        self._created = True
+        await self._load_connection(obj)
+
+
+def _deleting(obj: dict[str, Any]) -> bool:
+    return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def _settled(obj: dict[str, Any] | None) -> bool:
+    """Running with connection info, or ended; or gone."""
+    if obj is None:
+        return True
+    status = obj.get("status") or {}
+    phase = status.get("phase")
+    return (phase == RUNNING and "connection" in status) or phase in (FAILED, SUCCEEDED)

@@ -1,0 +1,117 @@
+"""Pure builders: the RemoteKernel body and the connection info read back from it."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from jupyter_client.connect import KernelConnectionInfo
+
+GROUP = "kernel-operator.io"
+VERSION = "v1alpha1"
+PLURAL = "remotekernels"
+SIGNAL_ANNOTATION = f"{GROUP}/signal"
+
+
+class LaunchRefused(PermissionError):
+    """The kernel may not be launched for this user (checked again by the operator)."""
+
+
+def resource_name(kernel_id: str) -> str:
+    return f"k-{kernel_id}"
+
+
+def kernel_env(env: Mapping[str, str], passthrough: Sequence[str]) -> dict[str, str]:
+    """The variables that travel to the kernel: KERNEL_* and the ones named in ``passthrough``."""
+    chosen = {k: v for k, v in env.items() if k.startswith("KERNEL_") or k in passthrough}
+    # The operator sets these from the spec; sending them twice invites disagreement.
+    for name in ("KERNEL_ID", "KERNEL_LANGUAGE"):
+        chosen.pop(name, None)
+    return chosen
+
+
+def check_user(username: str, authorized: Sequence[str], unauthorized: Sequence[str]) -> None:
+    """Fail fast, before anything is created; the operator enforces its own lists too."""
+    if username in unauthorized:
+        raise LaunchRefused(f"User {username!r} is not allowed to launch kernels (unauthorized_users).")
+    if authorized and username not in authorized:
+        raise LaunchRefused(f"User {username!r} is not in authorized_users, so may not launch kernels.")
+
+
+def build_remote_kernel(
+    *,
+    kernel_id: str,
+    username: str,
+    language: str,
+    backend: str,
+    env: Mapping[str, str],
+    image: str | None = None,
+    executor_image: str | None = None,
+    class_name: str | None = None,
+    launch_timeout: float | None = None,
+    idle_timeout: float | None = None,
+    port_range: str | None = None,
+    transport_encryption: str | None = None,
+    backend_config: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+    owner_references: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The RemoteKernel this provisioner creates for one kernel."""
+    spec: dict[str, Any] = {
+        "kernelId": kernel_id,
+        "username": username,
+        "backend": backend,
+        "kernel": {"language": "r" if language.lower() == "r" else language.lower()},
+        "env": dict(env),
+    }
+    if class_name:
+        spec["kernel"]["className"] = class_name
+    if image:
+        spec["image"] = image
+    if executor_image:
+        spec["executorImage"] = executor_image
+    if launch_timeout:
+        spec["launchTimeoutSeconds"] = int(launch_timeout)
+    if idle_timeout:
+        spec["idleTimeoutSeconds"] = int(idle_timeout)
+    if port_range:
+        spec["portRange"] = port_range
+    if transport_encryption:
+        spec["transportEncryption"] = transport_encryption
+    if backend_config:
+        spec[backend] = dict(backend_config)
+    metadata: dict[str, Any] = {
+        "name": resource_name(kernel_id),
+        "labels": {"kernel-operator.io/kernel-id": kernel_id, **(labels or {})},
+    }
+    if owner_references:
+        metadata["ownerReferences"] = [dict(o) for o in owner_references]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RemoteKernel", "metadata": metadata, "spec": spec}
+
+
+def connection_info(status: Mapping[str, Any], secret_data: Mapping[str, str]) -> KernelConnectionInfo:
+    """jupyter_client connection info from the resource's status and its Secret's data."""
+    conn = status["connection"]
+
+    def secret(name: str) -> bytes:
+        return base64.b64decode(secret_data[name])
+
+    info: dict[str, Any] = {
+        "ip": conn["ip"],
+        "transport": conn.get("transport", "tcp"),
+        "signature_scheme": conn.get("signatureScheme", "hmac-sha256"),
+        "kernel_name": conn.get("kernelName", ""),
+        "shell_port": conn["shellPort"],
+        "iopub_port": conn["iopubPort"],
+        "stdin_port": conn["stdinPort"],
+        "control_port": conn["controlPort"],
+        "hb_port": conn["hbPort"],
+        "key": secret(conn.get("secretRef", {}).get("key", "key")),
+    }
+    if "curve-publickey" in secret_data:
+        info["curve_publickey"] = secret("curve-publickey")
+        info["curve_secretkey"] = secret("curve-secretkey")
+    # KernelConnectionInfo types these as str, but KernelManager compares them with its own
+    # get_connection_info(), which holds bytes: bytes are what works.
+    return cast(KernelConnectionInfo, info)

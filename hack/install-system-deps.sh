@@ -5,9 +5,11 @@ need=()
 # command -> Debian package
 declare -A packages=(
   [ip]=iproute2
+  [/usr/sbin/sshd]=openssh-server
+  [ssh-keygen]=openssh-client
 )
 for cmd in "${!packages[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || need+=("${packages[$cmd]}")
+  command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")
 done
 if ((${#need[@]})); then
   echo "Installing Debian packages: ${need[*]}"

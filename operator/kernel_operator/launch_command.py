@@ -56,10 +56,12 @@ def remote_start_command(
     token_file = f"{run_dir}/token"
     launcher = " ".join([q(python), "-m", LAUNCHER_MODULE, *map(q, args), "--token-file", q(token_file)])
     cd = f"cd {q(working_dir)} && " if working_dir else ""
+    # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
+    # and the token must be read from ours first.
     return (
-        f"umask 077 && mkdir -p {q(run_dir)} && cat > {q(token_file)} && "
-        f"{cd}env {exports} setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
-        "echo $!"
+        f"umask 077 && mkdir -p {q(run_dir)} && cat > {q(token_file)} && {cd}"
+        f"{{ env {exports} setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
+        "echo $!; }"
     )
 
 

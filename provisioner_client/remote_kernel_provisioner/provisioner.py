@@ -248,6 +248,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         await self._delete_and_wait()
         # Close even on restart: jupyter_client may hand the restart to a new provisioner.
+        await self.close()
+
+    async def close(self) -> None:
+        """Release this process's API connection and leave the kernel running (detach)."""
         if self._kernels is not None:
             await self._kernels.close()
             self._kernels = None

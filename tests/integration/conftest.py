@@ -12,10 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
-from localcluster import ClusterError, LocalCluster
-from tests.helpers import wait_for
+from localcluster import ClusterError, LocalCluster, free_port
+from tests.helpers import REPO_ROOT, wait_for
+
+from .servers import OperatorProcess, Sshd
 
 _timings: dict[str, float] = {}
 
@@ -68,3 +72,85 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for what, value in _timings.items():
         terminalreporter.write_line(f"{what}: {value:.1f}")
+
+
+CRD_FILE = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd(api_client: client.ApiClient) -> None:
+    """The RemoteKernel CRD, installed from crds/ and served (not just established)."""
+    ext = client.ApiextensionsV1Api(api_client)
+    try:
+        ext.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
+    except ApiException as err:
+        assert err.status == 409, err  # already applied by another test: the same file
+    custom = client.CustomObjectsApi(api_client)
+
+    def served() -> bool:
+        try:
+            custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")
+        except ApiException as err:
+            assert err.status in (404, 429, 503), err
+            return False
+        return True
+
+    wait_for(served, what="the RemoteKernel CRD to be served")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(
+    crd: None,
+    api_client: client.ApiClient,
+    kubeconfig: Path,
+    sshd: Sshd,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    """The operator, running against the local cluster with the admin's rights."""
+    core = client.CoreV1Api(api_client)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="rko-system")))
+    proc = OperatorProcess(
+        kubeconfig=kubeconfig,
+        log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+        env={
+            "RKO_NAMESPACE": "rko-system",
+            # A fixed port, so a restarted operator is found by launchers already running.
+            "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+            "RKO_MONITOR_INTERVAL": "0.5",
+            "RKO_SSH_KEY_FILE": str(sshd.client_key),
+            "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
+            "RKO_SSH_PORT": str(sshd.port),
+            "RKO_SSH_LOCAL_HOSTS": "localhost",
+        },
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+    left = launcher_processes()
+    assert not left, f"launcher or kernel processes left after the session: {left}"
+
+
+def launcher_processes() -> list[str]:
+    """Command lines of every kernel launcher or ipykernel started by the tests."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (
+            "kernel_launchers.python_launcher" in cmdline or "ipykernel_launcher" in cmdline
+        ):
+            found.append(cmdline)
+    return found

@@ -1,0 +1,540 @@
+"""End to end on the real control plane: the operator, the launcher, the ssh backend, the client.
+
+Kernels run on this machine: as local processes for host ``localhost`` (no ssh), and through
+Debian's sshd on 127.0.0.1 for host ``127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.helpers import wait_for
+
+from .conftest import launcher_processes
+from .servers import OperatorProcess, Sshd
+
+GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+def make_kernel(namespace: str, custom: client.CustomObjectsApi, **spec: Any) -> tuple[str, str]:
+    kernel_id = str(uuid.uuid4())
+    body_spec: dict[str, Any] = {"kernelId": kernel_id, "username": "alice", "backend": "ssh"}
+    body_spec.update(spec)
+    name = f"k-{kernel_id}"
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RemoteKernel",
+            "metadata": {"name": name},
+            "spec": body_spec,
+        },
+    )
+    return name, kernel_id
+
+
+def get(custom: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # type: ignore[no-any-return]
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def wait_phase(
+    custom: client.CustomObjectsApi, namespace: str, name: str, *phases: str, timeout: float = 60
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = get(custom, namespace, name)
+        return obj if obj and (obj.get("status") or {}).get("phase") in phases else None
+
+    return wait_for(reached, timeout=timeout, what=f"{name} to reach {phases}")
+
+
+def delete_and_wait_gone(
+    custom: client.CustomObjectsApi, namespace: str, name: str, timeout: float = 30
+) -> None:
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    wait_for(lambda: get(custom, namespace, name) is None, timeout=timeout, what=f"{name} to be deleted")
+
+
+def kernelspec(tmp_path: Path, kubeconfig: Path, namespace: str, **config: Any) -> Path:
+    """A kernelspec naming our provisioner, in a JUPYTER_PATH of its own."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "remote"
+    spec_dir.mkdir(parents=True)
+    provisioner_config = {"backend": "ssh", "namespace": namespace, "kubeconfig": str(kubeconfig), **config}
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python", "-m", "kernel_launchers.python_launcher"],
+                "display_name": "Remote Python",
+                "language": "python",
+                "interrupt_mode": "message",
+                "metadata": {
+                    "kernel_provisioner": {"provisioner_name": "remote-kernel", "config": provisioner_config}
+                },
+            }
+        )
+    )
+    return tmp_path / "jupyter"
+
+
+@pytest.fixture
+def jupyter_path(
+    tmp_path: Path, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    path = kernelspec(tmp_path, kubeconfig, namespace)
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    yield path
+
+
+def assert_nothing_left(api_client: client.ApiClient, namespace: str, kernel_id: str) -> None:
+    custom = client.CustomObjectsApi(api_client)
+    core = client.CoreV1Api(api_client)
+    wait_for(
+        lambda: get(custom, namespace, f"k-{kernel_id}") is None, timeout=20, what="the RemoteKernel to go"
+    )
+    secrets = [s.metadata.name for s in core.list_namespaced_secret(namespace).items]
+    assert not [s for s in secrets if kernel_id in s], secrets
+    wait_for(
+        lambda: not [c for c in launcher_processes() if kernel_id in c],
+        timeout=10,
+        what="no launcher processes",
+    )
+    assert not Path(f"/tmp/rko-{kernel_id}").exists()
+
+
+# -- kubectl-style use ----------------------------------------------------------------------------
+
+
+def test_a_remote_kernel_runs_and_deleting_it_cleans_up(
+    operator: OperatorProcess, api_client: client.ApiClient, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom)
+    obj = wait_phase(custom, namespace, name, "Running", "Failed")
+    status = obj["status"]
+    assert status["phase"] == "Running", status
+    assert status["connection"]["ip"] == "127.0.0.1"
+    assert status["conditions"][0]["type"] == "Ready" and status["conditions"][0]["status"] == "True"
+    assert status["backendRef"]["local"] is True
+    secret = client.CoreV1Api(api_client).read_namespaced_secret(f"{name}-connection", namespace)
+    assert secret.metadata.owner_references[0].uid == obj["metadata"]["uid"]
+    # The HMAC key is in the Secret and nowhere in the resource, its events or the operator's log.
+    import base64
+
+    key = base64.b64decode(secret.data["key"]).decode()
+    assert key not in json.dumps(obj)
+    events = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
+    reasons = [e.reason for e in events if e.involved_object.name == name]
+    assert {"Accepted", "Launching", "KernelReady"} <= set(reasons), reasons
+    assert key not in json.dumps([e.message for e in events])
+    assert key not in operator.log()
+    assert [c for c in launcher_processes() if kernel_id in c]
+
+    delete_and_wait_gone(custom, namespace, name)
+    assert_nothing_left(api_client, namespace, kernel_id)
+
+
+def test_kubectl_apply_and_delete(
+    operator: OperatorProcess,
+    kubeconfig: Path,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    from .test_local_cluster import kubectl
+
+    kernel_id = str(uuid.uuid4())
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RemoteKernel",
+        "metadata": {"name": f"k-{kernel_id}", "namespace": namespace},
+        "spec": {"kernelId": kernel_id, "username": "bob", "backend": "ssh"},
+    }
+    applied = subprocess.run(
+        [*kubectl_cmd(kubeconfig), "apply", "-f", "-"],
+        input=json.dumps(manifest),
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    assert applied.returncode == 0, applied.stderr
+    wait_phase(custom, namespace, f"k-{kernel_id}", "Running")
+    listed = kubectl(kubeconfig, "get", "rk", "-n", namespace)
+    assert "Running" in listed.stdout and "bob" in listed.stdout and "127.0.0.1" in listed.stdout
+    deleted = kubectl(kubeconfig, "delete", "rk", f"k-{kernel_id}", "-n", namespace)
+    assert deleted.returncode == 0, deleted.stderr
+    assert_nothing_left(api_client, namespace, kernel_id)
+
+
+def kubectl_cmd(kubeconfig: Path) -> list[str]:
+    import shutil
+    import sys
+
+    exe = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
+    return [exe, f"--kubeconfig={kubeconfig}"]
+
+
+# -- bad input and failures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason", "words"),
+    [
+        ({"username": "root"}, "Unauthorized", "RKO_UNAUTHORIZED_USERS"),
+        ({"portRange": "40000..40010"}, "InvalidPortRange", "at least 1000"),
+        ({"portRange": "70000..80000"}, "InvalidPortRange", "1024..65535"),
+        ({"backend": "yarn"}, "BackendNotAvailable", "not available"),
+        ({"env": {"KERNEL_ID": "something-else"}}, "InvalidSpec", "disagrees"),
+    ],
+)
+def test_bad_requests_fail_with_a_reason_and_launch_nothing(
+    operator: OperatorProcess,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    spec: dict[str, Any],
+    reason: str,
+    words: str,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, **spec)
+    status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == reason, status
+    assert words in status["message"]
+    assert "backendRef" not in status
+    assert not [c for c in launcher_processes() if kernel_id in c]
+    # Failed is final: no retry loop keeps changing it.
+    version = get(custom, namespace, name)["metadata"]["resourceVersion"]  # type: ignore[index]
+    time.sleep(2)
+    assert get(custom, namespace, name)["metadata"]["resourceVersion"] == version  # type: ignore[index]
+
+
+def test_a_launch_that_never_reports_times_out_and_is_stopped(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
+) -> None:
+    silent = tmp_path / "silent-python"
+    silent.write_text("#!/bin/sh\nexec sleep 300\n")
+    silent.chmod(0o755)
+    name, _kernel_id = make_kernel(namespace, custom, launchTimeoutSeconds=3, ssh={"python": str(silent)})
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "LaunchTimeout", status
+    assert "within 3 s" in status["message"]
+    assert time.monotonic() - started < 15
+    pid = status["backendRef"]["pid"]
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid),
+        timeout=10,
+        what="the silent launcher to be stopped",
+    )
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_launcher_that_dies_fails_the_kernel_fast(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'no python here' >&2\nexit 7\n")
+    broken.chmod(0o755)
+    started = time.monotonic()
+    name, _ = make_kernel(namespace, custom, launchTimeoutSeconds=60, ssh={"python": str(broken)})
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
+    assert status["phase"] == "Failed", status
+    assert "stopped before it was ready" in status["message"]
+    assert time.monotonic() - started < 10  # not the 60 s launch timeout
+
+
+def test_a_killed_kernel_turns_failed(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, _kernel_id = make_kernel(namespace, custom)
+    status = wait_phase(custom, namespace, name, "Running")["status"]
+    os.killpg(status["backendRef"]["pgid"], 9)
+    status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=15)["status"]
+    assert status["phase"] == "Failed", status
+    assert status["conditions"][0]["status"] == "False"
+
+
+# -- the listener under attack ----------------------------------------------------------------------
+
+
+def _send(address: str, data: bytes) -> bytes:
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(5)
+        try:
+            return conn.recv(16)
+        except OSError:
+            return b""
+
+
+def test_forged_replayed_truncated_and_garbage_payloads_are_rejected(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, api_client: client.ApiClient
+) -> None:
+    from kernel_launchers import protocol
+
+    address = operator.env["RKO_RESPONSE_BIND"]
+    key_secret = client.CoreV1Api(api_client).read_namespaced_secret(
+        "remote-kernel-operator-keys", "rko-system"
+    )
+    import base64
+
+    public = protocol.public_key_of(base64.b64decode(key_secret.data["private-key"]))
+    name, kernel_id = make_kernel(namespace, custom)
+    running = wait_phase(custom, namespace, name, "Running")
+    payload: protocol.LaunchPayload = {
+        "kernel_id": kernel_id,
+        "token": "guessed-token",
+        "connection": {
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": "attacker-key",
+            "shell_port": 1111,
+            "iopub_port": 1112,
+            "stdin_port": 1113,
+            "control_port": 1114,
+            "hb_port": 1115,
+        },
+        "pid": 1,
+        "pgid": 1,
+        "hostname": "evil",
+        "control_port": 1,
+        "control_key": protocol.encode_key(b"x" * 32),
+        "sent_at": time.time(),
+    }
+    forged = protocol.seal_launch_payload(payload, public)
+    attempts = [
+        forged,  # a launch already answered: its token was single-use
+        forged[: len(forged) // 2],  # truncated
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # garbage
+        struct.pack(">I", 10**9),  # absurd length
+        os.urandom(300),
+    ]
+    for data in attempts:
+        assert _send(address, data) != b"OK\n"
+    # A second kernel still launches: the listener kept serving.
+    other, _ = make_kernel(namespace, custom)
+    wait_phase(custom, namespace, other, "Running")
+    # The first kernel's connection is what its own launcher sent, not the forgery.
+    assert get(custom, namespace, name)["status"]["connection"] == running["status"]["connection"]  # type: ignore[index]
+    log = operator.log()
+    assert log.count("Rejected a launch response") >= len(attempts)
+    for n in (name, other):
+        delete_and_wait_gone(custom, namespace, n)
+
+
+# -- the operator restarted -------------------------------------------------------------------------
+
+
+def test_operator_restart_mid_launch_completes_the_launch(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
+) -> None:
+    import sys
+
+    slow = tmp_path / "slow-python"
+    slow.write_text(f'#!/bin/sh\nsleep 4\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    fingerprint_before = _fingerprint(operator.log())
+    name, _kernel_id = make_kernel(namespace, custom, launchTimeoutSeconds=60, ssh={"python": str(slow)})
+    wait_for(
+        lambda: (get(custom, namespace, name) or {}).get("status", {}).get("backendRef"),
+        timeout=20,
+        what="the launcher to be started",
+    )
+    operator.stop(kill=True)
+    operator.start()
+    assert _fingerprint(operator.log()) == fingerprint_before  # the key pair came from its Secret
+    status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=60)["status"]
+    assert status["phase"] == "Running", status
+    delete_and_wait_gone(custom, namespace, name)
+
+
+def _fingerprint(log: str) -> str:
+    marker = "; key "
+    return log[log.rindex(marker) + len(marker) :].split()[0]
+
+
+# -- a real sshd ------------------------------------------------------------------------------------
+
+
+def test_a_kernel_launched_over_ssh(
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    sshd: Sshd,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, ssh={"hosts": ["127.0.0.1"]})
+    status = wait_phase(custom, namespace, name, "Running", "Failed")["status"]
+    assert status["phase"] == "Running", status
+    assert status["backendRef"]["local"] is False and status["backendRef"]["host"] == "127.0.0.1"
+    delete_and_wait_gone(custom, namespace, name)
+    assert_nothing_left(api_client, namespace, kernel_id)
+
+
+def test_an_ssh_host_with_an_unknown_key_is_refused(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, sshd: Sshd
+) -> None:
+    # The same sshd answers on 127.0.0.2, but known_hosts only vouches for "[127.0.0.1]:port".
+    name, _ = make_kernel(namespace, custom, ssh={"hosts": ["127.0.0.2"]})
+    status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "NoHostAvailable", status
+    assert "127.0.0.2" in status["message"] and "known_hosts" in status["message"]
+
+
+# -- through jupyter_client -------------------------------------------------------------------------
+
+
+async def test_kernel_manager_runs_interrupts_restarts_and_shuts_down(
+    operator: OperatorProcess, api_client: client.ApiClient, jupyter_path: Path, namespace: str
+) -> None:
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    kernel_id = str(km.kernel_id)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        reply = await kc.execute_interactive("import os; x = 6 * 7", timeout=20)
+        assert reply["content"]["status"] == "ok"
+        outputs: list[str] = []
+        await kc.execute_interactive(
+            "print(x, os.environ['KERNEL_USERNAME'], os.environ['KERNEL_ID'])",
+            output_hook=lambda m: outputs.append(m["content"].get("text", "")),
+            timeout=20,
+        )
+        assert "".join(outputs).split() == ["42", "alice", kernel_id]
+
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1)
+        await km.interrupt_kernel()
+        reply = await _reply_to(kc, msg_id, timeout=10)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        kc.stop_channels()
+
+    await km.restart_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        reply = await kc.execute_interactive("'x' in globals()", timeout=20)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+
+    started = time.monotonic()
+    await km.shutdown_kernel()
+    shutdown_seconds = time.monotonic() - started
+    assert_nothing_left(api_client, namespace, kernel_id)
+    print(f"shutdown took {shutdown_seconds:.2f} s")
+
+
+async def test_an_unauthorized_user_is_refused_before_anything_is_created(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, jupyter_path: Path, namespace: str
+) -> None:
+    km = AsyncKernelManager(kernel_name="remote")
+    with pytest.raises(PermissionError, match="not allowed"):
+        await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "root"})
+    assert custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == []
+
+
+async def test_a_failed_launch_raises_the_operators_reason_at_once(
+    operator: OperatorProcess,
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = kernelspec(tmp_path, kubeconfig, namespace, port_range="50000..50010", unauthorized_users=[])
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    km = AsyncKernelManager(kernel_name="remote")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="InvalidPortRange"):
+        await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    assert time.monotonic() - started < 10
+    wait_for(
+        lambda: custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == [],
+        timeout=10,
+        what="the failed RemoteKernel to be deleted",
+    )
+
+
+async def test_another_process_reattaches_through_provisioner_info(
+    operator: OperatorProcess, api_client: client.ApiClient, jupyter_path: Path, namespace: str
+) -> None:
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    info = json.loads(json.dumps(await km.provisioner.get_provisioner_info()))  # as a server would store it
+    kernel_id = str(km.kernel_id)
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=30)
+    await kc.execute_interactive("marker = 'still here'", timeout=20)
+    kc.stop_channels()
+    await km.provisioner.close()  # the first server goes away, leaving its kernel running
+
+    # A new manager, as after a server restart, finds the same kernel from the stored info.
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    km2 = AsyncKernelManager(kernel_name="remote", kernel_id=kernel_id)
+    km2.provisioner = KernelProvisionerFactory.instance(parent=km2.parent).create_provisioner_instance(
+        kernel_id, km2.kernel_spec, parent=km2
+    )
+    await km2.provisioner.load_provisioner_info(info)
+    km2.load_connection_info(km2.provisioner.connection_info)
+    kc2 = km2.client()
+    kc2.start_channels()
+    try:
+        await kc2.wait_for_ready(timeout=30)
+        outputs: list[str] = []
+        await kc2.execute_interactive(
+            "print(marker)", output_hook=lambda m: outputs.append(m["content"].get("text", "")), timeout=20
+        )
+        assert "".join(outputs).strip() == "still here"
+    finally:
+        kc2.stop_channels()
+    await km2.shutdown_kernel(now=True)
+    assert_nothing_left(api_client, namespace, kernel_id)
+
+
+async def _reply_to(kc: Any, msg_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        msg: dict[str, Any] = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return msg

@@ -1,0 +1,73 @@
+"""The Python launcher's arguments and builders (no kernel is started here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernel_launchers import protocol
+from kernel_launchers.python_launcher import build_connection_file, kernel_command, parse_args
+
+KEY = protocol.encode_key(b"k" * 32)
+BASE = [
+    "--kernel-id",
+    "6c9c8d0e-1111-2222-3333-444455556666",
+    "--response-address",
+    "10.0.0.1:8877",
+    "--public-key",
+    KEY,
+]
+
+
+def test_the_seed_arguments_are_accepted() -> None:
+    args = parse_args(
+        [*BASE, "--port-range", "40000..41000", "--kernel-class-name", "my.Kernel"], {"RKO_LAUNCH_TOKEN": "t"}
+    )
+    assert args.response_address == ("10.0.0.1", 8877)
+    assert args.port_range == (40000, 41000)
+    assert args.token == "t" and args.kernel_class_name == "my.Kernel"
+    assert str(args.run_dir).endswith("6c9c8d0e-1111-2222-3333-444455556666")
+
+
+def test_the_token_can_come_from_a_file_that_is_then_deleted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token_file = tmp_path / "token"
+    token_file.write_text("secret-token\n")
+    args = parse_args([*BASE, "--token-file", str(token_file)], {})
+    assert args.token == "secret-token" and not token_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "words"),
+    [
+        ([], {}, "launch token is required"),
+        (["--port-range", "1..2"], {"RKO_LAUNCH_TOKEN": "t"}, "1024..65535"),
+        (["--transport-encryption", "maybe"], {"RKO_LAUNCH_TOKEN": "t"}, "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_with_a_usage_error(
+    extra: list[str], env: dict[str, str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as err:
+        parse_args([*BASE, *extra], env)
+    assert err.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_bad_key_or_kernel_id_or_address_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, words in [
+        (["--kernel-id", "x", "--response-address", "h:1", "--public-key", KEY], "not a kernel id"),
+        (["--kernel-id", BASE[1], "--response-address", "h:1", "--public-key", "c2hvcnQ="], "32 bytes"),
+        (["--kernel-id", BASE[1], "--response-address", "nohostport", "--public-key", KEY], "HOST:PORT"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv, {"RKO_LAUNCH_TOKEN": "t"})
+        assert words in capsys.readouterr().err
+
+
+def test_connection_file_and_command() -> None:
+    info = build_connection_file("127.0.0.1", [1, 2, 3, 4, 5], "key", ("PUB", "SEC"))
+    assert info["shell_port"] == 1 and info["hb_port"] == 5 and info["signature_scheme"] == "hmac-sha256"
+    assert info["curve_publickey"] == "PUB" and info["curve_secretkey"] == "SEC"
+    assert "curve_publickey" not in build_connection_file("127.0.0.1", [1, 2, 3, 4, 5], "key", None)
+    cmd = kernel_command(__import__("pathlib").Path("/tmp/k.json"), "my.Kernel")
+    assert cmd[1:5] == ["-m", "ipykernel_launcher", "-f", "/tmp/k.json"]
+    assert cmd[-1] == "--IPKernelApp.kernel_class=my.Kernel"

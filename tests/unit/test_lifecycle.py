@@ -1,0 +1,300 @@
+"""The kernel phase machine, with fakes at our own seams (Kube, Backends, the listener)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from typing import Any
+
+import pytest
+
+from kernel_launchers import protocol
+from kernel_launchers.protocol import LaunchPayload
+from kernel_operator.backends.base import BackendStatus, LaunchPlan
+from kernel_operator.errors import BackendError, SpecError
+from kernel_operator.lifecycle import KernelLifecycle, OperatorContext
+from kernel_operator.settings import OperatorSettings
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.secrets: dict[str, dict[str, bytes]] = {}
+        self.owners: dict[str, Any] = {}
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.patches.append(status)
+
+    async def create_secret(self, namespace, name, data, labels=None, owner=None) -> bool:  # type: ignore[no-untyped-def]
+        if name in self.secrets:
+            return False
+        self.secrets[name], self.owners[name] = data, owner
+        return True
+
+    async def replace_secret_data(self, namespace: str, name: str, data: dict[str, bytes]) -> None:
+        self.secrets[name] = data
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        return self.secrets.get(name)
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        self.secrets.pop(name, None)
+
+    def phases(self) -> list[str]:
+        return [p["phase"] for p in self.patches if "phase" in p]
+
+
+class FakeBackend:
+    name = "ssh"
+
+    def __init__(self, fail_launch: BackendError | None = None) -> None:
+        self.fail_launch = fail_launch
+        self.plans: list[LaunchPlan] = []
+        self.states: list[BackendStatus] = []
+        self.stopped: list[dict[str, Any]] = []
+        self.released: list[dict[str, Any]] = []
+
+    async def launch(self, plan: LaunchPlan) -> dict[str, Any]:
+        if self.fail_launch:
+            raise self.fail_launch
+        self.plans.append(plan)
+        return {"host": "h1", "pid": 99, "pgid": 99, "runDir": plan.run_dir, "local": True}
+
+    async def status(self, ref: dict[str, Any]) -> BackendStatus:
+        return self.states.pop(0) if self.states else BackendStatus("running")
+
+    async def stop(self, ref: dict[str, Any]) -> None:
+        self.stopped.append(ref)
+
+    def release(self, ref: dict[str, Any]) -> None:
+        self.released.append(ref)
+
+    def adopt(self, ref: dict[str, Any]) -> None:
+        pass
+
+
+class FakeBackends:
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+
+    def get(self, name: str) -> FakeBackend:
+        if name != "ssh":
+            raise SpecError(f"The {name!r} backend is not available", reason="BackendNotAvailable")
+        return self.backend
+
+
+class FakeListener:
+    def __init__(self) -> None:
+        self.expected: dict[str, tuple[str, Any]] = {}
+        self.forgotten: list[str] = []
+
+    def expect(self, kernel_id: str, token_hash: str, on_launch: Any) -> None:
+        self.expected[kernel_id] = (token_hash, on_launch)
+
+    def forget(self, kernel_id: str) -> None:
+        self.forgotten.append(kernel_id)
+
+
+class Stop:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    async def wait(self, timeout: float | None = None) -> Stop:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout)
+        return self
+
+
+def context(backend: FakeBackend, **env: str) -> tuple[OperatorContext, FakeKube, FakeListener]:
+    kube, listener = FakeKube(), FakeListener()
+    settings = OperatorSettings.from_env({"RKO_MONITOR_INTERVAL": "0.05", **env})
+    ctx = OperatorContext(
+        settings=settings,
+        kube=kube,  # type: ignore[arg-type]
+        backends=FakeBackends(backend),  # type: ignore[arg-type]
+        listener=listener,  # type: ignore[arg-type]
+        private_key=protocol.new_private_key(),
+        response_address="127.0.0.1:8877",
+    )
+    return ctx, kube, listener
+
+
+def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    kernel_id = str(uuid.uuid4())
+    return {
+        "metadata": {"namespace": "ns", "name": f"k-{kernel_id}", "uid": "uid-1", "generation": 1},
+        "spec": {"kernelId": kernel_id, "username": "alice", "backend": "ssh", **spec},
+        "status": status or {},
+    }
+
+
+def good_payload(kernel_id: str, token: str = "t") -> LaunchPayload:
+    return {
+        "kernel_id": kernel_id,
+        "token": token,
+        "connection": {
+            "ip": "10.1.1.1",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": "the-hmac-key",
+            "shell_port": 1,
+            "iopub_port": 2,
+            "stdin_port": 3,
+            "control_port": 4,
+            "hb_port": 5,
+        },
+        "pid": 99,
+        "pgid": 99,
+        "hostname": "h1",
+        "control_port": 7,
+        "control_key": protocol.encode_key(b"c" * 32),
+        "sent_at": 0.0,
+    }
+
+
+def events() -> tuple[list[tuple[str, str, str]], Any]:
+    got: list[tuple[str, str, str]] = []
+    return got, lambda t, r, m: got.append((t, r, m))
+
+
+async def test_a_kernel_goes_from_pending_to_running_to_succeeded() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend)
+    b = body()
+    emitted, emit = events()
+    lifecycle = KernelLifecycle(ctx, b, emit, logging.getLogger("t"))
+    stop = Stop()
+    task = asyncio.create_task(lifecycle.run(stop))
+    while b["spec"]["kernelId"] not in listener.expected:
+        await asyncio.sleep(0.01)
+    token_hash, on_launch = listener.expected[b["spec"]["kernelId"]]
+    plan = backend.plans[0]
+    assert token_hash == protocol.token_hash(plan.token)
+    assert "--token" not in plan.launcher_args("1.2.3.4")
+    await on_launch(good_payload(b["spec"]["kernelId"]))
+    backend.states = [BackendStatus("running"), BackendStatus("succeeded", "KernelExited", "bye", 0)]
+    await asyncio.wait_for(task, 5)
+    assert kube.phases() == ["Pending", "Launching", "Running", "Succeeded"]
+    running = next(p for p in kube.patches if p.get("phase") == "Running")
+    assert running["connection"]["secretRef"] == {"name": f"{b['metadata']['name']}-connection", "key": "key"}
+    assert "the-hmac-key" not in repr(kube.patches) and "the-hmac-key" not in repr(emitted)
+    secret = kube.secrets[f"{b['metadata']['name']}-connection"]
+    assert secret["key"] == b"the-hmac-key"
+    assert b"c" * 32 not in secret["control-key.sealed"]  # sealed, not stored in clear
+    assert kube.owners[f"{b['metadata']['name']}-connection"]["uid"] == "uid-1"
+    assert [r for _, r, _ in emitted] == ["Accepted", "Launching", "KernelReady", "KernelExited"]
+    assert backend.stopped  # the exited kernel's leftovers are cleaned
+
+
+async def test_a_bad_spec_fails_without_launching() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    emitted, emit = events()
+    await KernelLifecycle(ctx, body(username="root"), emit, logging.getLogger("t")).run(Stop())
+    assert kube.phases() == ["Pending", "Failed"]
+    assert kube.patches[-1]["reason"] == "Unauthorized"
+    assert emitted[-1][0] == "Warning"
+    assert backend.plans == []
+
+
+async def test_a_backend_that_cannot_launch_fails_the_kernel() -> None:
+    backend = FakeBackend(fail_launch=BackendError("no host", reason="NoHostAvailable"))
+    ctx, kube, _ = context(backend)
+    await KernelLifecycle(ctx, body(), events()[1], logging.getLogger("t")).run(Stop())
+    assert kube.phases() == ["Pending", "Launching", "Failed"]
+    assert kube.patches[-1]["reason"] == "NoHostAvailable"
+    assert kube.patches[-1]["launch"] is None
+
+
+async def test_a_launch_that_never_reports_times_out_and_the_backend_is_stopped() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend)
+    await asyncio.wait_for(
+        KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t")).run(Stop()),
+        10,
+    )
+    assert kube.phases()[-1] == "Failed"
+    assert kube.patches[-1]["reason"] == "LaunchTimeout"
+    assert "within 1 s" in kube.patches[-1]["message"]
+    assert backend.stopped and backend.released
+    assert listener.forgotten
+
+
+async def test_a_launcher_that_dies_fails_the_launch_at_once() -> None:
+    backend = FakeBackend()
+    backend.states = [BackendStatus("failed", "KernelFailed", "exit 3", 3)]
+    ctx, kube, _ = context(backend)
+    await asyncio.wait_for(
+        KernelLifecycle(ctx, body(launchTimeoutSeconds=60), events()[1], logging.getLogger("t")).run(Stop()),
+        5,
+    )
+    assert kube.patches[-1]["phase"] == "Failed"
+    assert "stopped before it was ready" in kube.patches[-1]["message"]
+
+
+async def test_a_restarted_operator_resumes_a_launch_in_flight() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend)
+    deadline = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    b = body(
+        status={
+            "phase": "Launching",
+            "launch": {"tokenHash": "abc", "deadline": deadline},
+            "backendRef": {"host": "h1", "pid": 99, "pgid": 99, "runDir": "/tmp/x", "local": True},
+        }
+    )
+    stop = Stop()
+    task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(stop))
+    while b["spec"]["kernelId"] not in listener.expected:
+        await asyncio.sleep(0.01)
+    token_hash, on_launch = listener.expected[b["spec"]["kernelId"]]
+    assert token_hash == "abc"  # the stored hash, not a new token
+    await on_launch(good_payload(b["spec"]["kernelId"]))
+    stop.event.set()
+    await asyncio.wait_for(task, 5)
+    assert backend.plans == []  # nothing launched twice
+    assert kube.phases() == ["Running"]
+
+
+async def test_a_failed_kernel_is_left_alone() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    await KernelLifecycle(ctx, body(status={"phase": "Failed"}), events()[1], logging.getLogger("t")).run(
+        Stop()
+    )
+    assert kube.patches == [] and backend.plans == []
+
+
+async def test_delete_stops_the_backend_and_removes_the_secret() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    kube.secrets[f"{b['metadata']['name']}-connection"] = {"key": b"k"}
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert kube.phases() == ["Terminating"]
+    assert backend.stopped == [b["status"]["backendRef"]] and backend.released
+    assert kube.secrets == {}
+
+
+async def test_delete_of_an_unknown_backend_still_removes_the_secret() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Failed", "backendRef": {"x": 1}}, backend="yarn")
+    kube.secrets[f"{b['metadata']['name']}-connection"] = {"key": b"k"}
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert kube.secrets == {} and backend.stopped == []
+
+
+async def test_signals_need_a_running_kernel() -> None:
+    backend = FakeBackend()
+    ctx, _, _ = context(backend)
+    with pytest.raises(BackendError, match="cannot take signals"):
+        await KernelLifecycle(
+            ctx, body(status={"phase": "Launching"}), events()[1], logging.getLogger("t")
+        ).send_signal(2)

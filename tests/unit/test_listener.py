@@ -1,0 +1,156 @@
+"""The response listener on a loopback socket: accepts exactly one good launch per token."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+import uuid
+
+import pytest
+
+from kernel_launchers import protocol
+from kernel_launchers.protocol import LaunchPayload
+from kernel_operator.listener import ResponseListener
+
+
+def payload(kernel_id: str, token: str) -> LaunchPayload:
+    return {
+        "kernel_id": kernel_id,
+        "token": token,
+        "connection": {
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": "k",
+            "shell_port": 1,
+            "iopub_port": 2,
+            "stdin_port": 3,
+            "control_port": 4,
+            "hb_port": 5,
+        },
+        "pid": 1,
+        "pgid": 1,
+        "hostname": "h",
+        "control_port": 6,
+        "control_key": protocol.encode_key(b"c" * 32),
+        "sent_at": time.time(),
+    }
+
+
+async def send(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()
+    reply = await asyncio.wait_for(reader.read(16), 5)
+    writer.close()
+    return reply
+
+
+@pytest.fixture
+async def listener() -> ResponseListener:
+    private = protocol.new_private_key()
+    server = ResponseListener(private)
+    await server.start("127.0.0.1", 0)
+    yield server  # type: ignore[misc]
+    await server.stop()
+
+
+def port_of(server: ResponseListener) -> int:
+    assert server._server is not None
+    return int(server._server.sockets[0].getsockname()[1])
+
+
+async def test_one_good_launch_is_accepted_and_its_replay_is_not(listener: ResponseListener) -> None:
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+    got: list[LaunchPayload] = []
+
+    async def on_launch(p: LaunchPayload) -> None:
+        got.append(p)
+
+    listener.expect(kernel_id, protocol.token_hash(token), on_launch)
+    frame = protocol.seal_launch_payload(
+        payload(kernel_id, token), protocol.public_key_of(listener._private_key)
+    )
+    assert await send(port_of(listener), frame) == b"OK\n"
+    assert [p["kernel_id"] for p in got] == [kernel_id]
+    assert await send(port_of(listener), frame) == b""  # replayed: no launch is pending any more
+    assert (listener.accepted, listener.rejected) == (1, 1)
+
+
+async def test_a_wrong_token_is_rejected_and_the_launch_stays_pending(listener: ResponseListener) -> None:
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+    got: list[LaunchPayload] = []
+
+    async def on_launch(p: LaunchPayload) -> None:
+        got.append(p)
+
+    listener.expect(kernel_id, protocol.token_hash(token), on_launch)
+    public = protocol.public_key_of(listener._private_key)
+    assert (
+        await send(port_of(listener), protocol.seal_launch_payload(payload(kernel_id, "forged"), public))
+        == b""
+    )
+    assert (
+        await send(port_of(listener), protocol.seal_launch_payload(payload(kernel_id, token), public))
+        == b"OK\n"
+    )
+    assert len(got) == 1
+
+
+async def test_a_failed_persist_lets_the_launcher_retry(listener: ResponseListener) -> None:
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+    calls = 0
+
+    async def on_launch(p: LaunchPayload) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the API server is down")
+
+    listener.expect(kernel_id, protocol.token_hash(token), on_launch)
+    frame = protocol.seal_launch_payload(
+        payload(kernel_id, token), protocol.public_key_of(listener._private_key)
+    )
+    assert await send(port_of(listener), frame) == b""
+    assert await send(port_of(listener), frame) == b"OK\n"
+    assert calls == 2
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"\x00\x00\x00",
+        struct.pack(">I", 10**9),
+        struct.pack(">I", 20) + b"x" * 20,
+        b"hello world, not a frame at all",
+    ],
+)
+async def test_garbage_is_rejected_and_the_listener_keeps_serving(
+    listener: ResponseListener, garbage: bytes
+) -> None:
+    assert await send(port_of(listener), garbage) == b""
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+
+    async def on_launch(p: LaunchPayload) -> None:
+        return None
+
+    listener.expect(kernel_id, protocol.token_hash(token), on_launch)
+    frame = protocol.seal_launch_payload(
+        payload(kernel_id, token), protocol.public_key_of(listener._private_key)
+    )
+    assert await send(port_of(listener), frame) == b"OK\n"
+
+
+async def test_a_slow_sender_is_cut_off(listener: ResponseListener, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernel_operator.listener as module
+
+    monkeypatch.setattr(module, "READ_TIMEOUT", 0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(listener))
+    writer.write(b"\x00\x00")  # half a length prefix, then silence
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(16), 5) == b""
+    writer.close()
+    assert listener.rejected == 1

@@ -1,0 +1,113 @@
+"""Operator settings from the environment, and spec validation: every bad input has a clear error."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from kernel_operator.errors import SettingsError, SpecError
+from kernel_operator.settings import OperatorSettings
+from kernel_operator.spec import build_request, check_user
+
+
+def test_defaults_follow_the_seed() -> None:
+    s = OperatorSettings.from_env({})
+    assert s.launch_timeout == 30.0
+    assert s.unauthorized_users == frozenset({"root"})
+    assert s.authorized_users == frozenset()
+    assert s.port_range == (0, 0)
+    assert s.ssh.load_balancing == "round-robin"
+    assert s.ssh.allow_unknown_hosts is False
+
+
+def test_settings_are_read_from_rko_variables() -> None:
+    s = OperatorSettings.from_env(
+        {
+            "RKO_LAUNCH_TIMEOUT": "12",
+            "RKO_AUTHORIZED_USERS": "alice, bob",
+            "RKO_PORT_RANGE": "40000..42000",
+            "RKO_SSH_HOSTS": "h1,h2",
+            "RKO_SSH_LOAD_BALANCING": "least-connection",
+            "RKO_RESPONSE_BIND": "127.0.0.1:9000",
+        }
+    )
+    assert s.launch_timeout == 12
+    assert s.authorized_users == {"alice", "bob"}
+    assert s.port_range == (40000, 42000)
+    assert s.ssh.hosts == ("h1", "h2")
+    assert s.response_bind == ("127.0.0.1", 9000)
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"RKO_LAUNCH_TIMEOUT": "soon"}, "not a number"),
+        ({"RKO_LAUNCH_TIMEOUT": "0"}, "at least 1"),
+        ({"RKO_PORT_RANGE": "1-2"}, "RKO_PORT_RANGE"),
+        ({"RKO_TRANSPORT_ENCRYPTION": "maybe"}, "RKO_TRANSPORT_ENCRYPTION"),
+        ({"RKO_SSH_LOAD_BALANCING": "random"}, "RKO_SSH_LOAD_BALANCING"),
+        ({"RKO_RESPONSE_BIND": "nowhere"}, "HOST:PORT"),
+        ({"RKO_SSH_ALLOW_UNKNOWN_HOSTS": "perhaps"}, "boolean"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str], words: str) -> None:
+    with pytest.raises(SettingsError, match=words):
+        OperatorSettings.from_env(env)
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"kernelId": str(uuid.uuid4()), "username": "alice", "backend": "ssh"}
+    base.update(overrides)
+    return base
+
+
+def test_a_good_spec_becomes_a_request_with_defaults() -> None:
+    settings = OperatorSettings.from_env({"RKO_LAUNCH_TIMEOUT": "40"})
+    s = spec(env={"MY_VAR": "1"}, ssh={"hosts": ["a"]})
+    req = build_request("ns", "k-x", "uid", s, settings)
+    assert req.kernel_id == s["kernelId"]
+    assert req.launch_timeout == 40
+    assert req.env == {
+        "MY_VAR": "1",
+        "KERNEL_ID": s["kernelId"],
+        "KERNEL_USERNAME": "alice",
+        "KERNEL_LANGUAGE": "python",
+    }
+    assert req.backend_config == {"hosts": ["a"]}
+    assert req.port_range == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason", "words"),
+    [
+        ({"kernelId": "not-a-uuid"}, "InvalidSpec", "kernelId"),
+        ({"backend": "mainframe"}, "InvalidSpec", "spec.backend"),
+        ({"username": ""}, "InvalidSpec", "username is required"),
+        ({"username": "root"}, "Unauthorized", "RKO_UNAUTHORIZED_USERS"),
+        ({"portRange": "1..2"}, "InvalidPortRange", "1024..65535"),
+        ({"portRange": "40000..40100"}, "InvalidPortRange", "at least 1000"),
+        ({"portRange": "41000..40000"}, "InvalidPortRange", "lower bound above"),
+        ({"transportEncryption": "sometimes"}, "InvalidSpec", "transportEncryption"),
+        ({"env": {"RKO_NAMESPACE": "x"}}, "InvalidSpec", "belong to the operator"),
+        ({"env": {"BAD-NAME": "x"}}, "InvalidSpec", "not a valid environment variable"),
+        ({"env": {"KERNEL_USERNAME": "mallory"}}, "InvalidSpec", "disagrees"),
+        ({"env": {"N": 3}}, "InvalidSpec", "must be a string"),
+    ],
+)
+def test_bad_specs_fail_with_a_reason(overrides: dict[str, Any], reason: str, words: str) -> None:
+    with pytest.raises(SpecError, match=words) as err:
+        build_request("ns", "k", "uid", spec(**overrides), OperatorSettings.from_env({}))
+    assert err.value.reason == reason
+
+
+def test_authorized_users_limit_who_may_launch_and_unauthorized_wins() -> None:
+    settings = OperatorSettings.from_env(
+        {"RKO_AUTHORIZED_USERS": "alice,root", "RKO_UNAUTHORIZED_USERS": "root"}
+    )
+    check_user("alice", settings)
+    with pytest.raises(SpecError, match="not in RKO_AUTHORIZED_USERS"):
+        check_user("bob", settings)
+    with pytest.raises(SpecError, match="not allowed"):
+        check_user("root", settings)

@@ -6,9 +6,12 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status demo run bench test test-unit test-integration lint clean
 
 help:
+	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
+	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
+	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
 	@echo "make cluster-down  stop it"
@@ -17,8 +20,8 @@ help:
 $(STAMP): pyproject.toml
 	@echo "Installing the project and its test tools into $(VENV)..."
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
-	@$(VPY) -m pip install -q -U pip
-	@$(VPY) -m pip install -q -e '.[operator,client,launcher,dev]'
+	@$(VPY) -m pip install -q -U pip > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(VPY) -m pip install -q -e '.[operator,client,launcher,dev]' >> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
@@ -35,10 +38,20 @@ cluster-down: venv
 cluster-status: venv
 	@$(VPY) -m localcluster status
 
+demo: cluster-bin venv
+	@$(VPY) hack/demo.py
+
+run: venv
+	@$(VPY) -m kernel_operator
+
+bench: cluster-bin venv
+	@bash hack/install-system-deps.sh
+	@$(VPY) bench/launch_latency.py
+
 lint: venv
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
-	@$(VENV)/bin/mypy operator provisioner_client launchers hack/localcluster
+	@$(VENV)/bin/mypy operator provisioner_client launchers hack/localcluster hack/demo.py
 
 test-unit: venv
 	@$(VENV)/bin/pytest -q tests/unit

@@ -126,9 +126,28 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._username = username
         self._kernel_env = kernel_env(env, self.env_passthrough)
         self._kernel_env["KERNEL_USERNAME"] = username
+        self._encryption = self._encryption_policy()
         # The command is the operator's to build; keep the kernelspec's for the log only.
         kwargs["cmd"] = list(self.kernel_spec.argv) if self.kernel_spec else []
         return kwargs
+
+    def _encryption_policy(self) -> str | None:
+        """The CurveZMQ policy, as jupyter_client's KernelManager defines it (>= 8.9).
+
+        'auto' asks for encryption only when the kernelspec declares curve support; 'required'
+        was already checked against the kernelspec by the manager, and the launcher fails the
+        kernel if its pyzmq cannot do it.
+        """
+        policy: str | None = self.transport_encryption
+        km = self.parent
+        if policy is None and km is not None and hasattr(km, "_transport_encryption_policy"):
+            policy = str(km._transport_encryption_policy())
+        if policy == "auto":
+            supported = km is not None and bool(
+                getattr(km, "_kernel_supports_curve_encryption", lambda: False)()
+            )
+            return "auto" if supported else "disabled"
+        return policy
 
     def _body(self) -> dict[str, Any]:
         env = self._kernel_env
@@ -152,7 +171,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             else self.launch_timeout,
             idle_timeout=self.idle_timeout,
             port_range=self.port_range,
-            transport_encryption=self.transport_encryption,
+            transport_encryption=self._encryption,
             backend_config=backend_config,
         )
 

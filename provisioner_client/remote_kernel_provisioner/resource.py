@@ -110,8 +110,8 @@ def connection_info(status: Mapping[str, Any], secret_data: Mapping[str, str]) -
         "key": secret(conn.get("secretRef", {}).get("key", "key")),
     }
     if "curve-publickey" in secret_data:
-        info["curve_publickey"] = secret("curve-publickey")
-        info["curve_secretkey"] = secret("curve-secretkey")
-    # KernelConnectionInfo types these as str, but KernelManager compares them with its own
-    # get_connection_info(), which holds bytes: bytes are what works.
+        info["curve_publickey"] = secret("curve-publickey").decode("ascii")
+        info["curve_secretkey"] = secret("curve-secretkey").decode("ascii")
+    # KernelManager compares this with its own get_connection_info(): the key as bytes, the
+    # Curve keys as Z85 text. KernelConnectionInfo types the key as str, hence the cast.
     return cast(KernelConnectionInfo, info)

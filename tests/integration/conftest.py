@@ -17,9 +17,8 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from localcluster import ClusterError, LocalCluster, free_port
+from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
-
-from .servers import OperatorProcess, Sshd
 
 _timings: dict[str, float] = {}
 

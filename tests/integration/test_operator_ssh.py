@@ -23,10 +23,10 @@ from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import wait_for
 
 from .conftest import launcher_processes
-from .servers import OperatorProcess, Sshd
 
 GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
 pytestmark = pytest.mark.integration
@@ -538,3 +538,57 @@ async def _reply_to(kc: Any, msg_id: str, timeout: float) -> dict[str, Any]:
         msg: dict[str, Any] = await kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
         if msg["parent_header"].get("msg_id") == msg_id:
             return msg
+
+
+# -- transport encryption ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "declared", "encrypted"),
+    [("disabled", True, False), ("auto", False, False), ("auto", True, True), ("required", True, True)],
+)
+async def test_transport_encryption_follows_jupyter_clients_policy(
+    operator: OperatorProcess,
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    declared: bool,
+    encrypted: bool,
+) -> None:
+    import zmq
+
+    path = kernelspec(tmp_path, kubeconfig, namespace)
+    spec_file = path / "kernels" / "remote" / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    if declared:
+        spec["metadata"]["supported_encryption"] = ["curve"]
+    spec_file.write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    km = AsyncKernelManager(kernel_name="remote", transport_encryption=policy)
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    try:
+        status = get(custom, namespace, f"k-{km.kernel_id}")["status"]  # type: ignore[index]
+        assert status["connection"]["transportEncryption"] == ("curve" if encrypted else "none")
+        assert (km.curve_publickey is not None) is encrypted
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=30)
+            reply = await kc.execute_interactive("21 * 2", timeout=20)
+            assert reply["content"]["status"] == "ok"
+        finally:
+            kc.stop_channels()
+        # A peer without the Curve keys gets no heartbeat answer from an encrypted kernel.
+        ctx = zmq.Context.instance()
+        probe = ctx.socket(zmq.REQ)
+        probe.linger = 0
+        probe.connect(f"tcp://127.0.0.1:{status['connection']['hbPort']}")
+        probe.send(b"ping")
+        answered = probe.poll(2000) != 0
+        probe.close()
+        assert answered is not encrypted
+    finally:
+        await km.shutdown_kernel(now=True)

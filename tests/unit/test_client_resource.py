@@ -70,4 +70,4 @@ def test_connection_info_comes_from_status_and_secret() -> None:
     info = connection_info(status, data)
     assert info["ip"] == "10.0.0.5" and info["shell_port"] == 1 and info["hb_port"] == 5
     assert info["key"] == b"hmac"  # bytes, as KernelManager compares it
-    assert info["curve_publickey"] == b"P" and info["curve_secretkey"] == b"S"
+    assert info["curve_publickey"] == "P" and info["curve_secretkey"] == "S"

@@ -1,4 +1,4 @@
-"""Real servers the integration tests start: Debian's sshd on loopback, and the operator itself."""
+"""Local servers for tests and the demo: Debian's sshd on loopback, and the operator itself."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localcluster import free_port
-from tests.helpers import REPO_ROOT
+from .cluster import REPO_ROOT, free_port
 
 SSHD = "/usr/sbin/sshd"
 

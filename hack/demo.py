@@ -1,0 +1,171 @@
+"""``make demo``: from nothing to code running in a remote kernel, in one command.
+
+Starts the local control plane (hack/localcluster), installs the CRD, runs the operator, then
+starts a kernel through jupyter_client with the remote-kernel provisioner (ssh backend on this
+machine), runs code in it, prints the result and the launch time, and cleans everything up.
+With ``--kubeconfig`` (or KUBECONFIG set and ``--use-current``) it uses an existing cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from localcluster import LocalCluster, free_port
+from localcluster.cluster import REPO_ROOT
+from localcluster.servers import OperatorProcess
+
+CRD_FILE = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
+
+
+def step(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def install_crd(api: client.ApiClient) -> None:
+    ext = client.ApiextensionsV1Api(api)
+    body = yaml.safe_load(CRD_FILE.read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+        existing = ext.read_custom_resource_definition(body["metadata"]["name"])
+        body["metadata"]["resourceVersion"] = existing.metadata.resource_version
+        ext.replace_custom_resource_definition(body["metadata"]["name"], body)
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")
+            return
+        except ApiException as err:
+            if time.monotonic() > deadline or err.status not in (404, 429, 503):
+                raise
+            time.sleep(0.2)
+
+
+def ensure_namespace(api: client.ApiClient, name: str) -> None:
+    try:
+        client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+async def run_kernel(kubeconfig: Path, namespace: str, code: str) -> None:
+    from jupyter_client.manager import AsyncKernelManager
+
+    jupyter = Path(tempfile.mkdtemp(prefix="rko-demo-"))
+    spec_dir = jupyter / "kernels" / "remote-python"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python", "-m", "kernel_launchers.python_launcher"],
+                "display_name": "Remote Python (ssh backend)",
+                "language": "python",
+                "interrupt_mode": "message",
+                "metadata": {
+                    "kernel_provisioner": {
+                        "provisioner_name": "remote-kernel",
+                        "config": {"backend": "ssh", "namespace": namespace, "kubeconfig": str(kubeconfig)},
+                    }
+                },
+            }
+        )
+    )
+    os.environ["JUPYTER_PATH"] = str(jupyter)
+    km = AsyncKernelManager(kernel_name="remote-python")
+    step("Starting a kernel: the provisioner creates a RemoteKernel and waits for the operator.")
+    started = time.monotonic()
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": os.environ.get("USER", "demo")})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        ready = time.monotonic() - started
+        step(f"The kernel is ready (RemoteKernel {namespace}/k-{km.kernel_id}); running: {code}")
+        outputs: list[str] = []
+        reply = await kc.execute_interactive(
+            code, output_hook=lambda m: outputs.append(m["content"].get("text", "")), timeout=60
+        )
+        first_reply = time.monotonic() - started
+    finally:
+        kc.stop_channels()
+    print()
+    print(f"  result: {''.join(outputs).strip()}  (status {reply['content']['status']})")
+    print(f"  launch time: {ready:.2f} s to ready, {first_reply:.2f} s to the first execute_reply")
+    print()
+    step("Shutting the kernel down (the RemoteKernel and its Secret are deleted).")
+    started = time.monotonic()
+    await km.shutdown_kernel()
+    print(f"  shutdown took {time.monotonic() - started:.2f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="use this cluster instead of a local control plane")
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument(
+        "--code",
+        default="import platform, os; print(f'Hello from {platform.node()}, "
+        'user {os.environ["KERNEL_USERNAME"]}, kernel {os.environ["KERNEL_ID"][:8]}\')',
+    )
+    args = parser.parse_args()
+    work = REPO_ROOT / ".cache" / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    cluster: LocalCluster | None = None
+    operator: OperatorProcess | None = None
+    try:
+        if args.kubeconfig:
+            kubeconfig = args.kubeconfig
+            step(f"Using the cluster in {kubeconfig}.")
+        else:
+            step("Starting a local control plane (etcd, kube-apiserver, controller-manager, scheduler)...")
+            cluster = LocalCluster(work / "cluster")
+            if cluster.running():
+                cluster.stop()
+            started = time.monotonic()
+            cluster.start()
+            kubeconfig = cluster.admin_kubeconfig
+            step(f"The control plane is ready after {time.monotonic() - started:.1f} s.")
+        api = config.new_client_from_config(config_file=str(kubeconfig))
+        step("Installing the RemoteKernel CRD from crds/.")
+        install_crd(api)
+        ensure_namespace(api, "remote-kernel-operator")
+        ensure_namespace(api, args.namespace)
+        step("Starting the operator (python -m kernel_operator).")
+        operator = OperatorProcess(
+            kubeconfig=kubeconfig,
+            log_path=work / f"operator-{uuid.uuid4().hex[:6]}.log",
+            env={"RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}", "RKO_SSH_LOCAL_HOSTS": "localhost"},
+        )
+        operator.start()
+        asyncio.run(run_kernel(kubeconfig, args.namespace, args.code))
+        step("Done.")
+        return 0
+    finally:
+        if operator is not None:
+            operator.stop()
+            print(f"  operator log: {operator.log_path}")
+        if cluster is not None:
+            step("Stopping the local control plane.")
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

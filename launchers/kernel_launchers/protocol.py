@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MAGIC = b"RKO1"
+EXIT_MAGIC = b"RKOX"  # an exit notice: "look at kernel <id> now"; carries no authority
 KERNEL_ID_LEN = 36
 KEY_LEN = 32
 NONCE_LEN = 12
@@ -232,6 +233,33 @@ def _check_payload_shape(payload: Any) -> None:
     for text in ("ip", "transport", "signature_scheme", "key"):
         if not isinstance(connection.get(text), str):
             raise ProtocolError(f"The connection info lacks a valid {text!r}.")
+
+
+# -- exit notices ---------------------------------------------------------------------------
+
+
+def exit_notice(kernel_id: str) -> bytes:
+    """A framed notice that a kernel's process exited.
+
+    It only makes the operator check the backend at once instead of at its next poll, so it
+    needs no secret: a forged notice costs one status check and changes nothing.
+    """
+    message = EXIT_MAGIC + canonical_kernel_id(kernel_id).encode("ascii")
+    return struct.pack(">I", len(message)) + message
+
+
+def read_exit_notice(message: bytes) -> str | None:
+    """The kernel id of an exit notice, or None if the message is not one."""
+    if not message.startswith(EXIT_MAGIC) or len(message) != len(EXIT_MAGIC) + KERNEL_ID_LEN:
+        return None
+    try:
+        claimed = message[len(EXIT_MAGIC) :].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    try:
+        return claimed if canonical_kernel_id(claimed) == claimed else None
+    except ProtocolError:
+        return None
 
 
 # -- control requests -----------------------------------------------------------------------

@@ -355,7 +355,18 @@ class Launcher:
             self.control_socket.close()
         log.info("Kernel %s exited with code %d.", self.args.kernel_id, code)
         self.write_exit_status(code, "")
+        self.notify_exit()
         return code if code >= 0 else 128 - code
+
+    def notify_exit(self) -> None:
+        """Tell the operator to look now (best effort: it also polls)."""
+        try:
+            with socket.create_connection(self.args.response_address, timeout=2) as conn:
+                conn.sendall(protocol.exit_notice(self.args.kernel_id))
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(16)
+        except OSError as err:
+            log.info("Could not tell the operator about the exit (%s); it will notice by polling.", err)
 
     def write_exit_status(self, code: int, message: str) -> None:
         """Leave the exit code where a backend that cannot wait on us can read it."""

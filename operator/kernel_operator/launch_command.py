@@ -66,11 +66,15 @@ def remote_start_command(
 
 
 def remote_status_command(pid: int, run_dir: str) -> str:
-    """Prints 'running', the launcher's exit_status JSON, or 'gone'."""
+    """Prints the launcher's exit_status JSON, 'running', or 'gone'.
+
+    exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
+    """
     q = shlex.quote
+    status_file = q(run_dir + "/exit_status")
     return (
-        f"if kill -0 {pid} 2>/dev/null; then echo running; "
-        f"elif [ -f {q(run_dir + '/exit_status')} ]; then cat {q(run_dir + '/exit_status')}; "
+        f"if [ -f {status_file} ]; then cat {status_file}; "
+        f"elif kill -0 {pid} 2>/dev/null; then echo running; "
         "else echo gone; fi"
     )
 
@@ -79,8 +83,10 @@ def remote_stop_command(pgid: int, run_dir: str, grace: float = 3.0) -> str:
     """Terminate the launcher's process group, kill it after ``grace`` seconds, remove its files."""
     q = shlex.quote
     steps = int(grace / 0.1)
+    # Zombies (awaiting a reaper that may be slow) do not count as running.
+    alive = f"ps -e -o pgid=,stat= | awk '$1 == {pgid} && $2 !~ /^Z/ {{ found = 1 }} END {{ exit !found }}'"
     return (
         f"kill -TERM -{pgid} 2>/dev/null; "
-        f"i=0; while kill -0 -{pgid} 2>/dev/null && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
+        f"i=0; while {alive} && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
         f"kill -KILL -{pgid} 2>/dev/null; rm -rf {q(run_dir)}; true"
     )

@@ -289,8 +289,27 @@ class KernelLifecycle:
     async def monitor(self, stopped: StopFlag) -> None:
         backend = self.backend()
         ref = self.status.get("backendRef") or {}
+        kernel_id = protocol.canonical_kernel_id(str(self.spec["kernelId"]))
+        wake = asyncio.Event()
+        # The launcher's exit notice makes us look at once; polling stays as the fallback.
+        self.ctx.listener.watch_exit(kernel_id, wake.set)
+        try:
+            await self._watch_backend(backend, ref, stopped, wake)
+        finally:
+            self.ctx.listener.unwatch_exit(kernel_id)
+
+    async def _watch_backend(
+        self, backend: Backend, ref: BackendRef, stopped: StopFlag, wake: asyncio.Event
+    ) -> None:
         while not stopped:
-            await stopped.wait(self.ctx.settings.monitor_interval)
+            waiters = {
+                asyncio.ensure_future(stopped.wait(self.ctx.settings.monitor_interval)),
+                asyncio.ensure_future(wake.wait()),
+            }
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            wake.clear()
             if stopped:
                 return
             try:
@@ -310,11 +329,13 @@ class KernelLifecycle:
     # -- stopping and signals ------------------------------------------------------------------
     async def stop_backend(self) -> None:
         ref = self.status.get("backendRef")
-        if not ref:
+        if not ref or ref.get("stopped"):
             return
         backend = self.backend()
         await backend.stop(ref)
         backend.release(ref)
+        # Recorded, so the finalizer does not stop (and wait on) the same backend again.
+        await self.patch({"backendRef": {**ref, "stopped": True}})
 
     async def delete(self) -> None:
         """Stop everything the kernel started; called by the finalizer."""

@@ -35,6 +35,7 @@ class ResponseListener:
     def __init__(self, private_key: bytes) -> None:
         self._private_key = private_key
         self._pending: dict[str, _Pending] = {}
+        self._exit_watchers: dict[str, Callable[[], None]] = {}
         self._server: asyncio.Server | None = None
         self.accepted = 0
         self.rejected = 0
@@ -45,6 +46,13 @@ class ResponseListener:
 
     def forget(self, kernel_id: str) -> None:
         self._pending.pop(kernel_id, None)
+
+    def watch_exit(self, kernel_id: str, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when a launcher says kernel ``kernel_id`` exited."""
+        self._exit_watchers[kernel_id] = wake
+
+    def unwatch_exit(self, kernel_id: str) -> None:
+        self._exit_watchers.pop(kernel_id, None)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._handle, host, port, limit=protocol.MAX_FRAME)
@@ -79,11 +87,20 @@ class ResponseListener:
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         header = await asyncio.wait_for(reader.readexactly(4), READ_TIMEOUT)
         (length,) = struct.unpack(">I", header)
+        if length == len(protocol.EXIT_MAGIC) + protocol.KERNEL_ID_LEN:
+            return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
         if not protocol.HEADER_LEN < length <= protocol.MAX_FRAME:
             raise ProtocolError(f"A frame of {length} bytes is outside the allowed size.")
         return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
 
     async def _accept(self, message: bytes) -> None:
+        exited = protocol.read_exit_notice(message)
+        if exited is not None:
+            wake = self._exit_watchers.get(exited)
+            if wake is None:
+                raise ProtocolError(f"An exit notice names kernel {exited}, which is not being watched.")
+            wake()
+            return
         kernel_id = protocol.peek_kernel_id(message)
         pending = self._pending.get(kernel_id)
         if pending is None:

@@ -90,12 +90,19 @@ class FakeListener:
     def __init__(self) -> None:
         self.expected: dict[str, tuple[str, Any]] = {}
         self.forgotten: list[str] = []
+        self.watchers: dict[str, Any] = {}
 
     def expect(self, kernel_id: str, token_hash: str, on_launch: Any) -> None:
         self.expected[kernel_id] = (token_hash, on_launch)
 
     def forget(self, kernel_id: str) -> None:
         self.forgotten.append(kernel_id)
+
+    def watch_exit(self, kernel_id: str, wake: Any) -> None:
+        self.watchers[kernel_id] = wake
+
+    def unwatch_exit(self, kernel_id: str) -> None:
+        self.watchers.pop(kernel_id, None)
 
 
 class Stop:
@@ -298,3 +305,18 @@ async def test_signals_need_a_running_kernel() -> None:
         await KernelLifecycle(
             ctx, body(status={"phase": "Launching"}), events()[1], logging.getLogger("t")
         ).send_signal(2)
+
+
+async def test_an_exit_notice_is_acted_on_at_once_not_at_the_next_poll() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend, RKO_MONITOR_INTERVAL="60")
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
+    while b["spec"]["kernelId"] not in listener.watchers:
+        await asyncio.sleep(0.01)
+    backend.states = [BackendStatus("succeeded", "KernelExited", "bye", 0)]
+    listener.watchers[b["spec"]["kernelId"]]()
+    await asyncio.wait_for(task, 2)  # far sooner than the 60 s poll
+    assert kube.phases() == ["Succeeded"]
+    assert listener.watchers == {}
+    assert kube.patches[0]["backendRef"]["stopped"] is True  # the finalizer will not stop it again

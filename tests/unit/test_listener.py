@@ -154,3 +154,15 @@ async def test_a_slow_sender_is_cut_off(listener: ResponseListener, monkeypatch:
     assert await asyncio.wait_for(reader.read(16), 5) == b""
     writer.close()
     assert listener.rejected == 1
+
+
+async def test_an_exit_notice_wakes_its_watcher_and_only_its_watcher(listener: ResponseListener) -> None:
+    kernel_id = str(uuid.uuid4())
+    woken: list[str] = []
+    listener.watch_exit(kernel_id, lambda: woken.append(kernel_id))
+    assert await send(port_of(listener), protocol.exit_notice(kernel_id)) == b"OK\n"
+    assert woken == [kernel_id]
+    assert await send(port_of(listener), protocol.exit_notice(str(uuid.uuid4()))) == b""  # not watched
+    listener.unwatch_exit(kernel_id)
+    assert await send(port_of(listener), protocol.exit_notice(kernel_id)) == b""
+    assert woken == [kernel_id]

@@ -152,12 +152,12 @@ class SshBackend:
     async def status(self, ref: BackendRef) -> BackendStatus:
         pid, run_dir = int(ref["pid"]), str(ref["runDir"])
         if ref.get("local"):
-            child = self._children.get(pid)
-            if child is not None and child.returncode is None:
-                return BackendStatus("running")
-            if child is None and _pid_running(pid):
-                return BackendStatus("running")
+            # exit_status first: the launcher writes it as the kernel ends, then exits itself.
             text = _read(Path(run_dir) / "exit_status")
+            child = self._children.get(pid)
+            running = child.returncode is None if child is not None else _pid_running(pid)
+            if text == "gone" and running:
+                return BackendStatus("running")
         else:
             try:
                 text = await asyncio.to_thread(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
@@ -42,6 +42,7 @@ def install_crd(api: client.ApiClient) -> None:
         if err.status != 409:
             raise
         existing = ext.read_custom_resource_definition(body["metadata"]["name"])
+        assert existing.metadata is not None
         body["metadata"]["resourceVersion"] = existing.metadata.resource_version
         ext.replace_custom_resource_definition(body["metadata"]["name"], body)
     custom = client.CustomObjectsApi(api)
@@ -143,7 +144,7 @@ def main() -> int:
             cluster.start()
             kubeconfig = cluster.admin_kubeconfig
             step(f"The control plane is ready after {time.monotonic() - started:.1f} s.")
-        api = config.new_client_from_config(config_file=str(kubeconfig))
+        api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
         step("Installing the RemoteKernel CRD from crds/.")
         install_crd(api)
         ensure_namespace(api, "remote-kernel-operator")

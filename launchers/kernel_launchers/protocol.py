@@ -274,11 +274,12 @@ def sign_control(request: dict[str, Any], key: bytes, now: float | None = None) 
 
 
 def verify_control(
-    line: bytes, key: bytes, seen_nonces: set[str], now: float | None = None
+    line: bytes, key: bytes, seen_nonces: dict[str, float], now: float | None = None
 ) -> dict[str, Any]:
     """Check a signed control request and return its body; ProtocolError if it is not valid.
 
-    ``seen_nonces`` is the launcher's memory of nonces already accepted (replay protection).
+    ``seen_nonces`` maps nonces already accepted to their timestamps (replay protection); ones
+    older than CONTROL_MAX_AGE are dropped, since their requests are refused as too old anyway.
     """
     try:
         outer = json.loads(line)
@@ -297,5 +298,7 @@ def verify_control(
         raise ProtocolError("The control request is too old or from the future.")
     if not isinstance(nonce, str) or nonce in seen_nonces:
         raise ProtocolError("The control request was replayed.")
-    seen_nonces.add(nonce)
+    for old in [n for n, seen in seen_nonces.items() if abs(current - seen) > CONTROL_MAX_AGE]:
+        del seen_nonces[old]
+    seen_nonces[nonce] = float(ts)
     return body

@@ -163,7 +163,7 @@ class Launcher:
         self.control_key = secrets.token_bytes(32)
         self.control_socket: socket.socket | None = None
         self.control_port = 0
-        self.seen_nonces: set[str] = set()
+        self.seen_nonces: dict[str, float] = {}
         self.shutting_down = threading.Event()
 
     # -- start ---------------------------------------------------------------------------

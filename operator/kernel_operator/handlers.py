@@ -20,6 +20,7 @@ from .status import Phase
 
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
 FINALIZER = f"{GROUP}/finalizer"
+KOPF_PREFIX = f"kopf.{GROUP}"
 
 
 def _emitter(body: kopf.Body) -> Any:
@@ -40,9 +41,11 @@ def _advertised(bind_host: str, port: int) -> str:
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     cfg = OperatorSettings.from_env()
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    # kopf keeps its state under a prefix of its own: it ignores every annotation under that
+    # prefix when it compares versions, and our users' annotations (signal requests) must count.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     # A watch that goes silent (a dropped connection no one notices) is re-opened in time.
     settings.watching.server_timeout = int(cfg.watch_server_timeout)
@@ -112,7 +115,8 @@ async def delete(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> 
         raise kopf.TemporaryError(f"Stopping the kernel failed; retrying: {err}", delay=2) from err
 
 
-@kopf.on.field(GROUP, VERSION, PLURAL, field=f"metadata.annotations.{SIGNAL_ANNOTATION}")
+# A tuple, not a dotted string: the annotation's name has dots of its own.
+@kopf.on.field(GROUP, VERSION, PLURAL, field=("metadata", "annotations", SIGNAL_ANNOTATION))
 async def signal(body: kopf.Body, new: Any, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """Forward a signal the client asked for (annotation value ``<signum>/<request id>``)."""
     if not new:

@@ -25,6 +25,10 @@ OnLaunch = Callable[[LaunchPayload], Awaitable[None]]
 READ_TIMEOUT = 10.0
 
 
+class _Empty(Exception):
+    """The peer closed before sending a byte."""
+
+
 @dataclass
 class _Pending:
     token_hash: str
@@ -72,6 +76,8 @@ class ResponseListener:
             await self._accept(message)
             writer.write(b"OK\n")
             await writer.drain()
+        except _Empty:
+            log.debug("A connection from %s closed without sending anything.", peer)
         except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as err:
             self.rejected += 1
             reason = "the message was truncated" if isinstance(err, asyncio.IncompleteReadError) else str(err)
@@ -85,7 +91,13 @@ class ResponseListener:
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
-        header = await asyncio.wait_for(reader.readexactly(4), READ_TIMEOUT)
+        try:
+            header = await asyncio.wait_for(reader.readexactly(4), READ_TIMEOUT)
+        except asyncio.IncompleteReadError as err:
+            if not err.partial:
+                # A bare connect (a port probe, a health check): nothing to accept or reject.
+                raise _Empty from err
+            raise
         (length,) = struct.unpack(">I", header)
         if length == len(protocol.EXIT_MAGIC) + protocol.KERNEL_ID_LEN:
             return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
@@ -97,9 +109,10 @@ class ResponseListener:
         exited = protocol.read_exit_notice(message)
         if exited is not None:
             wake = self._exit_watchers.get(exited)
-            if wake is None:
-                raise ProtocolError(f"An exit notice names kernel {exited}, which is not being watched.")
-            wake()
+            if wake is None:  # e.g. the kernel was deleted, which is what made it exit
+                log.info("An exit notice for kernel %s came after it stopped being watched.", exited)
+            else:
+                wake()
             return
         kernel_id = protocol.peek_kernel_id(message)
         pending = self._pending.get(kernel_id)

@@ -83,7 +83,9 @@ def delete_and_wait_gone(
     wait_for(lambda: get(custom, namespace, name) is None, timeout=timeout, what=f"{name} to be deleted")
 
 
-def kernelspec(tmp_path: Path, kubeconfig: Path, namespace: str, **config: Any) -> Path:
+def kernelspec(
+    tmp_path: Path, kubeconfig: Path, namespace: str, interrupt_mode: str = "message", **config: Any
+) -> Path:
     """A kernelspec naming our provisioner, in a JUPYTER_PATH of its own."""
     spec_dir = tmp_path / "jupyter" / "kernels" / "remote"
     spec_dir.mkdir(parents=True)
@@ -94,7 +96,7 @@ def kernelspec(tmp_path: Path, kubeconfig: Path, namespace: str, **config: Any) 
                 "argv": ["python", "-m", "kernel_launchers.python_launcher"],
                 "display_name": "Remote Python",
                 "language": "python",
-                "interrupt_mode": "message",
+                "interrupt_mode": interrupt_mode,
                 "metadata": {
                     "kernel_provisioner": {"provisioner_name": "remote-kernel", "config": provisioner_config}
                 },
@@ -592,3 +594,35 @@ async def test_transport_encryption_follows_jupyter_clients_policy(
         assert answered is not encrypted
     finally:
         await km.shutdown_kernel(now=True)
+
+
+async def test_a_signal_reaches_the_kernel_through_the_operator_and_the_launcher(
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # interrupt_mode "signal": KernelManager calls provisioner.send_signal(SIGINT), which the
+    # operator forwards over the launcher's signed control port.
+    monkeypatch.setenv(
+        "JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, interrupt_mode="signal"))
+    )
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1)
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        reply = await _reply_to(kc, msg_id, timeout=10)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - started < 5
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    assert "Signal 2 was delivered to the kernel" in operator.log()

@@ -124,7 +124,7 @@ def test_tokens_are_random_and_only_their_hash_is_kept() -> None:
 
 
 def test_signed_control_requests_verify_once() -> None:
-    key, seen = b"k" * 32, set[str]()
+    key, seen = b"k" * 32, dict[str, float]()
     line = protocol.sign_control({"request": "signal", "signum": 2}, key, now=1000.0)
     body = protocol.verify_control(line, key, seen, now=1001.0)
     assert body["request"] == "signal" and body["signum"] == 2
@@ -136,12 +136,19 @@ def test_control_requests_with_bad_signature_or_age_are_rejected() -> None:
     key = b"k" * 32
     line = protocol.sign_control({"request": "shutdown"}, key, now=1000.0)
     with pytest.raises(ProtocolError, match="signature"):
-        protocol.verify_control(line, b"x" * 32, set(), now=1000.0)
+        protocol.verify_control(line, b"x" * 32, {}, now=1000.0)
     with pytest.raises(ProtocolError, match="too old"):
-        protocol.verify_control(line, key, set(), now=1000.0 + 3600)
+        protocol.verify_control(line, key, {}, now=1000.0 + 3600)
     tampered = json.loads(line)
     tampered["body"]["request"] = "signal"
     with pytest.raises(ProtocolError, match="signature"):
-        protocol.verify_control(json.dumps(tampered).encode(), key, set(), now=1000.0)
+        protocol.verify_control(json.dumps(tampered).encode(), key, {}, now=1000.0)
     with pytest.raises(ProtocolError, match="not a signed"):
-        protocol.verify_control(b"{not json", key, set())
+        protocol.verify_control(b"{not json", key, {})
+
+
+def test_the_replay_memory_forgets_nonces_once_their_requests_expire() -> None:
+    key, seen = b"k" * 32, dict[str, float]()
+    protocol.verify_control(protocol.sign_control({"request": "a"}, key, now=1000.0), key, seen, now=1000.0)
+    protocol.verify_control(protocol.sign_control({"request": "b"}, key, now=1100.0), key, seen, now=1100.0)
+    assert len(seen) == 1

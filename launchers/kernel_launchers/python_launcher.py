@@ -290,7 +290,9 @@ class Launcher:
         request = body.get("request")
         if request == "signal":
             signum = body.get("signum")
-            if not isinstance(signum, int) or signum not in {s.value for s in signal.Signals}:
+            if not isinstance(signum, int) or (
+                signum != 0 and signum not in {s.value for s in signal.Signals}
+            ):
                 return {"ok": False, "error": f"unknown signal {signum!r}"}
             if signum == 0:
                 return {"ok": True, "alive": self.kernel is not None and self.kernel.poll() is None}

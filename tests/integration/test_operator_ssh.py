@@ -7,6 +7,7 @@ Debian's sshd on 127.0.0.1 for host ``127.0.0.1``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +239,7 @@ def test_bad_requests_fail_with_a_reason_and_launch_nothing(
 def test_a_launch_that_never_reports_times_out_and_is_stopped(
     operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
 ) -> None:
-    silent = tmp_path / "silent-python"
-    silent.write_text("#!/bin/sh\nexec sleep 300\n")
-    silent.chmod(0o755)
+    silent = fake_python(tmp_path, "silent", "exec sleep 300")
     name, _kernel_id = make_kernel(namespace, custom, launchTimeoutSeconds=3, ssh={"python": str(silent)})
     started = time.monotonic()
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
@@ -255,6 +254,14 @@ def test_a_launch_that_never_reports_times_out_and_is_stopped(
     )
 
 
+def fake_python(tmp_path: Path, name: str, body: str) -> Path:
+    """A shell script given to the ssh backend as its "python", to make a launcher misbehave."""
+    script = tmp_path / f"{name}-python"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -265,9 +272,7 @@ def _zombie(pid: int) -> bool:
 def test_a_launcher_that_dies_fails_the_kernel_fast(
     operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "broken-python"
-    broken.write_text("#!/bin/sh\necho 'no python here' >&2\nexit 7\n")
-    broken.chmod(0o755)
+    broken = fake_python(tmp_path, "broken", "echo 'no python here' >&2\nexit 7")
     started = time.monotonic()
     name, _ = make_kernel(namespace, custom, launchTimeoutSeconds=60, ssh={"python": str(broken)})
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
@@ -366,9 +371,7 @@ def test_operator_restart_mid_launch_completes_the_launch(
 ) -> None:
     import sys
 
-    slow = tmp_path / "slow-python"
-    slow.write_text(f'#!/bin/sh\nsleep 4\nexec {sys.executable} "$@"\n')
-    slow.chmod(0o755)
+    slow = fake_python(tmp_path, "slow", f'sleep 4\nexec {sys.executable} "$@"')
     fingerprint_before = _fingerprint(operator.log())
     name, _kernel_id = make_kernel(namespace, custom, launchTimeoutSeconds=60, ssh={"python": str(slow)})
     wait_for(
@@ -449,14 +452,9 @@ async def test_kernel_manager_runs_interrupts_restarts_and_shuts_down(
         kc.stop_channels()
 
     await km.restart_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=30)
+    async with ready_client(km) as kc:
         reply = await kc.execute_interactive("'x' in globals()", timeout=20)
         assert reply["content"]["status"] == "ok"
-    finally:
-        kc.stop_channels()
 
     started = time.monotonic()
     await km.shutdown_kernel()
@@ -534,6 +532,18 @@ async def test_another_process_reattaches_through_provisioner_info(
     assert_nothing_left(api_client, namespace, kernel_id)
 
 
+@contextlib.asynccontextmanager
+async def ready_client(km: AsyncKernelManager) -> AsyncIterator[Any]:
+    """A client of ``km``'s kernel, ready to execute; its channels are stopped afterwards."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=30)
+        yield kc
+    finally:
+        kc.stop_channels()
+
+
 async def _reply_to(kc: Any, msg_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -575,14 +585,9 @@ async def test_transport_encryption_follows_jupyter_clients_policy(
         status = get(custom, namespace, f"k-{km.kernel_id}")["status"]  # type: ignore[index]
         assert status["connection"]["transportEncryption"] == ("curve" if encrypted else "none")
         assert (km.curve_publickey is not None) is encrypted
-        kc = km.client()
-        kc.start_channels()
-        try:
-            await kc.wait_for_ready(timeout=30)
+        async with ready_client(km) as kc:
             reply = await kc.execute_interactive("21 * 2", timeout=20)
             assert reply["content"]["status"] == "ok"
-        finally:
-            kc.stop_channels()
         # A peer without the Curve keys gets no heartbeat answer from an encrypted kernel.
         ctx = zmq.Context.instance()
         probe = ctx.socket(zmq.REQ)
@@ -626,3 +631,18 @@ async def test_a_signal_reaches_the_kernel_through_the_operator_and_the_launcher
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
     assert "Signal 2 was delivered to the kernel" in operator.log()
+
+
+def test_every_port_of_the_kernel_lies_in_its_port_range(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, _ = make_kernel(namespace, custom, portRange="42000..43999")
+    status = wait_phase(custom, namespace, name, "Running", "Failed")["status"]
+    assert status["phase"] == "Running", status
+    ports = [
+        status["connection"][p] for p in ("shellPort", "iopubPort", "stdinPort", "controlPort", "hbPort")
+    ]
+    ports.append(status["backendRef"]["controlPort"])
+    assert all(42000 <= p <= 43999 for p in ports), ports
+    assert len(set(ports)) == len(ports)
+    delete_and_wait_gone(custom, namespace, name)

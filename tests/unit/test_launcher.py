@@ -71,3 +71,25 @@ def test_connection_file_and_command() -> None:
     cmd = kernel_command(__import__("pathlib").Path("/tmp/k.json"), "my.Kernel")
     assert cmd[1:5] == ["-m", "ipykernel_launcher", "-f", "/tmp/k.json"]
     assert cmd[-1] == "--IPKernelApp.kernel_class=my.Kernel"
+
+
+def test_control_requests_signal_and_stop_the_kernel_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from kernel_launchers.python_launcher import Launcher
+
+    launcher = Launcher(parse_args([*BASE, "--run-dir", str(tmp_path)], {"RKO_LAUNCH_TOKEN": "t"}))
+    launcher.kernel = subprocess.Popen(["sleep", "30"])  # stands in for the kernel process
+    try:
+        assert launcher.handle_control({"request": "signal", "signum": 0}) == {"ok": True, "alive": True}
+        assert launcher.handle_control({"request": "signal", "signum": 999})["ok"] is False
+        assert launcher.handle_control({"request": "reboot"})["ok"] is False
+        assert launcher.handle_control({"request": "signal", "signum": 15}) == {"ok": True}
+        assert launcher.kernel.wait(5) == -15
+        launcher.kernel = subprocess.Popen(["sleep", "30"])
+        assert launcher.handle_control({"request": "shutdown"}) == {"ok": True}
+        assert launcher.kernel.wait(5) == -15
+        assert launcher.shutting_down.is_set()
+    finally:
+        if launcher.kernel.poll() is None:
+            launcher.kernel.kill()

@@ -7,6 +7,8 @@ declare -A packages=(
   [ip]=iproute2
   [/usr/sbin/sshd]=openssh-server
   [ssh-keygen]=openssh-client
+  [dockerd]=docker.io
+  [debootstrap]=debootstrap
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")

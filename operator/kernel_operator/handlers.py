@@ -62,7 +62,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
         raise kopf.TemporaryError(f"The operator cannot start yet: {err}", delay=2) from err
     listener = ResponseListener(private_key)
     host, port = await listener.start(*cfg.response_bind)
-    backends = Backends(cfg)
+    backends = Backends(cfg, kube)
     ctx = OperatorContext(
         settings=cfg,
         kube=kube,

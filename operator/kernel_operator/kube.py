@@ -105,6 +105,41 @@ class Kube:
             if err.status != 404:
                 raise _error(f"Deleting Secret {namespace}/{name}", err) from err
 
+    # -- pods and nodes --------------------------------------------------------------------------
+    async def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            pod = await self.core.create_namespaced_pod(namespace, body)
+        except ApiException as err:
+            raise _error(f"Creating pod {namespace}/{body['metadata']['name']}", err) from err
+        return dict(self.api.sanitize_for_serialization(pod))
+
+    async def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            pod = await self.core.read_namespaced_pod(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading pod {namespace}/{name}", err) from err
+        return dict(self.api.sanitize_for_serialization(pod))
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> None:
+        try:
+            await self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Deleting pod {namespace}/{name}", err) from err
+
+    async def node_ready(self, name: str) -> bool:
+        """Whether Node ``name`` exists and reports Ready=True."""
+        try:
+            node = await self.core.read_node(name)
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise _error(f"Reading node {name}", err) from err
+        conditions = (node.status.conditions if node.status else None) or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
     # -- remote kernels ------------------------------------------------------------------------
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge ``status`` into the RemoteKernel's status subresource (None deletes a key)."""

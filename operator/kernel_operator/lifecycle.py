@@ -165,10 +165,11 @@ class KernelLifecycle:
             public_key=self.ctx.public_key,
             token=token,
             run_dir=run_dir_for(request.kernel_id),
+            owner=self.owner_reference(),
         )
         try:
             ref = await backend.launch(plan)
-        except BackendError as err:
+        except (BackendError, SpecError) as err:
             await self.set_phase(Phase.FAILED, err.reason, str(err), launch=None)
             return False
         await self.patch({"backendRef": ref, "launchedAt": now_iso()})

@@ -85,6 +85,8 @@ class OperatorSettings:
     monitor_interval: float = 1.0
     watch_server_timeout: float = 60.0
     watch_client_timeout: float = 90.0
+    kernel_image: str = ""
+    pod_grace_seconds: int = 5
     ssh: SshSettings = field(default_factory=SshSettings)
 
     @classmethod
@@ -133,5 +135,7 @@ class OperatorSettings:
             monitor_interval=_number(env, "RKO_MONITOR_INTERVAL", 1.0, 0.05),
             watch_server_timeout=_number(env, "RKO_WATCH_SERVER_TIMEOUT", 60.0, 1),
             watch_client_timeout=_number(env, "RKO_WATCH_CLIENT_TIMEOUT", 90.0, 1),
+            kernel_image=env.get("RKO_KERNEL_IMAGE", ""),
+            pod_grace_seconds=int(_number(env, "RKO_POD_GRACE_SECONDS", 5, 0)),
             ssh=ssh,
         )

@@ -47,6 +47,7 @@ class KernelRequest:
     launch_timeout: float
     idle_timeout: float
     backend_config: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 def check_user(username: str, settings: OperatorSettings) -> None:
@@ -136,4 +137,5 @@ def build_request(
         launch_timeout=launch_timeout,
         idle_timeout=float(spec.get("idleTimeoutSeconds") or 0),
         backend_config=dict(spec.get(str(backend)) or {}),
+        resources=dict(spec.get("resources") or {}),
     )

@@ -17,6 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from localcluster import ClusterError, LocalCluster, free_port
+from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 
@@ -51,6 +52,11 @@ def api_client(kubeconfig: Path) -> Iterator[client.ApiClient]:
     api = config.new_client_from_config(config_file=str(kubeconfig))
     yield api
     api.close()
+
+
+@pytest.fixture
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
 
 
 @pytest.fixture
@@ -153,3 +159,74 @@ def launcher_processes() -> list[str]:
         ):
             found.append(cmdline)
     return found
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """Debian's dockerd with a private data root (images cached in .cache/docker)."""
+    engine = DockerEngine()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def kernel_image(docker_engine: DockerEngine) -> str:
+    """The Python kernel image, built locally once (hack/images/build-kernel-image.sh)."""
+    return docker_engine.build_kernel_image()
+
+
+@pytest.fixture(scope="session")
+def node_agent(
+    local_cluster: LocalCluster,
+    api_client: client.ApiClient,
+    docker_engine: DockerEngine,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A Ready node whose pods run as Docker containers, with a node's own credentials."""
+    import subprocess
+    import sys
+
+    import docker
+
+    name = "node-1"
+    work = tmp_path_factory.mktemp("node-agent")
+    node_kubeconfig = local_cluster.write_kubeconfig(
+        work / "kubeconfig", f"system:node:{name}", ("system:nodes",)
+    )
+    log = open(work / "agent.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.node_agent",
+            "--kubeconfig",
+            str(node_kubeconfig),
+            "--node-name",
+            name,
+            "--docker-host",
+            docker_engine.host,
+        ],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    core = client.CoreV1Api(api_client)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"the node agent exited; see {work / 'agent.log'}")
+        try:
+            node = core.read_node(name)
+        except ApiException:
+            return False
+        return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+    wait_for(ready, what="the node agent's node to be Ready")
+    yield name
+    proc.terminate()
+    proc.wait(30)
+    left = docker.DockerClient(base_url=docker_engine.host).containers.list(all=True)
+    assert not left, f"containers left after the session: {[c.name for c in left]}"

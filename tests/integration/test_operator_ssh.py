@@ -33,11 +33,6 @@ GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api_client)
-
-
 def make_kernel(namespace: str, custom: client.CustomObjectsApi, **spec: Any) -> tuple[str, str]:
     kernel_id = str(uuid.uuid4())
     body_spec: dict[str, Any] = {"kernelId": kernel_id, "username": "alice", "backend": "ssh"}

@@ -7,8 +7,10 @@ nothing of kopf or of the RemoteKernel resource; they launch, inspect and stop.
 from __future__ import annotations
 
 from ..errors import SpecError
+from ..kube import Kube
 from ..settings import OperatorSettings
 from .base import Backend, BackendRef, BackendStatus, LaunchPlan
+from .kubernetes import KubernetesBackend
 from .ssh import SshBackend
 
 __all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan"]
@@ -17,8 +19,11 @@ __all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan"]
 class Backends:
     """The backends this operator runs, created once at start-up."""
 
-    def __init__(self, settings: OperatorSettings) -> None:
-        self._by_name: dict[str, Backend] = {"ssh": SshBackend(settings.ssh)}
+    def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
+        self._by_name: dict[str, Backend] = {
+            "ssh": SshBackend(settings.ssh),
+            "kubernetes": KubernetesBackend(kube, settings),
+        }
 
     def get(self, name: str) -> Backend:
         try:

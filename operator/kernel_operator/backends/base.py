@@ -21,6 +21,7 @@ class LaunchPlan:
     public_key: bytes
     token: str  # single-use; a backend delivers it without putting it on a command line
     run_dir: str
+    owner: dict[str, Any] | None = None  # an ownerReference to the RemoteKernel
 
     def launcher_args(self, ip: str) -> list[str]:
         """The launcher's arguments (without the interpreter) for a kernel bound to ``ip``."""

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the Python kernel image locally (no registry is reachable): a Debian bookworm rootfs
+# made with debootstrap from Debian's mirror, a venv with ipykernel and our launcher, imported
+# into the Docker engine named by DOCKER_HOST. Cached: the rootfs under .cache/images, the
+# image tag keyed by the hash of this script and the launcher's sources, so it is rebuilt only
+# when those change. Prints the image reference on its last line.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+key="$(cat "$0" "$root/pyproject.toml" $(find "$root/launchers" -name '*.py' | sort) | sha256sum | cut -c1-12)"
+image="rko-kernel-python:$key"
+if docker image inspect "$image" >/dev/null 2>&1; then
+  echo "The kernel image $image is already built." >&2
+  echo "$image"
+  exit 0
+fi
+cache="$root/.cache/images"
+base="$cache/bookworm-minbase"
+mkdir -p "$cache"
+if [[ ! -f "$base/.complete" ]]; then
+  echo "debootstrap: a minimal Debian bookworm with python3 (a few minutes, once)..." >&2
+  rm -rf "$base"
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    bookworm "$base" "$mirror" >&2
+  touch "$base/.complete"
+fi
+work="$cache/build-$key"
+rm -rf "$work"
+echo "Copying the base rootfs..." >&2
+cp -a "$base" "$work"
+# Wheels are fetched by this machine's pip (its index and certificates are set up here) and
+# installed offline in the chroot; bookworm's python3 is 3.11, as the wheels must match.
+echo "Fetching wheels (ipykernel, pyzmq, cryptography) and building the project's..." >&2
+wheels="$work/tmp/wheels"
+mkdir -p "$wheels"
+python3 -m pip download -q --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
+  --implementation cp -d "$wheels" ipykernel pyzmq cryptography >&2
+python3 -m pip wheel -q --no-deps -w "$wheels" "$root" >&2
+echo "Installing ipykernel and the launcher into /opt/kernel..." >&2
+chroot "$work" python3 -m venv /opt/kernel
+chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --find-links /tmp/wheels ipykernel pyzmq cryptography' >&2
+chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps /tmp/wheels/remote_kernel_operator-*.whl' >&2
+rm -rf "$wheels"
+chroot "$work" /usr/sbin/useradd --create-home --uid 1000 jovyan >&2
+echo "Importing $image into the Docker engine..." >&2
+tar -C "$work" --numeric-owner -c . | docker import \
+  --change 'ENV PATH=/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin' \
+  --change 'WORKDIR /home/jovyan' \
+  --change 'CMD ["/opt/kernel/bin/python", "-m", "kernel_launchers.python_launcher", "--help"]' \
+  - "$image" >&2
+rm -rf "$work"
+echo "$image"

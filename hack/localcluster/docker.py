@@ -1,0 +1,122 @@
+"""A private Docker engine (Debian's docker.io) for tests, the demo and image builds.
+
+Its images live in .cache/docker (kept between runs, so the kernel image is built once); it
+creates no bridge and no iptables rules, because every container here uses host networking
+and nothing may be sent to bridge addresses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cluster import REPO_ROOT
+
+DATA_ROOT = REPO_ROOT / ".cache" / "docker"
+
+
+class DockerError(RuntimeError):
+    """The Docker engine could not be started or used."""
+
+
+@dataclass
+class DockerEngine:
+    data_root: Path = DATA_ROOT
+
+    @property
+    def run_dir(self) -> Path:
+        # Short: a unix socket's path must stay under ~100 bytes.
+        digest = hashlib.sha256(str(self.data_root.resolve()).encode()).hexdigest()[:8]
+        return Path(f"/tmp/rko-docker-{digest}")
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "docker.sock"
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_HOST": self.host}
+
+    def running(self) -> bool:
+        return (
+            subprocess.run(["docker", "version"], env=self.env, capture_output=True, check=False).returncode
+            == 0
+        )
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start dockerd unless one already serves this data root."""
+        if shutil.which("dockerd") is None:
+            raise DockerError(
+                "dockerd is not installed; run hack/install-system-deps.sh (Debian's docker.io)."
+            )
+        if self.running():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / "dockerd.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--data-root={self.data_root}",
+                f"--exec-root={self.run_dir / 'exec'}",
+                f"--pidfile={self.run_dir / 'docker.pid'}",
+                f"--host={self.host}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (self.run_dir / "dockerd.log").read_text(errors="replace")[-2000:]
+                raise DockerError(f"dockerd exited with {proc.returncode}:\n{tail}")
+            if self.running():
+                return
+            time.sleep(0.2)
+        raise DockerError(f"dockerd did not answer within {timeout} s; see {self.run_dir / 'dockerd.log'}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        pidfile = self.run_dir / "docker.pid"
+        if not pidfile.exists():
+            return
+        pid = int(pidfile.read_text().strip() or 0)
+        if pid <= 0:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            stat = (
+                Path(f"/proc/{pid}/stat").read_text(errors="replace")
+                if Path(f"/proc/{pid}/stat").exists()
+                else ""
+            )
+            if stat and stat.rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.1)
+
+    def build_kernel_image(self) -> str:
+        """Build (or find) the Python kernel image; returns its reference."""
+        script = REPO_ROOT / "hack" / "images" / "build-kernel-image.sh"
+        result = subprocess.run([str(script)], env=self.env, stdout=subprocess.PIPE, text=True, check=False)
+        if result.returncode != 0:
+            raise DockerError("Building the kernel image failed; see the messages above.")
+        return result.stdout.strip().splitlines()[-1]

@@ -1,0 +1,72 @@
+"""The kubernetes backend (gateway_provisioners' KubernetesProvisioner): a kernel in a pod.
+
+The pod is built by the pure builders in pod_builder; this module only creates, reads and
+deletes it (and the Secret that hands the launch token to the pod without putting it in the
+pod spec). A pod in the RemoteKernel's namespace is owned by it, so garbage collection removes
+it even if the operator is gone; a pod elsewhere is removed by the finalizer.
+"""
+
+from __future__ import annotations
+
+from ..errors import BackendError, SpecError
+from ..kube import Kube, KubeError
+from ..settings import OperatorSettings
+from .base import BackendRef, BackendStatus, LaunchPlan
+from .pod_builder import POD_IP_REF, TOKEN_KEY, build_pod, labels, pod_name, pod_state, token_secret_name
+
+
+class KubernetesBackend:
+    name = "kubernetes"
+
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+
+    def adopt(self, ref: BackendRef) -> None:
+        """Nothing to rebuild: the pods are the record."""
+
+    def release(self, ref: BackendRef) -> None:
+        """Nothing to release."""
+
+    async def launch(self, plan: LaunchPlan) -> BackendRef:
+        request = plan.request
+        namespace = str(
+            request.backend_config.get("namespace")
+            or request.env.get("KERNEL_NAMESPACE")
+            or request.namespace
+        )
+        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
+        if not image:
+            raise SpecError(
+                "The kubernetes backend needs an image: set spec.image (KERNEL_IMAGE) or the operator's RKO_KERNEL_IMAGE.",
+                reason="ImageMissing",
+            )
+        owner = plan.owner if namespace == request.namespace else None
+        secret = token_secret_name(request)
+        try:
+            created = await self.kube.create_secret(
+                namespace, secret, {TOKEN_KEY: plan.token.encode()}, labels(request), owner
+            )
+            if not created:
+                await self.kube.replace_secret_data(namespace, secret, {TOKEN_KEY: plan.token.encode()})
+            pod = build_pod(
+                request, plan.launcher_args(POD_IP_REF), image, namespace, owner, request.resources
+            )
+            await self.kube.create_pod(namespace, pod)
+        except KubeError as err:
+            raise BackendError(
+                f"The kernel's pod could not be created in {namespace}: {err}", reason="PodCreateFailed"
+            ) from err
+        return {"kind": "Pod", "namespace": namespace, "name": pod_name(request), "tokenSecret": secret}
+
+    async def status(self, ref: BackendRef) -> BackendStatus:
+        pod = await self.kube.read_pod(str(ref["namespace"]), str(ref["name"]))
+        node = ((pod or {}).get("spec") or {}).get("nodeName")
+        node_ready = await self.kube.node_ready(str(node)) if node else None
+        return pod_state(pod, node_ready)
+
+    async def stop(self, ref: BackendRef) -> None:
+        namespace = str(ref["namespace"])
+        await self.kube.delete_pod(namespace, str(ref["name"]), self.settings.pod_grace_seconds)
+        if ref.get("tokenSecret"):
+            await self.kube.delete_secret(namespace, str(ref["tokenSecret"]))

@@ -1,0 +1,199 @@
+"""The kubernetes backend on the real control plane, with pods run by the node agent in Docker."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from localcluster.servers import OperatorProcess
+from tests.helpers import wait_for
+
+from .test_operator_ssh import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    delete_and_wait_gone,
+    get,
+    kernelspec,
+    make_kernel,
+    ready_client,
+    wait_phase,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def read_pod(core: client.CoreV1Api, namespace: str, name: str) -> Any:
+    try:
+        return core.read_namespaced_pod(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def test_a_pod_kernel_runs_and_deleting_it_removes_the_pod(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    core = client.CoreV1Api(api_client)
+    name, kernel_id = make_kernel(
+        namespace,
+        custom,
+        backend="kubernetes",
+        image=kernel_image,
+        resources={"cpu": "500m", "memory": "512Mi"},
+    )
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=90)["status"]
+    assert status["phase"] == "Running", status
+    launch_seconds = time.monotonic() - started
+    pod = read_pod(core, namespace, name)
+    assert pod.spec.node_name == node_agent
+    assert pod.spec.restart_policy == "Never"
+    assert pod.metadata.owner_references[0].kind == "RemoteKernel"
+    assert pod.metadata.labels["kernel-operator.io/kernel-id"] == kernel_id
+    kernel = pod.spec.containers[0]
+    assert kernel.resources.limits == {"cpu": "500m", "memory": "512Mi"}
+    assert kernel.security_context.allow_privilege_escalation is False
+    env_names = {e.name for e in kernel.env}
+    # Only the kernel's own variables: nothing of the operator's environment.
+    assert not {"KUBECONFIG", "RKO_NAMESPACE", "RKO_RESPONSE_BIND", "PATH", "HOME"} & env_names
+    token_var = next(e for e in kernel.env if e.name == "RKO_LAUNCH_TOKEN")
+    assert token_var.value is None and token_var.value_from.secret_key_ref is not None  # not in the pod spec
+    assert status["connection"]["ip"] == "127.0.0.1"
+    print(f"pod kernel Running after {launch_seconds:.2f} s")
+    delete_and_wait_gone(custom, namespace, name)
+    wait_for(lambda: read_pod(core, namespace, name) is None, timeout=30, what="the kernel pod to be deleted")
+    assert not [s for s in core.list_namespaced_secret(namespace).items if kernel_id in s.metadata.name]
+
+
+async def test_a_jupyter_client_runs_code_in_a_pod_kernel(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = kernelspec(tmp_path, kubeconfig, namespace, backend="kubernetes", image_name=kernel_image)
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    kernel_id = str(km.kernel_id)
+    try:
+        async with ready_client(km) as kc:
+            outputs: list[str] = []
+            reply = await kc.execute_interactive(
+                "import os, sys; print(os.environ['KERNEL_POD_NAME'], sys.prefix, "
+                "sorted(k for k in os.environ if k.startswith('RKO_') or k == 'KUBECONFIG'))",
+                output_hook=lambda m: outputs.append(m["content"].get("text", "")),
+                timeout=30,
+            )
+            assert reply["content"]["status"] == "ok"
+            pod_name, prefix, leaked = "".join(outputs).split(" ", 2)
+            assert pod_name == f"k-{kernel_id}"
+            assert prefix == "/opt/kernel"  # the kernel image's venv: it runs in the container
+            assert leaked.strip() == "[]"  # no operator variable, not even the launch token
+    finally:
+        await km.shutdown_kernel()
+    core = client.CoreV1Api(api_client)
+    wait_for(lambda: read_pod(core, namespace, f"k-{kernel_id}") is None, timeout=30, what="the pod to go")
+
+
+def test_an_image_that_is_not_present_fails_at_once(
+    operator: OperatorProcess, node_agent: str, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    started = time.monotonic()
+    name, _ = make_kernel(
+        namespace, custom, backend="kubernetes", image="no-such-image:1", launchTimeoutSeconds=120
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ImagePullFailed", status
+    assert "no-such-image:1" in status["message"]
+    assert time.monotonic() - started < 20  # not the 120 s launch timeout
+
+
+def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, _ = make_kernel(
+        namespace,
+        custom,
+        backend="kubernetes",
+        image=kernel_image,
+        kernel={"className": "no.such.KernelClass"},
+        launchTimeoutSeconds=120,
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
+    assert status["phase"] == "Failed", status
+    assert "exited with code" in status["message"]
+
+
+def test_a_pod_deleted_behind_the_operators_back_fails_the_kernel(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, _ = make_kernel(namespace, custom, backend="kubernetes", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=90)
+    client.CoreV1Api(api_client).delete_namespaced_pod(name, namespace)
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=30)["status"]
+    assert status["reason"] == "PodDeleted", status
+    assert time.monotonic() - started < 10
+
+
+def test_an_evicted_pod_fails_the_kernel(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, _ = make_kernel(namespace, custom, backend="kubernetes", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=90)
+    client.CoreV1Api(api_client).create_namespaced_pod_eviction(
+        name, namespace, client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=30)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "PodDeleted", status
+
+
+def test_root_is_refused_for_pod_kernels(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, kernel_image: str
+) -> None:
+    name, _ = make_kernel(
+        namespace, custom, backend="kubernetes", image=kernel_image, env={"KERNEL_UID": "0"}
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "Unauthorized", status
+    assert "root" in status["message"]
+    assert (
+        custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"][0]["status"].get(
+            "backendRef"
+        )
+        is None
+    )
+    assert get(custom, namespace, name) is not None

@@ -1,0 +1,433 @@
+"""A small node agent: a stand-in kubelet that runs the pods bound to its node as Docker containers.
+
+It registers a Ready Node with the node's own credentials (system:node:<name>, so Node
+authorization and NodeRestriction apply), renews its Lease, runs each pod bound to it as a
+container on the host network (image, command, args, env, workingDir, user, cpu and memory
+limits), and reports pod status as a kubelet does: Pending/ContainerCreating, ErrImagePull and
+ImagePullBackOff for an image that is not present, Running with podIP and containerStatuses,
+Failed/Succeeded with exit codes. A deleted pod's container is stopped, then the pod is removed.
+Only the first container of a pod is run (kernel pods have one); restartPolicy is Never.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import docker
+from docker.errors import APIError, ImageNotFound, NotFound
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("node-agent")
+LABEL_UID = "node-agent.kernel-operator.io/pod-uid"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion in command and args ($$ is a literal $)."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return _VAR_REF.sub(replace, text)
+
+
+def cpu_nanos(quantity: str) -> int:
+    if quantity.endswith("m"):
+        return int(float(quantity[:-1]) * 1_000_000)
+    return int(float(quantity) * 1_000_000_000)
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(float(quantity))
+
+
+class NodeAgent:
+    def __init__(self, api: client.ApiClient, node_name: str, address: str, docker_host: str) -> None:
+        self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.node = node_name
+        self.address = address
+        self.docker = docker.DockerClient(base_url=docker_host)
+        self.stopping = threading.Event()
+        self.known: dict[str, dict[str, Any]] = {}  # pod uid -> {namespace, name, container id}
+        self.lock = threading.Lock()
+
+    # -- the node -------------------------------------------------------------------------------
+    def register(self) -> None:
+        capacity = {"cpu": str(os.cpu_count() or 2), "memory": "16Gi", "pods": "110"}
+        body = {
+            "metadata": {
+                "name": self.node,
+                "labels": {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux"},
+            },
+            "spec": {},
+        }
+        try:
+            self.core.create_node(body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        self.core.patch_node_status(
+            self.node,
+            {
+                "status": {
+                    "capacity": capacity,
+                    "allocatable": capacity,
+                    "addresses": [
+                        {"type": "InternalIP", "address": self.address},
+                        {"type": "Hostname", "address": self.node},
+                    ],
+                    "conditions": [self._ready_condition()],
+                    "nodeInfo": {
+                        "kubeletVersion": "v1.37.2",
+                        "containerRuntimeVersion": "docker://" + self.docker.version().get("Version", "?"),
+                        "operatingSystem": "linux",
+                        "architecture": "amd64",
+                        "machineID": "",
+                        "systemUUID": "",
+                        "bootID": "",
+                        "kernelVersion": os.uname().release,
+                        "osImage": "node-agent",
+                        "kubeProxyVersion": "",
+                    },
+                }
+            },
+        )
+        log.info("Registered node %s.", self.node)
+
+    def _ready_condition(self) -> dict[str, str]:
+        stamp = now()
+        return {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "node agent is posting ready status",
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
+
+    def heartbeat(self) -> None:
+        while not self.stopping.wait(5):
+            try:
+                self.core.patch_node_status(self.node, {"status": {"conditions": [self._ready_condition()]}})
+                self._renew_lease()
+            except ApiException as err:
+                log.warning("Heartbeat failed: %s", err.reason)
+
+    def _renew_lease(self) -> None:
+        spec = {
+            "holderIdentity": self.node,
+            "leaseDurationSeconds": 40,
+            "renewTime": dt.datetime.now(dt.timezone.utc),
+        }
+        try:
+            self.coordination.patch_namespaced_lease(self.node, "kube-node-lease", {"spec": spec})
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(
+                "kube-node-lease", {"metadata": {"name": self.node}, "spec": spec}
+            )
+
+    # -- pods -----------------------------------------------------------------------------------
+    def watch_pods(self) -> None:
+        while not self.stopping.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=f"spec.nodeName={self.node}",
+                    timeout_seconds=30,
+                ):
+                    if self.stopping.is_set():
+                        break
+                    pod = event["object"]
+                    try:
+                        self.sync(pod, deleted=event["type"] == "DELETED")
+                    except Exception:  # one bad pod must not stop the node
+                        log.exception("Syncing pod %s/%s failed.", pod.metadata.namespace, pod.metadata.name)
+            except ApiException as err:
+                log.warning("The pod watch failed (%s); watching again.", err.reason)
+                time.sleep(1)
+            finally:
+                stream.stop()
+
+    def sync(self, pod: client.V1Pod, deleted: bool = False) -> None:
+        uid = pod.metadata.uid
+        if deleted or pod.metadata.deletion_timestamp:
+            self.remove(pod)
+            return
+        with self.lock:
+            if uid in self.known:
+                return
+            self.known[uid] = {
+                "namespace": pod.metadata.namespace,
+                "name": pod.metadata.name,
+                "container": None,
+            }
+        threading.Thread(target=self.start_pod, args=(pod,), daemon=True).start()
+
+    def set_status(self, pod: client.V1Pod, status: dict[str, Any]) -> None:
+        try:
+            self.core.patch_namespaced_pod_status(
+                pod.metadata.name, pod.metadata.namespace, {"status": status}
+            )
+        except ApiException as err:
+            if err.status != 404:
+                log.warning("Updating pod %s status failed: %s", pod.metadata.name, err.reason)
+
+    def _waiting(self, pod: client.V1Pod, reason: str, message: str = "") -> None:
+        container = pod.spec.containers[0]
+        self.set_status(
+            pod,
+            {
+                "phase": "Pending",
+                "hostIP": self.address,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": reason, "message": message}},
+                    }
+                ],
+            },
+        )
+
+    def _env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+        env: dict[str, str] = {}
+        fields = {
+            "metadata.name": pod.metadata.name,
+            "metadata.namespace": pod.metadata.namespace,
+            "metadata.uid": pod.metadata.uid,
+            "spec.nodeName": self.node,
+            "spec.serviceAccountName": pod.spec.service_account_name or "default",
+            "status.podIP": self.address,
+            "status.hostIP": self.address,
+        }
+        for var in container.env or []:
+            if var.value_from is None:
+                env[var.name] = var.value or ""
+            elif var.value_from.field_ref is not None:
+                env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
+            elif var.value_from.secret_key_ref is not None:
+                ref = var.value_from.secret_key_ref
+                secret = self.core.read_namespaced_secret(ref.name, pod.metadata.namespace)
+                import base64
+
+                env[var.name] = base64.b64decode((secret.data or {})[ref.key]).decode()
+        return env
+
+    def start_pod(self, pod: client.V1Pod) -> None:
+        container = pod.spec.containers[0]
+        self._waiting(pod, "ContainerCreating")
+        try:
+            self.docker.images.get(container.image)
+        except ImageNotFound:
+            # No registry is reachable from here: an image that is not present cannot be pulled.
+            message = f'Failed to pull image "{container.image}": not present on the node and no registry is reachable'
+            self._waiting(pod, "ErrImagePull", message)
+            time.sleep(1)
+            self._waiting(pod, "ImagePullBackOff", f'Back-off pulling image "{container.image}"')
+            return
+        limits = (container.resources.limits if container.resources else None) or {}
+        security = container.security_context or pod.spec.security_context
+        user = None
+        if security is not None and security.run_as_user is not None:
+            user = f"{security.run_as_user}:{security.run_as_group or security.run_as_user}"
+        env = self._env(pod, container)
+        try:
+            created = self.docker.containers.create(
+                container.image,
+                entrypoint=[expand(c, env) for c in container.command] if container.command else None,
+                command=[expand(a, env) for a in container.args] if container.args else None,
+                environment=env,
+                working_dir=container.working_dir,
+                user=user,
+                network_mode="host",
+                labels={LABEL_UID: pod.metadata.uid, "io.kubernetes.pod.name": pod.metadata.name},
+                name=f"k8s_{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}",
+                nano_cpus=cpu_nanos(str(limits["cpu"])) if "cpu" in limits else None,
+                mem_limit=memory_bytes(str(limits["memory"])) if "memory" in limits else None,
+            )
+            created.start()
+        except APIError as err:
+            self._waiting(pod, "CreateContainerError", str(err.explanation or err))
+            return
+        with self.lock:
+            entry = self.known.get(pod.metadata.uid)
+            if entry is None:  # deleted meanwhile
+                created.remove(force=True)
+                return
+            entry["container"] = created.id
+        started = now()
+        self.set_status(
+            pod,
+            {
+                "phase": "Running",
+                "hostIP": self.address,
+                "podIP": self.address,
+                "podIPs": [{"ip": self.address}],
+                "startTime": started,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "True"},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": created.image.id,
+                        "containerID": f"docker://{created.id}",
+                        "ready": True,
+                        "started": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": started}},
+                    }
+                ],
+            },
+        )
+        log.info(
+            "Pod %s/%s runs as container %s.", pod.metadata.namespace, pod.metadata.name, created.short_id
+        )
+        self._wait_exit(pod, created)
+
+    def _wait_exit(self, pod: client.V1Pod, created: Any) -> None:
+        try:
+            result = created.wait()
+        except (APIError, NotFound):
+            return
+        with self.lock:
+            if pod.metadata.uid not in self.known:
+                return  # stopped because the pod was deleted: nothing to report
+        code = int(result.get("StatusCode", 1))
+        container = pod.spec.containers[0]
+        self.set_status(
+            pod,
+            {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "False", "reason": "PodCompleted"},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": container.name,
+                        "image": container.image,
+                        "imageID": "",
+                        "containerID": f"docker://{created.id}",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": "Completed" if code == 0 else "Error",
+                                "finishedAt": now(),
+                            }
+                        },
+                    }
+                ],
+            },
+        )
+
+    def remove(self, pod: client.V1Pod) -> None:
+        with self.lock:
+            entry = self.known.pop(pod.metadata.uid, None)
+        for found in self.docker.containers.list(
+            all=True, filters={"label": f"{LABEL_UID}={pod.metadata.uid}"}
+        ):
+            try:
+                found.stop(timeout=min(int(pod.metadata.deletion_grace_period_seconds or 5), 10))
+                found.remove(force=True)
+            except (APIError, NotFound):
+                pass
+        if entry is not None or pod.metadata.deletion_timestamp:
+            # As the kubelet does: confirm the graceful deletion once the containers are gone.
+            log.info(
+                "Pod %s/%s is deleted; its containers are stopped.", pod.metadata.namespace, pod.metadata.name
+            )
+            try:
+                # Grace 0 in the body: with a body, the API server ignores the query parameter.
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name,
+                    pod.metadata.namespace,
+                    body=client.V1DeleteOptions(
+                        grace_period_seconds=0, preconditions=client.V1Preconditions(uid=pod.metadata.uid)
+                    ),
+                )
+            except ApiException as err:
+                if err.status != 404:
+                    log.warning(
+                        "Confirming the deletion of pod %s failed: %s %s",
+                        pod.metadata.name,
+                        err.status,
+                        err.body,
+                    )
+
+    def shutdown(self) -> None:
+        """Stop every container this node runs (a node going away)."""
+        self.stopping.set()
+        for found in self.docker.containers.list(all=True, filters={"label": LABEL_UID}):
+            with contextlib.suppress(APIError, NotFound):
+                found.remove(force=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--node-name", required=True)
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(levelname)s %(message)s")
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    agent = NodeAgent(api, args.node_name, args.address, args.docker_host)
+    agent.register()
+    signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
+    threading.Thread(target=agent.heartbeat, daemon=True).start()
+    threading.Thread(target=agent.watch_pods, daemon=True).start()
+    agent.stopping.wait()
+    agent.shutdown()
+    log.info("Node agent %s stopped.", args.node_name)
+
+
+if __name__ == "__main__":
+    main()

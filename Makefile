@@ -6,12 +6,13 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status demo run bench test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status images demo run bench test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
 	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
+	@echo "make images        build the Python kernel image locally (Debian rootfs + ipykernel + launcher)"
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
 	@echo "make cluster-down  stop it"
@@ -37,6 +38,10 @@ cluster-down: venv
 
 cluster-status: venv
 	@$(VPY) -m localcluster status
+
+images: venv
+	@bash hack/install-system-deps.sh
+	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print(e.build_kernel_image())"
 
 demo: cluster-bin venv
 	@$(VPY) hack/demo.py

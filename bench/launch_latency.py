@@ -26,6 +26,7 @@ from kubernetes.client.rest import ApiException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
+from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess, Sshd
 
 WORK = REPO_ROOT / ".cache" / "bench"
@@ -66,8 +67,13 @@ def gateway_provisioners_python() -> Path:
     return python
 
 
-def kernelspecs(root: Path, kubeconfig: Path) -> Path:
-    for name, hosts in (("rk_local", ["localhost"]), ("rk_sshd", ["127.0.0.1"])):
+def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
+    configs: dict[str, dict[str, object]] = {
+        "rk_local": {"backend": "ssh", "remote_hosts": ["localhost"]},
+        "rk_sshd": {"backend": "ssh", "remote_hosts": ["127.0.0.1"]},
+        "rk_pod": {"backend": "kubernetes", "image_name": image},
+    }
+    for name, config_ in configs.items():
         spec_dir = root / "kernels" / name
         spec_dir.mkdir(parents=True, exist_ok=True)
         (spec_dir / "kernel.json").write_text(
@@ -80,12 +86,7 @@ def kernelspecs(root: Path, kubeconfig: Path) -> Path:
                     "metadata": {
                         "kernel_provisioner": {
                             "provisioner_name": "remote-kernel",
-                            "config": {
-                                "backend": "ssh",
-                                "remote_hosts": hosts,
-                                "namespace": "default",
-                                "kubeconfig": str(kubeconfig),
-                            },
+                            "config": {**config_, "namespace": "default", "kubeconfig": str(kubeconfig)},
                         }
                     },
                 }
@@ -114,12 +115,35 @@ def main() -> int:
     gp_python = gateway_provisioners_python()
     cluster = LocalCluster(WORK / "cluster")
     sshd = Sshd(WORK / "sshd")
+    engine = DockerEngine()
+    agent: subprocess.Popen[bytes] | None = None
     operator: OperatorProcess | None = None
     results: dict[str, dict[str, list[float]]] = {}
     try:
         print("==> Starting the local control plane, sshd and the operator...", flush=True)
         cluster.start()
         sshd.start()
+        engine.start()
+        image = engine.build_kernel_image()
+        node_kubeconfig = cluster.write_kubeconfig(
+            WORK / "node.kubeconfig", "system:node:bench-node", ("system:nodes",)
+        )
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.node_agent",
+                "--kubeconfig",
+                str(node_kubeconfig),
+                "--node-name",
+                "bench-node",
+                "--docker-host",
+                engine.host,
+            ],
+            cwd=REPO_ROOT,
+            stdout=open(WORK / "node-agent.log", "ab"),  # noqa: SIM115 - handed to the child
+            stderr=subprocess.STDOUT,
+        )
         api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
         client.ApiextensionsV1Api(api).create_custom_resource_definition(
             yaml.safe_load((REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml").read_text())
@@ -146,12 +170,17 @@ def main() -> int:
             },
         )
         operator.start()
-        jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig)
+        jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
         env = {**os.environ, "JUPYTER_PATH": str(jupyter)}
         rows = [
             ("jupyter_client direct local launch", Path(sys.executable), "python3"),
             ("remote-kernel-operator, ssh backend, localhost", Path(sys.executable), "rk_local"),
             ("remote-kernel-operator, ssh backend, via sshd", Path(sys.executable), "rk_sshd"),
+            (
+                "remote-kernel-operator, kubernetes backend (pod via node agent)",
+                Path(sys.executable),
+                "rk_pod",
+            ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
         ]
         for label, python, kernel in rows:
@@ -165,18 +194,22 @@ def main() -> int:
     finally:
         if operator is not None:
             operator.stop()
+        if agent is not None:
+            agent.terminate()
+            agent.wait(30)
+        engine.stop()
         sshd.stop()
         cluster.stop()
     print()
     print(
         f"Kernel launch (start_kernel -> first execute_reply of 1+1) and shutdown, {args.runs} runs each, seconds"
     )
-    print(f"| {'launcher':<62} | launch p50 | launch p95 | shutdown p50 | shutdown p95 |")
-    print(f"|{'-' * 64}|-----------:|-----------:|-------------:|-------------:|")
+    print(f"| {'launcher':<64} | launch p50 | launch p95 | shutdown p50 | shutdown p95 |")
+    print(f"|{'-' * 66}|-----------:|-----------:|-------------:|-------------:|")
     for label, data in results.items():
         launch, shutdown = data["launch"], data["shutdown"]
         print(
-            f"| {label:<62} | {statistics.median(launch):10.3f} | {p95(launch):10.3f} "
+            f"| {label:<64} | {statistics.median(launch):10.3f} | {p95(launch):10.3f} "
             f"| {statistics.median(shutdown):12.3f} | {p95(shutdown):12.3f} |"
         )
     return 0

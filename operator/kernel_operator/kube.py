@@ -39,6 +39,7 @@ class Kube:
         # both of which the client accepts and this wrapper relies on.
         self.core: Any = client.CoreV1Api(api)
         self.custom: Any = client.CustomObjectsApi(api)
+        self.rbac: Any = client.RbacAuthorizationV1Api(api)
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -139,6 +140,29 @@ class Kube:
             raise _error(f"Reading node {name}", err) from err
         conditions = (node.status.conditions if node.status else None) or []
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    # -- namespaces ------------------------------------------------------------------------------
+    async def create_namespace(self, name: str, labels: dict[str, str]) -> None:
+        try:
+            await self.core.create_namespace({"metadata": {"name": name, "labels": labels}})
+        except ApiException as err:
+            if err.status != 409:
+                raise _error(f"Creating namespace {name}", err) from err
+
+    async def delete_namespace(self, name: str) -> None:
+        try:
+            await self.core.delete_namespace(name)
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Deleting namespace {name}", err) from err
+
+    async def create_role_binding(self, body: dict[str, Any]) -> None:
+        namespace = body["metadata"]["namespace"]
+        try:
+            await self.rbac.create_namespaced_role_binding(namespace, body)
+        except ApiException as err:
+            if err.status != 409:
+                raise _error(f"Creating RoleBinding {namespace}/{body['metadata']['name']}", err) from err
 
     # -- remote kernels ------------------------------------------------------------------------
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:

@@ -32,6 +32,10 @@ from .status import TERMINAL, Phase, connection_status, now_iso, phase_patch, se
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
+EXIT_RECHECK_SECONDS = 0.1
+EXIT_RECHECKS = 30
+
+
 class StopFlag(Protocol):
     """kopf's DaemonStopped, as far as we use it."""
 
@@ -302,14 +306,22 @@ class KernelLifecycle:
     async def _watch_backend(
         self, backend: Backend, ref: BackendRef, stopped: StopFlag, wake: asyncio.Event
     ) -> None:
+        # After an exit notice the backend may lag behind the launcher (a pod's status is
+        # written by its kubelet): look again every 0.1 s for a while instead of every interval.
+        quick_checks = 0
         while not stopped:
+            interval = EXIT_RECHECK_SECONDS if quick_checks else self.ctx.settings.monitor_interval
             waiters = {
-                asyncio.ensure_future(stopped.wait(self.ctx.settings.monitor_interval)),
+                asyncio.ensure_future(stopped.wait(interval)),
                 asyncio.ensure_future(wake.wait()),
             }
             _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for waiter in pending:
                 waiter.cancel()
+            if wake.is_set():
+                quick_checks = EXIT_RECHECKS
+            elif quick_checks:
+                quick_checks -= 1
             wake.clear()
             if stopped:
                 return

@@ -51,6 +51,15 @@ def _address(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _cluster_role(name: str) -> str:
+    if name == "cluster-admin":
+        raise SettingsError(
+            "RKO_KERNEL_CLUSTER_ROLE=cluster-admin would give every kernel full control of the "
+            "cluster; name a role with only what kernels need."
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class SshSettings:
     """How the ssh backend reaches its hosts."""
@@ -87,6 +96,8 @@ class OperatorSettings:
     watch_client_timeout: float = 90.0
     kernel_image: str = ""
     pod_grace_seconds: int = 5
+    shared_namespace: bool = True
+    kernel_cluster_role: str = "remote-kernel"
     ssh: SshSettings = field(default_factory=SshSettings)
 
     @classmethod
@@ -137,5 +148,7 @@ class OperatorSettings:
             watch_client_timeout=_number(env, "RKO_WATCH_CLIENT_TIMEOUT", 90.0, 1),
             kernel_image=env.get("RKO_KERNEL_IMAGE", ""),
             pod_grace_seconds=int(_number(env, "RKO_POD_GRACE_SECONDS", 5, 0)),
+            shared_namespace=_flag(env, "RKO_SHARED_NAMESPACE", True),
+            kernel_cluster_role=_cluster_role(env.get("RKO_KERNEL_CLUSTER_ROLE", "remote-kernel")),
             ssh=ssh,
         )

@@ -138,6 +138,24 @@ def operator(
     )
     proc.start()
     yield proc
+    # Delete every RemoteKernel while the operator runs, so its finalizers clean up; a stopped
+    # operator leaves kernels running by design (they survive operator restarts).
+    custom = client.CustomObjectsApi(api_client)
+    for item in custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")["items"]:
+        meta = item["metadata"]
+        try:
+            custom.delete_namespaced_custom_object(
+                "kernel-operator.io", "v1alpha1", meta["namespace"], "remotekernels", meta["name"]
+            )
+        except ApiException as err:
+            assert err.status == 404, err
+    wait_for(
+        lambda: (
+            not custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")["items"]
+        ),
+        timeout=60,
+        what="every RemoteKernel to be cleaned up by the operator",
+    )
     proc.stop()
     left = launcher_processes()
     assert not left, f"launcher or kernel processes left after the session: {left}"

@@ -197,3 +197,124 @@ def test_root_is_refused_for_pod_kernels(
         is None
     )
     assert get(custom, namespace, name) is not None
+
+
+def test_a_namespace_per_kernel_is_made_bound_and_deleted(
+    operator: OperatorProcess,
+    node_agent: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    core = client.CoreV1Api(api_client)
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    role = client.V1ClusterRole(
+        metadata=client.V1ObjectMeta(name="remote-kernel"),
+        rules=[client.V1PolicyRule(api_groups=[""], resources=["configmaps"], verbs=["get", "list"])],
+    )
+    try:
+        rbac.create_cluster_role(role)
+    except ApiException as err:
+        assert err.status == 409
+    operator.stop()
+    operator.env["RKO_SHARED_NAMESPACE"] = "false"
+    operator.start()
+    try:
+        name, kernel_id = make_kernel(
+            namespace, custom, backend="kubernetes", image=kernel_image, username="carol"
+        )
+        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=90)["status"]
+        assert status["phase"] == "Running", status
+        own = status["backendRef"]["namespace"]
+        assert own == f"carol-{kernel_id}" and own != namespace
+        binding = rbac.read_namespaced_role_binding("remote-kernel", own)
+        assert binding.role_ref.name == "remote-kernel"
+        assert read_pod(core, own, name) is not None
+        delete_and_wait_gone(custom, namespace, name)
+
+        def namespace_going() -> bool:
+            try:
+                return core.read_namespace(own).metadata.deletion_timestamp is not None
+            except ApiException as err:
+                return err.status == 404
+
+        wait_for(namespace_going, timeout=30, what=f"namespace {own} to be deleted")
+    finally:
+        operator.stop()
+        operator.env.pop("RKO_SHARED_NAMESPACE")
+        operator.start()
+
+
+def test_a_lost_node_fails_its_kernels(
+    operator: OperatorProcess,
+    local_cluster: Any,
+    docker_engine: Any,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    import docker
+
+    from tests.helpers import REPO_ROOT
+
+    core = client.CoreV1Api(api_client)
+    node = "node-doomed"
+    node_kubeconfig = local_cluster.write_kubeconfig(
+        tmp_path / "kc", f"system:node:{node}", ("system:nodes",)
+    )
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.node_agent",
+            "--kubeconfig",
+            str(node_kubeconfig),
+            "--node-name",
+            node,
+            "--docker-host",
+            docker_engine.host,
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _ready(core, node), what=f"node {node} to be Ready")
+        template = {"spec": {"nodeSelector": {"kubernetes.io/hostname": node}}}
+        name, _ = make_kernel(
+            namespace, custom, backend="kubernetes", image=kernel_image, kubernetes={"podTemplate": template}
+        )
+        wait_phase(custom, namespace, name, "Running", timeout=90)
+        assert read_pod(core, namespace, name).spec.node_name == node
+        agent.kill()  # the node dies without a word
+        agent.wait()
+        core.delete_node(node)  # and is removed from the cluster
+        started = time.monotonic()
+        status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=30)["status"]
+        assert status["reason"] == "NodeLost", status
+        assert time.monotonic() - started < 10
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        # What a dead node leaves behind: its container and its pod.
+        engine = docker.DockerClient(base_url=docker_engine.host)
+        for container in engine.containers.list(all=True, filters={"name": f"k8s_{namespace}_"}):
+            container.remove(force=True)
+        for pod in core.list_namespaced_pod(namespace).items:
+            core.delete_namespaced_pod(
+                pod.metadata.name, namespace, body=client.V1DeleteOptions(grace_period_seconds=0)
+            )
+
+
+def _ready(core: client.CoreV1Api, node: str) -> bool:
+    try:
+        conditions = core.read_node(node).status.conditions or []
+    except ApiException:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)

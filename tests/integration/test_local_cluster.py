@@ -48,7 +48,8 @@ def crd_installed(kubeconfig: Path, api_client: client.ApiClient) -> None:
 
 
 def remote_kernel(name: str, **spec: Any) -> dict[str, Any]:
-    body_spec = {"kernelId": str(uuid.uuid4()), "backend": "ssh", "username": "alice"}
+    # root: an operator running in the same session refuses it, so nothing is launched.
+    body_spec = {"kernelId": str(uuid.uuid4()), "backend": "ssh", "username": "root"}
     body_spec.update(spec)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -85,10 +86,11 @@ def test_crd_is_served_and_its_schema_enforced(
             )
         assert err.value.status == 422, bad_spec
 
-    # kernelId is immutable once set.
-    created["spec"]["kernelId"] = str(uuid.uuid4())
+    # kernelId is immutable once set (a patch: an operator may be updating the object meanwhile).
     with pytest.raises(ApiException) as err:
-        custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "good", created)
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "good", {"spec": {"kernelId": str(uuid.uuid4())}}
+        )
     assert err.value.status == 422
     assert "kernelId is immutable" in err.value.body
 
@@ -199,7 +201,11 @@ def test_a_pod_is_scheduled_to_a_ready_node(api_client: client.ApiClient, namesp
         core.patch_node_status(node_name, status)
         pod = client.V1Pod(
             metadata=client.V1ObjectMeta(name="sleeper"),
-            spec=client.V1PodSpec(containers=[client.V1Container(name="main", image="kernel:test")]),
+            spec=client.V1PodSpec(
+                containers=[client.V1Container(name="main", image="kernel:test")],
+                # Other tests' nodes may exist: this pod can only fit the one registered here.
+                node_selector={"kubernetes.io/hostname": node_name},
+            ),
         )
         core.create_namespaced_pod(namespace, pod)
 

@@ -320,3 +320,21 @@ async def test_an_exit_notice_is_acted_on_at_once_not_at_the_next_poll() -> None
     assert kube.phases() == ["Succeeded"]
     assert listener.watchers == {}
     assert kube.patches[0]["backendRef"]["stopped"] is True  # the finalizer will not stop it again
+
+
+async def test_after_an_exit_notice_a_lagging_backend_is_checked_again_soon() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend, RKO_MONITOR_INTERVAL="60")
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
+    while b["spec"]["kernelId"] not in listener.watchers:
+        await asyncio.sleep(0.01)
+    # The pod still reads Running twice after the launcher said its kernel ended.
+    backend.states = [
+        BackendStatus("running"),
+        BackendStatus("running"),
+        BackendStatus("succeeded", "KernelExited", "bye", 0),
+    ]
+    listener.watchers[b["spec"]["kernelId"]]()
+    await asyncio.wait_for(task, 2)
+    assert kube.phases() == ["Succeeded"]

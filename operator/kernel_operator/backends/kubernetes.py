@@ -12,7 +12,17 @@ from ..errors import BackendError, SpecError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
 from .base import BackendRef, BackendStatus, LaunchPlan
-from .pod_builder import POD_IP_REF, TOKEN_KEY, build_pod, labels, pod_name, pod_state, token_secret_name
+from .pod_builder import (
+    POD_IP_REF,
+    TOKEN_KEY,
+    build_namespace_role_binding,
+    build_pod,
+    kernel_namespace_name,
+    labels,
+    pod_name,
+    pod_state,
+    token_secret_name,
+)
 
 
 class KubernetesBackend:
@@ -28,19 +38,38 @@ class KubernetesBackend:
     def release(self, ref: BackendRef) -> None:
         """Nothing to release."""
 
+    async def _namespace(self, plan: LaunchPlan) -> tuple[str, bool]:
+        """Where the pod goes, and whether the operator made that namespace for it.
+
+        The seed's rule: the kernel's own namespace when given; else the shared one (the
+        RemoteKernel's); else a namespace per kernel, bound to a role the operator names.
+        """
+        request = plan.request
+        given = request.backend_config.get("namespace") or request.env.get("KERNEL_NAMESPACE")
+        if given or self.settings.shared_namespace:
+            return str(given or request.namespace), False
+        namespace = kernel_namespace_name(request)
+        try:
+            await self.kube.create_namespace(namespace, labels(request))
+            service_account = str(request.backend_config.get("serviceAccountName") or "default")
+            await self.kube.create_role_binding(
+                build_namespace_role_binding(namespace, self.settings.kernel_cluster_role, service_account)
+            )
+        except KubeError as err:
+            raise BackendError(
+                f"The kernel's namespace {namespace} could not be set up: {err}", reason="NamespaceFailed"
+            ) from err
+        return namespace, True
+
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
-        namespace = str(
-            request.backend_config.get("namespace")
-            or request.env.get("KERNEL_NAMESPACE")
-            or request.namespace
-        )
         image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
         if not image:
             raise SpecError(
                 "The kubernetes backend needs an image: set spec.image (KERNEL_IMAGE) or the operator's RKO_KERNEL_IMAGE.",
                 reason="ImageMissing",
             )
+        namespace, created_namespace = await self._namespace(plan)
         owner = plan.owner if namespace == request.namespace else None
         secret = token_secret_name(request)
         try:
@@ -54,10 +83,20 @@ class KubernetesBackend:
             )
             await self.kube.create_pod(namespace, pod)
         except KubeError as err:
+            if created_namespace:
+                await self.kube.delete_namespace(namespace)
             raise BackendError(
                 f"The kernel's pod could not be created in {namespace}: {err}", reason="PodCreateFailed"
             ) from err
-        return {"kind": "Pod", "namespace": namespace, "name": pod_name(request), "tokenSecret": secret}
+        ref: BackendRef = {
+            "kind": "Pod",
+            "namespace": namespace,
+            "name": pod_name(request),
+            "tokenSecret": secret,
+        }
+        if created_namespace:
+            ref["ownNamespace"] = True
+        return ref
 
     async def status(self, ref: BackendRef) -> BackendStatus:
         pod = await self.kube.read_pod(str(ref["namespace"]), str(ref["name"]))
@@ -70,3 +109,5 @@ class KubernetesBackend:
         await self.kube.delete_pod(namespace, str(ref["name"]), self.settings.pod_grace_seconds)
         if ref.get("tokenSecret"):
             await self.kube.delete_secret(namespace, str(ref["tokenSecret"]))
+        if ref.get("ownNamespace"):
+            await self.kube.delete_namespace(namespace)

@@ -27,6 +27,7 @@ FAILED_WAITING = {
     "RunContainerError": "ContainerCreateFailed",
 }
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def pod_name(request: KernelRequest) -> str:
@@ -100,6 +101,40 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return result
 
 
+def kernel_namespace_name(request: KernelRequest) -> str:
+    """The namespace made for one kernel when namespaces are not shared (the seed's rule)."""
+    user = re.sub(r"[^a-z0-9-]", "-", request.username.lower()).strip("-")[:20] or "user"
+    return f"{user}-{request.kernel_id}"[:63].rstrip("-")
+
+
+def build_namespace_role_binding(namespace: str, cluster_role: str, service_account: str) -> dict[str, Any]:
+    """Grants the kernel's ServiceAccount ``cluster_role`` inside its own namespace only."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "remote-kernel", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+    }
+
+
+def _check_mounts(config: Mapping[str, Any]) -> None:
+    """Every mount must name a volume the spec (or its pod template) declares, by a valid name."""
+    declared = {str(v.get("name")) for v in config.get("volumes") or [] if isinstance(v, Mapping)}
+    template_spec = (config.get("podTemplate") or {}).get("spec") or {}
+    declared |= {str(v.get("name")) for v in template_spec.get("volumes") or [] if isinstance(v, Mapping)}
+    for volume in config.get("volumes") or []:
+        if not isinstance(volume, Mapping) or not _DNS_LABEL.match(str(volume.get("name", ""))):
+            raise SpecError(f"spec.kubernetes.volumes entry {volume!r} needs a name that is a DNS label.")
+    for mount in config["volumeMounts"]:
+        if mount["name"] not in declared:
+            raise SpecError(
+                f"spec.kubernetes.volumeMounts names volume {mount['name']!r}, which spec.kubernetes.volumes does not declare."
+            )
+        if not str(mount["mountPath"]).startswith("/"):
+            raise SpecError(f"spec.kubernetes.volumeMounts path {mount['mountPath']!r} must be absolute.")
+
+
 def build_pod(
     request: KernelRequest,
     launcher_args: list[str],
@@ -138,6 +173,7 @@ def build_pod(
             container["resources"] = built
     if config.get("volumeMounts"):
         container["volumeMounts"] = [dict(m) for m in config["volumeMounts"]]
+        _check_mounts(config)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],

@@ -72,6 +72,7 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
         "rk_local": {"backend": "ssh", "remote_hosts": ["localhost"]},
         "rk_sshd": {"backend": "ssh", "remote_hosts": ["127.0.0.1"]},
         "rk_pod": {"backend": "kubernetes", "image_name": image},
+        "rk_docker": {"backend": "docker", "image_name": image},
     }
     for name, config_ in configs.items():
         spec_dir = root / "kernels" / name
@@ -167,6 +168,8 @@ def main() -> int:
                 "RKO_SSH_KEY_FILE": str(sshd.client_key),
                 "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
                 "RKO_SSH_PORT": str(sshd.port),
+                "RKO_DOCKER_HOST": engine.host,
+                "RKO_DOCKER_KERNEL_IP": "127.0.0.1",
             },
         )
         operator.start()
@@ -180,6 +183,11 @@ def main() -> int:
                 "remote-kernel-operator, kubernetes backend (pod via node agent)",
                 Path(sys.executable),
                 "rk_pod",
+            ),
+            (
+                "remote-kernel-operator, docker backend (container, host network)",
+                Path(sys.executable),
+                "rk_docker",
             ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
         ]

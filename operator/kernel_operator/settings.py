@@ -77,6 +77,19 @@ class SshSettings:
 
 
 @dataclass(frozen=True)
+class DockerSettings:
+    """How the docker backends reach their engine."""
+
+    host: str = "unix:///var/run/docker.sock"
+    tls_verify: bool = False
+    cert_path: str = ""
+    network: str = "host"
+    kernel_ip: str = "0.0.0.0"
+    kernel_image: str = ""
+    stop_timeout: int = 5
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     """Everything configurable about the operator (see the README's settings table)."""
 
@@ -99,6 +112,7 @@ class OperatorSettings:
     shared_namespace: bool = True
     kernel_cluster_role: str = "remote-kernel"
     ssh: SshSettings = field(default_factory=SshSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -151,4 +165,13 @@ class OperatorSettings:
             shared_namespace=_flag(env, "RKO_SHARED_NAMESPACE", True),
             kernel_cluster_role=_cluster_role(env.get("RKO_KERNEL_CLUSTER_ROLE", "remote-kernel")),
             ssh=ssh,
+            docker=DockerSettings(
+                host=env.get("RKO_DOCKER_HOST") or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+                tls_verify=_flag(env, "RKO_DOCKER_TLS_VERIFY", False),
+                cert_path=env.get("RKO_DOCKER_CERT_PATH", ""),
+                network=env.get("RKO_DOCKER_NETWORK", "host"),
+                kernel_ip=env.get("RKO_DOCKER_KERNEL_IP", "0.0.0.0"),
+                kernel_image=env.get("RKO_KERNEL_IMAGE", ""),
+                stop_timeout=int(_number(env, "RKO_DOCKER_STOP_TIMEOUT", 5, 0)),
+            ),
         )

@@ -117,6 +117,7 @@ def operator(
     api_client: client.ApiClient,
     kubeconfig: Path,
     sshd: Sshd,
+    docker_engine: DockerEngine,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """The operator, running against the local cluster with the admin's rights."""
@@ -134,6 +135,9 @@ def operator(
             "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
             "RKO_SSH_PORT": str(sshd.port),
             "RKO_SSH_LOCAL_HOSTS": "localhost",
+            "RKO_DOCKER_HOST": docker_engine.host,
+            # Host networking on this machine: kernels are reached on loopback only.
+            "RKO_DOCKER_KERNEL_IP": "127.0.0.1",
         },
     )
     proc.start()

@@ -10,6 +10,7 @@ from ..errors import SpecError
 from ..kube import Kube
 from ..settings import OperatorSettings
 from .base import Backend, BackendRef, BackendStatus, LaunchPlan
+from .docker import DockerBackend
 from .kubernetes import KubernetesBackend
 from .ssh import SshBackend
 
@@ -23,6 +24,7 @@ class Backends:
         self._by_name: dict[str, Backend] = {
             "ssh": SshBackend(settings.ssh),
             "kubernetes": KubernetesBackend(kube, settings),
+            "docker": DockerBackend(settings.docker),
         }
 
     def get(self, name: str) -> Backend:

@@ -1,0 +1,160 @@
+"""The docker backend on Debian's dockerd: kernels in containers with host networking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from kubernetes import client
+
+from localcluster.docker import DockerEngine
+from localcluster.servers import OperatorProcess
+from tests.helpers import wait_for
+
+from .test_operator_ssh import (
+    _reply_to,
+    delete_and_wait_gone,
+    kernelspec,
+    make_kernel,
+    ready_client,
+    wait_phase,
+)
+
+pytestmark = pytest.mark.integration
+LABEL = "kernel-operator.io/kernel-id"
+
+
+def kernel_containers(engine: DockerEngine, kernel_id: str | None = None) -> list[Any]:
+    selector = f"{LABEL}={kernel_id}" if kernel_id else LABEL
+    return docker.DockerClient(base_url=engine.host).containers.list(all=True, filters={"label": selector})
+
+
+async def test_a_jupyter_client_runs_interrupts_restarts_and_shuts_down_a_docker_kernel(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = kernelspec(tmp_path, kubeconfig, namespace, backend="docker", image_name=kernel_image)
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    kernel_id = str(km.kernel_id)
+    [container] = kernel_containers(docker_engine, kernel_id)
+    attrs = container.attrs
+    assert attrs["HostConfig"]["NetworkMode"] == "host"
+    assert "no-new-privileges" in attrs["HostConfig"]["SecurityOpt"]
+    env_names = {e.split("=", 1)[0] for e in attrs["Config"]["Env"]}
+    assert not {"KUBECONFIG", "RKO_NAMESPACE", "RKO_DOCKER_HOST"} & env_names
+    async with ready_client(km) as kc:
+        outputs: list[str] = []
+        reply = await kc.execute_interactive(
+            "import sys, os; print(sys.prefix, os.environ['KERNEL_USERNAME'])",
+            output_hook=lambda m: outputs.append(m["content"].get("text", "")),
+            timeout=30,
+        )
+        assert reply["content"]["status"] == "ok"
+        assert "".join(outputs).split() == ["/opt/kernel", "alice"]
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1)
+        await km.interrupt_kernel()
+        reply = await _reply_to(kc, msg_id, timeout=10)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+    await km.restart_kernel()
+    async with ready_client(km) as kc:
+        reply = await kc.execute_interactive("1 + 1", timeout=30)
+        assert reply["content"]["status"] == "ok"
+    started = time.monotonic()
+    await km.shutdown_kernel()
+    assert time.monotonic() - started < 5
+    wait_for(lambda: not kernel_containers(docker_engine, kernel_id), timeout=20, what="no container left")
+
+
+def test_an_image_that_is_not_on_the_engine_fails_at_once(
+    operator: OperatorProcess, docker_engine: DockerEngine, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, kernel_id = make_kernel(
+        namespace, custom, backend="docker", image="no-such-image:1", launchTimeoutSeconds=120
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=20)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ImageNotFound", status
+    assert "no-such-image:1" in status["message"]
+    assert not kernel_containers(docker_engine, kernel_id)
+
+
+def test_a_kernel_that_crashes_in_its_container_fails_with_the_exit_code(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(
+        namespace,
+        custom,
+        backend="docker",
+        image=kernel_image,
+        kernel={"className": "no.such.Kernel"},
+        launchTimeoutSeconds=120,
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
+    assert status["phase"] == "Failed" and "exit code 3" in status["message"], status
+    delete_and_wait_gone(custom, namespace, name)
+    assert not kernel_containers(docker_engine, kernel_id)
+
+
+def test_a_container_removed_behind_the_operators_back_fails_the_kernel(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=60)
+    kernel_containers(docker_engine, kernel_id)[0].remove(force=True)
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=20)["status"]
+    assert status["phase"] == "Failed", status
+    assert time.monotonic() - started < 5
+
+
+def test_root_is_refused_in_containers(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(
+        namespace, custom, backend="docker", image=kernel_image, docker={"user": "root"}
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=20)["status"]
+    assert status["reason"] == "Unauthorized", status
+    assert not kernel_containers(docker_engine, kernel_id)
+
+
+def test_a_restarted_operator_keeps_its_docker_kernels_and_cleans_them_up(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=60)
+    operator.stop()
+    operator.start()
+    time.sleep(2)
+    assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
+    delete_and_wait_gone(custom, namespace, name)
+    assert not kernel_containers(docker_engine, kernel_id)

@@ -1,0 +1,83 @@
+"""The docker backend's pure parts: the container's configuration and the state mapping."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from kernel_operator.backends.docker import container_config, container_state
+from kernel_operator.errors import SpecError
+from kernel_operator.settings import OperatorSettings
+from kernel_operator.spec import build_request
+
+
+def request(**spec: Any):  # type: ignore[no-untyped-def]
+    base: dict[str, Any] = {"kernelId": str(uuid.uuid4()), "username": "alice", "backend": "docker"}
+    base.update(spec)
+    return build_request("ns", "k", "uid", base, OperatorSettings.from_env({}))
+
+
+def test_the_container_has_the_kernels_variables_labels_and_limits_only() -> None:
+    req = request(
+        env={"MY": "1"},
+        resources={"cpu": "500m", "memory": "1Gi"},
+        docker={
+            "user": "1000:100",
+            "workingDir": "/home/jovyan",
+            "mounts": [{"type": "volume", "source": "data", "target": "/data"}],
+        },
+    )
+    config = container_config(req, ["--ip", "127.0.0.1"], "img:1", "tok", "host")
+    assert config["command"] == ["python", "-m", "kernel_launchers.python_launcher", "--ip", "127.0.0.1"]
+    assert config["environment"]["MY"] == "1" and config["environment"]["KERNEL_ID"] == req.kernel_id
+    assert config["environment"]["RKO_LAUNCH_TOKEN"] == "tok"
+    assert set(config["environment"]) == {
+        "MY",
+        "KERNEL_ID",
+        "KERNEL_USERNAME",
+        "KERNEL_LANGUAGE",
+        "RKO_LAUNCH_TOKEN",
+    }
+    assert config["labels"]["kernel-operator.io/kernel-id"] == req.kernel_id
+    assert config["network_mode"] == "host" and config["user"] == "1000:100"
+    assert config["nano_cpus"] == 500_000_000 and config["mem_limit"] == 2**30
+    assert config["working_dir"] == "/home/jovyan"
+    assert config["cap_drop"] == ["ALL"] and config["security_opt"] == ["no-new-privileges"]
+    assert config["mounts"][0]["Target"] == "/data"
+
+
+@pytest.mark.parametrize(
+    ("docker", "env", "words"),
+    [
+        ({"user": "root"}, {}, "may not run as root"),
+        ({"user": "0:0"}, {}, "may not run as root"),
+        ({}, {"KERNEL_UID": "0"}, "may not run as root"),
+        ({"mounts": [{"target": "relative"}]}, {}, "absolute"),
+        ({"mounts": [{"type": "bind", "source": "here", "target": "/x"}]}, {}, "bind source"),
+    ],
+)
+def test_bad_container_requests_are_refused(docker: dict[str, Any], env: dict[str, str], words: str) -> None:
+    with pytest.raises(SpecError, match=words):
+        container_config(request(docker=docker, env=env), [], "img", "tok", "host")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "state", "reason"),
+    [
+        (None, "gone", "ContainerGone"),
+        ({"Name": "/k", "State": {"Status": "created"}}, "starting", ""),
+        ({"Name": "/k", "State": {"Status": "running"}}, "running", ""),
+        ({"Name": "/k", "State": {"Status": "exited", "ExitCode": 0}}, "succeeded", "KernelExited"),
+        ({"Name": "/k", "State": {"Status": "exited", "ExitCode": 3}}, "failed", "ContainerFailed"),
+        (
+            {"Name": "/k", "State": {"Status": "dead", "ExitCode": 137, "Error": "oom"}},
+            "failed",
+            "ContainerFailed",
+        ),
+    ],
+)
+def test_engine_states_map_to_kernel_states(attrs: Any, state: str, reason: str) -> None:
+    result = container_state(attrs)
+    assert (result.state, result.reason) == (state, reason)

@@ -50,4 +50,8 @@ tar -C "$work" --numeric-owner -c . | docker import \
   --change 'CMD ["/opt/kernel/bin/python", "-m", "kernel_launchers.python_launcher", "--help"]' \
   - "$image" >&2
 rm -rf "$work"
+# One kernel image per engine: drop the ones built from older sources.
+for old in $(docker images --format '{{.Repository}}:{{.Tag}}' rko-kernel-python | grep -vx "$image"); do
+  docker rmi "$old" >/dev/null 2>&1 || true
+done
 echo "$image"

@@ -252,3 +252,28 @@ def node_agent(
     proc.wait(30)
     left = docker.DockerClient(base_url=docker_engine.host).containers.list(all=True)
     assert not left, f"containers left after the session: {[c.name for c in left]}"
+
+
+@pytest.fixture(scope="session")
+def swarm(docker_engine: DockerEngine) -> Iterator[DockerEngine]:
+    """Swarm mode on the suite's engine, advertised and listening on loopback only."""
+    import subprocess
+
+    subprocess.run(
+        ["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"],
+        env=docker_engine.env,
+        capture_output=True,
+        check=False,  # already a manager after an interrupted run: that is fine
+    )
+    info = subprocess.run(
+        ["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"],
+        env=docker_engine.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert info.stdout.strip() == "active", info
+    yield docker_engine
+    subprocess.run(
+        ["docker", "swarm", "leave", "--force"], env=docker_engine.env, capture_output=True, check=False
+    )

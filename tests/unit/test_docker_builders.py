@@ -81,3 +81,54 @@ def test_bad_container_requests_are_refused(docker: dict[str, Any], env: dict[st
 def test_engine_states_map_to_kernel_states(attrs: Any, state: str, reason: str) -> None:
     result = container_state(attrs)
     assert (result.state, result.reason) == (state, reason)
+
+
+def test_a_service_is_one_unrestarted_task_with_the_containers_data() -> None:
+    from kernel_operator.backends.docker_swarm import service_config
+
+    req = request(docker={"user": "1000"}, resources={"cpu": "1"})
+    config = service_config(req, ["--ip", "127.0.0.1"], "img:1", "tok", "host")
+    assert config["restart_policy"]["Condition"] == "none"
+    assert config["networks"] == ["host"] and config["user"] == "1000"
+    assert f"KERNEL_ID={req.kernel_id}" in config["env"] and "RKO_LAUNCH_TOKEN=tok" in config["env"]
+    assert config["container_labels"]["kernel-operator.io/kernel-id"] == req.kernel_id
+    assert config["resources"]["Limits"]["NanoCPUs"] == 1_000_000_000
+    with pytest.raises(SpecError, match="root"):
+        service_config(request(docker={"user": "root"}), [], "i", "t", "host")
+
+
+@pytest.mark.parametrize(
+    ("tasks", "state", "reason"),
+    [
+        (None, "gone", "ServiceGone"),
+        ([], "starting", ""),
+        ([{"CreatedAt": "1", "Status": {"State": "preparing"}}], "starting", ""),
+        ([{"CreatedAt": "1", "Status": {"State": "running"}}], "running", ""),
+        ([{"CreatedAt": "1", "Status": {"State": "complete"}}], "succeeded", "KernelExited"),
+        (
+            [
+                {"CreatedAt": "1", "Status": {"State": "running"}},
+                {
+                    "CreatedAt": "2",
+                    "Status": {
+                        "State": "failed",
+                        "Err": "task: non-zero exit (3)",
+                        "ContainerStatus": {"ExitCode": 3},
+                    },
+                },
+            ],
+            "failed",
+            "TaskFailed",
+        ),
+        (
+            [{"CreatedAt": "1", "Status": {"State": "rejected", "Err": "No such image"}}],
+            "failed",
+            "TaskFailed",
+        ),
+    ],
+)
+def test_swarm_task_states_map_to_kernel_states(tasks: Any, state: str, reason: str) -> None:
+    from kernel_operator.backends.docker_swarm import task_state
+
+    result = task_state(tasks)
+    assert (result.state, result.reason) == (state, reason)

@@ -11,6 +11,7 @@ from ..kube import Kube
 from ..settings import OperatorSettings
 from .base import Backend, BackendRef, BackendStatus, LaunchPlan
 from .docker import DockerBackend
+from .docker_swarm import DockerSwarmBackend
 from .kubernetes import KubernetesBackend
 from .ssh import SshBackend
 
@@ -25,6 +26,7 @@ class Backends:
             "ssh": SshBackend(settings.ssh),
             "kubernetes": KubernetesBackend(kube, settings),
             "docker": DockerBackend(settings.docker),
+            "dockerSwarm": DockerSwarmBackend(settings.docker),
         }
 
     def get(self, name: str) -> Backend:

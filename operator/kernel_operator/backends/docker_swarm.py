@@ -1,0 +1,135 @@
+"""The dockerSwarm backend (gateway_provisioners' DockerSwarmProvisioner): a kernel as a service.
+
+One replica, never restarted by Swarm (the operator decides what a dead kernel means), on the
+network the spec names (default: host). The service is described by the pure
+``service_config``; its newest task's state becomes the kernel's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from ..errors import BackendError, BackendUnavailable, SpecError
+from ..settings import DockerSettings
+from ..spec import KernelRequest
+from .base import BackendRef, BackendStatus, LaunchPlan
+from .docker import DockerBackend, container_config
+
+STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+
+
+def service_config(
+    request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+) -> dict[str, Any]:
+    """Keyword arguments for ``services.create``, from the same checked data as a container."""
+    container = container_config(request, launcher_args, image, token, network)
+    config: dict[str, Any] = {
+        "image": image,
+        "command": container["command"],
+        "env": [f"{name}={value}" for name, value in sorted(container["environment"].items())],
+        "name": container["name"],
+        "labels": container["labels"],
+        "container_labels": container["labels"],
+        "networks": [network],
+        "restart_policy": docker.types.RestartPolicy(condition="none"),
+        "cap_drop": ["ALL"],
+    }
+    if "user" in container:
+        config["user"] = container["user"]
+    if "working_dir" in container:
+        config["workdir"] = container["working_dir"]
+    if "nano_cpus" in container or "mem_limit" in container:
+        config["resources"] = docker.types.Resources(
+            cpu_limit=container.get("nano_cpus"), mem_limit=container.get("mem_limit")
+        )
+    if "mounts" in container:
+        config["mounts"] = container["mounts"]
+    return config
+
+
+def task_state(tasks: Sequence[Mapping[str, Any]] | None) -> BackendStatus:
+    """The newest task's state as the kernel's state (None: the service is gone)."""
+    if tasks is None:
+        return BackendStatus("gone", "ServiceGone", "The kernel's Swarm service was removed.")
+    if not tasks:
+        return BackendStatus("starting")
+    newest = max(tasks, key=lambda t: str(t.get("CreatedAt", "")))
+    status = newest.get("Status") or {}
+    state = str(status.get("State", "new"))
+    if state in STARTING:
+        return BackendStatus("starting")
+    if state == "running":
+        return BackendStatus("running")
+    code = (status.get("ContainerStatus") or {}).get("ExitCode")
+    if state == "complete":
+        return BackendStatus("succeeded", "KernelExited", "The kernel's Swarm task completed.", 0)
+    detail = status.get("Err") or status.get("Message") or state
+    return BackendStatus(
+        "failed", "TaskFailed", f"The kernel's Swarm task is {state}: {detail} (exit code {code}).", code
+    )
+
+
+class DockerSwarmBackend(DockerBackend):
+    name = "dockerSwarm"
+
+    def __init__(self, settings: DockerSettings) -> None:
+        super().__init__(settings)
+
+    async def launch(self, plan: LaunchPlan) -> BackendRef:
+        request = plan.request
+        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
+        if not image:
+            raise SpecError(
+                "The dockerSwarm backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
+                reason="ImageMissing",
+            )
+        network = str(request.backend_config.get("network") or self.settings.network)
+        config = service_config(
+            request, plan.launcher_args(self.settings.kernel_ip), image, plan.token, network
+        )
+        service_id = await asyncio.to_thread(self._create, image, config)
+        return {"kind": "Service", "id": service_id, "name": config["name"]}
+
+    def _create(self, image: str, config: dict[str, Any]) -> str:
+        engine = self.client()
+        try:
+            engine.images.get(image)
+        except ImageNotFound:
+            raise BackendError(
+                f"The image {image!r} is not on the Swarm manager at {self.settings.host}; build or load it on the "
+                "nodes (the operator does not pull).",
+                reason="ImageNotFound",
+            ) from None
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+        services: Any = engine.services  # the SDK's stubs leave these calls untyped
+        try:
+            service = services.create(**config)
+        except (APIError, DockerException) as err:
+            raise BackendError(
+                f"The kernel's Swarm service could not be created: {err}", reason="ServiceCreateFailed"
+            ) from err
+        return str(service.id)
+
+    def _status(self, service_id: str) -> BackendStatus:
+        services: Any = self.client().services
+        try:
+            return task_state(services.get(service_id).tasks())
+        except NotFound:
+            return task_state(None)
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+
+    def _stop(self, service_id: str) -> None:
+        services: Any = self.client().services
+        try:
+            services.get(service_id).remove()
+        except NotFound:
+            return
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"Removing service {service_id[:12]} failed: {err}") from err

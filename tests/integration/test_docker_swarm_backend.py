@@ -1,0 +1,103 @@
+"""The dockerSwarm backend: kernels as one-replica Swarm services on the suite's engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from kubernetes import client
+
+from localcluster.docker import DockerEngine
+from localcluster.servers import OperatorProcess
+from tests.helpers import wait_for
+
+from .test_operator_ssh import _reply_to, kernelspec, make_kernel, ready_client, wait_phase
+
+pytestmark = pytest.mark.integration
+LABEL = "kernel-operator.io/kernel-id"
+
+
+def kernel_services(engine: DockerEngine, kernel_id: str) -> list[Any]:
+    return docker.DockerClient(base_url=engine.host).services.list(filters={"label": f"{LABEL}={kernel_id}"})
+
+
+def kernel_containers(engine: DockerEngine, kernel_id: str) -> list[Any]:
+    return docker.DockerClient(base_url=engine.host).containers.list(
+        all=True, filters={"label": f"{LABEL}={kernel_id}"}
+    )
+
+
+async def test_a_jupyter_client_uses_a_swarm_kernel(
+    operator: OperatorProcess,
+    swarm: DockerEngine,
+    kernel_image: str,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = kernelspec(tmp_path, kubeconfig, namespace, backend="dockerSwarm", image_name=kernel_image)
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    kernel_id = str(km.kernel_id)
+    [service] = kernel_services(swarm, kernel_id)
+    spec = service.attrs["Spec"]["TaskTemplate"]
+    assert spec["RestartPolicy"]["Condition"] == "none"
+    assert not {"KUBECONFIG", "RKO_DOCKER_HOST"} & {e.split("=", 1)[0] for e in spec["ContainerSpec"]["Env"]}
+    async with ready_client(km) as kc:
+        outputs: list[str] = []
+        reply = await kc.execute_interactive(
+            "import sys; print(sys.prefix)",
+            output_hook=lambda m: outputs.append(m["content"].get("text", "")),
+            timeout=30,
+        )
+        assert reply["content"]["status"] == "ok" and "".join(outputs).strip() == "/opt/kernel"
+        msg_id = kc.execute("import time; time.sleep(60)")
+        await asyncio.sleep(1)
+        await km.interrupt_kernel()
+        assert (await _reply_to(kc, msg_id, timeout=10))["content"]["ename"] == "KeyboardInterrupt"
+    await km.restart_kernel()
+    async with ready_client(km) as kc:
+        assert (await kc.execute_interactive("2 + 2", timeout=30))["content"]["status"] == "ok"
+    await km.shutdown_kernel()
+    assert not kernel_services(swarm, kernel_id)
+    wait_for(
+        lambda: not kernel_containers(swarm, kernel_id), timeout=30, what="the service's containers to go"
+    )
+
+
+def test_a_swarm_image_that_is_not_present_fails_at_once(
+    operator: OperatorProcess, swarm: DockerEngine, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, kernel_id = make_kernel(
+        namespace, custom, backend="dockerSwarm", image="no-such-image:1", launchTimeoutSeconds=120
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=20)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ImageNotFound", status
+    assert not kernel_services(swarm, kernel_id)
+
+
+def test_a_service_removed_behind_the_operators_back_fails_the_kernel(
+    operator: OperatorProcess,
+    swarm: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, backend="dockerSwarm", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=60)
+    kernel_services(swarm, kernel_id)[0].remove()
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=20)["status"]
+    assert status["phase"] == "Failed", status
+    assert time.monotonic() - started < 5
+    wait_for(
+        lambda: not kernel_containers(swarm, kernel_id), timeout=30, what="the service's containers to go"
+    )

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
         "rk_sshd": {"backend": "ssh", "remote_hosts": ["127.0.0.1"]},
         "rk_pod": {"backend": "kubernetes", "image_name": image},
         "rk_docker": {"backend": "docker", "image_name": image},
+        "rk_swarm": {"backend": "dockerSwarm", "image_name": image},
     }
     for name, config_ in configs.items():
         spec_dir = root / "kernels" / name
@@ -112,6 +114,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
+    # Stopped with SIGTERM, still run the clean-up below (cluster, sshd, engine, agent).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     WORK.mkdir(parents=True, exist_ok=True)
     gp_python = gateway_provisioners_python()
     cluster = LocalCluster(WORK / "cluster")
@@ -125,6 +129,13 @@ def main() -> int:
         cluster.start()
         sshd.start()
         engine.start()
+        # Swarm mode for the dockerSwarm row, on loopback only; left again at the end.
+        subprocess.run(
+            ["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"],
+            env=engine.env,
+            capture_output=True,
+            check=False,
+        )
         image = engine.build_kernel_image()
         node_kubeconfig = cluster.write_kubeconfig(
             WORK / "node.kubeconfig", "system:node:bench-node", ("system:nodes",)
@@ -189,6 +200,11 @@ def main() -> int:
                 Path(sys.executable),
                 "rk_docker",
             ),
+            (
+                "remote-kernel-operator, dockerSwarm backend (service, host network)",
+                Path(sys.executable),
+                "rk_swarm",
+            ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
         ]
         for label, python, kernel in rows:
@@ -205,6 +221,9 @@ def main() -> int:
         if agent is not None:
             agent.terminate()
             agent.wait(30)
+        subprocess.run(
+            ["docker", "swarm", "leave", "--force"], env=engine.env, capture_output=True, check=False
+        )
         engine.stop()
         sshd.stop()
         cluster.stop()

@@ -28,6 +28,36 @@ class DockerError(RuntimeError):
 @dataclass
 class DockerEngine:
     data_root: Path = DATA_ROOT
+    tls_port: int | None = None  # also listen on tcp://127.0.0.1:<port> with mutual TLS
+
+    @property
+    def client_tls_dir(self) -> Path:
+        """ca.pem, cert.pem and key.pem for a client of the TLS listener."""
+        return self.run_dir / "tls-client"
+
+    def _tls_args(self) -> list[str]:
+        if self.tls_port is None:
+            return []
+        from . import pki
+
+        server_dir = self.run_dir / "tls-server"
+        server_dir.mkdir(parents=True, exist_ok=True)
+        self.client_tls_dir.mkdir(parents=True, exist_ok=True)
+        ca = pki.make_ca("rko-docker-ca")
+        server = pki.issue(ca, "dockerd", ip_addresses=("127.0.0.1",), dns_names=("localhost",), server=True)
+        client = pki.issue(ca, "remote-kernel-operator", client=True)
+        for folder, pair in ((server_dir, server), (self.client_tls_dir, client)):
+            (folder / "ca.pem").write_bytes(ca.cert_pem)
+            (folder / "cert.pem").write_bytes(pair.cert_pem)
+            (folder / "key.pem").write_bytes(pair.key_pem)
+            (folder / "key.pem").chmod(0o600)
+        return [
+            f"--host=tcp://127.0.0.1:{self.tls_port}",
+            "--tlsverify",
+            f"--tlscacert={server_dir / 'ca.pem'}",
+            f"--tlscert={server_dir / 'cert.pem'}",
+            f"--tlskey={server_dir / 'key.pem'}",
+        ]
 
     @property
     def run_dir(self) -> Path:
@@ -74,6 +104,7 @@ class DockerEngine:
                 "--bridge=none",
                 "--iptables=false",
                 "--ip-masq=false",
+                *self._tls_args(),
             ],
             stdout=log,
             stderr=log,

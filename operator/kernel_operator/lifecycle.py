@@ -234,7 +234,11 @@ class KernelLifecycle:
     async def _launch_failure(self) -> tuple[str, str] | None:
         ref = self.status.get("backendRef")
         if not ref:
-            return None
+            found = await self.backend().find(self.request())
+            if found is None:
+                return None
+            await self.patch({"backendRef": found})
+            ref = found
         try:
             state = await self.backend().status(ref)
         except BackendUnavailable as err:
@@ -342,9 +346,12 @@ class KernelLifecycle:
     # -- stopping and signals ------------------------------------------------------------------
     async def stop_backend(self) -> None:
         ref = self.status.get("backendRef")
+        backend = self.backend()
+        if not ref and self.phase == Phase.LAUNCHING.value:
+            # Launched but not recorded (the operator stopped in between): find it by its labels.
+            ref = await backend.find(self.request())
         if not ref or ref.get("stopped"):
             return
-        backend = self.backend()
         await backend.stop(ref)
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.

@@ -87,6 +87,7 @@ class DockerSettings:
     kernel_ip: str = "0.0.0.0"
     kernel_image: str = ""
     stop_timeout: int = 5
+    api_version: str = "1.41"  # Docker 20.10's; later engines accept it
 
 
 @dataclass(frozen=True)
@@ -173,5 +174,6 @@ class OperatorSettings:
                 kernel_ip=env.get("RKO_DOCKER_KERNEL_IP", "0.0.0.0"),
                 kernel_image=env.get("RKO_KERNEL_IMAGE", ""),
                 stop_timeout=int(_number(env, "RKO_DOCKER_STOP_TIMEOUT", 5, 0)),
+                api_version=env.get("RKO_DOCKER_API_VERSION", "1.41"),
             ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,24 @@ from .test_operator_ssh import (
 
 pytestmark = pytest.mark.integration
 LABEL = "kernel-operator.io/kernel-id"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(docker_engine: DockerEngine) -> Iterator[None]:
+    """After each test (and its namespace's deletion), no kernel container or service remains."""
+    yield
+    engine = docker.DockerClient(base_url=docker_engine.host)
+
+    def clean() -> bool:
+        containers = engine.containers.list(all=True, filters={"label": LABEL})
+        services = engine.services.list(filters={"label": LABEL}) if _swarm_active(engine) else []
+        return not containers and not services
+
+    wait_for(clean, timeout=60, what="every kernel container and service to be removed")
+
+
+def _swarm_active(engine: Any) -> bool:
+    return bool(engine.info().get("Swarm", {}).get("LocalNodeState") == "active")
 
 
 def kernel_containers(engine: DockerEngine, kernel_id: str | None = None) -> list[Any]:
@@ -158,3 +177,49 @@ def test_a_restarted_operator_keeps_its_docker_kernels_and_cleans_them_up(
     assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
     delete_and_wait_gone(custom, namespace, name)
     assert not kernel_containers(docker_engine, kernel_id)
+
+
+async def test_the_operator_finds_its_containers_by_their_labels(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    from kernel_operator.backends.docker import DockerBackend
+    from kernel_operator.settings import OperatorSettings
+    from kernel_operator.spec import build_request
+
+    name, _ = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+    obj = wait_phase(custom, namespace, name, "Running", timeout=60)
+    settings = OperatorSettings.from_env({"RKO_DOCKER_HOST": docker_engine.host})
+    backend = DockerBackend(settings.docker)
+    request = build_request(namespace, name, obj["metadata"]["uid"], obj["spec"], settings)
+    found = await backend.find(request)
+    assert found is not None and found["id"] == obj["status"]["backendRef"]["id"]
+    delete_and_wait_gone(custom, namespace, name)
+    assert await backend.find(request) is None
+
+
+async def test_the_engine_can_be_reached_over_tcp_with_tls(tmp_path: Path) -> None:
+    from kernel_operator.backends.docker import DockerBackend
+    from kernel_operator.errors import BackendUnavailable
+    from kernel_operator.settings import DockerSettings
+    from localcluster import free_port
+
+    port = free_port()
+    engine = DockerEngine(data_root=tmp_path / "data", tls_port=port)
+    engine.start()
+    try:
+        host = f"tcp://127.0.0.1:{port}"
+        backend = DockerBackend(
+            DockerSettings(host=host, tls_verify=True, cert_path=str(engine.client_tls_dir))
+        )
+        assert backend.client().ping()
+        assert (await backend.status({"id": "no-such-container"})).state == "gone"
+        # Without a client certificate the engine refuses the connection.
+        plain = DockerBackend(DockerSettings(host=host, tls_verify=False))
+        with pytest.raises((BackendUnavailable, docker.errors.DockerException, OSError)):
+            plain.client().ping()
+    finally:
+        engine.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,24 @@ from .test_operator_ssh import _reply_to, kernelspec, make_kernel, ready_client,
 
 pytestmark = pytest.mark.integration
 LABEL = "kernel-operator.io/kernel-id"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(docker_engine: DockerEngine) -> Iterator[None]:
+    """After each test (and its namespace's deletion), no kernel container or service remains."""
+    yield
+    engine = docker.DockerClient(base_url=docker_engine.host)
+
+    def clean() -> bool:
+        containers = engine.containers.list(all=True, filters={"label": LABEL})
+        services = engine.services.list(filters={"label": LABEL}) if _swarm_active(engine) else []
+        return not containers and not services
+
+    wait_for(clean, timeout=60, what="every kernel container and service to be removed")
+
+
+def _swarm_active(engine: Any) -> bool:
+    return bool(engine.info().get("Swarm", {}).get("LocalNodeState") == "active")
 
 
 def kernel_services(engine: DockerEngine, kernel_id: str) -> list[Any]:
@@ -101,3 +120,20 @@ def test_a_service_removed_behind_the_operators_back_fails_the_kernel(
     wait_for(
         lambda: not kernel_containers(swarm, kernel_id), timeout=30, what="the service's containers to go"
     )
+
+
+def test_a_restarted_operator_keeps_its_swarm_kernels_and_cleans_them_up(
+    operator: OperatorProcess,
+    swarm: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, kernel_id = make_kernel(namespace, custom, backend="dockerSwarm", image=kernel_image)
+    wait_phase(custom, namespace, name, "Running", timeout=60)
+    operator.stop()
+    operator.start()
+    time.sleep(2)
+    assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
+    custom.delete_namespaced_custom_object("kernel-operator.io", "v1alpha1", namespace, "remotekernels", name)
+    wait_for(lambda: not kernel_services(swarm, kernel_id), timeout=30, what="the service to be removed")

@@ -56,6 +56,7 @@ class FakeBackend:
         self.states: list[BackendStatus] = []
         self.stopped: list[dict[str, Any]] = []
         self.released: list[dict[str, Any]] = []
+        self.found: dict[str, Any] | None = None
 
     async def launch(self, plan: LaunchPlan) -> dict[str, Any]:
         if self.fail_launch:
@@ -74,6 +75,9 @@ class FakeBackend:
 
     def adopt(self, ref: dict[str, Any]) -> None:
         pass
+
+    async def find(self, request: Any) -> dict[str, Any] | None:
+        return self.found
 
 
 class FakeBackends:
@@ -338,3 +342,14 @@ async def test_after_an_exit_notice_a_lagging_backend_is_checked_again_soon() ->
     listener.watchers[b["spec"]["kernelId"]]()
     await asyncio.wait_for(task, 2)
     assert kube.phases() == ["Succeeded"]
+
+
+async def test_an_unrecorded_launch_is_found_by_its_labels_and_stopped_at_the_timeout() -> None:
+    backend = FakeBackend()
+    backend.found = {"kind": "Container", "id": "abc"}
+    ctx, kube, _ = context(backend)
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    b = body(status={"phase": "Launching", "launch": {"tokenHash": "abc", "deadline": past}})
+    await asyncio.wait_for(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()), 5)
+    assert kube.patches[-1]["reason"] == "LaunchTimeout"
+    assert backend.stopped == [{"kind": "Container", "id": "abc"}]

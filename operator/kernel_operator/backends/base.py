@@ -62,3 +62,10 @@ class Backend(Protocol):
     def adopt(self, ref: BackendRef) -> None:
         """Take back bookkeeping for a kernel found running after an operator restart."""
         ...
+
+    async def find(self, request: KernelRequest) -> BackendRef | None:
+        """What was started for this kernel, found by its labels or name; None if nothing.
+
+        Used when a launch was made but not recorded (the operator stopped in between).
+        """
+        ...

@@ -165,11 +165,18 @@ class DockerBackend:
                         verify=True,
                     )
                 try:
-                    self._client = docker.DockerClient(base_url=self.settings.host, tls=tls, timeout=30)
-                except DockerException as err:
+                    # A fixed API version: "auto" would query the engine before trust_env can be
+                    # turned off, and requests lets REQUESTS_CA_BUNDLE override the engine's CA.
+                    client = docker.DockerClient(
+                        base_url=self.settings.host, tls=tls, timeout=30, version=self.settings.api_version
+                    )
+                    client.api.trust_env = False
+                    client.api.version()  # fail here, with a clear message, if it cannot be reached
+                except (DockerException, OSError) as err:
                     raise BackendUnavailable(
                         f"Cannot reach the Docker engine at {self.settings.host}: {err}"
                     ) from err
+                self._client = client
             return self._client
 
     def adopt(self, ref: BackendRef) -> None:
@@ -177,6 +184,18 @@ class DockerBackend:
 
     def release(self, ref: BackendRef) -> None:
         """Nothing to release."""
+
+    async def find(self, request: KernelRequest) -> BackendRef | None:
+        return await asyncio.to_thread(self._find, request.kernel_id)
+
+    def _find(self, kernel_id: str) -> BackendRef | None:
+        try:
+            found = self.client().containers.list(
+                all=True, filters={"label": f"{KERNEL_ID_LABEL}={kernel_id}"}
+            )
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+        return {"kind": "Container", "id": str(found[0].id), "name": found[0].name} if found else None
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request

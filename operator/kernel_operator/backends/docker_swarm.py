@@ -18,7 +18,7 @@ from ..errors import BackendError, BackendUnavailable, SpecError
 from ..settings import DockerSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
-from .docker import DockerBackend, container_config
+from .docker import KERNEL_ID_LABEL, DockerBackend, container_config
 
 STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
 
@@ -115,6 +115,14 @@ class DockerSwarmBackend(DockerBackend):
                 f"The kernel's Swarm service could not be created: {err}", reason="ServiceCreateFailed"
             ) from err
         return str(service.id)
+
+    def _find(self, kernel_id: str) -> BackendRef | None:
+        services: Any = self.client().services
+        try:
+            found = services.list(filters={"label": f"{KERNEL_ID_LABEL}={kernel_id}"})
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+        return {"kind": "Service", "id": str(found[0].id), "name": found[0].name} if found else None
 
     def _status(self, service_id: str) -> BackendStatus:
         services: Any = self.client().services

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..errors import BackendError, SpecError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
+from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
 from .pod_builder import (
     POD_IP_REF,
@@ -60,6 +61,30 @@ class KubernetesBackend:
                 f"The kernel's namespace {namespace} could not be set up: {err}", reason="NamespaceFailed"
             ) from err
         return namespace, True
+
+    async def find(self, request: KernelRequest) -> BackendRef | None:
+        """The pod is named after the kernel, in the namespace the rules give."""
+        candidates = [
+            str(
+                request.backend_config.get("namespace")
+                or request.env.get("KERNEL_NAMESPACE")
+                or request.namespace
+            )
+        ]
+        if not self.settings.shared_namespace:
+            candidates.append(kernel_namespace_name(request))
+        for namespace in candidates:
+            if await self.kube.read_pod(namespace, pod_name(request)) is not None:
+                ref: BackendRef = {
+                    "kind": "Pod",
+                    "namespace": namespace,
+                    "name": pod_name(request),
+                    "tokenSecret": token_secret_name(request),
+                }
+                if namespace != candidates[0]:
+                    ref["ownNamespace"] = True
+                return ref
+        return None
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request

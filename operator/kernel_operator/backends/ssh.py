@@ -31,6 +31,7 @@ from ..launch_command import (
     remote_stop_command,
 )
 from ..settings import SshSettings
+from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class SshBackend:
     def release(self, ref: BackendRef) -> None:
         if ref.get("host"):
             self.balancer.remove(str(ref["host"]))
+
+    async def find(self, request: KernelRequest) -> BackendRef | None:
+        """Unrecorded ssh launches give up on their own: the launcher exits when no operator
+        acknowledges it within its retry window."""
+        return None
 
     def is_local(self, host: str) -> bool:
         return host in self.settings.local_hosts

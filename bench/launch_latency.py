@@ -30,6 +30,9 @@ from localcluster.cluster import REPO_ROOT
 from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess, Sshd
 
+sys.path.insert(0, str(REPO_ROOT))
+from tests.node_agent import node_agent_command
+
 WORK = REPO_ROOT / ".cache" / "bench"
 GP_VERSION = "0.5.0"
 MEASURE = Path(__file__).with_name("measure.py")
@@ -141,17 +144,7 @@ def main() -> int:
             WORK / "node.kubeconfig", "system:node:bench-node", ("system:nodes",)
         )
         agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.node_agent",
-                "--kubeconfig",
-                str(node_kubeconfig),
-                "--node-name",
-                "bench-node",
-                "--docker-host",
-                engine.host,
-            ],
+            node_agent_command(node_kubeconfig, "bench-node", engine.host),
             cwd=REPO_ROOT,
             stdout=open(WORK / "node-agent.log", "ab"),  # noqa: SIM115 - handed to the child
             stderr=subprocess.STDOUT,

@@ -10,7 +10,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import docker
 import pytest
 import yaml
 from kubernetes import client, config
@@ -20,6 +22,7 @@ from localcluster import ClusterError, LocalCluster, free_port
 from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
+from tests.node_agent import node_agent_command
 
 _timings: dict[str, float] = {}
 
@@ -207,7 +210,6 @@ def node_agent(
 ) -> Iterator[str]:
     """A Ready node whose pods run as Docker containers, with a node's own credentials."""
     import subprocess
-    import sys
 
     import docker
 
@@ -218,17 +220,7 @@ def node_agent(
     )
     log = open(work / "agent.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.node_agent",
-            "--kubeconfig",
-            str(node_kubeconfig),
-            "--node-name",
-            name,
-            "--docker-host",
-            docker_engine.host,
-        ],
+        node_agent_command(node_kubeconfig, name, docker_engine.host),
         cwd=REPO_ROOT,
         stdout=log,
         stderr=log,
@@ -277,3 +269,25 @@ def swarm(docker_engine: DockerEngine) -> Iterator[DockerEngine]:
     subprocess.run(
         ["docker", "swarm", "leave", "--force"], env=docker_engine.env, capture_output=True, check=False
     )
+
+
+@pytest.fixture
+def no_kernel_leftovers(docker_engine: DockerEngine) -> Iterator[None]:
+    """After each test (and its namespace's deletion), no kernel container or service remains."""
+    yield
+    engine = docker.DockerClient(base_url=docker_engine.host)
+
+    def clean() -> bool:
+        containers = engine.containers.list(all=True, filters={"label": "kernel-operator.io/kernel-id"})
+        services = (
+            engine.services.list(filters={"label": "kernel-operator.io/kernel-id"})
+            if _swarm_active(engine)
+            else []
+        )
+        return not containers and not services
+
+    wait_for(clean, timeout=60, what="every kernel container and service to be removed")
+
+
+def _swarm_active(engine: Any) -> bool:
+    return bool(engine.info().get("Swarm", {}).get("LocalNodeState") == "active")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +19,8 @@ from tests.helpers import wait_for
 
 from .test_operator_ssh import _reply_to, kernelspec, make_kernel, ready_client, wait_phase
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_kernel_leftovers")]
 LABEL = "kernel-operator.io/kernel-id"
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind(docker_engine: DockerEngine) -> Iterator[None]:
-    """After each test (and its namespace's deletion), no kernel container or service remains."""
-    yield
-    engine = docker.DockerClient(base_url=docker_engine.host)
-
-    def clean() -> bool:
-        containers = engine.containers.list(all=True, filters={"label": LABEL})
-        services = engine.services.list(filters={"label": LABEL}) if _swarm_active(engine) else []
-        return not containers and not services
-
-    wait_for(clean, timeout=60, what="every kernel container and service to be removed")
-
-
-def _swarm_active(engine: Any) -> bool:
-    return bool(engine.info().get("Swarm", {}).get("LocalNodeState") == "active")
 
 
 def kernel_services(engine: DockerEngine, kernel_id: str) -> list[Any]:

@@ -14,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
+from tests.node_agent import node_agent_command
 
 from .test_operator_ssh import (
     GROUP,
@@ -257,7 +258,6 @@ def test_a_lost_node_fails_its_kernels(
     tmp_path: Path,
 ) -> None:
     import subprocess
-    import sys
 
     import docker
 
@@ -269,17 +269,7 @@ def test_a_lost_node_fails_its_kernels(
         tmp_path / "kc", f"system:node:{node}", ("system:nodes",)
     )
     agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.node_agent",
-            "--kubeconfig",
-            str(node_kubeconfig),
-            "--node-name",
-            node,
-            "--docker-host",
-            docker_engine.host,
-        ],
+        node_agent_command(node_kubeconfig, node, docker_engine.host),
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

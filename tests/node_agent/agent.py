@@ -27,6 +27,8 @@ from docker.errors import APIError, ImageNotFound, NotFound
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from kernel_operator.quantities import cpu_nanos, memory_bytes
+
 log = logging.getLogger("node-agent")
 LABEL_UID = "node-agent.kernel-operator.io/pod-uid"
 
@@ -48,29 +50,6 @@ def expand(text: str, env: dict[str, str]) -> str:
         return env.get(name, match.group(0))
 
     return _VAR_REF.sub(replace, text)
-
-
-def cpu_nanos(quantity: str) -> int:
-    if quantity.endswith("m"):
-        return int(float(quantity[:-1]) * 1_000_000)
-    return int(float(quantity) * 1_000_000_000)
-
-
-def memory_bytes(quantity: str) -> int:
-    units = {
-        "Ki": 2**10,
-        "Mi": 2**20,
-        "Gi": 2**30,
-        "Ti": 2**40,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-    }
-    for suffix, factor in units.items():
-        if quantity.endswith(suffix):
-            return int(float(quantity[: -len(suffix)]) * factor)
-    return int(float(quantity))
 
 
 class NodeAgent:

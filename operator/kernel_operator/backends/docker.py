@@ -17,34 +17,12 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from ..errors import BackendError, BackendUnavailable, SpecError
 from ..launch_command import LAUNCHER_MODULE
+from ..quantities import cpu_nanos, memory_bytes
 from ..settings import DockerSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
 
 KERNEL_ID_LABEL = "kernel-operator.io/kernel-id"
-
-
-def _nanos(cpu: Any) -> int:
-    text = str(cpu)
-    return int(float(text[:-1]) * 1_000_000) if text.endswith("m") else int(float(text) * 1_000_000_000)
-
-
-def _bytes(memory: Any) -> int:
-    text = str(memory)
-    units = {
-        "Ki": 2**10,
-        "Mi": 2**20,
-        "Gi": 2**30,
-        "Ti": 2**40,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
-    }
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(float(text))
 
 
 def _user(request: KernelRequest) -> str | None:
@@ -107,9 +85,9 @@ def container_config(
     if working_dir:
         config["working_dir"] = str(working_dir)
     if request.resources.get("cpu") is not None:
-        config["nano_cpus"] = _nanos(request.resources["cpu"])
+        config["nano_cpus"] = cpu_nanos(request.resources["cpu"])
     if request.resources.get("memory") is not None:
-        config["mem_limit"] = _bytes(request.resources["memory"])
+        config["mem_limit"] = memory_bytes(request.resources["memory"])
     mounts = _mounts(request.backend_config)
     if mounts:
         config["mounts"] = [
@@ -197,40 +175,51 @@ class DockerBackend:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Container", "id": str(found[0].id), "name": found[0].name} if found else None
 
+    # What differs between a container and a Swarm service: the kind, the config, the call.
+    kind = "Container"
+
+    def build_config(
+        self, request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+    ) -> dict[str, Any]:
+        return container_config(request, launcher_args, image, token, network)
+
+    def start(self, engine: docker.DockerClient, config: dict[str, Any]) -> str:
+        return str(engine.containers.run(**config).id)
+
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
         image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
         if not image:
             raise SpecError(
-                "The docker backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
+                f"The {self.name} backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
                 reason="ImageMissing",
             )
         network = str(request.backend_config.get("network") or self.settings.network)
-        config = container_config(
+        config = self.build_config(
             request, plan.launcher_args(self.settings.kernel_ip), image, plan.token, network
         )
-        container_id = await asyncio.to_thread(self._run, image, config)
-        return {"kind": "Container", "id": container_id, "name": config["name"]}
+        started_id = await asyncio.to_thread(self._start_checked, image, config)
+        return {"kind": self.kind, "id": started_id, "name": config["name"]}
 
-    def _run(self, image: str, config: dict[str, Any]) -> str:
+    def _start_checked(self, image: str, config: dict[str, Any]) -> str:
         engine = self.client()
         try:
             engine.images.get(image)
         except ImageNotFound:
             raise BackendError(
-                f"The image {image!r} is not on the Docker engine at {self.settings.host}; build or load it there "
-                "(the operator does not pull).",
+                f"The image {image!r} is not on the Docker engine at {self.settings.host}; build or load it "
+                "there (the operator does not pull).",
                 reason="ImageNotFound",
             ) from None
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         try:
-            container = engine.containers.run(**config)
+            return self.start(engine, config)
         except (APIError, DockerException) as err:
             raise BackendError(
-                f"The kernel's container could not be started: {err}", reason="ContainerCreateFailed"
+                f"The kernel's {self.kind.lower()} could not be started: {err}",
+                reason=f"{self.kind}CreateFailed",
             ) from err
-        return str(container.id)
 
     async def status(self, ref: BackendRef) -> BackendStatus:
         return await asyncio.to_thread(self._status, str(ref["id"]))

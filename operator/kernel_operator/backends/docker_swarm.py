@@ -7,17 +7,15 @@ network the spec names (default: host). The service is described by the pure
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, NotFound
 
-from ..errors import BackendError, BackendUnavailable, SpecError
-from ..settings import DockerSettings
+from ..errors import BackendUnavailable
 from ..spec import KernelRequest
-from .base import BackendRef, BackendStatus, LaunchPlan
+from .base import BackendRef, BackendStatus
 from .docker import KERNEL_ID_LABEL, DockerBackend, container_config
 
 STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
@@ -77,44 +75,16 @@ def task_state(tasks: Sequence[Mapping[str, Any]] | None) -> BackendStatus:
 class DockerSwarmBackend(DockerBackend):
     name = "dockerSwarm"
 
-    def __init__(self, settings: DockerSettings) -> None:
-        super().__init__(settings)
+    kind = "Service"
 
-    async def launch(self, plan: LaunchPlan) -> BackendRef:
-        request = plan.request
-        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
-        if not image:
-            raise SpecError(
-                "The dockerSwarm backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
-                reason="ImageMissing",
-            )
-        network = str(request.backend_config.get("network") or self.settings.network)
-        config = service_config(
-            request, plan.launcher_args(self.settings.kernel_ip), image, plan.token, network
-        )
-        service_id = await asyncio.to_thread(self._create, image, config)
-        return {"kind": "Service", "id": service_id, "name": config["name"]}
+    def build_config(
+        self, request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+    ) -> dict[str, Any]:
+        return service_config(request, launcher_args, image, token, network)
 
-    def _create(self, image: str, config: dict[str, Any]) -> str:
-        engine = self.client()
-        try:
-            engine.images.get(image)
-        except ImageNotFound:
-            raise BackendError(
-                f"The image {image!r} is not on the Swarm manager at {self.settings.host}; build or load it on the "
-                "nodes (the operator does not pull).",
-                reason="ImageNotFound",
-            ) from None
-        except (APIError, DockerException) as err:
-            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+    def start(self, engine: docker.DockerClient, config: dict[str, Any]) -> str:
         services: Any = engine.services  # the SDK's stubs leave these calls untyped
-        try:
-            service = services.create(**config)
-        except (APIError, DockerException) as err:
-            raise BackendError(
-                f"The kernel's Swarm service could not be created: {err}", reason="ServiceCreateFailed"
-            ) from err
-        return str(service.id)
+        return str(services.create(**config).id)
 
     def _find(self, kernel_id: str) -> BackendRef | None:
         services: Any = self.client().services

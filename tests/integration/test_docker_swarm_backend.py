@@ -118,3 +118,25 @@ def test_a_restarted_operator_keeps_its_swarm_kernels_and_cleans_them_up(
     assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
     custom.delete_namespaced_custom_object("kernel-operator.io", "v1alpha1", namespace, "remotekernels", name)
     wait_for(lambda: not kernel_services(swarm, kernel_id), timeout=30, what="the service to be removed")
+
+
+def test_a_swarm_task_that_fails_fails_the_kernel(
+    operator: OperatorProcess,
+    swarm: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    name, _ = make_kernel(
+        namespace,
+        custom,
+        backend="dockerSwarm",
+        image=kernel_image,
+        kernel={"className": "no.such.Kernel"},
+        launchTimeoutSeconds=120,
+    )
+    started = time.monotonic()
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "TaskFailed", status
+    assert "exit code 3" in status["message"]
+    assert time.monotonic() - started < 30

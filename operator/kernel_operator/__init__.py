@@ -4,9 +4,11 @@ Layers, top to bottom (each imports only those below it):
 - ``handlers``: kopf registrations; thin, they read the resource and call ``lifecycle``.
 - ``lifecycle``: the phase machine of one kernel (launch, wait, watch, stop).
 - ``listener``, ``keys``: the launch handshake's server side and the operator's key pair.
-- ``backends``: one module per backend behind the ``Backend`` interface; no kopf inside.
-- ``spec``, ``status``, ``launch_command``: pure functions (validation, status patches,
-  the launcher's command line).
+- ``backends``: one module per backend behind the ``Backend`` interface (ssh, kubernetes,
+  docker, docker_swarm); no kopf inside. Their manifests come from pure builders
+  (``pod_builder``, ``container_config``, ``service_config``).
+- ``spec``, ``status``, ``launch_command``, ``balancer``, ``quantities``: pure functions
+  (validation, status patches, the launcher's command line, host choice, resource units).
 - ``kube``: the one I/O seam to the Kubernetes API besides kopf's own watching.
 - ``settings``, ``errors``: configuration read once from the environment; exception types.
 """

@@ -41,7 +41,7 @@ cluster-status: venv
 
 images: venv
 	@bash hack/install-system-deps.sh
-	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print(e.build_kernel_image())"
+	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel image:', e.build_kernel_image())"
 
 demo: cluster-bin venv
 	@$(VPY) hack/demo.py
@@ -64,9 +64,11 @@ test-unit: venv
 test-integration: cluster-bin venv
 	@$(VENV)/bin/pytest -q tests/integration
 
-# What CI runs (.ci/run): system packages, builds, lint, then every test in one pytest run.
+# What CI runs (.ci/run): system packages, builds (the control plane, the kernel image: long
+# steps with their own progress, outside pytest's per-test timeout), lint, then every test.
 test: cluster-bin venv
 	@bash hack/install-system-deps.sh
+	@$(MAKE) --no-print-directory images
 	@$(MAKE) --no-print-directory lint
 	@$(VENV)/bin/pytest -q -rs tests
 

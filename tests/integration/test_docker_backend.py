@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 
 from localcluster.docker import DockerEngine
@@ -20,9 +18,9 @@ from tests.helpers import wait_for
 from .test_operator_ssh import (
     _reply_to,
     delete_and_wait_gone,
-    kernelspec,
     make_kernel,
     ready_client,
+    start_remote_kernel,
     wait_phase,
 )
 
@@ -44,10 +42,9 @@ async def test_a_jupyter_client_runs_interrupts_restarts_and_shuts_down_a_docker
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path = kernelspec(tmp_path, kubeconfig, namespace, backend="docker", image_name=kernel_image)
-    monkeypatch.setenv("JUPYTER_PATH", str(path))
-    km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    km = await start_remote_kernel(
+        tmp_path, kubeconfig, namespace, monkeypatch, backend="docker", image_name=kernel_image
+    )
     kernel_id = str(km.kernel_id)
     [container] = kernel_containers(docker_engine, kernel_id)
     attrs = container.attrs

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 
 from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
-from .test_operator_ssh import _reply_to, kernelspec, make_kernel, ready_client, wait_phase
+from .test_operator_ssh import (
+    _reply_to,
+    make_kernel,
+    ready_client,
+    start_remote_kernel,
+    wait_phase,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_kernel_leftovers")]
 LABEL = "kernel-operator.io/kernel-id"
@@ -42,10 +46,9 @@ async def test_a_jupyter_client_uses_a_swarm_kernel(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path = kernelspec(tmp_path, kubeconfig, namespace, backend="dockerSwarm", image_name=kernel_image)
-    monkeypatch.setenv("JUPYTER_PATH", str(path))
-    km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    km = await start_remote_kernel(
+        tmp_path, kubeconfig, namespace, monkeypatch, backend="dockerSwarm", image_name=kernel_image
+    )
     kernel_id = str(km.kernel_id)
     [service] = kernel_services(swarm, kernel_id)
     spec = service.attrs["Spec"]["TaskTemplate"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -22,9 +20,9 @@ from .test_operator_ssh import (
     VERSION,
     delete_and_wait_gone,
     get,
-    kernelspec,
     make_kernel,
     ready_client,
+    start_remote_kernel,
     wait_phase,
 )
 
@@ -90,10 +88,9 @@ async def test_a_jupyter_client_runs_code_in_a_pod_kernel(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path = kernelspec(tmp_path, kubeconfig, namespace, backend="kubernetes", image_name=kernel_image)
-    monkeypatch.setenv("JUPYTER_PATH", str(path))
-    km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    km = await start_remote_kernel(
+        tmp_path, kubeconfig, namespace, monkeypatch, backend="kubernetes", image_name=kernel_image
+    )
     kernel_id = str(km.kernel_id)
     try:
         async with ready_client(km) as kc:

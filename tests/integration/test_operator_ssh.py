@@ -102,6 +102,16 @@ def kernelspec(
     return tmp_path / "jupyter"
 
 
+async def start_remote_kernel(
+    tmp_path: Path, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, **config: Any
+) -> AsyncKernelManager:
+    """A KernelManager started through our provisioner with ``config`` in its kernelspec."""
+    monkeypatch.setenv("JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, **config)))
+    km = AsyncKernelManager(kernel_name="remote")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    return km
+
+
 @pytest.fixture
 def jupyter_path(
     tmp_path: Path, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch

@@ -187,29 +187,45 @@ class NodeAgent:
             if err.status != 404:
                 log.warning("Updating pod %s status failed: %s", pod.metadata.name, err.reason)
 
-    def _waiting(self, pod: client.V1Pod, reason: str, message: str = "") -> None:
+    def pod_status(
+        self,
+        pod: client.V1Pod,
+        phase: str,
+        state: dict[str, Any],
+        container_id: str | None = None,
+        ready_reason: str = "",
+        image_id: str = "",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """A pod status as a kubelet writes it, for a pod's one container in ``state``."""
         container = pod.spec.containers[0]
-        self.set_status(
-            pod,
-            {
-                "phase": "Pending",
-                "hostIP": self.address,
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
-                ],
-                "containerStatuses": [
-                    {
-                        "name": container.name,
-                        "image": container.image,
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {"waiting": {"reason": reason, "message": message}},
-                    }
-                ],
-            },
-        )
+        ready = "running" in state
+        ready_condition: dict[str, str] = {"type": "Ready", "status": "True" if ready else "False"}
+        if ready_reason:
+            ready_condition["reason"] = ready_reason
+        container_status: dict[str, Any] = {
+            "name": container.name,
+            "image": container.image,
+            "imageID": image_id,
+            "ready": ready,
+            "restartCount": 0,
+            "state": state,
+        }
+        if ready:
+            container_status["started"] = True
+        if container_id:
+            container_status["containerID"] = f"docker://{container_id}"
+        return {
+            "phase": phase,
+            "hostIP": self.address,
+            "conditions": [{"type": "PodScheduled", "status": "True"}, ready_condition],
+            "containerStatuses": [container_status],
+            **extra,
+        }
+
+    def _waiting(self, pod: client.V1Pod, reason: str, message: str = "") -> None:
+        waiting = {"waiting": {"reason": reason, "message": message}}
+        self.set_status(pod, self.pod_status(pod, "Pending", waiting, ready_reason="ContainersNotReady"))
 
     def _env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -278,32 +294,18 @@ class NodeAgent:
                 return
             entry["container"] = created.id
         started = now()
-        self.set_status(
+        running = {"running": {"startedAt": started}}
+        status = self.pod_status(
             pod,
-            {
-                "phase": "Running",
-                "hostIP": self.address,
-                "podIP": self.address,
-                "podIPs": [{"ip": self.address}],
-                "startTime": started,
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "True"},
-                ],
-                "containerStatuses": [
-                    {
-                        "name": container.name,
-                        "image": container.image,
-                        "imageID": created.image.id,
-                        "containerID": f"docker://{created.id}",
-                        "ready": True,
-                        "started": True,
-                        "restartCount": 0,
-                        "state": {"running": {"startedAt": started}},
-                    }
-                ],
-            },
+            "Running",
+            running,
+            created.id,
+            image_id=created.image.id,
+            podIP=self.address,
+            podIPs=[{"ip": self.address}],
+            startTime=started,
         )
+        self.set_status(pod, status)
         log.info(
             "Pod %s/%s runs as container %s.", pod.metadata.namespace, pod.metadata.name, created.short_id
         )
@@ -318,34 +320,15 @@ class NodeAgent:
             if pod.metadata.uid not in self.known:
                 return  # stopped because the pod was deleted: nothing to report
         code = int(result.get("StatusCode", 1))
-        container = pod.spec.containers[0]
-        self.set_status(
-            pod,
-            {
-                "phase": "Succeeded" if code == 0 else "Failed",
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "False", "reason": "PodCompleted"},
-                ],
-                "containerStatuses": [
-                    {
-                        "name": container.name,
-                        "image": container.image,
-                        "imageID": "",
-                        "containerID": f"docker://{created.id}",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {
-                            "terminated": {
-                                "exitCode": code,
-                                "reason": "Completed" if code == 0 else "Error",
-                                "finishedAt": now(),
-                            }
-                        },
-                    }
-                ],
-            },
-        )
+        terminated = {
+            "terminated": {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "finishedAt": now(),
+            }
+        }
+        phase = "Succeeded" if code == 0 else "Failed"
+        self.set_status(pod, self.pod_status(pod, phase, terminated, created.id, ready_reason="PodCompleted"))
 
     def remove(self, pod: client.V1Pod) -> None:
         with self.lock:

@@ -4,7 +4,10 @@ Rows, all measured in one run by bench/measure.py (start_kernel -> first execute
 - jupyter_client's direct local launch (ipykernel's own kernelspec);
 - our provisioner, ssh backend, host localhost (the operator starts the launcher locally);
 - our provisioner, ssh backend through Debian's sshd on 127.0.0.1;
-- gateway_provisioners' DistributedProvisioner on localhost, installed from PyPI into its own venv.
+- our provisioner, ssh backend round-robin over three hosts (network namespaces, own sshd each);
+- our provisioner on the kubernetes, docker and dockerSwarm backends;
+- gateway_provisioners' DistributedProvisioner, installed from PyPI into its own venv, on
+  localhost and round-robin over the same three hosts.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
 from localcluster.docker import DockerEngine
+from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.servers import OperatorProcess, Sshd
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -71,9 +75,35 @@ def gateway_provisioners_python() -> Path:
     return python
 
 
+def gp_hosts_kernelspec(root: Path, gp_python: Path, hosts: list[str]) -> None:
+    """gateway_provisioners' ssh kernelspec, pointed at the test hosts. Its remote command runs
+    a bare ``python`` from the login's PATH, so argv names the GP venv's interpreter (the hosts
+    share this machine's filesystem)."""
+    source = gp_python.parents[1] / "share" / "jupyter" / "kernels" / "gp_ssh" / "kernel.json"
+    spec = json.loads(source.read_text())
+    spec["argv"][0] = str(gp_python)
+    spec["metadata"]["kernel_provisioner"]["config"]["remote_hosts"] = hosts
+    spec_dir = root / "kernels" / "gp_hosts"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+def ssh_home(pool: HostPool) -> Path:
+    """A HOME whose ~/.ssh holds the pool's client key and host keys: gateway_provisioners reads
+    only ~/.ssh (no setting for either), and this machine's own ~/.ssh stays untouched."""
+    home = WORK / "gp-home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = home / ".ssh" / "id_ed25519"
+    key.write_bytes(pool.client_key.read_bytes())
+    key.chmod(0o600)
+    (home / ".ssh" / "known_hosts").write_text(pool.known_hosts())
+    return home
+
+
 def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
     configs: dict[str, dict[str, object]] = {
         "rk_local": {"backend": "ssh", "remote_hosts": ["localhost"]},
+        "rk_hosts": {"backend": "ssh", "operator_class": "hosts"},
         "rk_sshd": {"backend": "ssh", "remote_hosts": ["127.0.0.1"]},
         "rk_pod": {"backend": "kubernetes", "image_name": image},
         "rk_docker": {"backend": "docker", "image_name": image},
@@ -126,12 +156,18 @@ def main() -> int:
     engine = DockerEngine()
     agent: subprocess.Popen[bytes] | None = None
     operator: OperatorProcess | None = None
+    hosts_operator: OperatorProcess | None = None
+    pool = HostPool(WORK / "hosts", network=1)  # apart from the tests' pool (0)
     results: dict[str, dict[str, list[float]]] = {}
     try:
         print("==> Starting the local control plane, sshd and the operator...", flush=True)
         cluster.start()
         sshd.start()
         engine.start()
+        pool.start()
+        known_hosts = WORK / "hosts" / "known_hosts"
+        known_hosts.write_text(pool.known_hosts())
+        addresses = [host.address for host in pool.hosts.values()]
         # Swarm mode for the dockerSwarm row, on loopback only; left again at the end.
         subprocess.run(
             ["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"],
@@ -169,6 +205,7 @@ def main() -> int:
             env={
                 "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
                 "RKO_SSH_LOCAL_HOSTS": "localhost",
+                "RKO_SSH_ALLOWED_HOSTS": "localhost,127.0.0.1",
                 "RKO_SSH_KEY_FILE": str(sshd.client_key),
                 "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
                 "RKO_SSH_PORT": str(sshd.port),
@@ -177,12 +214,32 @@ def main() -> int:
             },
         )
         operator.start()
+        # A second operator, of class "hosts", for the three hosts: launchers there reach it on
+        # the machine's side of their bridge.
+        hosts_operator = OperatorProcess(
+            kubeconfig=cluster.admin_kubeconfig,
+            log_path=WORK / "hosts-operator.log",
+            env={
+                "RKO_OPERATOR_CLASS": "hosts",
+                "RKO_RESPONSE_BIND": f"{pool.gateway}:{free_port()}",
+                "RKO_SSH_HOSTS": ",".join(addresses),
+                "RKO_SSH_LOCAL_HOSTS": "",
+                "RKO_SSH_USER": "root",
+                "RKO_SSH_KEY_FILE": str(pool.client_key),
+                "RKO_SSH_KNOWN_HOSTS": str(known_hosts),
+                "RKO_SSH_PYTHON": f"{PYTHON_MOUNT}/bin/python",
+            },
+        )
+        hosts_operator.start()
         jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
+        gp_hosts_kernelspec(jupyter, gp_python, addresses)
+        gp_home = ssh_home(pool)
         env = {**os.environ, "JUPYTER_PATH": str(jupyter)}
         rows = [
             ("jupyter_client direct local launch", Path(sys.executable), "python3"),
             ("remote-kernel-operator, ssh backend, localhost", Path(sys.executable), "rk_local"),
             ("remote-kernel-operator, ssh backend, via sshd", Path(sys.executable), "rk_sshd"),
+            ("remote-kernel-operator, ssh backend, 3 hosts round-robin", Path(sys.executable), "rk_hosts"),
             (
                 "remote-kernel-operator, kubernetes backend (pod via node agent)",
                 Path(sys.executable),
@@ -199,6 +256,7 @@ def main() -> int:
                 "rk_swarm",
             ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
+            (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, 3 hosts", gp_python, "gp_hosts"),
         ]
         for label, python, kernel in rows:
             row_env = dict(env)
@@ -207,10 +265,14 @@ def main() -> int:
                 # response listener on loopback: nothing is sent to other addresses.
                 row_env["PATH"] = f"{python.parent}{os.pathsep}{env['PATH']}"
                 row_env["GP_RESPONSE_IP"] = "127.0.0.1"
+            if kernel == "gp_hosts":
+                row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             results[label] = measure(python, kernel, args.runs, row_env)
     finally:
-        if operator is not None:
-            operator.stop()
+        for proc in (operator, hosts_operator):
+            if proc is not None:
+                proc.stop()
+        pool.stop()
         if agent is not None:
             agent.terminate()
             agent.wait(30)

@@ -67,7 +67,7 @@ class ConnectionInfo(TypedDict, total=False):
     curve_secretkey: str  # jupyter_client's clients use the server's key pair (see its connect.py)
 
 
-class LaunchPayload(TypedDict):
+class _LaunchPayloadBase(TypedDict):
     """What a launcher sends home once its kernel listens."""
 
     kernel_id: str
@@ -79,6 +79,10 @@ class LaunchPayload(TypedDict):
     control_port: int
     control_key: str
     sent_at: float
+
+
+class LaunchPayload(_LaunchPayloadBase, total=False):
+    kernel_pid: int  # lets a backend signal the kernel when its launcher is gone (optional: older launchers)
 
 
 # -- keys and tokens ------------------------------------------------------------------------
@@ -225,6 +229,8 @@ def _check_payload_shape(payload: Any) -> None:
     for name, kind in expected.items():
         if not isinstance(payload.get(name), kind):
             raise ProtocolError(f"The sealed payload lacks a valid {name!r}.")
+    if "kernel_pid" in payload and not isinstance(payload["kernel_pid"], int):
+        raise ProtocolError("The sealed payload's 'kernel_pid' is not a number.")
     connection = payload["connection"]
     for port in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
         value = connection.get(port)

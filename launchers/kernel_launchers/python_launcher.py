@@ -235,6 +235,7 @@ class Launcher:
             "connection": connection,
             "pid": os.getpid(),
             "pgid": os.getpgid(0),
+            "kernel_pid": self.kernel.pid,
             "hostname": socket.gethostname(),
             "control_port": self.control_port,
             "control_key": protocol.encode_key(self.control_key),

@@ -17,3 +17,6 @@ GROUP = "kernel-operator.io"
 VERSION = "v1alpha1"
 PLURAL = "remotekernels"
 KIND = "RemoteKernel"
+# Which operator handles a RemoteKernel: the one whose RKO_OPERATOR_CLASS equals this label's
+# value; kernels without it belong to operators without a class (like an ingress class).
+CLASS_LABEL = f"{GROUP}/operator-class"

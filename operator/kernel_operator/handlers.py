@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import socket
 from typing import Any
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, keys
+from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys
 from .backends import Backends
 from .errors import BackendError, SpecError
 from .kube import Kube, KubeError
 from .lifecycle import KernelLifecycle, Logger, OperatorContext
 from .listener import ResponseListener
-from .settings import OperatorSettings
+from .settings import OperatorSettings, operator_class_from_env
 from .status import Phase
 
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
 FINALIZER = f"{GROUP}/finalizer"
 KOPF_PREFIX = f"kopf.{GROUP}"
+OPERATOR_CLASS = operator_class_from_env()
+# Every handler sees only this operator's kernels (see CLASS_LABEL).
+MINE: dict[str, Any] = {CLASS_LABEL: OPERATOR_CLASS or kopf.ABSENT}
 
 
 def _emitter(body: kopf.Body) -> Any:
@@ -28,6 +32,11 @@ def _emitter(body: kopf.Body) -> Any:
         kopf.event(body, type=type_, reason=reason, message=message)
 
     return emit
+
+
+def class_selector(operator_class: str) -> str:
+    """The label selector of the kernels an operator of ``operator_class`` handles."""
+    return f"{CLASS_LABEL}={operator_class}" if operator_class else f"!{CLASS_LABEL}"
 
 
 def _advertised(bind_host: str, port: int) -> str:
@@ -55,7 +64,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     kube = await Kube.connect()
     try:
         private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
-        alive = await kube.list_remote_kernels()
+        alive = await kube.list_remote_kernels(class_selector(OPERATOR_CLASS))
     except KubeError as err:
         await kube.close()
         # E.g. 429 while a just-installed CRD's storage initializes: retry soon, not in 60 s.
@@ -93,7 +102,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await ctx.kube.close()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0, initial_delay=0)
+@kopf.daemon(GROUP, VERSION, PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)
 async def kernel(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: Logger, **_: Any
 ) -> None:
@@ -104,11 +113,14 @@ async def kernel(
         raise kopf.TemporaryError(f"The Kubernetes API failed; retrying: {err}", delay=5) from err
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
-    lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
+@kopf.on.delete(GROUP, VERSION, PLURAL, labels=MINE)
+async def delete(
+    body: kopf.Body, memo: kopf.Memo, logger: Logger, runtime: datetime.timedelta, **_: Any
+) -> None:
+    ctx: OperatorContext = memo["ctx"]
+    lifecycle = KernelLifecycle(ctx, body, _emitter(body), logger)
     try:
-        await lifecycle.delete()
+        await lifecycle.delete(give_up=runtime.total_seconds() >= ctx.settings.stop_give_up)
     except KubeError as err:
         raise kopf.TemporaryError(f"Cleaning up failed; retrying: {err}", delay=2) from err
     except BackendError as err:
@@ -116,7 +128,7 @@ async def delete(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> 
 
 
 # A tuple, not a dotted string: the annotation's name has dots of its own.
-@kopf.on.field(GROUP, VERSION, PLURAL, field=("metadata", "annotations", SIGNAL_ANNOTATION))
+@kopf.on.field(GROUP, VERSION, PLURAL, labels=MINE, field=("metadata", "annotations", SIGNAL_ANNOTATION))
 async def signal(body: kopf.Body, new: Any, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """Forward a signal the client asked for (annotation value ``<signum>/<request id>``)."""
     if not new:

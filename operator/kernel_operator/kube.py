@@ -180,9 +180,11 @@ class Kube:
         except ApiException as err:
             raise _error(f"Patching the status of RemoteKernel {namespace}/{name}", err) from err
 
-    async def list_remote_kernels(self) -> list[dict[str, Any]]:
+    async def list_remote_kernels(self, label_selector: str = "") -> list[dict[str, Any]]:
         try:
-            result = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            result = await self.custom.list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, label_selector=label_selector
+            )
         except ApiException as err:
             raise _error("Listing RemoteKernels", err) from err
         return list(result.get("items", []))

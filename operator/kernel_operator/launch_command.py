@@ -43,50 +43,112 @@ def run_dir_for(kernel_id: str) -> str:
     return f"/tmp/rko-{kernel_id}"
 
 
+# Exit codes of the user switch (as_user), told apart from the launcher's own.
+EXIT_NO_ACCOUNT = 91
+EXIT_UID_ZERO = 92
+
+
+def as_user(user: str | None, script: str) -> str:
+    """``script`` run by ``/bin/sh`` as ``user`` (impersonation), or unchanged when None.
+
+    Refuses an account with uid 0 whatever its name; an ssh login as root switches with
+    runuser, any other login with ``sudo -n`` (which needs a sudoers rule for it).
+    """
+    if user is None:
+        return script
+    q = shlex.quote
+    u = q(user)
+    return (
+        f"uid=$(id -u {u} 2>/dev/null) || {{ printf 'no account %s on this host\\n' {u} >&2; exit {EXIT_NO_ACCOUNT}; }}; "
+        f"if [ \"$uid\" = 0 ]; then printf 'refusing to run a kernel as %s: uid 0\\n' {u} >&2; exit {EXIT_UID_ZERO}; fi; "
+        f'if [ "$(id -u)" = 0 ]; then exec runuser -u {u} -- /bin/sh -c {q(script)}; '
+        f"else exec sudo -n -H -u {u} -- /bin/sh -c {q(script)}; fi"
+    )
+
+
 def remote_start_command(
-    python: str, args: list[str], env: Mapping[str, str], run_dir: str, working_dir: str | None
+    python: str,
+    args: list[str],
+    env: Mapping[str, str],
+    run_dir: str,
+    working_dir: str | None,
+    user: str | None = None,
 ) -> str:
     """A POSIX shell command that starts the launcher detached and prints its pid.
 
     The token arrives on the command's stdin and is written to a 0600 file the launcher
-    deletes after reading, so it never shows on a command line.
+    deletes after reading, so it never shows on a command line. With ``user``, everything
+    runs as that account, with its own HOME.
     """
     q = shlex.quote
     exports = " ".join(f"{name}={q(value)}" for name, value in sorted(env.items()))
     token_file = f"{run_dir}/token"
     launcher = " ".join([q(python), "-m", LAUNCHER_MODULE, *map(q, args), "--token-file", q(token_file)])
-    cd = f"cd {q(working_dir)} && " if working_dir else ""
+    cd = f"cd {q(working_dir)} && " if working_dir else ('cd "$HOME" && ' if user else "")
+    login = (
+        'me=$(id -un) && export USER="$me" LOGNAME="$me" HOME="$(getent passwd "$me" | cut -d: -f6)" && '
+        if user
+        else ""
+    )
     # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
     # and the token must be read from ours first.
-    return (
-        f"umask 077 && mkdir -p {q(run_dir)} && cat > {q(token_file)} && {cd}"
+    script = (
+        f"{login}umask 077 && mkdir -p {q(run_dir)} && cat > {q(token_file)} && {cd}"
         f"{{ env {exports} setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
         "echo $!; }"
     )
+    return as_user(user, script)
 
 
-def remote_status_command(pid: int, run_dir: str) -> str:
-    """Prints the launcher's exit_status JSON, 'running', or 'gone'.
+def _is_ours(pid_var: str, run_dir: str) -> str:
+    """A shell test: process ``$pid_var`` is alive and its command line names ``run_dir``.
 
-    exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
+    The run dir (unique per kernel) guards against a recycled pid; a zombie's command line is
+    empty, so it does not count as alive.
     """
-    q = shlex.quote
-    status_file = q(run_dir + "/exit_status")
     return (
-        f"if [ -f {status_file} ]; then cat {status_file}; "
-        f"elif kill -0 {pid} 2>/dev/null; then echo running; "
-        "else echo gone; fi"
+        f"[ -r /proc/${pid_var}/cmdline ] && tr '\\0' ' ' < /proc/${pid_var}/cmdline "
+        f"| grep -qF -- {shlex.quote(run_dir)}"
     )
 
 
-def remote_stop_command(pgid: int, run_dir: str, grace: float = 3.0) -> str:
+def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | None = None) -> str:
+    """Prints the launcher's exit_status JSON, 'running', 'orphaned' (the launcher is gone but
+    its kernel runs) or 'gone'.
+
+    exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
+    """
+    status_file = shlex.quote(run_dir + "/exit_status")
+    script = (
+        f"p={int(pid)}; k={int(kernel_pid)}; "
+        f"if [ -f {status_file} ]; then cat {status_file}; "
+        f"elif {_is_ours('p', run_dir)}; then echo running; "
+        f"elif [ $k -gt 0 ] && {_is_ours('k', run_dir)}; then echo orphaned; "
+        "else echo gone; fi"
+    )
+    return as_user(user, script)
+
+
+def remote_signal_command(pid: int, signum: int, run_dir: str, user: str | None = None) -> str:
+    """Send ``signum`` to one process of this kernel (checked to be ours); fails if it is gone."""
+    script = (
+        f"p={int(pid)}; if {_is_ours('p', run_dir)}; then kill -{int(signum)} $p; "
+        "else echo 'the kernel process is gone' >&2; exit 1; fi"
+    )
+    return as_user(user, script)
+
+
+def remote_stop_command(pgid: int, run_dir: str, grace: float = 3.0, user: str | None = None) -> str:
     """Terminate the launcher's process group, kill it after ``grace`` seconds, remove its files."""
     q = shlex.quote
     steps = int(grace / 0.1)
     # Zombies (awaiting a reaper that may be slow) do not count as running.
-    alive = f"ps -e -o pgid=,stat= | awk '$1 == {pgid} && $2 !~ /^Z/ {{ found = 1 }} END {{ exit !found }}'"
-    return (
-        f"kill -TERM -{pgid} 2>/dev/null; "
-        f"i=0; while {alive} && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
-        f"kill -KILL -{pgid} 2>/dev/null; rm -rf {q(run_dir)}; true"
+    alive = (
+        f"ps -e -o pgid=,stat= | awk '$1 == {int(pgid)} && $2 !~ /^Z/ {{ found = 1 }} END {{ exit !found }}'"
     )
+    script = (
+        f"kill -TERM -{int(pgid)} 2>/dev/null; "
+        f"i=0; while {alive} && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
+        f"kill -KILL -{int(pgid)} 2>/dev/null; rm -rf {q(run_dir)}; true"
+    )
+    return as_user(user, script)

@@ -19,7 +19,7 @@ from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 
 from . import GROUP, KIND, VERSION, keys
-from .backends import Backend, BackendRef, Backends, LaunchPlan
+from .backends import Backend, BackendRef, Backends, LaunchPlan, SignalingBackend
 from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
 from .kube import Kube
@@ -216,7 +216,7 @@ class KernelLifecycle:
                     return False
                 failure = await self._launch_failure()
                 if failure is not None:
-                    await self.stop_backend()
+                    await self.stop_backend_quietly()
                     await self.set_phase(Phase.FAILED, failure[0], failure[1], launch=None)
                     return False
             try:
@@ -253,7 +253,7 @@ class KernelLifecycle:
 
     async def _launch_timed_out(self) -> bool:
         timeout = self.spec.get("launchTimeoutSeconds") or self.ctx.settings.launch_timeout
-        await self.stop_backend()
+        await self.stop_backend_quietly()
         await self.set_phase(
             Phase.FAILED,
             "LaunchTimeout",
@@ -285,6 +285,8 @@ class KernelLifecycle:
         ref.setdefault("pid", payload["pid"])
         ref.setdefault("pgid", payload["pgid"])
         ref.update(launcherHost=payload["hostname"], controlPort=payload["control_port"])
+        if "kernel_pid" in payload:
+            ref["kernelPid"] = payload["kernel_pid"]
         await self.set_phase(
             Phase.RUNNING,
             "KernelReady",
@@ -313,6 +315,8 @@ class KernelLifecycle:
         # After an exit notice the backend may lag behind the launcher (a pod's status is
         # written by its kubelet): look again every 0.1 s for a while instead of every interval.
         quick_checks = 0
+        unreachable_since: float | None = None
+        loop = asyncio.get_running_loop()
         while not stopped:
             interval = EXIT_RECHECK_SECONDS if quick_checks else self.ctx.settings.monitor_interval
             waiters = {
@@ -332,11 +336,27 @@ class KernelLifecycle:
             try:
                 state = await backend.status(ref)
             except BackendUnavailable as err:
-                self.log.warning(f"Cannot check the kernel on the backend for now: {err}")
-                continue
+                # A blip is not a failure; a backend out of reach for the grace period is.
+                unreachable_since = unreachable_since or loop.time()
+                waited = loop.time() - unreachable_since
+                grace = self.ctx.settings.unreachable_grace
+                if waited < grace:
+                    self.log.warning(
+                        f"Cannot check the kernel on the backend for now ({waited:.0f} s): {err}"
+                    )
+                    continue
+                await self.stop_backend_quietly()
+                await self.set_phase(
+                    Phase.FAILED,
+                    err.reason,
+                    f"The kernel's backend has been unreachable for {waited:.0f} s "
+                    f"(RKO_UNREACHABLE_GRACE_SECONDS={grace:g}): {err}",
+                )
+                return
+            unreachable_since = None
             if state.state in ("starting", "running"):
                 continue
-            await self.stop_backend()
+            await self.stop_backend_quietly()
             if state.state == "succeeded":
                 await self.set_phase(Phase.SUCCEEDED, state.reason or "KernelExited", state.message)
             else:
@@ -357,12 +377,34 @@ class KernelLifecycle:
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
 
-    async def delete(self) -> None:
-        """Stop everything the kernel started; called by the finalizer."""
+    async def stop_backend_quietly(self) -> None:
+        """Stop the backend if it can be reached now; otherwise the finalizer tries again later."""
+        try:
+            await self.stop_backend()
+        except BackendError as err:
+            self.log.warning(f"Could not stop the kernel on the backend yet; deleting it will retry: {err}")
+
+    async def delete(self, give_up: bool = False) -> None:
+        """Stop everything the kernel started; called by the finalizer.
+
+        Raises BackendError while the backend cannot be reached (the finalizer retries), unless
+        ``give_up``: then the deletion completes and a Warning says what may be left behind.
+        """
         if self.phase not in {p.value for p in TERMINAL}:
             await self.set_phase(Phase.TERMINATING, "Deleting", "The kernel is being deleted.")
-        with contextlib.suppress(SpecError):  # an unknown backend never started anything
-            await self.stop_backend()
+        try:
+            with contextlib.suppress(SpecError):  # an unknown backend never started anything
+                await self.stop_backend()
+        except BackendError as err:
+            if not give_up:
+                raise
+            ref = self.status.get("backendRef") or {}
+            message = (
+                f"Gave up stopping the kernel after RKO_STOP_GIVE_UP_SECONDS; its processes may be "
+                f"left on the backend ({ref}): {err}"
+            )
+            self.emit("Warning", "StopAbandoned", message)
+            self.log.error(message)
         await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
 
     async def send_signal(self, signum: int) -> dict[str, Any]:
@@ -376,9 +418,21 @@ class KernelLifecycle:
         if not sealed:
             raise BackendError("The kernel's control key is missing from its Secret.")
         key = keys.unseal(self.ctx.private_key, str(self.spec["kernelId"]), sealed)
-        return await send_control(
-            str(connection.get("ip")),
-            int(ref["controlPort"]),
-            key,
-            {"request": "signal", "signum": signum},
-        )
+        try:
+            return await send_control(
+                str(connection.get("ip")),
+                int(ref["controlPort"]),
+                key,
+                {"request": "signal", "signum": signum},
+            )
+        except BackendUnavailable as err:
+            # The launcher is gone but the kernel may not be: a backend that can reach the
+            # kernel's process another way (ssh to its host) delivers the signal itself.
+            backend = self.backend()
+            if not isinstance(backend, SignalingBackend):
+                raise
+            self.log.warning(
+                f"The launcher did not answer ({err}); signalling through the {backend.name} backend."
+            )
+            await backend.signal(ref, signum)
+            return {"ok": True, "via": backend.name}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -60,6 +61,23 @@ def _cluster_role(name: str) -> str:
     return name
 
 
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def _operator_class(value: str) -> str:
+    if not _LABEL_VALUE.match(value):
+        raise SettingsError(
+            f"RKO_OPERATOR_CLASS={value!r} must be a Kubernetes label value: up to 63 letters, "
+            "digits, '-', '_' or '.', starting and ending with a letter or digit."
+        )
+    return value
+
+
+def operator_class_from_env(env: Mapping[str, str] | None = None) -> str:
+    """RKO_OPERATOR_CLASS alone: kopf's handler filters need it when the handlers are defined."""
+    return _operator_class((os.environ if env is None else env).get("RKO_OPERATOR_CLASS", ""))
+
+
 @dataclass(frozen=True)
 class SshSettings:
     """How the ssh backend reaches its hosts."""
@@ -73,7 +91,12 @@ class SshSettings:
     allow_unknown_hosts: bool = False
     python: str = "python3"  # on the hosts; RKO_SSH_PYTHON defaults to the operator's own
     connect_timeout: float = 5.0
+    command_timeout: float = 10.0
     local_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # what a spec may name; defaults to ``hosts``
+    secret: str = ""  # a Secret in the operator's namespace with ssh-privatekey, known_hosts
+    password_auth: bool = False
+    host_retry_seconds: float = 30.0  # how long a host that failed is tried last
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,10 @@ class OperatorSettings:
     pod_grace_seconds: int = 5
     shared_namespace: bool = True
     kernel_cluster_role: str = "remote-kernel"
+    impersonation: bool = False
+    operator_class: str = ""
+    unreachable_grace: float = 30.0
+    stop_give_up: float = 600.0
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
 
@@ -134,8 +161,9 @@ class OperatorSettings:
                 f"RKO_SSH_LOAD_BALANCING={balancing!r} must be one of {', '.join(LOAD_BALANCING)}."
             )
         hostname = socket.gethostname()
+        hosts = _list(env.get("RKO_SSH_HOSTS", "localhost")) or ("localhost",)
         ssh = SshSettings(
-            hosts=_list(env.get("RKO_SSH_HOSTS", "localhost")) or ("localhost",),
+            hosts=hosts,
             load_balancing=balancing,
             user=env.get("RKO_SSH_USER", ""),
             port=int(_number(env, "RKO_SSH_PORT", 22, 1)),
@@ -144,7 +172,12 @@ class OperatorSettings:
             allow_unknown_hosts=_flag(env, "RKO_SSH_ALLOW_UNKNOWN_HOSTS", False),
             python=env.get("RKO_SSH_PYTHON", sys.executable),
             connect_timeout=_number(env, "RKO_SSH_CONNECT_TIMEOUT", 5.0, 0.1),
+            command_timeout=_number(env, "RKO_SSH_COMMAND_TIMEOUT", 10.0, 0.1),
             local_hosts=_list(env.get("RKO_SSH_LOCAL_HOSTS", f"localhost,127.0.0.1,::1,{hostname}")),
+            allowed_hosts=_list(env.get("RKO_SSH_ALLOWED_HOSTS", "")) or hosts,
+            secret=env.get("RKO_SSH_SECRET", ""),
+            password_auth=_flag(env, "RKO_SSH_PASSWORD_AUTH", False),
+            host_retry_seconds=_number(env, "RKO_SSH_HOST_RETRY_SECONDS", 30.0, 0),
         )
         return cls(
             namespace=env.get("RKO_NAMESPACE", "remote-kernel-operator"),
@@ -165,6 +198,10 @@ class OperatorSettings:
             pod_grace_seconds=int(_number(env, "RKO_POD_GRACE_SECONDS", 5, 0)),
             shared_namespace=_flag(env, "RKO_SHARED_NAMESPACE", True),
             kernel_cluster_role=_cluster_role(env.get("RKO_KERNEL_CLUSTER_ROLE", "remote-kernel")),
+            impersonation=_flag(env, "RKO_IMPERSONATION", False),
+            operator_class=_operator_class(env.get("RKO_OPERATOR_CLASS", "")),
+            unreachable_grace=_number(env, "RKO_UNREACHABLE_GRACE_SECONDS", 30.0, 0),
+            stop_give_up=_number(env, "RKO_STOP_GIVE_UP_SECONDS", 600.0, 0),
             ssh=ssh,
             docker=DockerSettings(
                 host=env.get("RKO_DOCKER_HOST") or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",

@@ -25,6 +25,8 @@ BACKENDS = (
 # Set by the operator from the spec; a user value that disagrees is an error, not an override.
 RESERVED_ENV = ("KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A POSIX account name as useradd accepts it: what a kernel may run as when impersonating.
+_ACCOUNT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,36 @@ class KernelRequest:
     idle_timeout: float
     backend_config: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
+    run_as: str | None = None  # the account the kernel runs as (impersonation), else the backend's
+
+
+def impersonated_account(
+    username: str, backend_config: Mapping[str, Any], settings: OperatorSettings
+) -> str | None:
+    """The account to run the kernel as, or None; the seed's GP_IMPERSONATION_ENABLED.
+
+    The operator's setting decides, not the spec: with impersonation on, every kernel runs as
+    its user (no opting out into the operator's account); with it off, a spec cannot ask for it.
+    """
+    if not settings.impersonation:
+        if backend_config.get("impersonate"):
+            raise SpecError(
+                "The spec asks for impersonation, but this operator does not impersonate "
+                "(RKO_IMPERSONATION is off); ask its administrator, or drop 'impersonate'.",
+                reason="ImpersonationDisabled",
+            )
+        return None
+    if not _ACCOUNT.match(username):
+        raise SpecError(
+            f"User {username!r} cannot be impersonated: not a valid account name "
+            "(letters, digits, '_', '.', '-'; at most 32).",
+            reason="ImpersonationRefused",
+        )
+    if username == "root":
+        raise SpecError(
+            "Kernels never run as root: impersonating 'root' is refused.", reason="ImpersonationRefused"
+        )
+    return username
 
 
 def check_user(username: str, settings: OperatorSettings) -> None:
@@ -120,6 +152,7 @@ def build_request(
     launch_timeout = float(timeout) if timeout is not None else settings.launch_timeout
     if launch_timeout <= 0:
         raise SpecError("spec.launchTimeoutSeconds must be positive.")
+    backend_config = dict(spec.get(str(backend)) or {})
     return KernelRequest(
         kernel_id=kernel_id,
         namespace=namespace,
@@ -136,6 +169,7 @@ def build_request(
         transport_encryption=encryption,
         launch_timeout=launch_timeout,
         idle_timeout=float(spec.get("idleTimeoutSeconds") or 0),
-        backend_config=dict(spec.get(str(backend)) or {}),
+        backend_config=backend_config,
         resources=dict(spec.get("resources") or {}),
+        run_as=impersonated_account(username, backend_config, settings),
     )

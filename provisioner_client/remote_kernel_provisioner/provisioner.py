@@ -20,6 +20,7 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode
 
 from .cluster import RemoteKernels
 from .resource import (
+    CLASS_LABEL,
     SIGNAL_ANNOTATION,
     build_remote_kernel,
     check_user,
@@ -83,6 +84,11 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         allow_none=True,
         config=True,
         help="ssh backend.",
+    )
+    operator_class = Unicode(
+        "",
+        config=True,
+        help="Which operator handles the kernel: the one started with this RKO_OPERATOR_CLASS ('' the default).",
     )
     backend_config = Dict(
         config=True, help="Extra settings for the backend's block of the RemoteKernel spec."
@@ -173,6 +179,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             port_range=self.port_range,
             transport_encryption=self._encryption,
             backend_config=backend_config,
+            labels={CLASS_LABEL: self.operator_class} if self.operator_class else None,
         )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:

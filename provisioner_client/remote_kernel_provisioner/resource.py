@@ -12,6 +12,7 @@ GROUP = "kernel-operator.io"
 VERSION = "v1alpha1"
 PLURAL = "remotekernels"
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
+CLASS_LABEL = f"{GROUP}/operator-class"  # picks the operator (its RKO_OPERATOR_CLASS)
 
 
 class LaunchRefused(PermissionError):

@@ -20,6 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from localcluster import ClusterError, LocalCluster, free_port
 from localcluster.docker import DockerEngine
+from localcluster.hosts import HostPool
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 from tests.node_agent import node_agent_command
@@ -77,6 +78,16 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     core.delete_namespace(name)
 
 
+def ensure_namespace(api_client: client.ApiClient, name: str) -> None:
+    """Create namespace ``name`` unless another fixture already did."""
+    try:
+        client.CoreV1Api(api_client).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+        )
+    except ApiException as err:
+        assert err.status == 409, err
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for what, value in _timings.items():
         terminalreporter.write_line(f"{what}: {value:.1f}")
@@ -115,6 +126,20 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 
 
 @pytest.fixture(scope="session")
+def host_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPool]:
+    """Three ssh hosts (h1..h3) and a stranger with two addresses, each in its own network,
+    PID and mount namespaces with its own sshd and host key."""
+    pool = HostPool(tmp_path_factory.mktemp("hosts"), names=("h1", "h2", "h3", "stranger"))
+    started = time.monotonic()
+    pool.start(extra_addresses={"stranger": 1})
+    _timings["ssh test hosts start (s)"] = time.monotonic() - started
+    yield pool
+    left = {name: host.kernel_processes() for name, host in pool.hosts.items() if host.kernel_processes()}
+    pool.stop()
+    assert not left, f"kernel processes left on the test hosts: {left}"
+
+
+@pytest.fixture(scope="session")
 def operator(
     crd: None,
     api_client: client.ApiClient,
@@ -124,8 +149,7 @@ def operator(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """The operator, running against the local cluster with the admin's rights."""
-    core = client.CoreV1Api(api_client)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="rko-system")))
+    ensure_namespace(api_client, "rko-system")
     proc = OperatorProcess(
         kubeconfig=kubeconfig,
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
@@ -138,6 +162,7 @@ def operator(
             "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
             "RKO_SSH_PORT": str(sshd.port),
             "RKO_SSH_LOCAL_HOSTS": "localhost",
+            "RKO_SSH_ALLOWED_HOSTS": "localhost,127.0.0.1,127.0.0.2",
             "RKO_DOCKER_HOST": docker_engine.host,
             # Host networking on this machine: kernels are reached on loopback only.
             "RKO_DOCKER_KERNEL_IP": "127.0.0.1",

@@ -33,7 +33,9 @@ GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
 pytestmark = pytest.mark.integration
 
 
-def make_kernel(namespace: str, custom: client.CustomObjectsApi, **spec: Any) -> tuple[str, str]:
+def make_kernel(
+    namespace: str, custom: client.CustomObjectsApi, labels: dict[str, str] | None = None, **spec: Any
+) -> tuple[str, str]:
     kernel_id = str(uuid.uuid4())
     body_spec: dict[str, Any] = {"kernelId": kernel_id, "username": "alice", "backend": "ssh"}
     body_spec.update(spec)
@@ -46,7 +48,7 @@ def make_kernel(namespace: str, custom: client.CustomObjectsApi, **spec: Any) ->
         {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "RemoteKernel",
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": labels or {}},
             "spec": body_spec,
         },
     )
@@ -103,12 +105,19 @@ def kernelspec(
 
 
 async def start_remote_kernel(
-    tmp_path: Path, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, **config: Any
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    username: str = "alice",
+    interrupt_mode: str = "message",
+    **config: Any,
 ) -> AsyncKernelManager:
     """A KernelManager started through our provisioner with ``config`` in its kernelspec."""
-    monkeypatch.setenv("JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, **config)))
+    path = kernelspec(tmp_path, kubeconfig, namespace, interrupt_mode=interrupt_mode, **config)
+    monkeypatch.setenv("JUPYTER_PATH", str(path))
     km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": username})
     return km
 
 
@@ -421,7 +430,7 @@ def test_an_ssh_host_with_an_unknown_key_is_refused(
     # The same sshd answers on 127.0.0.2, but known_hosts only vouches for "[127.0.0.1]:port".
     name, _ = make_kernel(namespace, custom, ssh={"hosts": ["127.0.0.2"]})
     status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
-    assert status["phase"] == "Failed" and status["reason"] == "NoHostAvailable", status
+    assert status["phase"] == "Failed" and status["reason"] == "UnknownHostKey", status
     assert "127.0.0.2" in status["message"] and "known_hosts" in status["message"]
 
 

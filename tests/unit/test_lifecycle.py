@@ -14,7 +14,7 @@ import pytest
 from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 from kernel_operator.backends.base import BackendStatus, LaunchPlan
-from kernel_operator.errors import BackendError, SpecError
+from kernel_operator.errors import BackendError, BackendUnavailable, SpecError
 from kernel_operator.lifecycle import KernelLifecycle, OperatorContext
 from kernel_operator.settings import OperatorSettings
 
@@ -353,3 +353,120 @@ async def test_an_unrecorded_launch_is_found_by_its_labels_and_stopped_at_the_ti
     await asyncio.wait_for(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()), 5)
     assert kube.patches[-1]["reason"] == "LaunchTimeout"
     assert backend.stopped == [{"kind": "Container", "id": "abc"}]
+
+
+# -- unreachable backends, stops that cannot happen yet, signals without a launcher -------------
+
+
+class UnreachableBackend(FakeBackend):
+    """Its status always raises BackendUnavailable (a host cut off); stop fails the same way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status_calls = 0
+
+    async def status(self, ref: dict[str, Any]) -> BackendStatus:
+        self.status_calls += 1
+        raise BackendUnavailable("cannot reach h1:22: timed out", reason="HostUnreachable")
+
+    async def stop(self, ref: dict[str, Any]) -> None:
+        raise BackendUnavailable("cannot reach h1:22: timed out", reason="HostUnreachable")
+
+
+async def test_an_unreachable_backend_fails_the_kernel_after_the_grace_period_only() -> None:
+    backend = UnreachableBackend()
+    ctx, kube, _ = context(backend, RKO_UNREACHABLE_GRACE_SECONDS="0.3")
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    await asyncio.wait_for(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()), 5)
+    assert backend.status_calls >= 3  # several misses were tolerated first
+    failed = kube.patches[-1]
+    assert failed["phase"] == "Failed" and failed["reason"] == "HostUnreachable"
+    assert "unreachable for" in failed["message"] and "RKO_UNREACHABLE_GRACE_SECONDS" in failed["message"]
+    # The stop could not happen: not recorded as stopped, so deleting the kernel tries again.
+    assert all("backendRef" not in p for p in kube.patches)
+
+
+async def test_a_blip_shorter_than_the_grace_period_is_forgiven() -> None:
+    class Blip(FakeBackend):
+        calls = 0
+
+        async def status(self, ref: dict[str, Any]) -> BackendStatus:
+            self.calls += 1
+            if self.calls <= 2:
+                raise BackendUnavailable("timed out", reason="HostUnreachable")
+            if self.calls == 3:
+                return BackendStatus("running")
+            return BackendStatus("succeeded", "KernelExited", "bye", 0)
+
+    backend = Blip()
+    ctx, kube, _ = context(backend, RKO_UNREACHABLE_GRACE_SECONDS="60")
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    await asyncio.wait_for(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()), 5)
+    assert kube.phases() == ["Succeeded"]
+
+
+async def test_delete_retries_while_the_backend_is_unreachable_and_gives_up_when_told() -> None:
+    backend = UnreachableBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Failed", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    kube.secrets[f"{b['metadata']['name']}-connection"] = {"key": b"k"}
+    with pytest.raises(BackendUnavailable):
+        await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert kube.secrets  # nothing removed while a retry is due
+    got, emit = events()
+    await KernelLifecycle(ctx, b, emit, logging.getLogger("t")).delete(give_up=True)
+    assert kube.secrets == {}
+    assert [(t, r) for t, r, _ in got] == [("Warning", "StopAbandoned")]
+    assert "may be left" in got[0][2] and "h1" in got[0][2]
+
+
+class SignalingFake(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.signals: list[tuple[dict[str, Any], int]] = []
+
+    async def signal(self, ref: dict[str, Any], signum: int) -> None:
+        self.signals.append((ref, signum))
+
+
+def _running_with_dead_launcher(ctx: OperatorContext, kube: FakeKube) -> dict[str, Any]:
+    from kernel_operator import keys
+
+    b = body(
+        status={
+            "phase": "Running",
+            # Nothing listens on this port: the launcher is gone.
+            "backendRef": {"host": "h1", "pid": 1, "kernelPid": 2, "runDir": "/tmp/x", "controlPort": 1},
+            "connection": {"ip": "127.0.0.1"},
+        }
+    )
+    sealed = keys.seal(ctx.private_key, b["spec"]["kernelId"], b"c" * 32)
+    kube.secrets[f"{b['metadata']['name']}-connection"] = {"control-key.sealed": sealed}
+    return b
+
+
+async def test_a_signal_goes_through_the_backend_when_the_launcher_is_gone() -> None:
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    reply = await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).send_signal(2)
+    assert reply == {"ok": True, "via": "ssh"}
+    assert backend.signals == [(b["status"]["backendRef"], 2)]
+
+
+async def test_without_a_signaling_backend_a_dead_launcher_is_an_error() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).send_signal(2)
+
+
+async def test_the_kernels_pid_from_the_payload_is_recorded() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Launching", "backendRef": {"host": "h1", "pid": 99, "runDir": "/tmp/x"}})
+    payload = good_payload(b["spec"]["kernelId"])
+    payload["kernel_pid"] = 123
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).persist_connection(payload)
+    assert kube.patches[-1]["backendRef"]["kernelPid"] == 123

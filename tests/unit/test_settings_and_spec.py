@@ -50,6 +50,10 @@ def test_settings_are_read_from_rko_variables() -> None:
         ({"RKO_SSH_LOAD_BALANCING": "random"}, "RKO_SSH_LOAD_BALANCING"),
         ({"RKO_RESPONSE_BIND": "nowhere"}, "HOST:PORT"),
         ({"RKO_SSH_ALLOW_UNKNOWN_HOSTS": "perhaps"}, "boolean"),
+        ({"RKO_IMPERSONATION": "sometimes"}, "RKO_IMPERSONATION"),
+        ({"RKO_OPERATOR_CLASS": "Not A Label"}, "label value"),
+        ({"RKO_UNREACHABLE_GRACE_SECONDS": "-1"}, "at least 0"),
+        ({"RKO_SSH_COMMAND_TIMEOUT": "0"}, "at least 0.1"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], words: str) -> None:
@@ -111,3 +115,40 @@ def test_authorized_users_limit_who_may_launch_and_unauthorized_wins() -> None:
         check_user("bob", settings)
     with pytest.raises(SpecError, match="not allowed"):
         check_user("root", settings)
+
+
+def test_ssh_hosts_impersonation_and_class_settings() -> None:
+    s = OperatorSettings.from_env(
+        {
+            "RKO_SSH_HOSTS": "a,b",
+            "RKO_SSH_SECRET": "ssh-creds",
+            "RKO_IMPERSONATION": "true",
+            "RKO_OPERATOR_CLASS": "team-a",
+            "RKO_SSH_LOCAL_HOSTS": "",
+        }
+    )
+    assert s.ssh.allowed_hosts == ("a", "b")  # by default a spec may name only the pool
+    assert s.ssh.secret == "ssh-creds" and s.ssh.password_auth is False
+    assert s.ssh.local_hosts == ()
+    assert s.impersonation is True and s.operator_class == "team-a"
+    defaults = OperatorSettings.from_env({})
+    assert defaults.impersonation is False and defaults.unreachable_grace == 30.0
+    assert defaults.stop_give_up == 600.0 and defaults.ssh.host_retry_seconds == 30.0
+
+
+def test_impersonation_runs_the_kernel_as_its_user_and_never_as_root() -> None:
+    on = OperatorSettings.from_env({"RKO_IMPERSONATION": "true", "RKO_UNAUTHORIZED_USERS": ""})
+    assert build_request("ns", "k", "u", spec(), on).run_as == "alice"
+    for bad, words in (
+        ("root", "never run as root"),
+        ("al ice", "not a valid account"),
+        ("-x", "not a valid"),
+    ):
+        with pytest.raises(SpecError, match=words) as info:
+            build_request("ns", "k", "u", spec(username=bad), on)
+        assert info.value.reason == "ImpersonationRefused"
+    off = OperatorSettings.from_env({})
+    assert build_request("ns", "k", "u", spec(), off).run_as is None
+    with pytest.raises(SpecError, match="RKO_IMPERSONATION is off") as info:
+        build_request("ns", "k", "u", spec(ssh={"impersonate": True}), off)
+    assert info.value.reason == "ImpersonationDisabled"

@@ -9,13 +9,13 @@ from __future__ import annotations
 from ..errors import SpecError
 from ..kube import Kube
 from ..settings import OperatorSettings
-from .base import Backend, BackendRef, BackendStatus, LaunchPlan
+from .base import Backend, BackendRef, BackendStatus, LaunchPlan, SignalingBackend
 from .docker import DockerBackend
 from .docker_swarm import DockerSwarmBackend
 from .kubernetes import KubernetesBackend
-from .ssh import SshBackend
+from .ssh import SecretCredentials, SshBackend
 
-__all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan"]
+__all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan", "SignalingBackend"]
 
 
 class Backends:
@@ -23,7 +23,7 @@ class Backends:
 
     def __init__(self, settings: OperatorSettings, kube: Kube) -> None:
         self._by_name: dict[str, Backend] = {
-            "ssh": SshBackend(settings.ssh),
+            "ssh": SshBackend(settings.ssh, SecretCredentials(kube, settings.namespace, settings.ssh.secret)),
             "kubernetes": KubernetesBackend(kube, settings),
             "docker": DockerBackend(settings.docker),
             "dockerSwarm": DockerSwarmBackend(settings.docker),

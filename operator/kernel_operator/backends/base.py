@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..launch_command import launcher_args
 from ..spec import KernelRequest
@@ -68,4 +68,15 @@ class Backend(Protocol):
 
         Used when a launch was made but not recorded (the operator stopped in between).
         """
+        ...
+
+
+@runtime_checkable
+class SignalingBackend(Protocol):
+    """A backend that can signal a kernel's process without its launcher (e.g. over ssh)."""
+
+    name: str
+
+    async def signal(self, ref: BackendRef, signum: int) -> None:
+        """Send ``signum`` to the kernel's process. Raises BackendError if it cannot."""
         ...

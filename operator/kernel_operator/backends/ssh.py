@@ -1,15 +1,21 @@
 """The ssh backend (gateway_provisioners' DistributedProvisioner): kernels on a pool of hosts.
 
 A host named in ``local_hosts`` runs the launcher as a local process, with no ssh. Other hosts
-are reached with paramiko; host keys are checked against a known_hosts file (no AutoAddPolicy
-unless explicitly allowed). Hosts are chosen round-robin or by least connections; a host that
-cannot be reached is skipped and the next one tried.
+are reached with paramiko; host keys are checked against a known_hosts (no AutoAddPolicy
+unless explicitly allowed), from a file or from the operator's ssh Secret, read again at each
+new connection so a rotated key needs no restart. Password authentication is off unless
+enabled. Hosts are chosen round-robin or by least connections; a host that cannot be reached
+is skipped, the next one tried, and it is tried last for a while afterwards.
+
+With impersonation, everything on a host runs as the kernel's user (runuser from a root
+login, ``sudo -n`` otherwise); uid 0 is refused on the host as well as by name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -18,14 +24,21 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 
 from ..balancer import HostBalancer, NoHostLeft
 from ..errors import BackendError, BackendUnavailable
+from ..kube import Kube, KubeError
 from ..launch_command import (
+    EXIT_NO_ACCOUNT,
+    EXIT_UID_ZERO,
     LAUNCHER_MODULE,
+    remote_signal_command,
     remote_start_command,
     remote_status_command,
     remote_stop_command,
@@ -35,14 +48,90 @@ from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
 
 log = logging.getLogger(__name__)
-_BASE_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ")  # the only operator variables a kernel gets
+_LOCAL_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ")  # the only operator variables a kernel gets
+_REMOTE_ENV = ("LANG", "LC_ALL", "TZ")  # PATH and HOME are the remote login's own
+# Failures that say the host itself is unusable: it is tried last for a while.
+_HOST_FAULTS = frozenset({"HostUnreachable", "HostKeyMismatch", "UnknownHostKey", "SshAuthFailed"})
+
+
+@dataclass(frozen=True)
+class SshSecret:
+    """The operator's ssh credentials as its Secret holds them (kubernetes.io/ssh-auth keys)."""
+
+    private_key: str = ""
+    known_hosts: str = ""
+    password: str = ""
+    passphrase: str = ""
+
+
+class SecretCredentials:
+    """Reads the ssh Secret (``ssh-privatekey``, ``known_hosts``, optional ``password`` and
+    ``passphrase``) from the operator's namespace, when one is configured."""
+
+    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
+        self.kube, self.namespace, self.name = kube, namespace, name
+
+    async def load(self) -> SshSecret | None:
+        if not self.name:
+            return None
+        try:
+            data = await self.kube.read_secret(self.namespace, self.name)
+        except KubeError as err:
+            raise BackendUnavailable(
+                f"Cannot read the ssh Secret {self.namespace}/{self.name}: {err}"
+            ) from err
+        if data is None:
+            raise BackendUnavailable(
+                f"The ssh Secret {self.namespace}/{self.name} (RKO_SSH_SECRET) does not exist; create it "
+                "with the keys ssh-privatekey and known_hosts.",
+                reason="SshSecretMissing",
+            )
+
+        def text(key: str) -> str:
+            return data.get(key, b"").decode()
+
+        return SshSecret(text("ssh-privatekey"), text("known_hosts"), text("password"), text("passphrase"))
+
+
+def private_key_from_text(text: str, passphrase: str = "") -> paramiko.PKey:
+    """A private key in OpenSSH or PEM form, of any type paramiko supports."""
+    errors = []
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return kind.from_private_key(io.StringIO(text), password=passphrase or None)
+        except (paramiko.SSHException, ValueError) as err:
+            errors.append(f"{kind.__name__}: {err}")
+    raise BackendError(
+        "The ssh Secret's ssh-privatekey is not a usable private key (" + "; ".join(errors) + ").",
+        reason="SshKeyInvalid",
+    )
+
+
+def host_keys_from_text(text: str) -> paramiko.HostKeys:
+    """known_hosts content (plain or hashed names) as paramiko's HostKeys."""
+    keys = paramiko.HostKeys()
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+        except (paramiko.SSHException, ValueError):
+            entry = None
+        if entry is None or entry.key is None:
+            log.warning("Skipping an unreadable known_hosts line: %.40s...", line)
+            continue
+        for name in entry.hostnames:
+            keys.add(name, entry.key.get_name(), entry.key)
+    return keys
 
 
 class SshBackend:
     name = "ssh"
 
-    def __init__(self, settings: SshSettings) -> None:
+    def __init__(self, settings: SshSettings, credentials: SecretCredentials | None = None) -> None:
         self.settings = settings
+        self.credentials = credentials
         self.balancer = HostBalancer()
         self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
         self._lock = threading.Lock()
@@ -66,56 +155,78 @@ class SshBackend:
         return host in self.settings.local_hosts
 
     # -- launch ------------------------------------------------------------------------------
+    def candidate_hosts(self, request: KernelRequest) -> list[str]:
+        """The spec's hosts (which must be among RKO_SSH_ALLOWED_HOSTS) or the operator's pool."""
+        named = [str(h) for h in request.backend_config.get("hosts") or []]
+        if not named:
+            return list(self.settings.hosts)
+        refused = [h for h in named if h not in self.settings.allowed_hosts]
+        if refused:
+            raise BackendError(
+                f"spec.ssh.hosts names {', '.join(refused)}, not among the hosts this operator may use "
+                f"(RKO_SSH_ALLOWED_HOSTS: {', '.join(self.settings.allowed_hosts)}).",
+                reason="HostNotAllowed",
+            )
+        return named
+
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         config = plan.request.backend_config
-        hosts = list(config.get("hosts") or self.settings.hosts)
+        hosts = self.candidate_hosts(plan.request)
         algorithm = str(config.get("loadBalancing") or self.settings.load_balancing)
-        failures: list[str] = []
+        failures: list[BackendUnavailable] = []
         tried: set[str] = set()
         while True:
             try:
-                host = self.balancer.pick(hosts, algorithm, frozenset(tried))
+                host = self.balancer.pick(hosts, algorithm, frozenset(tried), now=time.monotonic())
             except NoHostLeft:
-                raise BackendError(
-                    "No ssh host could start the kernel: " + "; ".join(failures),
-                    reason="NoHostAvailable",
-                ) from None
+                raise _no_host_left(failures) from None
             tried.add(host)
             try:
                 ref = await self._launch_on(host, plan)
             except BackendUnavailable as err:
                 log.warning("Host %s could not start kernel %s: %s", host, plan.request.kernel_id, err)
-                failures.append(f"{host}: {err}")
+                failures.append(err)
+                if err.reason in _HOST_FAULTS:
+                    self.balancer.cool_down(host, time.monotonic() + self.settings.host_retry_seconds)
                 continue
             self.balancer.add(host)
+            self.balancer.recovered(host)
             return ref
 
-    def _kernel_env(self, plan: LaunchPlan) -> dict[str, str]:
-        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+    def _kernel_env(self, plan: LaunchPlan, remote: bool) -> dict[str, str]:
+        names = _REMOTE_ENV if remote else _LOCAL_ENV
+        env = {k: os.environ[k] for k in names if k in os.environ}
         env.update(plan.request.env)
         return env
 
     async def _launch_on(self, host: str, plan: LaunchPlan) -> BackendRef:
         config = plan.request.backend_config
         run_dir = plan.run_dir
-        ip = await _address_of(host)
+        user = plan.request.run_as
         if self.is_local(host):
-            return await self._launch_local(host, ip, plan, config.get("workingDir"))
+            if user:
+                raise BackendUnavailable(
+                    f"{host} is a local host (RKO_SSH_LOCAL_HOSTS): impersonation needs an ssh login.",
+                    reason="ImpersonationUnsupported",
+                )
+            return await self._launch_local(host, await _address_of(host), plan, config.get("workingDir"))
+        ip = await _address_of(host)
         python = str(config.get("python") or self.settings.python)
         command = remote_start_command(
             python,
             plan.launcher_args(ip),
-            self._kernel_env(plan),
+            self._kernel_env(plan, remote=True),
             run_dir,
             config.get("workingDir"),
+            user,
         )
         port = int(config.get("port") or self.settings.port)
-        out = await asyncio.to_thread(self._exec, host, port, command, plan.token + "\n")
+        out = await self._run(host, port, command, plan.token + "\n", user)
         try:
             pid = int(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as err:
             raise BackendError(f"Host {host} did not report the launcher's pid: {out!r}") from err
-        return {
+        ref: BackendRef = {
             "host": host,
             "port": port,
             "pid": pid,
@@ -123,6 +234,9 @@ class SshBackend:
             "runDir": run_dir,
             "local": False,
         }
+        if user:
+            ref["user"] = user
+        return ref
 
     async def _launch_local(
         self, host: str, ip: str, plan: LaunchPlan, working_dir: str | None
@@ -131,7 +245,7 @@ class SshBackend:
         run_dir = plan.run_dir
         path = Path(run_dir)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = self._kernel_env(plan)
+        env = self._kernel_env(plan, remote=False)
         env["RKO_LAUNCH_TOKEN"] = plan.token
         with open(path / "launcher.log", "ab") as log_file:
             try:
@@ -156,27 +270,49 @@ class SshBackend:
 
     # -- status ------------------------------------------------------------------------------
     async def status(self, ref: BackendRef) -> BackendStatus:
+        """The launcher's state; raises BackendUnavailable when the host cannot be reached."""
         pid, run_dir = int(ref["pid"]), str(ref["runDir"])
+        kernel_pid = int(ref.get("kernelPid") or 0)
         if ref.get("local"):
             # exit_status first: the launcher writes it as the kernel ends, then exits itself.
             text = _read(Path(run_dir) / "exit_status")
             child = self._children.get(pid)
-            running = child.returncode is None if child is not None else _pid_running(pid)
-            if text == "gone" and running:
+            running = child.returncode is None if child is not None else _is_ours(pid, run_dir)
+            if text == "gone" and (running or (kernel_pid and _is_ours(kernel_pid, run_dir))):
                 return BackendStatus("running")
         else:
             try:
-                text = await asyncio.to_thread(
-                    self._exec,
+                text = await self._run(
                     str(ref["host"]),
                     int(ref.get("port", 22)),
-                    remote_status_command(pid, run_dir),
+                    remote_status_command(pid, kernel_pid, run_dir, ref.get("user")),
                 )
-            except BackendUnavailable as err:
-                return BackendStatus("gone", "HostUnreachable", f"Host {ref['host']} is unreachable: {err}")
-            if text.strip() == "running":
+            except BackendUnavailable:
+                raise
+            except BackendError as err:
+                return BackendStatus(
+                    "gone", err.reason, f"The kernel on {ref['host']} cannot be inspected: {err}"
+                )
+            if text.strip() in ("running", "orphaned"):
                 return BackendStatus("running")
         return _exit_status(text, ref)
+
+    # -- signals -----------------------------------------------------------------------------
+    async def signal(self, ref: BackendRef, signum: int) -> None:
+        """Signal the kernel's process directly (its launcher is gone): over ssh, or locally."""
+        pid = int(ref.get("kernelPid") or ref["pid"])
+        run_dir = str(ref["runDir"])
+        if ref.get("local"):
+            if not _is_ours(pid, run_dir):
+                raise BackendError(f"The kernel process {pid} is gone.")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+            return
+        await self._run(
+            str(ref["host"]),
+            int(ref.get("port", 22)),
+            remote_signal_command(pid, signum, run_dir, ref.get("user")),
+        )
 
     # -- stop --------------------------------------------------------------------------------
     async def stop(self, ref: BackendRef) -> None:
@@ -186,65 +322,120 @@ class SshBackend:
             self._children.pop(int(ref["pid"]), None)
             shutil.rmtree(run_dir, ignore_errors=True)
             return
-        await asyncio.to_thread(
-            self._exec,
-            str(ref["host"]),
-            int(ref.get("port", 22)),
-            remote_stop_command(pgid, run_dir),
-        )
+        try:
+            await self._run(
+                str(ref["host"]),
+                int(ref.get("port", 22)),
+                remote_stop_command(pgid, run_dir, user=ref.get("user")),
+            )
+        except BackendUnavailable:
+            raise
+        except BackendError as err:
+            if err.reason != "UnknownUser":  # the account is gone, and its processes with it
+                raise
 
     # -- ssh ---------------------------------------------------------------------------------
-    def _client(self, host: str, port: int) -> paramiko.SSHClient:
+    async def _run(
+        self, host: str, port: int, command: str, stdin_text: str | None = None, user: str | None = None
+    ) -> str:
+        """Run ``command`` on ``host``; the Secret is read only when a new connection is needed."""
+        secret = None
+        if self.credentials is not None and not self._connected(host, port):
+            secret = await self.credentials.load()
+        return await asyncio.to_thread(self._exec, host, port, command, stdin_text, secret, user)
+
+    def _connected(self, host: str, port: int) -> bool:
+        with self._lock:
+            client = self._clients.get((host, port))
+            transport = client.get_transport() if client else None
+            return transport is not None and transport.is_active()
+
+    def _client(self, host: str, port: int, secret: SshSecret | None) -> paramiko.SSHClient:
         with self._lock:
             client = self._clients.get((host, port))
             transport = client.get_transport() if client else None
             if client is not None and transport is not None and transport.is_active():
                 return client
-            client = paramiko.SSHClient()
-            if self.settings.known_hosts:
-                client.load_host_keys(self.settings.known_hosts)
-            else:
-                client.load_system_host_keys()
-            if self.settings.allow_unknown_hosts:
-                log.warning("RKO_SSH_ALLOW_UNKNOWN_HOSTS is on: accepting %s's key unchecked.", host)
-                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-            else:
-                client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            try:
-                client.connect(
-                    host,
-                    port=port,
-                    username=self.settings.user or None,
-                    key_filename=self.settings.key_file or None,
-                    timeout=self.settings.connect_timeout,
-                    banner_timeout=self.settings.connect_timeout,
-                    auth_timeout=self.settings.connect_timeout,
-                    allow_agent=False,
-                    look_for_keys=not self.settings.key_file,
-                )
-            except paramiko.BadHostKeyException as err:
-                raise BackendUnavailable(
-                    f"the host key of {host} changed; refusing to connect (update the known_hosts "
-                    "file if the change is expected)",
-                    reason="HostKeyMismatch",
-                ) from err
-            except paramiko.SSHException as err:
-                if "not found in known_hosts" in str(err):
-                    raise BackendUnavailable(
-                        f"{host} is not in the known_hosts file ({self.settings.known_hosts or '~/.ssh/known_hosts'}); "
-                        "add its key there",
-                        reason="UnknownHostKey",
-                    ) from err
-                raise BackendUnavailable(f"ssh to {host}:{port} failed: {err}") from err
-            except OSError as err:
-                raise BackendUnavailable(f"cannot reach {host}:{port}: {err}") from err
+            if client is not None:
+                client.close()
+            client = self._new_client(host, port, secret)
             self._clients[(host, port)] = client
             return client
 
-    def _exec(self, host: str, port: int, command: str, stdin_text: str | None = None) -> str:
-        client = self._client(host, port)
+    def _new_client(self, host: str, port: int, secret: SshSecret | None) -> paramiko.SSHClient:
+        settings = self.settings
+        client = paramiko.SSHClient()
+        known_hosts = settings.known_hosts or "~/.ssh/known_hosts"
+        if secret is not None and secret.known_hosts:
+            known_hosts = f"the ssh Secret's known_hosts ({settings.secret})"
+            for name, entries in host_keys_from_text(secret.known_hosts).items():
+                for key_type, key in entries.items():
+                    client.get_host_keys().add(name, key_type, key)
+        elif settings.known_hosts:
+            client.load_host_keys(settings.known_hosts)
+        else:
+            client.load_system_host_keys()
+        if settings.allow_unknown_hosts:
+            log.warning("RKO_SSH_ALLOW_UNKNOWN_HOSTS is on: accepting %s's key unchecked.", host)
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        pkey = None
+        if secret is not None and secret.private_key:
+            pkey = private_key_from_text(secret.private_key, secret.passphrase)
+        password = secret.password if secret is not None and settings.password_auth else None
+        timeout = settings.connect_timeout
         try:
-            stdin, stdout, stderr = client.exec_command(command, timeout=30)
+            client.connect(
+                host,
+                port=port,
+                username=settings.user or None,
+                pkey=pkey,
+                key_filename=None if pkey else settings.key_file or None,
+                password=password or None,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                allow_agent=False,
+                look_for_keys=not (pkey or settings.key_file),
+            )
+        except paramiko.BadHostKeyException as err:
+            raise BackendUnavailable(
+                f"the host key of {host} changed; refusing to connect (update {known_hosts} if the "
+                "change is expected)",
+                reason="HostKeyMismatch",
+            ) from err
+        except paramiko.AuthenticationException as err:
+            raise BackendUnavailable(
+                f"ssh login to {host}:{port} as {settings.user or 'the current user'} was refused: {err}",
+                reason="SshAuthFailed",
+            ) from err
+        except paramiko.SSHException as err:
+            if "not found in known_hosts" in str(err):
+                raise BackendUnavailable(
+                    f"{host} is not in {known_hosts}; add its key there", reason="UnknownHostKey"
+                ) from err
+            raise BackendUnavailable(f"ssh to {host}:{port} failed: {err}", reason="HostUnreachable") from err
+        except OSError as err:
+            raise BackendUnavailable(f"cannot reach {host}:{port}: {err}", reason="HostUnreachable") from err
+        transport = client.get_transport()
+        if transport is not None:
+            # Notice a dead link while idle, not only at the next command.
+            transport.set_keepalive(max(1, int(settings.command_timeout / 2)))
+        return client
+
+    def _exec(
+        self,
+        host: str,
+        port: int,
+        command: str,
+        stdin_text: str | None = None,
+        secret: SshSecret | None = None,
+        user: str | None = None,
+    ) -> str:
+        client = self._client(host, port, secret)
+        try:
+            stdin, stdout, stderr = client.exec_command(command, timeout=self.settings.command_timeout)
             if stdin_text is not None:
                 stdin.write(stdin_text)
                 stdin.channel.shutdown_write()
@@ -252,10 +443,18 @@ class SshBackend:
             code = stdout.channel.recv_exit_status()
         except (paramiko.SSHException, OSError) as err:
             with self._lock:
-                self._clients.pop((host, port), None)
-            raise BackendUnavailable(f"ssh command on {host} failed: {err}") from err
+                dead = self._clients.pop((host, port), None)
+            if dead is not None:
+                dead.close()
+            raise BackendUnavailable(
+                f"ssh command on {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
+            ) from err
         if code != 0:
             err_text = stderr.read().decode(errors="replace").strip()
+            if code == EXIT_NO_ACCOUNT:
+                raise BackendUnavailable(f"{host} has no account {user!r}: {err_text}", reason="UnknownUser")
+            if code == EXIT_UID_ZERO:
+                raise BackendError(f"{host}: {err_text}", reason="ImpersonationRefused")
             raise BackendError(f"ssh command on {host} exited with {code}: {err_text}")
         return out
 
@@ -264,6 +463,14 @@ class SshBackend:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+
+
+def _no_host_left(failures: Sequence[BackendUnavailable]) -> BackendError:
+    """The error when every host failed: one reason when they agree, NoHostAvailable if not."""
+    reasons = {err.reason for err in failures}
+    reason = reasons.pop() if len(reasons) == 1 else "NoHostAvailable"
+    detail = "; ".join(str(err) for err in failures) or "no host is configured"
+    return BackendError(f"No ssh host could start the kernel: {detail}.", reason=reason)
 
 
 async def _address_of(host: str) -> str:
@@ -302,12 +509,14 @@ def _exit_status(text: str, ref: BackendRef) -> BackendStatus:
     return BackendStatus("failed", "KernelFailed", f"The kernel exited with code {code}{detail}.", code)
 
 
-def _pid_running(pid: int) -> bool:
+def _is_ours(pid: int, run_dir: str) -> bool:
+    """Process ``pid`` is alive (not a zombie) and its command line names ``run_dir``."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and run_dir in cmdline
 
 
 def _group_alive(pgid: int) -> bool:

@@ -1,0 +1,155 @@
+"""The ssh backend's shell commands, run for real by /bin/sh against real processes, and its
+pure helpers (host keys, keys from a Secret, host choice, the error when no host is left)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from kernel_operator.backends.ssh import _no_host_left, host_keys_from_text, private_key_from_text
+from kernel_operator.balancer import HostBalancer
+from kernel_operator.errors import BackendError, BackendUnavailable
+from kernel_operator.handlers import class_selector
+from kernel_operator.launch_command import (
+    EXIT_NO_ACCOUNT,
+    EXIT_UID_ZERO,
+    as_user,
+    remote_signal_command,
+    remote_start_command,
+    remote_status_command,
+)
+
+
+def sh(command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=20)
+
+
+def sleeper(run_dir: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line names ``run_dir``, as a launcher's and a kernel's do."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run_dir)])
+
+
+def test_status_reports_running_orphaned_exited_and_gone(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rko-k1"
+    run_dir.mkdir()
+    launcher, kernel = sleeper(run_dir), sleeper(run_dir)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert sh(remote_status_command(launcher.pid, kernel.pid, str(run_dir))).stdout.strip() == "running"
+        launcher.kill()
+        launcher.wait()
+        # The launcher is gone, its kernel is not: still a live kernel.
+        assert sh(remote_status_command(launcher.pid, kernel.pid, str(run_dir))).stdout.strip() == "orphaned"
+        # A live pid that is not this kernel's (a recycled pid) does not count.
+        assert sh(remote_status_command(stranger.pid, 0, str(run_dir))).stdout.strip() == "gone"
+        (run_dir / "exit_status").write_text('{"code": 3, "message": ""}')
+        assert (
+            sh(remote_status_command(launcher.pid, kernel.pid, str(run_dir))).stdout
+            == '{"code": 3, "message": ""}'
+        )
+    finally:
+        for proc in (launcher, kernel, stranger):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_signal_command_reaches_only_this_kernels_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rko-k2"
+    kernel = sleeper(run_dir)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert sh(remote_signal_command(kernel.pid, signal.SIGTERM, str(run_dir))).returncode == 0
+        assert kernel.wait(10) == -signal.SIGTERM
+        refused = sh(remote_signal_command(stranger.pid, signal.SIGTERM, str(run_dir)))
+        assert refused.returncode == 1 and "gone" in refused.stderr
+        assert stranger.poll() is None
+    finally:
+        for proc in (kernel, stranger):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_user_switch_refuses_unknown_accounts_and_uid_zero() -> None:
+    missing = sh(as_user("no-such-account-rko", "echo hi"))
+    assert missing.returncode == EXIT_NO_ACCOUNT and "no account no-such-account-rko" in missing.stderr
+    root = sh(as_user("root", "echo hi"))
+    assert root.returncode == EXIT_UID_ZERO and "uid 0" in root.stderr
+    assert sh(as_user(None, "echo hi")).stdout == "hi\n"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching users needs root (runuser)")
+def test_the_user_switch_runs_the_script_as_that_account() -> None:
+    result = sh(as_user("nobody", "id -un"))
+    assert result.returncode == 0 and result.stdout.strip() == "nobody"
+
+
+def test_an_impersonated_start_logs_in_as_the_user_and_quotes_everything() -> None:
+    command = remote_start_command("python3", ["--x", "a b"], {"V": "it's"}, "/tmp/rko-k", None, "alice")
+    assert "runuser -u alice" in command and "sudo -n -H -u alice" in command
+    assert 'cd "$HOME"' in command  # the user's home, not the ssh login's directory
+    plain = remote_start_command("python3", [], {}, "/tmp/rko-k", "/work", None)
+    assert "runuser" not in plain and "cd /work" in plain
+
+
+def test_known_hosts_text_is_read_with_plain_and_bracketed_names() -> None:
+    key = private_key_from_text(_ed25519_private())  # any valid key
+    line = f"{key.get_name()} {key.get_base64()}"
+    keys = host_keys_from_text(f"# comment\n198.18.0.11 {line}\n[h2]:2222 {line}\ngarbage\n\n")
+    assert keys.lookup("198.18.0.11") is not None and keys.lookup("[h2]:2222") is not None
+    assert keys.lookup("198.18.0.12") is None
+
+
+def test_a_private_key_from_a_secret_is_loaded_or_refused_clearly() -> None:
+    assert isinstance(private_key_from_text(_ed25519_private()), paramiko.PKey)
+    with pytest.raises(BackendError, match="not a usable private key") as info:
+        private_key_from_text("not a key")
+    assert info.value.reason == "SshKeyInvalid"
+
+
+def _ed25519_private() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        .decode()
+    )
+
+
+def test_the_error_when_no_host_is_left_keeps_one_reason_or_says_no_host() -> None:
+    same = _no_host_left(
+        [BackendUnavailable("a: x", "UnknownUser"), BackendUnavailable("b: y", "UnknownUser")]
+    )
+    assert same.reason == "UnknownUser" and "a: x; b: y" in str(same)
+    mixed = _no_host_left(
+        [BackendUnavailable("a", "HostUnreachable"), BackendUnavailable("b", "UnknownHostKey")]
+    )
+    assert mixed.reason == "NoHostAvailable"
+
+
+def test_a_host_that_failed_is_tried_last_until_it_cools_down() -> None:
+    b = HostBalancer()
+    hosts = ["a", "b", "c"]
+    b.cool_down("a", until=100.0)
+    picks = {b.pick(hosts, "round-robin", now=50.0) for _ in range(6)}
+    assert picks == {"b", "c"}
+    # Still tried when nothing else is left; picked again once cooled down or recovered.
+    assert b.pick(hosts, "round-robin", frozenset({"b", "c"}), now=50.0) == "a"
+    assert "a" in {b.pick(hosts, "round-robin", now=101.0) for _ in range(3)}
+    b.cool_down("a", until=1e9)
+    b.recovered("a")
+    assert "a" in {b.pick(hosts, "least-connection", now=0.0) for _ in range(3)}
+
+
+def test_an_operator_class_selects_its_kernels_only() -> None:
+    assert class_selector("") == "!kernel-operator.io/operator-class"
+    assert class_selector("hosts") == "kernel-operator.io/operator-class=hosts"

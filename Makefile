@@ -12,7 +12,7 @@ help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
 	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
-	@echo "make images        build the Python kernel image locally (Debian rootfs + ipykernel + launcher)"
+	@echo "make images        build the Python kernel image and the ssh test hosts' environment locally"
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
 	@echo "make cluster-down  stop it"
@@ -42,6 +42,7 @@ cluster-status: venv
 images: venv
 	@bash hack/install-system-deps.sh
 	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel image:', e.build_kernel_image())"
+	@echo "ssh test hosts' Python environment: $$(bash hack/images/build-host-env.sh)"
 
 demo: cluster-bin venv
 	@$(VPY) hack/demo.py

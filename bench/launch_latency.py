@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -131,6 +132,27 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
     return root
 
 
+KERNEL_MARKERS = ("ipykernel_launcher", "kernel_launchers", "launch_ipykernel")
+
+
+def kernels_left(wait: float = 3.0) -> int:
+    """Kernel and launcher processes still alive on the machine or its test hosts (their PID
+    namespaces are visible from here), after ``wait`` seconds for stragglers to exit."""
+    time.sleep(wait)
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(marker in cmdline for marker in KERNEL_MARKERS):
+            count += 1
+    return count
+
+
 def measure(python: Path, kernel: str, runs: int, env: dict[str, str]) -> dict[str, list[float]]:
     print(f"==> {kernel}: {runs} launches...", flush=True)
     out = subprocess.run(
@@ -159,6 +181,7 @@ def main() -> int:
     hosts_operator: OperatorProcess | None = None
     pool = HostPool(WORK / "hosts", network=1)  # apart from the tests' pool (0)
     results: dict[str, dict[str, list[float]]] = {}
+    left: dict[str, int] = {}
     try:
         print("==> Starting the local control plane, sshd and the operator...", flush=True)
         cluster.start()
@@ -268,6 +291,9 @@ def main() -> int:
             if kernel == "gp_hosts":
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             results[label] = measure(python, kernel, args.runs, row_env)
+            left[label] = kernels_left()
+            if left[label]:
+                print(f"==> {label}: {left[label]} kernel processes left running after shutdown", flush=True)
     finally:
         for proc in (operator, hosts_operator):
             if proc is not None:
@@ -286,14 +312,15 @@ def main() -> int:
     print(
         f"Kernel launch (start_kernel -> first execute_reply of 1+1) and shutdown, {args.runs} runs each, seconds"
     )
-    print(f"| {'launcher':<64} | launch p50 | launch p95 | shutdown p50 | shutdown p95 |")
-    print(f"|{'-' * 66}|-----------:|-----------:|-------------:|-------------:|")
+    print(f"| {'launcher':<68} | launch p50 | launch p95 | shutdown p50 | shutdown p95 | left running |")
+    print(f"|{'-' * 70}|-----------:|-----------:|-------------:|-------------:|-------------:|")
     for label, data in results.items():
         launch, shutdown = data["launch"], data["shutdown"]
         print(
-            f"| {label:<64} | {statistics.median(launch):10.3f} | {p95(launch):10.3f} "
-            f"| {statistics.median(shutdown):12.3f} | {p95(shutdown):12.3f} |"
+            f"| {label:<68} | {statistics.median(launch):10.3f} | {p95(launch):10.3f} "
+            f"| {statistics.median(shutdown):12.3f} | {p95(shutdown):12.3f} | {left.get(label, 0):12d} |"
         )
+    print("(left running: kernel and launcher processes still alive 3 s after the row's last shutdown)")
     return 0
 
 

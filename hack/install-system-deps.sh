@@ -13,6 +13,8 @@ declare -A packages=(
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")
 done
+# The ssh test hosts' shared environment is a venv of Debian's own python3.
+/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if ((${#need[@]})); then
   echo "Installing Debian packages: ${need[*]}"
   sudo_cmd=""; [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"

@@ -41,7 +41,7 @@ cluster-status: venv
 
 images: venv
 	@bash hack/install-system-deps.sh
-	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel image:', e.build_kernel_image())"
+	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel images:', e.build_kernel_image(), e.build_kernel_image('r'))"
 	@echo "ssh test hosts' Python environment: $$(bash hack/images/build-host-env.sh)"
 
 demo: cluster-bin venv

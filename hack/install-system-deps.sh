@@ -15,6 +15,8 @@ for cmd in "${!packages[@]}"; do
 done
 # The ssh test hosts' shared environment is a venv of Debian's own python3.
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3 python3-venv)
+# R kernels: R and IRkernel, for the ssh hosts (they share this machine's files).
+Rscript -e 'library(IRkernel)' >/dev/null 2>&1 || need+=(r-base-core r-cran-irkernel)
 if ((${#need[@]})); then
   echo "Installing Debian packages: ${need[*]}"
   sudo_cmd=""; [[ $(id -u) -eq 0 ]] || sudo_cmd="sudo"

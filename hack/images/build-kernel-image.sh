@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Builds the Python kernel image locally (no registry is reachable): a Debian bookworm rootfs
-# made with debootstrap from Debian's mirror, a venv with ipykernel and our launcher, imported
-# into the Docker engine named by DOCKER_HOST. Cached: the rootfs under .cache/images, the
-# image tag keyed by the hash of this script and the launcher's sources, so it is rebuilt only
-# when those change. Prints the image reference on its last line.
+# Builds a kernel image locally (no registry is reachable): a Debian bookworm rootfs made with
+# debootstrap from Debian's mirror, a venv with ipykernel and our launcher, imported into the
+# Docker engine named by DOCKER_HOST. With argument "r", also Debian's R and IRkernel (the R
+# kernel image). Cached: the rootfs under .cache/images, the image tag keyed by the hash of
+# this script and the launcher's sources, so it is rebuilt only when those change. Prints the
+# image reference on its last line.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
+language="${1:-python}"
+case "$language" in
+  python) extra_packages="" ;;
+  r) extra_packages="r-base-core r-cran-irkernel" ;;
+  *) echo "usage: $0 [python|r]" >&2; exit 2 ;;
+esac
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 key="$(cat "$0" "$root/pyproject.toml" $(find "$root/launchers" -name '*.py' | sort) | sha256sum | cut -c1-12)"
-image="rko-kernel-python:$key"
+image="rko-kernel-$language:$key"
 if docker image inspect "$image" >/dev/null 2>&1; then
   echo "The kernel image $image is already built." >&2
   echo "$image"
@@ -42,6 +49,14 @@ chroot "$work" python3 -m venv /opt/kernel
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --find-links /tmp/wheels ipykernel pyzmq cryptography' >&2
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps /tmp/wheels/remote_kernel_operator-*.whl' >&2
 rm -rf "$wheels"
+if [[ -n "$extra_packages" ]]; then
+  echo "Installing $extra_packages from Debian into the image (a minute or two)..." >&2
+  cp /etc/resolv.conf "$work/etc/resolv.conf"
+  chroot "$work" apt-get update -qq >&2
+  chroot "$work" /bin/sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $extra_packages" >&2
+  chroot "$work" apt-get clean
+  rm -rf "$work/var/lib/apt/lists"/* "$work/etc/resolv.conf"
+fi
 chroot "$work" /usr/sbin/useradd --create-home --uid 1000 jovyan >&2
 echo "Importing $image into the Docker engine..." >&2
 tar -C "$work" --numeric-owner -c . | docker import \
@@ -51,7 +66,7 @@ tar -C "$work" --numeric-owner -c . | docker import \
   - "$image" >&2
 rm -rf "$work"
 # One kernel image per engine: drop the ones built from older sources.
-for old in $(docker images --format '{{.Repository}}:{{.Tag}}' rko-kernel-python | grep -vx "$image"); do
+for old in $(docker images --format '{{.Repository}}:{{.Tag}}' "rko-kernel-$language" | grep -vx "$image"); do
   docker rmi "$old" >/dev/null 2>&1 || true
 done
 echo "$image"

@@ -144,10 +144,12 @@ class DockerEngine:
                 break
             time.sleep(0.1)
 
-    def build_kernel_image(self) -> str:
-        """Build (or find) the Python kernel image; returns its reference."""
+    def build_kernel_image(self, language: str = "python") -> str:
+        """Build (or find) the kernel image for ``language`` (python or r); returns its reference."""
         script = REPO_ROOT / "hack" / "images" / "build-kernel-image.sh"
-        result = subprocess.run([str(script)], env=self.env, stdout=subprocess.PIPE, text=True, check=False)
+        result = subprocess.run(
+            [str(script), language], env=self.env, stdout=subprocess.PIPE, text=True, check=False
+        )
         if result.returncode != 0:
             raise DockerError("Building the kernel image failed; see the messages above.")
         return result.stdout.strip().splitlines()[-1]

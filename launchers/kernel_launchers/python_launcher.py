@@ -1,4 +1,4 @@
-"""The Python kernel launcher: picks ports, starts ipykernel, sends the connection info home.
+"""The kernel launcher: picks ports, starts ipykernel (or IRkernel), sends the connection info home.
 
 Runs beside the kernel (in a pod, container, YARN container or on an ssh host) and needs no
 Kubernetes library. It accepts gateway_provisioners' launcher arguments, plus the launch token
@@ -7,7 +7,12 @@ control requests (signal, shutdown) from the operator, and exits with the kernel
 
     python -m kernel_launchers.python_launcher --kernel-id ID --response-address HOST:PORT \
         --public-key KEY [--token TOKEN | env RKO_LAUNCH_TOKEN] [--port-range 0..0] \
-        [--transport-encryption disabled|auto|required] [--kernel-class-name CLASS] [--ip IP]
+        [--transport-encryption disabled|auto|required] [--kernel-class-name CLASS] [--ip IP] \
+        [--kernel-language python|r]
+
+The R launcher is this launcher with ``--kernel-language r``: the handshake, port choice,
+supervision and control port are the same code, and the kernel is IRkernel (Debian's
+r-cran-irkernel), started as ``R --slave -e IRkernel::main() --args <connection file>``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ log = logging.getLogger("kernel_launchers")
 
 EXIT_LAUNCH_FAILED = 3  # the kernel could not be started or its info not delivered
 ENCRYPTION_POLICIES = ("disabled", "auto", "required")
+LANGUAGES = ("python", "r")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class LauncherArgs:
     run_dir: Path
     response_retry_seconds: float
     spark_context_initialization_mode: str
+    kernel_language: str = "python"
+    r_executable: str = "R"
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -64,6 +72,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     parser.add_argument("--port-range", default=env.get("KERNEL_PORT_RANGE", "0..0"))
     parser.add_argument("--transport-encryption", default="disabled", choices=ENCRYPTION_POLICIES)
     parser.add_argument("--kernel-class-name", default=None)
+    parser.add_argument(
+        "--kernel-language", default=env.get("KERNEL_LANGUAGE", "python"), type=str.lower, choices=LANGUAGES
+    )
+    parser.add_argument("--r-executable", default=env.get("RKO_R_EXECUTABLE", "R"), help="R, for R kernels")
     parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds and reports")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--response-retry-seconds", type=float, default=300.0)
@@ -104,6 +116,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         run_dir=run_dir,
         response_retry_seconds=ns.response_retry_seconds,
         spark_context_initialization_mode=ns.spark_context_initialization_mode,
+        kernel_language=ns.kernel_language,
+        r_executable=ns.r_executable,
     )
 
 
@@ -117,10 +131,17 @@ def advertised_ip(bind_ip: str) -> str:
         return "127.0.0.1"
 
 
-def curve_keys(policy: str) -> tuple[str, str] | None:
+def curve_keys(policy: str, language: str = "python") -> tuple[str, str] | None:
     """A CurveZMQ server key pair (Z85 text) when the policy asks for one and zmq has curve."""
     if policy == "disabled":
         return None
+    if language != "python":
+        if policy == "required":
+            raise RuntimeError(
+                "transport_encryption='required', but IRkernel does not support CurveZMQ; use "
+                "'auto' or 'disabled' for R kernels."
+            )
+        return None  # 'auto': this kernel cannot, so it runs unencrypted
     import zmq
 
     if not zmq.has("curve"):
@@ -146,8 +167,20 @@ def build_connection_file(
     return info
 
 
-def kernel_command(connection_file: Path, kernel_class_name: str | None) -> list[str]:
-    """The command that starts ipykernel on the given connection file."""
+def kernel_command(
+    connection_file: Path, kernel_class_name: str | None, language: str = "python", r_executable: str = "R"
+) -> list[str]:
+    """The command that starts the kernel (ipykernel, or IRkernel for R) on the connection file."""
+    if language == "r":
+        return [
+            r_executable,
+            "--slave",
+            "--no-restore",
+            "-e",
+            "IRkernel::main()",
+            "--args",
+            str(connection_file),
+        ]
     cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
     if kernel_class_name:
         cmd.append(f"--IPKernelApp.kernel_class={kernel_class_name}")
@@ -173,7 +206,7 @@ class Launcher:
         bind_ip = args.ip
         ports = free_ports(bind_ip if bind_ip else "0.0.0.0", 5, args.port_range)
         key = secrets.token_hex(32)
-        curve = curve_keys(args.transport_encryption)
+        curve = curve_keys(args.transport_encryption, args.kernel_language)
         info = build_connection_file(bind_ip, ports, key, curve)
         connection_file = args.run_dir / "kernel.json"
         fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -182,7 +215,7 @@ class Launcher:
         env = dict(os.environ)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
         self.kernel = subprocess.Popen(
-            kernel_command(connection_file, args.kernel_class_name),
+            kernel_command(connection_file, args.kernel_class_name, args.kernel_language, args.r_executable),
             env=env,
             stdin=subprocess.DEVNULL,
         )

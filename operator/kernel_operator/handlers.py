@@ -20,9 +20,11 @@ from .settings import OperatorSettings, operator_class_from_env
 from .status import Phase
 
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
-FINALIZER = f"{GROUP}/finalizer"
-KOPF_PREFIX = f"kopf.{GROUP}"
 OPERATOR_CLASS = operator_class_from_env()
+# Per class: kopf drops a finalizer of its own name from objects none of its handlers match,
+# so operators of two classes sharing one name would strip each other's before cleaning up.
+FINALIZER = f"{GROUP}/finalizer" + (f"-{OPERATOR_CLASS}" if OPERATOR_CLASS else "")
+KOPF_PREFIX = (f"{OPERATOR_CLASS}." if OPERATOR_CLASS else "") + f"kopf.{GROUP}"
 # Every handler sees only this operator's kernels (see CLASS_LABEL).
 MINE: dict[str, Any] = {CLASS_LABEL: OPERATOR_CLASS or kopf.ABSENT}
 

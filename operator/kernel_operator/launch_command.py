@@ -36,6 +36,8 @@ def launcher_args(
     ]
     if request.class_name:
         args += ["--kernel-class-name", request.class_name]
+    if request.language != "python":
+        args += ["--kernel-language", request.language]
     return args
 
 
@@ -114,7 +116,7 @@ def _is_ours(pid_var: str, run_dir: str) -> str:
 
 def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | None = None) -> str:
     """Prints the launcher's exit_status JSON, 'running', 'orphaned' (the launcher is gone but
-    its kernel runs) or 'gone'.
+    its kernel runs) or 'gone' followed by the end of the launcher's log.
 
     exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
     """
@@ -124,7 +126,7 @@ def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | N
         f"if [ -f {status_file} ]; then cat {status_file}; "
         f"elif {_is_ours('p', run_dir)}; then echo running; "
         f"elif [ $k -gt 0 ] && {_is_ours('k', run_dir)}; then echo orphaned; "
-        "else echo gone; fi"
+        f"else echo gone; tail -c 1500 {shlex.quote(run_dir + '/launcher.log')} 2>/dev/null; fi"
     )
     return as_user(user, script)
 

@@ -61,14 +61,15 @@ def _cluster_role(name: str) -> str:
     return name
 
 
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+# A DNS label: it names a label value, a finalizer and kopf's annotation prefix.
+_CLASS = re.compile(r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")
 
 
 def _operator_class(value: str) -> str:
-    if not _LABEL_VALUE.match(value):
+    if not _CLASS.match(value):
         raise SettingsError(
-            f"RKO_OPERATOR_CLASS={value!r} must be a Kubernetes label value: up to 63 letters, "
-            "digits, '-', '_' or '.', starting and ending with a letter or digit."
+            f"RKO_OPERATOR_CLASS={value!r} must be a DNS label (a Kubernetes label value too): up "
+            "to 63 lowercase letters, digits or '-', starting and ending with a letter or digit."
         )
     return value
 

@@ -22,6 +22,7 @@ BACKENDS = (
     "yarn",
     "ssh",
 )
+LAUNCHER_LANGUAGES = ("python", "r")  # kernels the launcher starts: ipykernel, IRkernel
 # Set by the operator from the spec; a user value that disagrees is an error, not an override.
 RESERVED_ENV = ("KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -136,7 +137,12 @@ def build_request(
         raise SpecError("spec.username is required: it is KERNEL_USERNAME, checked before launch.")
     check_user(username, settings)
     kernel = spec.get("kernel") or {}
-    language = str(kernel.get("language") or "python")
+    language = str(kernel.get("language") or "python").lower()
+    if language not in LAUNCHER_LANGUAGES:
+        raise SpecError(
+            f"spec.kernel.language {language!r} has no launcher yet; use one of {', '.join(LAUNCHER_LANGUAGES)}.",
+            reason="LanguageNotSupported",
+        )
     port_text = spec.get("portRange")
     if port_text is None:
         port_range, port_range_text = settings.port_range, settings.port_range_text

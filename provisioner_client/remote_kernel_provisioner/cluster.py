@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,8 @@ class RemoteKernels:
     async def connect(cls, namespace: str, kubeconfig: str | None = None) -> RemoteKernels:
         """From ``kubeconfig`` (or KUBECONFIG / ~/.kube/config), else in-cluster credentials."""
         cfg = client.Configuration()
+        # KUBECONFIG read now: kubernetes_asyncio reads it once, when it is first imported.
+        kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
         try:
             await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         except (config.ConfigException, OSError, TypeError):
@@ -68,6 +71,17 @@ class RemoteKernels:
                 f"Reading RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
             ) from err
         return result
+
+    async def list(self, label_selector: str) -> list[dict[str, Any]]:
+        try:
+            result: dict[str, Any] = await self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, label_selector=label_selector
+            )
+        except ApiException as err:
+            raise ClusterError(
+                f"Listing RemoteKernels in {self.namespace} failed: {err.status} {err.reason}"
+            ) from err
+        return list(result.get("items", []))
 
     async def delete(self, name: str) -> None:
         try:

@@ -12,7 +12,7 @@ import asyncio
 import getpass
 import os
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -20,13 +20,15 @@ from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode
 
 from .cluster import RemoteKernels
 from .resource import (
-    CLASS_LABEL,
     SIGNAL_ANNOTATION,
     build_remote_kernel,
     check_user,
     connection_info,
     kernel_env,
+    kernel_labels,
+    pod_owner,
     resource_name,
+    server_name_from_env,
 )
 
 RUNNING, FAILED, SUCCEEDED = "Running", "Failed", "Succeeded"
@@ -85,6 +87,23 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         config=True,
         help="ssh backend.",
     )
+    attach_existing = Bool(
+        True,
+        config=True,
+        help="Starting a kernel whose RemoteKernel already runs (same kernel id, same user) attaches "
+        "to it instead of failing: how a restarted Jupyter server gets its kernels back.",
+    )
+    server_name = Unicode(
+        config=True,
+        help="Labels the RemoteKernel with the Jupyter server that started it (JUPYTER_SERVER_NAME, "
+        "else the host name), so that server finds its kernels again after a restart.",
+    )
+    owner_pod_name = Unicode(
+        config=True,
+        help="A pod (in the kernel's namespace) that owns the kernel: deleting it deletes the kernel. "
+        "Default JUPYTER_POD_NAME (set it from the downward API in the Jupyter server's pod).",
+    )
+    owner_pod_uid = Unicode(config=True, help="That pod's uid (default JUPYTER_POD_UID).")
     operator_class = Unicode(
         "",
         config=True,
@@ -103,11 +122,24 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     )
 
     _kernels: RemoteKernels | None = None
+    _kernels_loop: asyncio.AbstractEventLoop | None = None
     _created = False
 
     @default("namespace")
     def _namespace_default(self) -> str:
         return os.environ.get("KERNEL_NAMESPACE", "default")
+
+    @default("server_name")
+    def _server_name_default(self) -> str:
+        return server_name_from_env()
+
+    @default("owner_pod_name")
+    def _owner_pod_name_default(self) -> str:
+        return os.environ.get("JUPYTER_POD_NAME", "")
+
+    @default("owner_pod_uid")
+    def _owner_pod_uid_default(self) -> str:
+        return os.environ.get("JUPYTER_POD_UID", "")
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -115,8 +147,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return resource_name(str(self.kernel_id))
 
     async def _api(self) -> RemoteKernels:
-        if self._kernels is None:
+        # A client belongs to the event loop it was made in; synchronous managers (jupyter
+        # console's) may call us from more than one loop, so each loop gets its own.
+        loop = asyncio.get_running_loop()
+        if self._kernels is None or self._kernels_loop is not loop:
             self._kernels = await RemoteKernels.connect(self.namespace, self.kubeconfig)
+            self._kernels_loop = loop
         return self._kernels
 
     @property
@@ -179,8 +215,14 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             port_range=self.port_range,
             transport_encryption=self._encryption,
             backend_config=backend_config,
-            labels={CLASS_LABEL: self.operator_class} if self.operator_class else None,
+            labels=kernel_labels(self.operator_class, self.server_name, self._kernel_name()),
+            owner_references=pod_owner(self.owner_pod_name, self.owner_pod_uid),
         )
+
+    def _kernel_name(self) -> str:
+        """The kernelspec's name (a KernelSpec loaded from its directory may not carry it)."""
+        name = self.kernel_spec.name if self.kernel_spec else ""
+        return str(name or getattr(self.parent, "kernel_name", "") or "")
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         kernels = await self._api()
@@ -189,9 +231,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         existing = await kernels.get(self.name)
         if existing is not None:
             if not _deleting(existing):
-                raise KernelLaunchError(
-                    f"RemoteKernel {self.namespace}/{self.name} already exists; delete it or use a new kernel id."
-                )
+                return await self._attach(existing)
             await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
         await kernels.create(body)
         self._created = True
@@ -217,6 +257,33 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 await self._discard()
             raise KernelLaunchError(message)
         await self._load_connection(obj)
+        return self.connection_info
+
+    async def _attach(self, obj: dict[str, Any]) -> KernelConnectionInfo:
+        """Take over a running RemoteKernel of this user (a restarted server's kernel)."""
+        where = f"RemoteKernel {self.namespace}/{self.name}"
+        if not self.attach_existing:
+            raise KernelLaunchError(f"{where} already exists; delete it or use a new kernel id.")
+        owner = (obj.get("spec") or {}).get("username")
+        if owner != self._username:
+            raise KernelLaunchError(
+                f"{where} belongs to user {owner!r}, not {self._username!r}; not attaching."
+            )
+        if (obj.get("status") or {}).get("phase") != RUNNING:
+            settled = await (await self._api()).watch_until(
+                self.name, _settled, (self.launch_timeout or 30.0) + 15.0
+            )
+            if settled is None or (settled.get("status") or {}).get("phase") != RUNNING:
+                raise KernelLaunchError(f"{where} exists but is not running; delete it first.")
+            obj = settled
+        self.log.info("Attaching to the running %s.", where)
+        self._created = True
+        await self._load_connection(obj)
+        # A manager restarted in the same runtime dir finds the kernel's connection file from
+        # before; jupyter_client then skips loading the info it matches, so load it here.
+        load = getattr(self.parent, "load_connection_info", None)
+        if load is not None:
+            load(self.connection_info)
         return self.connection_info
 
     async def _load_connection(self, obj: dict[str, Any]) -> None:
@@ -278,9 +345,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     async def close(self) -> None:
         """Release this process's API connection and leave the kernel running (detach)."""
-        if self._kernels is not None:
+        if self._kernels is not None and self._kernels_loop is asyncio.get_running_loop():
             await self._kernels.close()
-            self._kernels = None
+        self._kernels = None
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Nothing to do: the kernel's shutdown_request ends it, and the operator sees that."""
@@ -305,7 +372,10 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        await super().load_provisioner_info(provisioner_info)
+        """Re-attach from saved info; the kernel id (and namespace) alone suffice, the rest is
+        read back from the RemoteKernel and its Secret."""
+        self.kernel_id = provisioner_info["kernel_id"]
+        self.connection_info = cast(KernelConnectionInfo, provisioner_info.get("connection_info") or {})
         self.namespace = provisioner_info.get("namespace", self.namespace)
         self.kubeconfig = provisioner_info.get("kubeconfig", self.kubeconfig)
         self.backend = provisioner_info.get("backend", self.backend)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
+import re
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -13,6 +16,13 @@ VERSION = "v1alpha1"
 PLURAL = "remotekernels"
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
 CLASS_LABEL = f"{GROUP}/operator-class"  # picks the operator (its RKO_OPERATOR_CLASS)
+SERVER_LABEL = f"{GROUP}/jupyter-server"  # the Jupyter server that started the kernel
+KERNEL_NAME_LABEL = f"{GROUP}/kernel-name"  # its kernelspec, to start it again by name
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class OwnerConfigError(ValueError):
+    """The owner pod is named without its uid."""
 
 
 class LaunchRefused(PermissionError):
@@ -30,6 +40,37 @@ def kernel_env(env: Mapping[str, str], passthrough: Sequence[str]) -> dict[str, 
     for name in ("KERNEL_ID", "KERNEL_LANGUAGE"):
         chosen.pop(name, None)
     return chosen
+
+
+def label_value(text: str) -> str:
+    """``text`` made a valid label value (at most 63 of [A-Za-z0-9_.-], alphanumeric ends)."""
+    return _LABEL_VALUE.sub("-", text)[:63].strip("-_.")
+
+
+def server_name_from_env() -> str:
+    return os.environ.get("JUPYTER_SERVER_NAME") or socket.gethostname()
+
+
+def kernel_labels(operator_class: str, server_name: str, kernel_name: str) -> dict[str, str]:
+    labels = {}
+    if operator_class:
+        labels[CLASS_LABEL] = operator_class
+    if server_name:
+        labels[SERVER_LABEL] = label_value(server_name)
+    if kernel_name:
+        labels[KERNEL_NAME_LABEL] = label_value(kernel_name)
+    return labels
+
+
+def pod_owner(name: str, uid: str) -> list[dict[str, Any]]:
+    """An ownerReference to the Jupyter server's pod, so the kernel goes when the pod goes."""
+    if not name:
+        return []
+    if not uid:
+        raise OwnerConfigError(
+            f"owner_pod_name={name!r} needs owner_pod_uid (JUPYTER_POD_UID, from the downward API's metadata.uid)."
+        )
+    return [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid, "blockOwnerDeletion": False}]
 
 
 def check_user(username: str, authorized: Sequence[str], unauthorized: Sequence[str]) -> None:

@@ -48,6 +48,7 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def hosts_operator(
+    operator: OperatorProcess,  # the default-class operator runs too: they must not interfere
     crd: None,
     api_client: client.ApiClient,
     kubeconfig: Path,
@@ -160,10 +161,17 @@ def assert_no_kernels_anywhere(pool: HostPool) -> None:
 
 
 def test_round_robin_spreads_kernels_evenly_and_runs_them_as_their_user(
-    hosts_operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, host_pool: HostPool
+    operator: OperatorProcess,
+    hosts_operator: OperatorProcess,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    host_pool: HostPool,
 ) -> None:
     names = start_kernels(custom, namespace, 6, username="bob")
-    refs = [get(custom, namespace, n)["status"]["backendRef"] for n in names]  # type: ignore[index]
+    objs = [get(custom, namespace, n) for n in names]
+    # Finalizers are per operator class: kopf removes its own from objects it does not handle.
+    assert all(o["metadata"]["finalizers"] == ["kernel-operator.io/finalizer-hosts"] for o in objs)  # type: ignore[index]
+    refs = [o["status"]["backendRef"] for o in objs]  # type: ignore[index]
     counts = Counter(ref["host"] for ref in refs)
     assert counts == Counter({host_pool.address(h): 2 for h in ("h1", "h2", "h3")}), counts
     for ref in refs:
@@ -177,6 +185,8 @@ def test_round_robin_spreads_kernels_evenly_and_runs_them_as_their_user(
     assert_no_kernels_anywhere(host_pool)
     for ref in refs:  # and their run dirs are gone from each host's own /tmp
         assert not host_named(host_pool, ref["host"]).path(ref["runDir"]).exists()
+    # The default-class operator never touched them (nor their finalizers).
+    assert not [n for n in names if n in operator.log()]
 
 
 def test_least_connection_counts_survive_an_operator_restart(

@@ -153,3 +153,18 @@ def test_a_host_that_failed_is_tried_last_until_it_cools_down() -> None:
 def test_an_operator_class_selects_its_kernels_only() -> None:
     assert class_selector("") == "!kernel-operator.io/operator-class"
     assert class_selector("hosts") == "kernel-operator.io/operator-class=hosts"
+
+
+def test_a_dead_launchers_log_ends_up_in_the_failure_message(tmp_path: Path) -> None:
+    from kernel_operator.backends.ssh import _exit_status
+
+    run_dir = tmp_path / "rko-k3"
+    run_dir.mkdir()
+    (run_dir / "launcher.log").write_text("x" * 5000 + "\nerror: --kernel-id is required\n")
+    out = sh(remote_status_command(2**22 + 7, 0, str(run_dir))).stdout
+    assert out.startswith("gone\n") and out.endswith("error: --kernel-id is required\n")
+    assert len(out) < 1600  # only the end of a long log
+    status = _exit_status(out, {"host": "h1", "pid": 12})
+    assert status.state == "gone" and status.reason == "ProcessGone"
+    assert status.message.endswith("Its log ends: " + out[5:].strip())
+    assert _exit_status("gone\n", {"host": "h1", "pid": 12}).message == "The launcher on h1 (pid 12) is gone."

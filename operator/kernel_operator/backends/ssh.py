@@ -50,6 +50,7 @@ from .base import BackendRef, BackendStatus, LaunchPlan
 log = logging.getLogger(__name__)
 _LOCAL_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ")  # the only operator variables a kernel gets
 _REMOTE_ENV = ("LANG", "LC_ALL", "TZ")  # PATH and HOME are the remote login's own
+LOG_TAIL_BYTES = 1500  # of a dead launcher's log, quoted in the kernel's failure message
 # Failures that say the host itself is unusable: it is tried last for a while.
 _HOST_FAULTS = frozenset({"HostUnreachable", "HostKeyMismatch", "UnknownHostKey", "SshAuthFailed"})
 
@@ -280,6 +281,8 @@ class SshBackend:
             running = child.returncode is None if child is not None else _is_ours(pid, run_dir)
             if text == "gone" and (running or (kernel_pid and _is_ours(kernel_pid, run_dir))):
                 return BackendStatus("running")
+            if text == "gone":
+                text += "\n" + _tail(Path(run_dir) / "launcher.log")
         else:
             try:
                 text = await self._run(
@@ -484,6 +487,15 @@ async def _address_of(host: str) -> str:
     return str(infos[0][4][0])
 
 
+def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - size))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -498,10 +510,13 @@ def _exit_status(text: str, ref: BackendRef) -> BackendStatus:
         code = int(data["code"])
         message = str(data.get("message") or "")
     except (ValueError, KeyError, TypeError):
+        # 'gone', then (remote) the end of the launcher's log: what it said before it died.
+        log_tail = text.partition("\n")[2].strip()
+        said = f" Its log ends: {log_tail}" if log_tail else ""
         return BackendStatus(
             "gone",
             "ProcessGone",
-            f"The launcher on {ref.get('host')} (pid {ref.get('pid')}) is gone.",
+            f"The launcher on {ref.get('host')} (pid {ref.get('pid')}) is gone.{said}",
         )
     if code == 0:
         return BackendStatus("succeeded", "KernelExited", "The kernel exited normally.", 0)

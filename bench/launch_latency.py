@@ -302,6 +302,17 @@ def main() -> int:
         if agent is not None:
             agent.terminate()
             agent.wait(30)
+        # Every kernel container gone (a Swarm task's is removed a moment after its service)
+        # before leaving Swarm mode, which would strand it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and subprocess.run(
+            ["docker", "ps", "-aq", "--filter", "label=kernel-operator.io/kernel-id"],
+            env=engine.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip():
+            time.sleep(0.5)
         subprocess.run(
             ["docker", "swarm", "leave", "--force"], env=engine.env, capture_output=True, check=False
         )

@@ -180,6 +180,13 @@ class Kube:
         except ApiException as err:
             raise _error(f"Patching the status of RemoteKernel {namespace}/{name}", err) from err
 
+    async def delete_remote_kernel(self, namespace: str, name: str) -> None:
+        try:
+            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Deleting RemoteKernel {namespace}/{name}", err) from err
+
     async def list_remote_kernels(self, label_selector: str = "") -> list[dict[str, Any]]:
         try:
             result = await self.custom.list_cluster_custom_object(

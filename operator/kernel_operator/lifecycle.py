@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 
 from . import GROUP, KIND, VERSION, keys
+from .activity import IopubWatcher, is_idle
 from .backends import Backend, BackendRef, Backends, LaunchPlan, SignalingBackend
 from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
@@ -34,6 +36,7 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 EXIT_RECHECK_SECONDS = 0.1
 EXIT_RECHECKS = 30
+ACTIVITY_PATCH_SECONDS = 10.0  # lastActivity is written at most this often
 
 
 class StopFlag(Protocol):
@@ -72,6 +75,10 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _from_timestamp(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
 class KernelLifecycle:
     def __init__(
         self,
@@ -90,6 +97,7 @@ class KernelLifecycle:
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.emit = emit
         self.log = logger
+        self._recorded_activity = 0.0
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -304,13 +312,60 @@ class KernelLifecycle:
         wake = asyncio.Event()
         # The launcher's exit notice makes us look at once; polling stays as the fallback.
         self.ctx.listener.watch_exit(kernel_id, wake.set)
+        watcher = await self._watch_activity()
         try:
-            await self._watch_backend(backend, ref, stopped, wake)
+            await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
             self.ctx.listener.unwatch_exit(kernel_id)
+            if watcher is not None:
+                await watcher.stop()
+
+    async def _watch_activity(self) -> IopubWatcher | None:
+        """Follow the kernel's iopub (for lastActivity and idle culling), if it can be reached."""
+        connection = self.status.get("connection") or {}
+        if not self.ctx.settings.track_activity or not connection.get("iopubPort"):
+            return None
+        data = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
+        if "key" not in data:
+            return None
+        watcher = IopubWatcher(
+            f"tcp://{connection['ip']}:{connection['iopubPort']}",
+            data["key"],
+            data.get("curve-publickey"),
+            data.get("curve-secretkey"),
+        )
+        if self.status.get("lastActivity"):
+            watcher.last_activity = _parse_time(self.status["lastActivity"]).timestamp()
+        watcher.start()
+        return watcher
+
+    async def _follow_activity(self, watcher: IopubWatcher) -> bool:
+        """Record lastActivity now and then; cull the kernel when idle. True once culled."""
+        now = time.time()
+        recorded = self._recorded_activity
+        if watcher.last_activity > recorded and now - recorded >= ACTIVITY_PATCH_SECONDS:
+            self._recorded_activity = watcher.last_activity
+            await self.patch({"lastActivity": now_iso(_from_timestamp(watcher.last_activity))})
+        timeout = float(self.spec.get("idleTimeoutSeconds") or 0)
+        if not is_idle(now, watcher.last_activity, watcher.busy, watcher.connected_since, timeout):
+            return False
+        message = (
+            f"The kernel was idle for {timeout:g} s (spec.idleTimeoutSeconds); deleting it. "
+            f"Its last activity was at {now_iso(_from_timestamp(watcher.last_activity))}."
+        )
+        await self.patch({"lastActivity": now_iso(_from_timestamp(watcher.last_activity))})
+        self.emit("Normal", "IdleCulled", message)
+        self.log.info(message)
+        await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
+        return True
 
     async def _watch_backend(
-        self, backend: Backend, ref: BackendRef, stopped: StopFlag, wake: asyncio.Event
+        self,
+        backend: Backend,
+        ref: BackendRef,
+        stopped: StopFlag,
+        wake: asyncio.Event,
+        watcher: IopubWatcher | None = None,
     ) -> None:
         # After an exit notice the backend may lag behind the launcher (a pod's status is
         # written by its kubelet): look again every 0.1 s for a while instead of every interval.
@@ -355,6 +410,8 @@ class KernelLifecycle:
                 return
             unreachable_since = None
             if state.state in ("starting", "running"):
+                if watcher is not None and await self._follow_activity(watcher):
+                    return
                 continue
             await self.stop_backend_quietly()
             if state.state == "succeeded":

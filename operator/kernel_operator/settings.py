@@ -140,6 +140,7 @@ class OperatorSettings:
     operator_class: str = ""
     unreachable_grace: float = 30.0
     stop_give_up: float = 600.0
+    track_activity: bool = True
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
 
@@ -203,6 +204,7 @@ class OperatorSettings:
             operator_class=_operator_class(env.get("RKO_OPERATOR_CLASS", "")),
             unreachable_grace=_number(env, "RKO_UNREACHABLE_GRACE_SECONDS", 30.0, 0),
             stop_give_up=_number(env, "RKO_STOP_GIVE_UP_SECONDS", 600.0, 0),
+            track_activity=_flag(env, "RKO_TRACK_ACTIVITY", True),
             ssh=ssh,
             docker=DockerSettings(
                 host=env.get("RKO_DOCKER_HOST") or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",

@@ -227,6 +227,12 @@ def kernel_image(docker_engine: DockerEngine) -> str:
 
 
 @pytest.fixture(scope="session")
+def r_kernel_image(docker_engine: DockerEngine) -> str:
+    """The R kernel image (R, IRkernel and our launcher), built locally once."""
+    return docker_engine.build_kernel_image("r")
+
+
+@pytest.fixture(scope="session")
 def node_agent(
     local_cluster: LocalCluster,
     api_client: client.ApiClient,

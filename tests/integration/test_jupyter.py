@@ -375,3 +375,84 @@ def test_jupyter_console_runs_code_through_the_provisioner(
     status = wait_phase(custom, namespace, name, "Succeeded", timeout=30)["status"]
     assert status["backendRef"]["stopped"] is True
     assert not [p for p in launcher_processes() if status["backendRef"]["runDir"] in p]
+
+
+# -- idle culling and owners ----------------------------------------------------------------------
+
+
+async def test_the_operator_culls_an_idle_kernel_but_not_a_busy_or_active_one(
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from .test_operator_ssh import ready_client, start_remote_kernel
+
+    km = await start_remote_kernel(tmp_path, kubeconfig, namespace, monkeypatch, idle_timeout=4)
+    name = f"k-{km.kernel_id}"
+    assert get(custom, namespace, name)["spec"]["idleTimeoutSeconds"] == 4  # type: ignore[index]
+    async with ready_client(km) as kc:
+        # Busy for longer than the timeout: not idle.
+        reply = await kc.execute_interactive("import time; time.sleep(7)", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        # Active every 2 s for 6 s: not idle either.
+        for _ in range(3):
+            await asyncio.sleep(2)
+            assert (await kc.execute_interactive("1", timeout=10))["content"]["status"] == "ok"
+        assert get(custom, namespace, name) is not None
+    # Then silent, and nobody around: the client lets go of the kernel without shutting it down.
+    await km.provisioner.close()  # type: ignore[union-attr]
+    silent_since = time.monotonic()
+    wait_kernel_gone(custom, namespace, str(km.kernel_id))
+    assert 3.5 <= time.monotonic() - silent_since < 20
+    events = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
+    culled = [e for e in events if e.reason == "IdleCulled" and e.involved_object.name == name]
+    assert culled and "idle for 4 s" in culled[0].message
+    assert not [p for p in launcher_processes() if str(km.kernel_id) in p]
+
+
+async def test_a_kernel_owned_by_the_jupyter_servers_pod_goes_with_the_pod(
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from .test_operator_ssh import start_remote_kernel
+
+    core = client.CoreV1Api(api_client)
+    # The Jupyter server's pod, as the API knows it (its downward API gives name and uid).
+    pod = core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="jupyter-server"),
+            spec=client.V1PodSpec(
+                containers=[client.V1Container(name="server", image="jupyter/server:none")],
+                node_selector={"no-such-node": "true"},  # stays Pending: only its identity matters
+            ),
+        ),
+    )
+    monkeypatch.setenv("JUPYTER_POD_NAME", pod.metadata.name)
+    monkeypatch.setenv("JUPYTER_POD_UID", pod.metadata.uid)
+    km = await start_remote_kernel(tmp_path, kubeconfig, namespace, monkeypatch)
+    name = f"k-{km.kernel_id}"
+    owners = get(custom, namespace, name)["metadata"]["ownerReferences"]  # type: ignore[index]
+    assert owners == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "jupyter-server",
+            "uid": pod.metadata.uid,
+            "blockOwnerDeletion": False,
+        }
+    ]
+    await km.provisioner.close()  # type: ignore[union-attr]
+    core.delete_namespaced_pod("jupyter-server", namespace, grace_period_seconds=0)
+    # The garbage collector deletes the RemoteKernel; the operator's finalizer stops the kernel.
+    wait_kernel_gone(custom, namespace, str(km.kernel_id))
+    assert not [p for p in launcher_processes() if str(km.kernel_id) in p]

@@ -41,6 +41,7 @@ from tests.node_agent import node_agent_command
 WORK = REPO_ROOT / ".cache" / "bench"
 GP_VERSION = "0.5.0"
 MEASURE = Path(__file__).with_name("measure.py")
+SERVER_MEASURE = Path(__file__).with_name("jupyter_server_latency.py")
 
 
 def p95(values: list[float]) -> float:
@@ -181,6 +182,8 @@ def main() -> int:
     hosts_operator: OperatorProcess | None = None
     pool = HostPool(WORK / "hosts", network=1)  # apart from the tests' pool (0)
     results: dict[str, dict[str, list[float]]] = {}
+    through_server: dict[str, list[float]] = {}
+    server_rows: dict[str, str] = {}
     left: dict[str, int] = {}
     try:
         print("==> Starting the local control plane, sshd and the operator...", flush=True)
@@ -294,6 +297,26 @@ def main() -> int:
             left[label] = kernels_left()
             if left[label]:
                 print(f"==> {label}: {left[label]} kernel processes left running after shutdown", flush=True)
+        print("==> Through Jupyter Server: REST create -> first execute_reply...", flush=True)
+        server_rows = {
+            "python3": "Jupyter Server, local ipykernel",
+            "rk_local": "Jupyter Server, ssh backend, localhost",
+            "rk_pod": "Jupyter Server, kubernetes backend (pod)",
+        }
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(SERVER_MEASURE),
+                *[f"--kernel={k}" for k in server_rows],
+                "--runs",
+                str(args.runs),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        through_server = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         for proc in (operator, hosts_operator):
             if proc is not None:
@@ -305,13 +328,16 @@ def main() -> int:
         # Every kernel container gone (a Swarm task's is removed a moment after its service)
         # before leaving Swarm mode, which would strand it.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and subprocess.run(
-            ["docker", "ps", "-aq", "--filter", "label=kernel-operator.io/kernel-id"],
-            env=engine.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip():
+        while (
+            time.monotonic() < deadline
+            and subprocess.run(
+                ["docker", "ps", "-aq", "--filter", "label=kernel-operator.io/kernel-id"],
+                env=engine.env,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        ):
             time.sleep(0.5)
         subprocess.run(
             ["docker", "swarm", "leave", "--force"], env=engine.env, capture_output=True, check=False
@@ -332,6 +358,15 @@ def main() -> int:
             f"| {statistics.median(shutdown):12.3f} | {p95(shutdown):12.3f} | {left.get(label, 0):12d} |"
         )
     print("(left running: kernel and launcher processes still alive 3 s after the row's last shutdown)")
+    if through_server:
+        print()
+        print(
+            f"Through Jupyter Server (REST POST /api/kernels -> first execute_reply on the websocket), {args.runs} runs each, seconds"
+        )
+        print(f"| {'kernel':<68} | launch p50 | launch p95 |")
+        print(f"|{'-' * 70}|-----------:|-----------:|")
+        for kernel, times in through_server.items():
+            print(f"| {server_rows[kernel]:<68} | {statistics.median(times):10.3f} | {p95(times):10.3f} |")
     return 0
 
 

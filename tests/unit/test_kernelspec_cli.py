@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,17 @@ def test_the_bootstrap_script_runs_our_launcher(tmp_path: Path) -> None:
     assert script.stat().st_mode & 0o111
     assert script.read_text() == bootstrap_script("/opt/kernel/bin/python")
     assert "-m kernel_launchers.python_launcher" in script.read_text()
+
+
+def test_it_is_also_a_jupyter_subcommand(tmp_path: Path) -> None:
+    jupyter = Path(sys.executable).with_name("jupyter")
+    assert shutil.which("jupyter-remote-kernel-spec", path=str(jupyter.parent))
+    result = subprocess.run(
+        [str(jupyter), "remote-kernel-spec", "install", "--prefix", str(tmp_path), "--backend", "docker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{jupyter.parent}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "share" / "jupyter" / "kernels" / "remote_docker_python" / "kernel.json").exists()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster import REPO_ROOT
-from .servers import SSHD, wait_port
+from .servers import SSHD, sshd_config, wait_port
 
 # Mount points, empty on the machine (and left there: another pool's hosts may use them).
 PYTHON_MOUNT = "/run/rko-python"  # where every host sees the shared Python environment
@@ -109,24 +109,7 @@ class NetnsHost:
         self._write_accounts()
         self._plumb()
         inside = Path(HOST_DIR_MOUNT)
-        (self.root / "sshd_config").write_text(
-            "\n".join(
-                [
-                    "Port 22",
-                    "ListenAddress 0.0.0.0",
-                    f"HostKey {inside / 'host_ed25519'}",
-                    f"AuthorizedKeysFile {inside / 'authorized_keys'}",
-                    f"PidFile {inside / 'sshd.pid'}",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "PermitRootLogin prohibit-password",
-                    "StrictModes no",
-                    "UsePAM no",
-                    "LogLevel ERROR",
-                    "",
-                ]
-            )
-        )
+        (self.root / "sshd_config").write_text(sshd_config(22, ("0.0.0.0",), inside))
         config = {
             "host_dir": str(self.root),
             "host_dir_mount": HOST_DIR_MOUNT,

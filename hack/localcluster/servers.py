@@ -27,6 +27,26 @@ def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
+def sshd_config(port: int, listen: tuple[str, ...], key_dir: Path, host_key: str = "host_ed25519") -> str:
+    """An sshd_config for test servers: keys only (no passwords, no PAM), root by key only."""
+    return "\n".join(
+        [
+            f"Port {port}",
+            *(f"ListenAddress {address}" for address in listen),
+            f"HostKey {key_dir / host_key}",
+            f"AuthorizedKeysFile {key_dir / 'authorized_keys'}",
+            f"PidFile {key_dir / 'sshd.pid'}",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",
+            "StrictModes no",
+            "UsePAM no",
+            "LogLevel ERROR",
+            "",
+        ]
+    )
+
+
 @dataclass
 class Sshd:
     """One OpenSSH server on 127.0.0.1 with its own host key, accepting one client key."""
@@ -55,27 +75,9 @@ class Sshd:
         host_pub = host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[{self.host}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         config = self.root / "sshd_config"
-        config.write_text(
-            "\n".join(
-                [
-                    f"Port {self.port}",
-                    f"ListenAddress {self.host}",
-                    # A second address with the same host key, absent from known_hosts: the
-                    # tests' "unknown host" is a real sshd whose key nobody vouched for.
-                    "ListenAddress 127.0.0.2",
-                    f"HostKey {host_key}",
-                    f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
-                    f"PidFile {self.root / 'sshd.pid'}",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "PermitRootLogin prohibit-password",
-                    "StrictModes no",
-                    "UsePAM no",
-                    "LogLevel ERROR",
-                    "",
-                ]
-            )
-        )
+        # A second address with the same host key, absent from known_hosts: the tests'
+        # "unknown host" is a real sshd whose key nobody vouched for.
+        config.write_text(sshd_config(self.port, (self.host, "127.0.0.2"), self.root, host_key.name))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         log = open(self.root / "sshd.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)

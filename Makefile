@@ -6,13 +6,15 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status images demo run bench test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm chart demo run bench test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
 	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
 	@echo "make images        build the Python kernel image and the ssh test hosts' environment locally"
+	@echo "make operator-image  build the operator's image (Dockerfile) into the local Docker engine"
+	@echo "make chart         lint and render the Helm chart (helm is built from its Go module once)"
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
 	@echo "make cluster-down  stop it"
@@ -43,6 +45,19 @@ images: venv
 	@bash hack/install-system-deps.sh
 	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel images:', e.build_kernel_image(), e.build_kernel_image('r'))"
 	@echo "ssh test hosts' Python environment: $$(bash hack/images/build-host-env.sh)"
+
+operator-image: venv
+	@bash hack/install-system-deps.sh
+	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Operator image:', e.build_operator_image())"
+
+helm:
+	@bash hack/helm/build.sh > /dev/null
+
+chart: helm
+	@cmp -s crds/remotekernels.kernel-operator.io.yaml charts/remote-kernel-operator/crds/remotekernels.kernel-operator.io.yaml || \
+	  { echo "charts/remote-kernel-operator/crds/ differs from crds/: copy crds/remotekernels.kernel-operator.io.yaml there."; exit 1; }
+	@.cache/helm/*/helm lint --strict charts/remote-kernel-operator
+	@.cache/helm/*/helm template rko charts/remote-kernel-operator --kube-version 1.37.0 > /dev/null && echo "The chart renders."
 
 demo: cluster-bin venv
 	@$(VPY) hack/demo.py

@@ -14,8 +14,7 @@ case "$language" in
   r) extra_packages="r-base-core r-cran-irkernel" ;;
   *) echo "usage: $0 [python|r]" >&2; exit 2 ;;
 esac
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-key="$(cat "$0" "$root/pyproject.toml" $(find "$root/launchers" -name '*.py' | sort) | sha256sum | cut -c1-12)"
+key="$(cat "$0" "$here/base-rootfs.sh" "$root/pyproject.toml" $(find "$root/launchers" -name '*.py' | sort) | sha256sum | cut -c1-12)"
 image="rko-kernel-$language:$key"
 if docker image inspect "$image" >/dev/null 2>&1; then
   echo "The kernel image $image is already built." >&2
@@ -23,15 +22,7 @@ if docker image inspect "$image" >/dev/null 2>&1; then
   exit 0
 fi
 cache="$root/.cache/images"
-base="$cache/bookworm-minbase"
-mkdir -p "$cache"
-if [[ ! -f "$base/.complete" ]]; then
-  echo "debootstrap: a minimal Debian bookworm with python3 (a few minutes, once)..." >&2
-  rm -rf "$base"
-  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-    bookworm "$base" "$mirror" >&2
-  touch "$base/.complete"
-fi
+base="$(bash "$here/base-rootfs.sh" | tail -n 1)"
 work="$cache/build-$key"
 rm -rf "$work"
 echo "Copying the base rootfs..." >&2

@@ -144,6 +144,14 @@ class DockerEngine:
                 break
             time.sleep(0.1)
 
+    def build_operator_image(self) -> str:
+        """Build (or find) the operator's image from the repository's Dockerfile."""
+        script = REPO_ROOT / "hack" / "images" / "build-operator-image.sh"
+        result = subprocess.run([str(script)], env=self.env, stdout=subprocess.PIPE, text=True, check=False)
+        if result.returncode != 0:
+            raise DockerError("Building the operator image failed; see the messages above.")
+        return result.stdout.strip().splitlines()[-1]
+
     def build_kernel_image(self, language: str = "python") -> str:
         """Build (or find) the kernel image for ``language`` (python or r); returns its reference."""
         script = REPO_ROOT / "hack" / "images" / "build-kernel-image.sh"

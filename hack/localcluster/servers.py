@@ -99,7 +99,9 @@ class OperatorProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        """Start the operator; unless ``wait_ready`` is False, wait until its startup handler
+        succeeded and its response listener accepts connections."""
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -116,6 +118,8 @@ class OperatorProcess:
             stdin=subprocess.DEVNULL,
         )
         log.close()
+        if not wait_ready:
+            return
         host, _, port = self.env["RKO_RESPONSE_BIND"].rpartition(":")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # noqa: F401  (registers the handlers)
     from .settings import OperatorSettings
 
-    namespaces: list[str] = args.namespace or list(OperatorSettings.from_env().watch_namespaces)
+    if args.namespace:
+        # One source for the handlers too: they read the settings from the environment.
+        os.environ["RKO_WATCH_NAMESPACES"] = ",".join(args.namespace)
+    namespaces = list(OperatorSettings.from_env().watch_namespaces)
     kopf.configure(verbose=args.verbose)
     # The API client logs whole response bodies at DEBUG, Secrets included: never let it.
     logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)

@@ -63,14 +63,19 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     settings.watching.client_timeout = int(cfg.watch_client_timeout)
     settings.watching.connect_timeout = 10
     settings.posting.level = logging.INFO
+    # Following CRDs and namespaces needs cluster-wide rights; the namespaced modes have none,
+    # so they serve what discovery shows at startup.
+    settings.scanning.disabled = bool(cfg.watch_namespaces)
     kube = await Kube.connect()
     try:
         private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
-        alive = await kube.list_remote_kernels(class_selector(OPERATOR_CLASS))
+        alive = await kube.list_remote_kernels(class_selector(OPERATOR_CLASS), cfg.watch_namespaces)
     except KubeError as err:
         await kube.close()
         # E.g. 429 while a just-installed CRD's storage initializes: retry soon, not in 60 s.
-        raise kopf.TemporaryError(f"The operator cannot start yet: {err}", delay=2) from err
+        # A 403 may be fixed by an RBAC change, so it is retried too, but less often.
+        delay = 10 if err.status == 403 else 2
+        raise kopf.TemporaryError(f"The operator cannot start yet: {err}", delay=delay) from err
     listener = ResponseListener(private_key)
     host, port = await listener.start(*cfg.response_bind)
     backends = Backends(cfg, kube)

@@ -27,7 +27,14 @@ class KubeError(OperatorError):
 
 
 def _error(what: str, err: ApiException) -> KubeError:
-    return KubeError(f"{what} failed: {err.status} {err.reason}", status=err.status)
+    hint = ""
+    if err.status == 403:
+        # Say whose rights are missing and where they come from, not just "Forbidden".
+        hint = (
+            ": the operator's ServiceAccount lacks this right; install the chart with rbac.create "
+            "or grant what its README lists (namespaced modes grant nothing outside their namespaces)"
+        )
+    return KubeError(f"{what} failed: {err.status} {err.reason}{hint}", status=err.status)
 
 
 class Kube:
@@ -187,11 +194,23 @@ class Kube:
             if err.status != 404:
                 raise _error(f"Deleting RemoteKernel {namespace}/{name}", err) from err
 
-    async def list_remote_kernels(self, label_selector: str = "") -> list[dict[str, Any]]:
+    async def list_remote_kernels(
+        self, label_selector: str = "", namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """RemoteKernels in ``namespaces``, or in every namespace when none are given (which
+        needs a cluster-wide right the namespaced modes do not have)."""
+        items: list[dict[str, Any]] = []
         try:
-            result = await self.custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, label_selector=label_selector
-            )
+            if not namespaces:
+                result = await self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, PLURAL, label_selector=label_selector
+                )
+                return list(result.get("items", []))
+            for namespace in namespaces:
+                result = await self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, label_selector=label_selector
+                )
+                items.extend(result.get("items", []))
         except ApiException as err:
             raise _error("Listing RemoteKernels", err) from err
-        return list(result.get("items", []))
+        return items

@@ -135,6 +135,7 @@ class OperatorSettings:
     kernel_image: str = ""
     pod_grace_seconds: int = 5
     shared_namespace: bool = True
+    check_nodes: bool = True  # read a kernel pod's Node (a cluster-wide right)
     kernel_cluster_role: str = "remote-kernel"
     impersonation: bool = False
     operator_class: str = ""
@@ -199,6 +200,7 @@ class OperatorSettings:
             kernel_image=env.get("RKO_KERNEL_IMAGE", ""),
             pod_grace_seconds=int(_number(env, "RKO_POD_GRACE_SECONDS", 5, 0)),
             shared_namespace=_flag(env, "RKO_SHARED_NAMESPACE", True),
+            check_nodes=_flag(env, "RKO_CHECK_NODES", True),
             kernel_cluster_role=_cluster_role(env.get("RKO_KERNEL_CLUSTER_ROLE", "remote-kernel")),
             impersonation=_flag(env, "RKO_IMPERSONATION", False),
             operator_class=_operator_class(env.get("RKO_OPERATOR_CLASS", "")),

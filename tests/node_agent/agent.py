@@ -7,6 +7,14 @@ limits), and reports pod status as a kubelet does: Pending/ContainerCreating, Er
 ImagePullBackOff for an image that is not present, Running with podIP and containerStatuses,
 Failed/Succeeded with exit codes. A deleted pod's container is stopped, then the pod is removed.
 Only the first container of a pod is run (kernel pods have one); restartPolicy is Never.
+
+Enough of the kubelet for an in-cluster client: emptyDir volumes, and the projected volume the
+ServiceAccount admission plugin adds (a pod-bound token from the TokenRequest API, the cluster's
+CA from the kube-root-ca.crt ConfigMap, the namespace), with KUBERNETES_SERVICE_HOST/PORT naming
+the API server itself, since there is no service proxy. The container's securityContext is
+applied (user, read-only root filesystem, dropped capabilities, no privilege escalation,
+runAsNonRoot checked against the image). Not done: token renewal (tokens last an hour, longer
+than any test), probes, restarts, other volume types (the pod fails with a clear reason).
 """
 
 from __future__ import annotations
@@ -17,10 +25,14 @@ import datetime as dt
 import logging
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 from docker.errors import APIError, ImageNotFound, NotFound
@@ -55,6 +67,9 @@ def expand(text: str, env: dict[str, str]) -> str:
 class NodeAgent:
     def __init__(self, api: client.ApiClient, node_name: str, address: str, docker_host: str) -> None:
         self.core = client.CoreV1Api(api)
+        server = urlsplit(api.configuration.host)
+        self.api_host, self.api_port = server.hostname or "127.0.0.1", str(server.port or 443)
+        self.volumes_dir = Path(tempfile.mkdtemp(prefix="node-agent-volumes-"))
         self.coordination = client.CoordinationV1Api(api)
         self.node = node_name
         self.address = address
@@ -251,6 +266,83 @@ class NodeAgent:
                 env[var.name] = base64.b64decode((secret.data or {})[ref.key]).decode()
         return env
 
+    # -- volumes ---------------------------------------------------------------------------------
+    def _project(self, pod: client.V1Pod, projected: Any, target: Path) -> None:
+        """Write a projected volume's files: service-account token, ConfigMap keys, downward API."""
+        target.mkdir(parents=True, exist_ok=True)
+        for source in projected.sources or []:
+            if source.service_account_token is not None:
+                spec = source.service_account_token
+                request = client.AuthenticationV1TokenRequest(
+                    spec=client.V1TokenRequestSpec(
+                        audiences=[spec.audience] if spec.audience else [],
+                        expiration_seconds=spec.expiration_seconds or 3600,
+                        bound_object_ref=client.V1BoundObjectReference(
+                            api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+                        ),
+                    )
+                )
+                token = self.core.create_namespaced_service_account_token(
+                    pod.spec.service_account_name or "default", pod.metadata.namespace, request
+                )
+                (target / spec.path).write_text(token.status.token)
+            elif source.config_map is not None:
+                data = (
+                    self.core.read_namespaced_config_map(source.config_map.name, pod.metadata.namespace).data
+                    or {}
+                )
+                for item in source.config_map.items or [client.V1KeyToPath(key=k, path=k) for k in data]:
+                    (target / item.path).write_text(data[item.key])
+            elif source.downward_api is not None:
+                fields = {"metadata.namespace": pod.metadata.namespace, "metadata.name": pod.metadata.name}
+                for item in source.downward_api.items or []:
+                    (target / item.path).write_text(fields[item.field_ref.field_path])
+        for path in target.iterdir():
+            path.chmod(0o644)  # the kubelet's default mode; the container's user reads them
+
+    def _mounts(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, dict[str, str]]:
+        """Host directories for the container's volume mounts, as Docker bind mounts."""
+        volumes = {v.name: v for v in pod.spec.volumes or []}
+        binds: dict[str, dict[str, str]] = {}
+        for mount in container.volume_mounts or []:
+            volume = volumes[mount.name]
+            path = self.volumes_dir / pod.metadata.uid / mount.name
+            if volume.empty_dir is not None:
+                path.mkdir(parents=True, exist_ok=True)
+                path.chmod(0o1777)  # any user the pod runs as may write, as on a real node
+            elif volume.projected is not None:
+                self._project(pod, volume.projected, path)
+            else:
+                raise ValueError(f"volume {mount.name}: only emptyDir and projected volumes are supported")
+            mode = "ro" if mount.read_only or volume.projected is not None else "rw"
+            binds[str(path)] = {"bind": mount.mount_path, "mode": mode}
+        return binds
+
+    def _security(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, Any]:
+        """Docker options for the pod's and container's securityContext (the container's wins)."""
+        pod_sc = pod.spec.security_context or client.V1PodSecurityContext()
+        sc = container.security_context or client.V1SecurityContext()
+        uid = sc.run_as_user if sc.run_as_user is not None else pod_sc.run_as_user
+        gid = sc.run_as_group if sc.run_as_group is not None else pod_sc.run_as_group
+        non_root = sc.run_as_non_root if sc.run_as_non_root is not None else pod_sc.run_as_non_root
+        if non_root:
+            image_user = (self.docker.images.get(container.image).attrs["Config"].get("User") or "").split(
+                ":"
+            )[0]
+            effective = str(uid) if uid is not None else image_user
+            if effective in ("", "0", "root"):
+                raise ValueError("container has runAsNonRoot and image will run as root")
+        options: dict[str, Any] = {
+            "user": None if uid is None else f"{uid}:{gid if gid is not None else uid}",
+            "read_only": bool(sc.read_only_root_filesystem),
+        }
+        if sc.capabilities is not None:
+            options["cap_drop"] = sc.capabilities.drop or None
+            options["cap_add"] = sc.capabilities.add or None
+        if sc.allow_privilege_escalation is False:
+            options["security_opt"] = ["no-new-privileges"]
+        return options
+
     def start_pod(self, pod: client.V1Pod) -> None:
         container = pod.spec.containers[0]
         self._waiting(pod, "ContainerCreating")
@@ -264,11 +356,18 @@ class NodeAgent:
             self._waiting(pod, "ImagePullBackOff", f'Back-off pulling image "{container.image}"')
             return
         limits = (container.resources.limits if container.resources else None) or {}
-        security = container.security_context or pod.spec.security_context
-        user = None
-        if security is not None and security.run_as_user is not None:
-            user = f"{security.run_as_user}:{security.run_as_group or security.run_as_user}"
-        env = self._env(pod, container)
+        env = {
+            # No service proxy here: the in-cluster client talks to the API server directly.
+            "KUBERNETES_SERVICE_HOST": self.api_host,
+            "KUBERNETES_SERVICE_PORT": self.api_port,
+            **self._env(pod, container),
+        }
+        try:
+            security = self._security(pod, container)
+            mounts = self._mounts(pod, container)
+        except (ValueError, ApiException, KeyError) as err:
+            self._waiting(pod, "CreateContainerConfigError", str(err))
+            return
         try:
             created = self.docker.containers.create(
                 container.image,
@@ -276,8 +375,9 @@ class NodeAgent:
                 command=[expand(a, env) for a in container.args] if container.args else None,
                 environment=env,
                 working_dir=container.working_dir,
-                user=user,
                 network_mode="host",
+                volumes=mounts,
+                **security,
                 labels={LABEL_UID: pod.metadata.uid, "io.kubernetes.pod.name": pod.metadata.name},
                 name=f"k8s_{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}",
                 nano_cpus=cpu_nanos(str(limits["cpu"])) if "cpu" in limits else None,
@@ -341,6 +441,7 @@ class NodeAgent:
                 found.remove(force=True)
             except (APIError, NotFound):
                 pass
+        shutil.rmtree(self.volumes_dir / pod.metadata.uid, ignore_errors=True)
         if entry is not None or pod.metadata.deletion_timestamp:
             # As the kubelet does: confirm the graceful deletion once the containers are gone.
             log.info(
@@ -370,6 +471,7 @@ class NodeAgent:
         for found in self.docker.containers.list(all=True, filters={"label": LABEL_UID}):
             with contextlib.suppress(APIError, NotFound):
                 found.remove(force=True)
+        shutil.rmtree(self.volumes_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -31,8 +31,11 @@ def test_settings_are_read_from_rko_variables() -> None:
             "RKO_SSH_HOSTS": "h1,h2",
             "RKO_SSH_LOAD_BALANCING": "least-connection",
             "RKO_RESPONSE_BIND": "127.0.0.1:9000",
+            "RKO_CHECK_NODES": "false",
         }
     )
+    assert not s.check_nodes
+    assert OperatorSettings.from_env({}).check_nodes
     assert s.launch_timeout == 12
     assert s.authorized_users == {"alice", "bob"}
     assert s.port_range == (40000, 42000)
@@ -55,6 +58,7 @@ def test_settings_are_read_from_rko_variables() -> None:
         ({"RKO_OPERATOR_CLASS": "team_a"}, "DNS label"),
         ({"RKO_UNREACHABLE_GRACE_SECONDS": "-1"}, "at least 0"),
         ({"RKO_SSH_COMMAND_TIMEOUT": "0"}, "at least 0.1"),
+        ({"RKO_CHECK_NODES": "rarely"}, "RKO_CHECK_NODES"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], words: str) -> None:

@@ -126,7 +126,9 @@ class KubernetesBackend:
     async def status(self, ref: BackendRef) -> BackendStatus:
         pod = await self.kube.read_pod(str(ref["namespace"]), str(ref["name"]))
         node = ((pod or {}).get("spec") or {}).get("nodeName")
-        node_ready = await self.kube.node_ready(str(node)) if node else None
+        # Without the right to read Nodes (the namespaced modes), a lost node shows only
+        # through the pod's own status, later.
+        node_ready = await self.kube.node_ready(str(node)) if node and self.settings.check_nodes else None
         return pod_state(pod, node_ready)
 
     async def stop(self, ref: BackendRef) -> None:

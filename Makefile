@@ -82,7 +82,7 @@ test-integration: cluster-bin venv
 
 # What CI runs (.ci/run): system packages, builds (the control plane, the kernel image: long
 # steps with their own progress, outside pytest's per-test timeout), lint, then every test.
-test: cluster-bin venv
+test: cluster-bin helm venv
 	@bash hack/install-system-deps.sh
 	@$(MAKE) --no-print-directory images
 	@$(MAKE) --no-print-directory lint

@@ -144,20 +144,21 @@ class DockerEngine:
                 break
             time.sleep(0.1)
 
+    def _build_image(self, script: str, *args: str, what: str) -> str:
+        """Run one of hack/images' build scripts against this engine; the image reference is
+        the last line it prints."""
+        path = REPO_ROOT / "hack" / "images" / script
+        result = subprocess.run(
+            [str(path), *args], env=self.env, stdout=subprocess.PIPE, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise DockerError(f"Building the {what} failed; see the messages above.")
+        return result.stdout.strip().splitlines()[-1]
+
     def build_operator_image(self) -> str:
         """Build (or find) the operator's image from the repository's Dockerfile."""
-        script = REPO_ROOT / "hack" / "images" / "build-operator-image.sh"
-        result = subprocess.run([str(script)], env=self.env, stdout=subprocess.PIPE, text=True, check=False)
-        if result.returncode != 0:
-            raise DockerError("Building the operator image failed; see the messages above.")
-        return result.stdout.strip().splitlines()[-1]
+        return self._build_image("build-operator-image.sh", what="operator image")
 
     def build_kernel_image(self, language: str = "python") -> str:
         """Build (or find) the kernel image for ``language`` (python or r); returns its reference."""
-        script = REPO_ROOT / "hack" / "images" / "build-kernel-image.sh"
-        result = subprocess.run(
-            [str(script), language], env=self.env, stdout=subprocess.PIPE, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise DockerError("Building the kernel image failed; see the messages above.")
-        return result.stdout.strip().splitlines()[-1]
+        return self._build_image("build-kernel-image.sh", language, what="kernel image")

@@ -199,18 +199,20 @@ class Kube:
     ) -> list[dict[str, Any]]:
         """RemoteKernels in ``namespaces``, or in every namespace when none are given (which
         needs a cluster-wide right the namespaced modes do not have)."""
-        items: list[dict[str, Any]] = []
         try:
             if not namespaces:
-                result = await self.custom.list_cluster_custom_object(
-                    GROUP, VERSION, PLURAL, label_selector=label_selector
-                )
-                return list(result.get("items", []))
-            for namespace in namespaces:
-                result = await self.custom.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, label_selector=label_selector
-                )
-                items.extend(result.get("items", []))
+                results = [
+                    await self.custom.list_cluster_custom_object(
+                        GROUP, VERSION, PLURAL, label_selector=label_selector
+                    )
+                ]
+            else:
+                results = [
+                    await self.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, label_selector=label_selector
+                    )
+                    for namespace in namespaces
+                ]
         except ApiException as err:
             raise _error("Listing RemoteKernels", err) from err
-        return items
+        return [item for result in results for item in result.get("items", [])]

@@ -42,6 +42,13 @@ SSH_SECRET = "rko-ssh"
 # Words in a log that mean a right was missing: the API's 403, and kopf's own warning when it
 # may not follow CRDs.
 DENIED = ("403", "Forbidden", "Not enough permissions")
+
+
+def denied_lines(log: str) -> list[str]:
+    """The lines of an operator's log that say a right was missing."""
+    return [line for line in log.splitlines() if any(word in line for word in DENIED)]
+
+
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -49,12 +56,12 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def helm() -> Path:
     """helm, built once from its Go module; its caches and config kept out of $HOME."""
     out = subprocess.run(
         ["bash", str(REPO_ROOT / "hack" / "helm" / "build.sh")], check=True, stdout=subprocess.PIPE, text=True
     )
-    yield Path(out.stdout.strip().splitlines()[-1])
+    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def run_helm(
@@ -77,11 +84,22 @@ def run_helm(
     return result
 
 
+def set_args(values: list[str] | tuple[str, ...]) -> list[str]:
+    """helm's --set arguments for ``values`` (each "key=value")."""
+    return [arg for value in values for arg in ("--set", value)]
+
+
 def render(helm: Path, *values: str) -> list[dict[str, Any]]:
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = set_args(values)
     out = run_helm(
         helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION, *sets
     )
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def installed_manifest(helm: Path, release: str, namespace: str, kubeconfig: Path) -> list[dict[str, Any]]:
+    """The objects a release installed, as Helm recorded them."""
+    out = run_helm(helm, "get", "manifest", release, "-n", namespace, kubeconfig=kubeconfig)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -103,7 +121,7 @@ def test_the_chart_lints_and_carries_the_crd_from_its_single_source(helm: Path) 
         ["singleNamespace=true", "kernels.checkNodes=false"],
         ["kernels.perKernelNamespace=true"],
     ):
-        sets = [arg for value in values for arg in ("--set", value)]
+        sets = set_args(values)
         result = run_helm(helm, "lint", "--strict", str(CHART), *sets)
         assert "0 chart(s) failed" in result.stdout, result.stdout
     source = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
@@ -196,7 +214,7 @@ def test_the_deployment_is_hardened_and_never_runs_two_operators(helm: Path) -> 
 def test_values_that_cannot_work_are_refused_with_what_to_change(
     helm: Path, values: list[str], words: str
 ) -> None:
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = set_args(values)
     result = run_helm(
         helm,
         "template",
@@ -293,9 +311,9 @@ def installed(
         f"ssh.secretName={SSH_SECRET}",
         "extraEnv.RKO_MONITOR_INTERVAL=0.5",
     ]
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = set_args(values)
     run_helm(helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, *sets, kubeconfig=kubeconfig)
-    docs = render(helm, *values)
+    docs = installed_manifest(helm, RELEASE, NAMESPACE, kubeconfig)
     yield Installed(values, response_port, probe_port, docs)
     if run_helm(helm, "status", RELEASE, "-n", NAMESPACE, kubeconfig=kubeconfig, check=False).returncode == 0:
         run_helm(helm, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", kubeconfig=kubeconfig)
@@ -374,7 +392,7 @@ async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
         what="the chart's kernels to be gone",
     )
     logs = container.logs().decode(errors="replace")
-    assert not [line for line in logs.splitlines() if any(word in line for word in DENIED)], logs[-3000:]
+    assert not denied_lines(logs), logs[-3000:]
 
 
 # -- every rule is needed ------------------------------------------------------------------------
@@ -435,7 +453,7 @@ def scenario(
 
     def denied() -> str:
         log = proc.log()[offset:]
-        return next((line for line in log.splitlines() if any(word in line for word in DENIED)), "")
+        return next(iter(denied_lines(log)), "")
 
     def phases() -> list[str]:
         return [((get(custom, NAMESPACE, n) or {}).get("status") or {}).get("phase", "") for n in names]
@@ -564,7 +582,7 @@ def test_the_single_namespace_release_runs_kernels_with_only_namespaced_rights(
     ]
     # No pod for this release's Deployment: its operator runs as a process, below.
     values.append("nodeSelector.kernel-operator\\.io/none=none")
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = set_args(values)
     run_helm(helm, "install", release, str(CHART), "-n", namespace, *sets, kubeconfig=kubeconfig)
     try:
         fullname = f"{release}-remote-kernel-operator"
@@ -585,14 +603,7 @@ def test_the_single_namespace_release_runs_kernels_with_only_namespaced_rights(
         assert not allowed("create", "pods", NAMESPACE)
         assert not allowed("list", "remotekernels", None, GROUP)
         assert not allowed("get", "nodes", None)
-        docs = [
-            d
-            for d in yaml.safe_load_all(
-                run_helm(helm, "get", "manifest", release, "-n", namespace, kubeconfig=kubeconfig).stdout
-            )
-            if d
-        ]
-        env = process_env(docs, "chart-solo")
+        env = process_env(installed_manifest(helm, release, namespace, kubeconfig), "chart-solo")
         sa_kubeconfig = service_account_kubeconfig(
             api_client, kubeconfig, namespace, fullname, tmp_path / "sa.kubeconfig"
         )
@@ -614,7 +625,7 @@ def test_the_single_namespace_release_runs_kernels_with_only_namespaced_rights(
             )
         finally:
             proc.stop()
-        denied = [line for line in proc.log().splitlines() if any(word in line for word in DENIED)]
+        denied = denied_lines(proc.log())
         assert not denied, denied
     finally:
         run_helm(helm, "uninstall", release, "-n", namespace, "--wait", kubeconfig=kubeconfig)

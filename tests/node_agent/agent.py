@@ -242,9 +242,9 @@ class NodeAgent:
         waiting = {"waiting": {"reason": reason, "message": message}}
         self.set_status(pod, self.pod_status(pod, "Pending", waiting, ready_reason="ContainersNotReady"))
 
-    def _env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
-        env: dict[str, str] = {}
-        fields = {
+    def _fields(self, pod: client.V1Pod) -> dict[str, str]:
+        """What the downward API may name, for env variables and volume files alike."""
+        return {
             "metadata.name": pod.metadata.name,
             "metadata.namespace": pod.metadata.namespace,
             "metadata.uid": pod.metadata.uid,
@@ -253,6 +253,10 @@ class NodeAgent:
             "status.podIP": self.address,
             "status.hostIP": self.address,
         }
+
+    def _env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+        env: dict[str, str] = {}
+        fields = self._fields(pod)
         for var in container.env or []:
             if var.value_from is None:
                 env[var.name] = var.value or ""
@@ -294,7 +298,7 @@ class NodeAgent:
                 for item in source.config_map.items or [client.V1KeyToPath(key=k, path=k) for k in data]:
                     (target / item.path).write_text(data[item.key])
             elif source.downward_api is not None:
-                fields = {"metadata.namespace": pod.metadata.namespace, "metadata.name": pod.metadata.name}
+                fields = self._fields(pod)
                 for item in source.downward_api.items or []:
                     (target / item.path).write_text(fields[item.field_ref.field_path])
         for path in target.iterdir():

@@ -39,9 +39,10 @@ NAMESPACE = "rko-chart"
 RELEASE = "rko"
 FULLNAME = "rko-remote-kernel-operator"
 SSH_SECRET = "rko-ssh"
-# Words in a log that mean a right was missing: the API's 403, and kopf's own warning when it
-# may not follow CRDs.
-DENIED = ("403", "Forbidden", "Not enough permissions")
+# Words in a log that mean a right was missing: the API's 403 (its reason, "Forbidden", which
+# every such error carries: a bare "403" also matches log timestamps and kernel ids), and kopf's
+# own warning when it may not follow CRDs.
+DENIED = ("Forbidden", "Not enough permissions")
 
 
 def denied_lines(log: str) -> list[str]:
@@ -49,6 +50,8 @@ def denied_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if any(word in line for word in DENIED)]
 
 
+# How long the rule scenario keeps its kernels running: several monitor intervals.
+WATCH_RUNNING_SECONDS = 3.0
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -463,6 +466,14 @@ def scenario(
         time.sleep(0.3)
     if denied() or phases() != ["Running", "Running"]:
         return denied() or f"kernels did not run: {phases()}"
+    # Watched while they run: the monitor reads each backend's status (a pod's Node too) every
+    # RKO_MONITOR_INTERVAL (0.5 s here), and a launcher that reports quickly can otherwise be
+    # deleted before the first of those reads.
+    watched = time.monotonic() + WATCH_RUNNING_SECONDS
+    while time.monotonic() < watched and not denied():
+        time.sleep(0.3)
+    if denied() or phases() != ["Running", "Running"]:
+        return denied() or f"kernels did not keep running: {phases()}"
     for name in names:
         custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
     deadline = time.monotonic() + 20

@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm chart demo run bench test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
 	@echo "make images        build the Python kernel image and the ssh test hosts' environment locally"
 	@echo "make operator-image  build the operator's image (Dockerfile) into the local Docker engine"
+	@echo "make yarn          build the test YARN and the kernel's YARN ApplicationMaster with Maven"
 	@echo "make chart         lint and render the Helm chart (helm is built from its Go module once)"
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
@@ -53,6 +54,10 @@ operator-image: venv
 helm:
 	@bash hack/helm/build.sh > /dev/null
 
+yarn:
+	@bash hack/install-system-deps.sh
+	@echo "YARN jars (test cluster, kernel ApplicationMaster): $$(bash hack/yarn/build.sh)"
+
 chart: helm
 	@cmp -s crds/remotekernels.kernel-operator.io.yaml charts/remote-kernel-operator/crds/remotekernels.kernel-operator.io.yaml || \
 	  { echo "charts/remote-kernel-operator/crds/ differs from crds/: copy crds/remotekernels.kernel-operator.io.yaml there."; exit 1; }
@@ -84,7 +89,7 @@ test-integration: cluster-bin venv
 # steps with their own progress, outside pytest's per-test timeout), lint, then every test.
 test: cluster-bin helm venv
 	@bash hack/install-system-deps.sh
-	@$(MAKE) --no-print-directory images
+	@$(MAKE) --no-print-directory images yarn
 	@$(MAKE) --no-print-directory lint
 	@$(VENV)/bin/pytest -q -rs tests
 

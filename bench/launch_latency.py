@@ -6,8 +6,11 @@ Rows, all measured in one run by bench/measure.py (start_kernel -> first execute
 - our provisioner, ssh backend through Debian's sshd on 127.0.0.1;
 - our provisioner, ssh backend round-robin over three hosts (network namespaces, own sshd each);
 - our provisioner on the kubernetes, docker and dockerSwarm backends;
+- our provisioner on the yarn backend (MiniYARNCluster): a plain kernel under our
+  ApplicationMaster, and a Spark kernel submitted by pyspark's spark-submit in cluster mode;
 - gateway_provisioners' DistributedProvisioner, installed from PyPI into its own venv, on
-  localhost and round-robin over the same three hosts.
+  localhost and round-robin over the same three hosts, and its YarnProvisioner (Spark in
+  cluster mode) on the same YARN.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from localcluster.cluster import REPO_ROOT
 from localcluster.docker import DockerEngine
 from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.servers import OperatorProcess, Sshd
+from localcluster.yarn import MiniYarn, operator_env, spark_home, spark_opts
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.node_agent import node_agent_command
@@ -54,11 +58,21 @@ def gateway_provisioners_python() -> Path:
     venv = WORK / f"gp-{GP_VERSION}"
     python = venv / "bin" / "python"
     spec = venv / "share" / "jupyter" / "kernels" / "gp_ssh" / "kernel.json"
-    if not spec.exists():
+    # Its YarnProvisioner needs the yarn extra (yarn-api-client); older caches lack it.
+    has_yarn = (venv / "lib").exists() and any((venv / "lib").glob("python3*/site-packages/yarn_api_client"))
+    if not spec.exists() or not has_yarn:
         print(f"==> Installing gateway_provisioners {GP_VERSION} into {venv}...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", f"gateway_provisioners=={GP_VERSION}", "ipykernel"],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                f"gateway_provisioners[yarn]=={GP_VERSION}",
+                "ipykernel",
+            ],
             check=True,
         )
         subprocess.run(
@@ -90,6 +104,63 @@ def gp_hosts_kernelspec(root: Path, gp_python: Path, hosts: list[str]) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
+def gp_yarn_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> None:
+    """gateway_provisioners' Spark-on-YARN kernelspec for the test YARN.
+
+    Its installer (0.5.0) leaves ${...} placeholders in kernel.json (language, SPARK_HOME,
+    PYSPARK_PYTHON, SPARK_OPTS...), so they are filled in here as a user would by hand; its
+    launcher imports server_listener.py, which spark-submit does not ship unless told to.
+    """
+    staging = WORK / "gp-yarn-spec"
+    spec_dir = staging / "share" / "jupyter" / "kernels" / "gp_yarn"
+    if not spec_dir.exists():
+        subprocess.run(
+            [
+                str(gp_python.parent / "jupyter-yarn-spec"),
+                "install",
+                "--spark",
+                "--prefix",
+                str(staging),
+                "--kernel-name",
+                "gp_yarn",
+                "--spark-home",
+                str(spark_home()),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    scripts = spec_dir / "scripts"
+    py4j = next((spark_home() / "python" / "lib").glob("py4j-*.zip"))
+    spec.update(language="python", display_name="gp_yarn")
+    spec["metadata"]["kernel_provisioner"]["config"] = {"yarn_endpoint": yarn.web, "launch_timeout": 120}
+    spec["env"] = {
+        "SPARK_HOME": str(spark_home()),
+        "PYSPARK_PYTHON": str(gp_python),
+        "HADOOP_CONF_DIR": str(yarn.conf_dir),
+        "PYTHONPATH": f"{spark_home() / 'python'}:{py4j}",
+        "SPARK_OPTS": (
+            "--master yarn --deploy-mode cluster --name ${KERNEL_ID:-ERROR__NO__KERNEL_ID} "
+            "--conf spark.yarn.submit.waitAppCompletion=false "
+            f"--conf spark.yarn.appMasterEnv.PYTHONPATH={spark_home() / 'python'}:{py4j} "
+            f"--conf spark.pyspark.python={gp_python} --py-files {scripts / 'server_listener.py'} "
+            f"{spark_opts()}"
+        ),
+        "LAUNCH_OPTS": "",
+    }
+    spec["argv"] = [str(spec_dir / "bin" / "run.sh")] + [
+        "ipykernel.ipkernel.IPythonKernel"
+        if arg == "${ipykernel_subclass_name}"
+        else "lazy"
+        if arg == "${spark_init_mode}"
+        else arg
+        for arg in spec["argv"][1:]
+    ]
+    out = root / "kernels" / "gp_yarn"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(spec))
+
+
 def ssh_home(pool: HostPool) -> Path:
     """A HOME whose ~/.ssh holds the pool's client key and host keys: gateway_provisioners reads
     only ~/.ssh (no setting for either), and this machine's own ~/.ssh stays untouched."""
@@ -110,6 +181,13 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
         "rk_pod": {"backend": "kubernetes", "image_name": image},
         "rk_docker": {"backend": "docker", "image_name": image},
         "rk_swarm": {"backend": "dockerSwarm", "image_name": image},
+        "rk_yarn": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 120},
+        "rk_yarn_spark": {
+            "backend": "yarn",
+            "operator_class": "yarn",
+            "launch_timeout": 120,
+            "backend_config": {"spark": True},
+        },
     }
     for name, config_ in configs.items():
         spec_dir = root / "kernels" / name
@@ -169,6 +247,8 @@ def measure(python: Path, kernel: str, runs: int, env: dict[str, str]) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--only", default="", help="measure only the rows whose kernel name contains this")
+    parser.add_argument("--no-server", action="store_true", help="skip the Jupyter Server table")
     args = parser.parse_args()
     # Stopped with SIGTERM, still run the clean-up below (cluster, sshd, engine, agent).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -180,6 +260,8 @@ def main() -> int:
     agent: subprocess.Popen[bytes] | None = None
     operator: OperatorProcess | None = None
     hosts_operator: OperatorProcess | None = None
+    yarn_operator: OperatorProcess | None = None
+    yarn = MiniYarn(WORK / "yarn")
     pool = HostPool(WORK / "hosts", network=1)  # apart from the tests' pool (0)
     results: dict[str, dict[str, list[float]]] = {}
     through_server: dict[str, list[float]] = {}
@@ -257,8 +339,17 @@ def main() -> int:
             },
         )
         hosts_operator.start()
+        yarn.start()
+        print(f"==> MiniYARNCluster started in {yarn.started_in:.1f} s", flush=True)
+        yarn_operator = OperatorProcess(
+            kubeconfig=cluster.admin_kubeconfig,
+            log_path=WORK / "yarn-operator.log",
+            env={"RKO_OPERATOR_CLASS": "yarn", **operator_env(yarn, f"127.0.0.1:{free_port()}")},
+        )
+        yarn_operator.start()
         jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
         gp_hosts_kernelspec(jupyter, gp_python, addresses)
+        gp_yarn_kernelspec(jupyter, gp_python, yarn)
         gp_home = ssh_home(pool)
         env = {**os.environ, "JUPYTER_PATH": str(jupyter)}
         rows = [
@@ -283,8 +374,17 @@ def main() -> int:
             ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, 3 hosts", gp_python, "gp_hosts"),
+            ("remote-kernel-operator, yarn backend (our ApplicationMaster)", Path(sys.executable), "rk_yarn"),
+            (
+                "remote-kernel-operator, yarn backend, Spark (spark-submit, cluster)",
+                Path(sys.executable),
+                "rk_yarn_spark",
+            ),
+            (f"gateway_provisioners {GP_VERSION} YarnProvisioner, Spark (cluster)", gp_python, "gp_yarn"),
         ]
         for label, python, kernel in rows:
+            if args.only not in kernel:
+                continue
             row_env = dict(env)
             if python == gp_python:
                 # As in an activated venv (its kernelspec runs plain "python"), and with its
@@ -295,32 +395,37 @@ def main() -> int:
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             results[label] = measure(python, kernel, args.runs, row_env)
             left[label] = kernels_left()
+            if "yarn" in kernel:
+                apps = len(yarn.running_applications())
+                left[label] = max(left[label], apps)
             if left[label]:
                 print(f"==> {label}: {left[label]} kernel processes left running after shutdown", flush=True)
-        print("==> Through Jupyter Server: REST create -> first execute_reply...", flush=True)
-        server_rows = {
-            "python3": "Jupyter Server, local ipykernel",
-            "rk_local": "Jupyter Server, ssh backend, localhost",
-            "rk_pod": "Jupyter Server, kubernetes backend (pod)",
-        }
-        out = subprocess.run(
-            [
-                sys.executable,
-                str(SERVER_MEASURE),
-                *[f"--kernel={k}" for k in server_rows],
-                "--runs",
-                str(args.runs),
-            ],
-            env=env,
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        through_server = json.loads(out.stdout.strip().splitlines()[-1])
+        if not args.no_server:
+            print("==> Through Jupyter Server: REST create -> first execute_reply...", flush=True)
+            server_rows = {
+                "python3": "Jupyter Server, local ipykernel",
+                "rk_local": "Jupyter Server, ssh backend, localhost",
+                "rk_pod": "Jupyter Server, kubernetes backend (pod)",
+            }
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(SERVER_MEASURE),
+                    *[f"--kernel={k}" for k in server_rows],
+                    "--runs",
+                    str(args.runs),
+                ],
+                env=env,
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            through_server = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        for proc in (operator, hosts_operator):
+        for proc in (operator, hosts_operator, yarn_operator):
             if proc is not None:
                 proc.stop()
+        yarn.stop()
         pool.stop()
         if agent is not None:
             agent.terminate()

@@ -9,6 +9,8 @@ declare -A packages=(
   [ssh-keygen]=openssh-client
   [dockerd]=docker.io
   [debootstrap]=debootstrap
+  [mvn]=maven
+  [javac]=openjdk-17-jdk-headless
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")

@@ -58,6 +58,7 @@ class LauncherArgs:
     spark_context_initialization_mode: str
     kernel_language: str = "python"
     r_executable: str = "R"
+    exit_with_parent: bool = False
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         "--RemoteProcessProxy.spark-context-initialization-mode",
         default="none",
         choices=("lazy", "eager", "none"),
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop the kernel when the process that started the launcher ends (a YARN container's "
+        "ApplicationMaster or Spark driver JVM), so nothing outlives its container",
     )
     ns = parser.parse_args(argv)
     try:
@@ -118,6 +125,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         spark_context_initialization_mode=ns.spark_context_initialization_mode,
         kernel_language=ns.kernel_language,
         r_executable=ns.r_executable,
+        exit_with_parent=ns.exit_with_parent,
     )
 
 
@@ -167,8 +175,29 @@ def build_connection_file(
     return info
 
 
+# Run by ipykernel before it serves requests (exec_lines). 'eager' blocks start-up until Spark
+# is up, which a YARN cluster-mode driver needs (its ApplicationMaster waits for the context);
+# 'lazy' starts Spark in a thread so the kernel answers at once and 'spark'/'sc' appear later.
+SPARK_INIT = {
+    "eager": "from pyspark.sql import SparkSession\nspark = SparkSession.builder.getOrCreate()\nsc = spark.sparkContext\n",
+    "lazy": (
+        "import threading as _rko_threading\n"
+        "def _rko_start_spark():\n"
+        "    global spark, sc\n"
+        "    from pyspark.sql import SparkSession\n"
+        "    spark = SparkSession.builder.getOrCreate()\n"
+        "    sc = spark.sparkContext\n"
+        "_rko_threading.Thread(target=_rko_start_spark, name='spark-init', daemon=True).start()\n"
+    ),
+}
+
+
 def kernel_command(
-    connection_file: Path, kernel_class_name: str | None, language: str = "python", r_executable: str = "R"
+    connection_file: Path,
+    kernel_class_name: str | None,
+    language: str = "python",
+    r_executable: str = "R",
+    spark_init: str = "none",
 ) -> list[str]:
     """The command that starts the kernel (ipykernel, or IRkernel for R) on the connection file."""
     if language == "r":
@@ -184,6 +213,8 @@ def kernel_command(
     cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
     if kernel_class_name:
         cmd.append(f"--IPKernelApp.kernel_class={kernel_class_name}")
+    if spark_init in SPARK_INIT:
+        cmd.append(f"--IPKernelApp.exec_lines={SPARK_INIT[spark_init]}")
     return cmd
 
 
@@ -215,7 +246,13 @@ class Launcher:
         env = dict(os.environ)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
         self.kernel = subprocess.Popen(
-            kernel_command(connection_file, args.kernel_class_name, args.kernel_language, args.r_executable),
+            kernel_command(
+                connection_file,
+                args.kernel_class_name,
+                args.kernel_language,
+                args.r_executable,
+                args.spark_context_initialization_mode,
+            ),
             env=env,
             stdin=subprocess.DEVNULL,
         )
@@ -361,8 +398,25 @@ class Launcher:
         timer.start()
 
     # -- run -----------------------------------------------------------------------------
+    def watch_parent(self, interval: float = 0.5) -> None:
+        """Stop the kernel once the launcher's parent is gone (we were re-parented)."""
+        parent = os.getppid()
+
+        def watch() -> None:
+            while not self.shutting_down.wait(interval):
+                if os.getppid() != parent:
+                    log.warning(
+                        "The process that started the launcher (pid %d) ended; stopping the kernel.", parent
+                    )
+                    self.stop_kernel()
+                    return
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop_kernel())
+        if self.args.exit_with_parent:
+            self.watch_parent()
         try:
             info = self.start_kernel()
             self.wait_kernel_listening(info)

@@ -114,6 +114,43 @@ class DockerSettings:
     api_version: str = "1.41"  # Docker 20.10's; later engines accept it
 
 
+# YARN's cross-platform default application classpath, with {{VAR}} expanded by the NodeManager.
+YARN_DEFAULT_CLASSPATH = "<CPS>".join(
+    [
+        "{{HADOOP_CONF_DIR}}",
+        "{{HADOOP_COMMON_HOME}}/share/hadoop/common/*",
+        "{{HADOOP_COMMON_HOME}}/share/hadoop/common/lib/*",
+        "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/*",
+        "{{HADOOP_YARN_HOME}}/share/hadoop/yarn/lib/*",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class YarnSettings:
+    """How the yarn backend reaches its ResourceManager and starts kernels on YARN."""
+
+    endpoint: str = ""  # the ResourceManager's web address, e.g. http://rm:8088
+    alt_endpoint: str = ""  # the other ResourceManager of an HA pair
+    allowed_endpoints: tuple[str, ...] = ()  # what a spec may name; defaults to the two above
+    security_enabled: bool = False  # SPNEGO (Kerberos) to the ResourceManager
+    user: str = ""  # who submits when not impersonating (simple auth's user.name)
+    queue: str = "default"
+    queue_wait: float = 60.0  # how long an application may wait for room before it fails
+    python: str = "python3"  # on the NodeManagers; RKO_YARN_PYTHON defaults to the operator's own
+    java: str = "{{JAVA_HOME}}/bin/java"
+    am_jar: str = ""  # rko-yarn-am.jar on the NodeManagers
+    am_classpath: str = YARN_DEFAULT_CLASSPATH
+    am_memory_mb: int = 256
+    kernel_ip: str = "0.0.0.0"
+    request_timeout: float = 10.0
+    spark_submit: str = "spark-submit"  # for spark kernels; RKO_SPARK_SUBMIT
+    spark_home: str = ""  # SPARK_HOME for spark-submit; defaults to the operator's pyspark
+    spark_opts: str = ""  # the operator's own spark-submit options (e.g. spark.yarn.archive)
+    hadoop_conf_dir: str = ""  # HADOOP_CONF_DIR for spark-submit
+    submit_timeout: float = 120.0  # how long spark-submit may take to hand the application over
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Everything configurable about the operator (see the README's settings table)."""
@@ -144,6 +181,7 @@ class OperatorSettings:
     track_activity: bool = True
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
+    yarn: YarnSettings = field(default_factory=YarnSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -182,6 +220,30 @@ class OperatorSettings:
             password_auth=_flag(env, "RKO_SSH_PASSWORD_AUTH", False),
             host_retry_seconds=_number(env, "RKO_SSH_HOST_RETRY_SECONDS", 30.0, 0),
         )
+        yarn_endpoint = env.get("RKO_YARN_ENDPOINT", "").rstrip("/")
+        yarn_alt = env.get("RKO_YARN_ALT_ENDPOINT", "").rstrip("/")
+        yarn = YarnSettings(
+            endpoint=yarn_endpoint,
+            alt_endpoint=yarn_alt,
+            allowed_endpoints=tuple(e.rstrip("/") for e in _list(env.get("RKO_YARN_ALLOWED_ENDPOINTS", "")))
+            or tuple(e for e in (yarn_endpoint, yarn_alt) if e),
+            security_enabled=_flag(env, "RKO_YARN_SECURITY_ENABLED", False),
+            user=env.get("RKO_YARN_USER", ""),
+            queue=env.get("RKO_YARN_QUEUE", "default"),
+            queue_wait=_number(env, "RKO_YARN_QUEUE_WAIT_SECONDS", 60.0, 1),
+            python=env.get("RKO_YARN_PYTHON", sys.executable),
+            java=env.get("RKO_YARN_JAVA", "{{JAVA_HOME}}/bin/java"),
+            am_jar=env.get("RKO_YARN_AM_JAR", ""),
+            am_classpath=env.get("RKO_YARN_AM_CLASSPATH", YARN_DEFAULT_CLASSPATH),
+            am_memory_mb=int(_number(env, "RKO_YARN_AM_MEMORY_MB", 256, 32)),
+            kernel_ip=env.get("RKO_YARN_KERNEL_IP", "0.0.0.0"),
+            request_timeout=_number(env, "RKO_YARN_TIMEOUT", 10.0, 0.1),
+            spark_submit=env.get("RKO_SPARK_SUBMIT", "spark-submit"),
+            spark_home=env.get("RKO_SPARK_HOME") or env.get("SPARK_HOME", ""),
+            spark_opts=env.get("RKO_SPARK_OPTS", ""),
+            hadoop_conf_dir=env.get("RKO_HADOOP_CONF_DIR") or env.get("HADOOP_CONF_DIR", ""),
+            submit_timeout=_number(env, "RKO_SPARK_SUBMIT_TIMEOUT", 120.0, 1),
+        )
         return cls(
             namespace=env.get("RKO_NAMESPACE", "remote-kernel-operator"),
             key_secret=env.get("RKO_KEY_SECRET", "remote-kernel-operator-keys"),
@@ -218,4 +280,5 @@ class OperatorSettings:
                 stop_timeout=int(_number(env, "RKO_DOCKER_STOP_TIMEOUT", 5, 0)),
                 api_version=env.get("RKO_DOCKER_API_VERSION", "1.41"),
             ),
+            yarn=yarn,
         )

@@ -14,6 +14,7 @@ from .docker import DockerBackend
 from .docker_swarm import DockerSwarmBackend
 from .kubernetes import KubernetesBackend
 from .ssh import SecretCredentials, SshBackend
+from .yarn import YarnBackend
 
 __all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan", "SignalingBackend"]
 
@@ -27,6 +28,7 @@ class Backends:
             "kubernetes": KubernetesBackend(kube, settings),
             "docker": DockerBackend(settings.docker),
             "dockerSwarm": DockerSwarmBackend(settings.docker),
+            "yarn": YarnBackend(settings.yarn),
         }
 
     def get(self, name: str) -> Backend:

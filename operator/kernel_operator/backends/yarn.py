@@ -1,0 +1,554 @@
+"""The yarn backend (gateway_provisioners' YarnProvisioner): a kernel as a YARN application.
+
+Two ways in, both tagged with the kernel id so a restarted operator finds what it started:
+
+- a plain kernel is submitted through the ResourceManager's REST API; its ApplicationMaster is
+  LauncherAM (launchers/yarn_am), which registers with YARN and runs the kernel launcher;
+- a Spark kernel (``yarn.spark``) is submitted by ``spark-submit --master yarn --deploy-mode
+  cluster``; the launcher is the Spark driver and the kernel gets ``spark`` and ``sc``.
+
+The launch token never appears on a command line or in the environment: it travels as a secret
+in the application's credentials (REST) or as a localized file (Spark). The builders here are
+pure; ``resource_manager`` is the only module that talks to YARN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import getpass
+import importlib.util
+import math
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kernel_launchers
+
+from ..errors import BackendError, BackendUnavailable, SpecError
+from ..launch_command import LAUNCHER_MODULE, launcher_args
+from ..quantities import cpu_nanos, memory_bytes
+from ..settings import YarnSettings
+from ..spec import KernelRequest
+from .base import BackendRef, BackendStatus, LaunchPlan
+from .resource_manager import FINAL_STATES, ResourceManagerClient
+
+AM_CLASS = "io.kerneloperator.yarnam.LauncherAM"
+TOKEN_SECRET = "rko.launch.token"  # LauncherAM reads it from the application's credentials
+TOKEN_FILE = "rko-launch-token"  # the localized token file's name in a Spark driver's directory
+RUN_DIR = "rko-run"  # relative: the launcher's files stay in the container's own directory
+APPLICATION_TYPE = "JUPYTER_KERNEL"
+SPARK_DRIVER = str(Path(kernel_launchers.__file__).with_name("spark_driver.py"))
+STARTING = ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED")
+STOP_WAIT_SECONDS = 15.0
+# A ResourceManager answers REST calls before it has recovered its applications after a
+# restart; for this long after its start an unknown application is "not yet", not "gone".
+RECOVERY_SECONDS = 60.0
+
+_QUEUE = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,253}$")
+_SPARK_MEMORY = re.compile(r"^[0-9]+[kmgtKMGT]?$")
+_APP_ID = re.compile(r"\bapplication_[0-9]+_[0-9]+\b")
+
+# spark-submit options a kernel's spec may not set: they decide where and as whom it runs,
+# or are set by the operator itself.
+FORBIDDEN_SPARK_FLAGS = frozenset(
+    {"--master", "--deploy-mode", "--proxy-user", "--principal", "--keytab", "--queue", "--class", "--name"}
+)
+FORBIDDEN_SPARK_CONF = frozenset(
+    {
+        "spark.master",
+        "spark.submit.deployMode",
+        "spark.yarn.queue",
+        "spark.yarn.tags",
+        "spark.yarn.principal",
+        "spark.yarn.keytab",
+        "spark.pyspark.python",
+        "spark.pyspark.driver.python",
+        "spark.yarn.submit.waitAppCompletion",
+        "spark.yarn.maxAppAttempts",
+    }
+)
+FORBIDDEN_SPARK_CONF_PREFIXES = ("spark.kerberos.", "spark.yarn.appMasterEnv.RKO_", "spark.executorEnv.RKO_")
+
+
+@dataclass(frozen=True)
+class YarnOptions:
+    """A kernel's YARN choices: the spec first, then its KERNEL_* variables, then the operator's."""
+
+    endpoints: tuple[str, ...]
+    security_enabled: bool
+    queue: str
+    node_label: str | None
+    spark: bool
+    spark_opts: tuple[str, ...]
+    driver_memory: str | None
+    executor_memory: str | None
+    queue_wait: float
+    user: str
+
+
+def application_tag(kernel_id: str) -> str:
+    """YARN lower-cases tags; kernel ids are lower-case already."""
+    return f"rko-kernel-{kernel_id}"
+
+
+def _pick(request: KernelRequest, field: str, variable: str) -> str | None:
+    value = request.backend_config.get(field)
+    if value is None or value == "":
+        value = request.env.get(variable)
+    return str(value) if value not in (None, "") else None
+
+
+def _endpoint(value: str | None, default: str, allowed: Sequence[str], field: str) -> str:
+    if value is None:
+        return default
+    endpoint = value.rstrip("/")
+    if endpoint not in allowed:
+        raise SpecError(
+            f"spec.yarn.{field} {endpoint!r} is not a ResourceManager this operator may use; allowed: "
+            f"{', '.join(allowed) or 'none'} (RKO_YARN_ALLOWED_ENDPOINTS).",
+            reason="EndpointNotAllowed",
+        )
+    return endpoint
+
+
+def check_spark_opts(text: str, source: str) -> tuple[str, ...]:
+    """Split extra spark-submit options; refuse those that change where or as whom it runs."""
+    try:
+        words = shlex.split(text)
+    except ValueError as err:
+        raise SpecError(f"{source} is not valid shell words: {err}", reason="InvalidSparkOptions") from err
+    for index, word in enumerate(words):
+        flag = word.split("=", 1)[0]
+        if flag in FORBIDDEN_SPARK_FLAGS:
+            raise SpecError(
+                f"{source} may not set {flag}: the operator decides it (use spec.yarn.queue for the "
+                "queue; impersonation is the operator's setting).",
+                reason="InvalidSparkOptions",
+            )
+        if flag in ("--conf", "-c"):
+            pair = (
+                word.split("=", 1)[1] if "=" in word else (words[index + 1] if index + 1 < len(words) else "")
+            )
+            key = pair.split("=", 1)[0]
+            if key in FORBIDDEN_SPARK_CONF or key.startswith(FORBIDDEN_SPARK_CONF_PREFIXES):
+                raise SpecError(
+                    f"{source} may not set {key}: the operator sets it.", reason="InvalidSparkOptions"
+                )
+    return tuple(words)
+
+
+def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: str) -> YarnOptions:
+    """Check a kernel's YARN choices against the operator's policy. Pure."""
+    config = request.backend_config
+    endpoint = _endpoint(config.get("endpoint"), settings.endpoint, settings.allowed_endpoints, "endpoint")
+    alt = _endpoint(
+        config.get("altEndpoint"), settings.alt_endpoint, settings.allowed_endpoints, "altEndpoint"
+    )
+    if not endpoint:
+        raise SpecError(
+            "The yarn backend has no ResourceManager: set RKO_YARN_ENDPOINT (e.g. http://rm:8088) "
+            "in the operator, or spec.yarn.endpoint to one it allows.",
+            reason="YarnNotConfigured",
+        )
+    queue = _pick(request, "queue", "KERNEL_QUEUE") or settings.queue
+    if not _QUEUE.match(queue):
+        raise SpecError(f"YARN queue {queue!r} is not a valid queue name.", reason="InvalidQueue")
+    label = _pick(request, "nodeLabel", "KERNEL_NODE_LABEL")
+    if label is not None and not _LABEL.match(label):
+        raise SpecError(
+            f"YARN node label {label!r} is not a valid label (letters, digits, '_', '-').",
+            reason="InvalidNodeLabel",
+        )
+    memories: dict[str, str | None] = {}
+    for field, variable in (
+        ("driverMemory", "KERNEL_DRIVER_MEMORY"),
+        ("executorMemory", "KERNEL_EXECUTOR_MEMORY"),
+    ):
+        value = _pick(request, field, variable)
+        if value is not None and not _SPARK_MEMORY.match(value):
+            raise SpecError(
+                f"{field} {value!r} is not a Spark memory size such as 512m or 2g.", reason="InvalidMemory"
+            )
+        memories[field] = value
+    opts_text = _pick(request, "sparkOpts", "KERNEL_EXTRA_SPARK_OPTS") or ""
+    spark = bool(config.get("spark"))
+    spark_opts = (
+        check_spark_opts(opts_text, "spec.yarn.sparkOpts / KERNEL_EXTRA_SPARK_OPTS") if opts_text else ()
+    )
+    if spark_opts and not spark:
+        raise SpecError(
+            "Spark options were given, but spec.yarn.spark is false: set it to launch through spark-submit.",
+            reason="InvalidSparkOptions",
+        )
+    if spark and request.language != "python":
+        raise SpecError("Spark kernels on YARN are Python kernels here.", reason="LanguageNotSupported")
+    wait = config.get("queueWaitSeconds")
+    security = config.get("securityEnabled")
+    return YarnOptions(
+        endpoints=tuple(e for e in (endpoint, alt) if e),
+        security_enabled=settings.security_enabled if security is None else bool(security),
+        queue=queue,
+        node_label=label,
+        spark=spark,
+        spark_opts=spark_opts,
+        driver_memory=memories["driverMemory"],
+        executor_memory=memories["executorMemory"],
+        queue_wait=float(wait) if wait else settings.queue_wait,
+        user=request.run_as or operator_user,
+    )
+
+
+def am_command(settings: YarnSettings, args: Sequence[str]) -> str:
+    """The ApplicationMaster's command; YARN runs it with bash and expands <LOG_DIR> itself."""
+    q = shlex.quote
+    launcher = " ".join([q(settings.python), "-m", LAUNCHER_MODULE, *map(q, args)])
+    return f"{settings.java} -Xmx64m {AM_CLASS} {launcher} 1><LOG_DIR>/am.stdout 2><LOG_DIR>/am.stderr"
+
+
+def am_resource(request: KernelRequest, settings: YarnSettings) -> dict[str, int]:
+    memory = request.resources.get("memory")
+    cpu = request.resources.get("cpu")
+    return {
+        "memory": max(32, memory_bytes(memory) // 2**20) if memory is not None else settings.am_memory_mb,
+        "vCores": max(1, math.ceil(cpu_nanos(cpu) / 1e9)) if cpu is not None else 1,
+    }
+
+
+def submission(
+    app_id: str,
+    request: KernelRequest,
+    options: YarnOptions,
+    settings: YarnSettings,
+    args: Sequence[str],
+    token: str,
+) -> dict[str, Any]:
+    """The REST body that submits a plain kernel. Pure."""
+    env = dict(request.env)
+    env["CLASSPATH"] = f"{settings.am_classpath}<CPS>{settings.am_jar}"
+    body: dict[str, Any] = {
+        "application-id": app_id,
+        "application-name": f"{request.namespace}/{request.name}",
+        "application-type": APPLICATION_TYPE,
+        "application-tags": {"tag": [application_tag(request.kernel_id)]},
+        "queue": options.queue,
+        "max-app-attempts": 1,  # a second attempt would be a new kernel nobody is connected to
+        "keep-containers-across-application-attempts": False,
+        "unmanaged-AM": False,
+        "resource": am_resource(request, settings),
+        "am-container-spec": {
+            "commands": {"command": am_command(settings, args)},
+            "environment": {"entry": [{"key": k, "value": v} for k, v in sorted(env.items())]},
+            "credentials": {
+                "secrets": {
+                    "entry": [{"key": TOKEN_SECRET, "value": base64.b64encode(token.encode()).decode()}]
+                }
+            },
+        },
+    }
+    if options.node_label:
+        body["app-node-label-expression"] = options.node_label
+        body["am-container-node-label-expression"] = options.node_label
+    return body
+
+
+def spark_submit_command(
+    request: KernelRequest,
+    options: YarnOptions,
+    settings: YarnSettings,
+    args: Sequence[str],
+    token_file: str,
+    impersonate: bool,
+) -> list[str]:
+    """spark-submit's argv for a Spark kernel in cluster mode. Pure."""
+    conf = {
+        "spark.yarn.tags": application_tag(request.kernel_id),
+        "spark.yarn.submit.waitAppCompletion": "false",
+        "spark.yarn.maxAppAttempts": "1",
+        "spark.pyspark.python": settings.python,
+    }
+    for name, value in sorted(request.env.items()):
+        conf[f"spark.yarn.appMasterEnv.{name}"] = value
+    if options.node_label:
+        conf["spark.yarn.am.nodeLabelExpression"] = options.node_label
+        conf["spark.yarn.executor.nodeLabelExpression"] = options.node_label
+    argv = [
+        settings.spark_submit,
+        "--master",
+        "yarn",
+        "--deploy-mode",
+        "cluster",
+        "--name",
+        f"{request.namespace}/{request.name}",
+        "--queue",
+        options.queue,
+        "--files",
+        f"{token_file}#{TOKEN_FILE}",
+    ]
+    for key, value in conf.items():
+        argv += ["--conf", f"{key}={value}"]
+    if impersonate:
+        argv += ["--proxy-user", options.user]
+    if options.driver_memory:
+        argv += ["--driver-memory", options.driver_memory]
+    if options.executor_memory:
+        argv += ["--executor-memory", options.executor_memory]
+    argv += [*shlex.split(settings.spark_opts), *options.spark_opts]
+    return [
+        *argv,
+        SPARK_DRIVER,
+        *args,
+        "--token-file",
+        TOKEN_FILE,
+        "--spark-context-initialization-mode",
+        "eager",
+    ]
+
+
+def application_state(app: Mapping[str, Any] | None, now_ms: float, queue_wait: float) -> BackendStatus:
+    """A YARN application report as the kernel's state. Pure."""
+    if app is None:
+        return BackendStatus(
+            "gone", "ApplicationGone", "The ResourceManager no longer knows the kernel's YARN application."
+        )
+    app_id = app.get("id", "?")
+    state = str(app.get("state", "NEW"))
+    final = str(app.get("finalStatus", "UNDEFINED"))
+    diagnostics = str(app.get("diagnostics") or "").strip() or "no diagnostics"
+    if state in STARTING:
+        waited = (now_ms - float(app.get("startedTime") or now_ms)) / 1000
+        if state == "ACCEPTED" and not app.get("amContainerLogs") and waited >= queue_wait:
+            return BackendStatus(
+                "failed",
+                "QueueFull",
+                f"YARN application {app_id} waited {waited:.0f} s in queue {app.get('queue', '?')!r} "
+                f"without room for its ApplicationMaster (yarn.queueWaitSeconds={queue_wait:g}); free "
+                f"capacity there or choose another queue. YARN says: {diagnostics}",
+            )
+        return BackendStatus("starting")
+    if state == "RUNNING":
+        return BackendStatus("running")
+    if state == "FINISHED" and final == "SUCCEEDED":
+        return BackendStatus("succeeded", "ApplicationFinished", f"YARN application {app_id} finished.", 0)
+    if state == "KILLED" or final == "KILLED":
+        return BackendStatus(
+            "failed", "ApplicationKilled", f"YARN application {app_id} was killed: {diagnostics}"
+        )
+    return BackendStatus(
+        "failed", "ApplicationFailed", f"YARN application {app_id} {state.lower()} ({final}): {diagnostics}"
+    )
+
+
+def submitted_application_id(output: str) -> str | None:
+    """The application id spark-submit printed (the last one named)."""
+    found = _APP_ID.findall(output)
+    return found[-1] if found else None
+
+
+def base_ref(options: YarnOptions) -> BackendRef:
+    """What status and stop need besides the application id: kept, so settings may change."""
+    return {
+        "kind": "YarnApplication",
+        "endpoints": list(options.endpoints),
+        "securityEnabled": options.security_enabled,
+        "user": options.user,
+        "queueWait": options.queue_wait,
+        "spark": options.spark,
+    }
+
+
+def _pyspark_home() -> str:
+    """pyspark's folder, when the operator's Python has it: a complete SPARK_HOME."""
+    spec = importlib.util.find_spec("pyspark")
+    return str(Path(spec.origin).parent) if spec is not None and spec.origin else ""
+
+
+def _operator_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container with an arbitrary uid)
+        return "remote-kernel-operator"
+
+
+ClientFactory = Callable[[Sequence[str], float, bool], ResourceManagerClient]
+
+
+class YarnBackend:
+    name = "yarn"
+
+    def __init__(self, settings: YarnSettings, client_factory: ClientFactory = ResourceManagerClient) -> None:
+        self.settings = settings
+        self._client = client_factory
+        self.operator_user = settings.user or _operator_user()
+
+    def client_for(self, ref: Mapping[str, Any]) -> ResourceManagerClient:
+        return self._client(
+            list(ref.get("endpoints") or ()), self.settings.request_timeout, bool(ref.get("securityEnabled"))
+        )
+
+    def adopt(self, ref: BackendRef) -> None:
+        """Nothing to rebuild: the ResourceManager and the application's tag are the record."""
+
+    def release(self, ref: BackendRef) -> None:
+        """Nothing to release."""
+
+    def options(self, request: KernelRequest) -> YarnOptions:
+        return yarn_options(request, self.settings, self.operator_user)
+
+    async def launch(self, plan: LaunchPlan) -> BackendRef:
+        request = plan.request
+        options = self.options(request)
+        if options.security_enabled:
+            from .resource_manager import kerberos_auth
+
+            kerberos_auth()  # fail now, with what to install, rather than at the first request
+        args = [
+            *launcher_args(request, plan.response_address, plan.public_key, self.settings.kernel_ip, RUN_DIR),
+            # A container whose JVM ended on its own is not cleaned up by the NodeManager.
+            "--exit-with-parent",
+        ]
+        ref = base_ref(options)
+        client = self.client_for(ref)
+        if options.spark:
+            app_id = await self._spark_submit(request, options, args, plan.token, client)
+        else:
+            if not self.settings.am_jar:
+                raise SpecError(
+                    "The yarn backend needs its ApplicationMaster for non-Spark kernels: set "
+                    "RKO_YARN_AM_JAR to rko-yarn-am.jar's path on the NodeManagers (make yarn builds it).",
+                    reason="YarnNotConfigured",
+                )
+            app_id = await asyncio.to_thread(self._submit, client, request, options, args, plan.token)
+        return {**ref, "applicationId": app_id}
+
+    def _submit(
+        self,
+        client: ResourceManagerClient,
+        request: KernelRequest,
+        options: YarnOptions,
+        args: Sequence[str],
+        token: str,
+    ) -> str:
+        app_id = client.new_application(options.user)
+        client.submit(submission(app_id, request, options, self.settings, args, token), options.user)
+        return app_id
+
+    async def _spark_submit(
+        self,
+        request: KernelRequest,
+        options: YarnOptions,
+        args: Sequence[str],
+        token: str,
+        client: ResourceManagerClient,
+    ) -> str:
+        with tempfile.TemporaryDirectory(prefix="rko-spark-") as folder:
+            token_file = os.path.join(folder, "token")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token)
+            argv = spark_submit_command(
+                request, options, self.settings, args, token_file, impersonate=request.run_as is not None
+            )
+            code, output = await self.run_spark_submit(argv, options)
+        app_id = submitted_application_id(output)
+        if app_id is None and code == 0:
+            found = await asyncio.to_thread(client.find_by_tag, application_tag(request.kernel_id))
+            app_id = str(found["id"]) if found else None
+        if code != 0 or app_id is None:
+            tail = output.strip()[-1500:]
+            raise BackendError(
+                f"spark-submit did not submit the kernel (exit code {code}). End of its output:\n{tail}",
+                reason="SparkSubmitFailed",
+            )
+        return app_id
+
+    async def run_spark_submit(self, argv: list[str], options: YarnOptions) -> tuple[int, str]:
+        """Run spark-submit; returns its exit code and output. The seam unit tests replace."""
+        env = dict(os.environ)
+        spark_home = self.settings.spark_home or _pyspark_home()
+        if spark_home:
+            env["SPARK_HOME"] = spark_home
+        if self.settings.hadoop_conf_dir:
+            env["HADOOP_CONF_DIR"] = self.settings.hadoop_conf_dir
+        if options.user and not options.security_enabled:
+            # Simple auth: the submitting user; with --proxy-user it is the one acting for the kernel's.
+            env["HADOOP_USER_NAME"] = self.operator_user
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+        except OSError as err:
+            raise BackendError(
+                f"Cannot run spark-submit ({argv[0]}): {err}. Install pyspark or Spark beside the operator "
+                "and set RKO_SPARK_SUBMIT.",
+                reason="SparkSubmitFailed",
+            ) from err
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), self.settings.submit_timeout)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+            raise BackendError(
+                f"spark-submit did not finish within {self.settings.submit_timeout:g} s "
+                "(RKO_SPARK_SUBMIT_TIMEOUT).",
+                reason="SparkSubmitFailed",
+            ) from None
+        return int(process.returncode or 0), out.decode(errors="replace")
+
+    async def find(self, request: KernelRequest) -> BackendRef | None:
+        ref = base_ref(self.options(request))
+        found = await asyncio.to_thread(self.client_for(ref).find_by_tag, application_tag(request.kernel_id))
+        return {**ref, "applicationId": str(found["id"])} if found else None
+
+    async def status(self, ref: BackendRef) -> BackendStatus:
+        return await asyncio.to_thread(self._status, ref)
+
+    def _status(self, ref: BackendRef) -> BackendStatus:
+        client = self.client_for(ref)
+        app = self._application(client, str(ref["applicationId"]))
+        return application_state(
+            app, time.time() * 1000, float(ref.get("queueWait") or self.settings.queue_wait)
+        )
+
+    @staticmethod
+    def _application(client: ResourceManagerClient, app_id: str) -> dict[str, Any] | None:
+        """The application's report; None only when the ResourceManager has truly lost it."""
+        app = client.application(app_id)
+        if app is None and time.time() * 1000 - client.started_on() < RECOVERY_SECONDS * 1000:
+            raise BackendUnavailable(
+                f"The ResourceManager restarted recently and does not know YARN application {app_id} "
+                "yet; it may still be recovering its applications.",
+                reason="ResourceManagerRecovering",
+            )
+        return app
+
+    async def stop(self, ref: BackendRef) -> None:
+        await asyncio.to_thread(self._stop, ref)
+
+    def _stop(self, ref: BackendRef) -> None:
+        """Kill the application and wait until YARN reports it ended (its containers with it)."""
+        client = self.client_for(ref)
+        app_id = str(ref["applicationId"])
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        killed = False
+        while True:
+            app = self._application(client, app_id)
+            if app is None or app.get("state") in FINAL_STATES:
+                return
+            if not killed:
+                client.kill(app_id, str(ref.get("user") or self.operator_user))
+                killed = True
+            if time.monotonic() > deadline:
+                raise BackendUnavailable(
+                    f"YARN application {app_id} is still {app.get('state')} {STOP_WAIT_SECONDS:g} s after "
+                    "it was killed; deleting the kernel will try again.",
+                    reason="StopPending",
+                )
+            time.sleep(0.2)

@@ -1,0 +1,357 @@
+"""The yarn backend against a real YARN: Hadoop's MiniYARNCluster on loopback.
+
+An operator of its own class ("yarn") serves these tests, impersonating (each kernel's YARN
+application runs as its user). Plain kernels run under our ApplicationMaster (LauncherAM);
+Spark kernels are Spark drivers submitted by PyPI's pyspark in cluster mode. After every test
+no YARN application may be left running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client import AsyncKernelManager
+from kubernetes import client
+
+from localcluster import free_port
+from localcluster.servers import OperatorProcess
+from localcluster.yarn import MiniYarn, operator_env
+from tests.helpers import wait_for
+
+from .conftest import ensure_namespace, launcher_processes
+from .test_operator_ssh import (
+    GROUP,
+    _reply_to,
+    delete_and_wait_gone,
+    get,
+    make_kernel,
+    ready_client,
+    start_remote_kernel,
+    wait_phase,
+)
+
+CLASS = "yarn"
+LABELS = {f"{GROUP}/operator-class": CLASS}
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def mini_yarn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniYarn]:
+    yarn = MiniYarn(tmp_path_factory.mktemp("yarn"))
+    yarn.start()
+    print(f"MiniYARNCluster started in {yarn.started_in:.1f} s at {yarn.web}")
+    yield yarn
+    yarn.stop()
+
+
+@pytest.fixture(scope="module")
+def dead_endpoint() -> str:
+    """A ResourceManager address where nothing answers (the first of an HA pair, down)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def yarn_operator(
+    crd: None,
+    api_client: client.ApiClient,
+    kubeconfig: Path,
+    mini_yarn: MiniYarn,
+    dead_endpoint: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    ensure_namespace(api_client, "rko-system")
+    proc = OperatorProcess(
+        kubeconfig=kubeconfig,
+        log_path=tmp_path_factory.mktemp("yarn-operator") / "operator.log",
+        env={
+            "RKO_OPERATOR_CLASS": CLASS,
+            "RKO_NAMESPACE": "rko-system",
+            "RKO_MONITOR_INTERVAL": "0.5",
+            "RKO_IMPERSONATION": "true",
+            # Long enough to ride out a ResourceManager restart.
+            "RKO_UNREACHABLE_GRACE_SECONDS": "90",
+            **operator_env(mini_yarn, f"127.0.0.1:{free_port()}", dead_endpoint),
+        },
+    )
+    proc.start()
+    yield proc
+    custom = client.CustomObjectsApi(api_client)
+    for item in custom.list_cluster_custom_object(
+        GROUP, "v1alpha1", "remotekernels", label_selector=f"{GROUP}/operator-class={CLASS}"
+    )["items"]:
+        delete_and_wait_gone(custom, item["metadata"]["namespace"], item["metadata"]["name"], timeout=60)
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_application_left(mini_yarn: MiniYarn) -> Iterator[None]:
+    yield
+    wait_for(
+        lambda: not mini_yarn.running_applications(),
+        timeout=30,
+        what="every YARN application of the test to end",
+    )
+    # The NodeManager ends a killed container's process group; nothing of the kernel remains.
+    wait_for(lambda: not launcher_processes(), timeout=15, what="launcher and kernel processes to exit")
+
+
+def yarn_kernel(
+    tmp_path: Path, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, **backend: Any
+) -> Any:
+    return start_remote_kernel(
+        tmp_path,
+        kubeconfig,
+        namespace,
+        monkeypatch,
+        backend="yarn",
+        operator_class=CLASS,
+        launch_timeout=120,
+        backend_config=backend,
+    )
+
+
+def app_of(custom: client.CustomObjectsApi, namespace: str, kernel_id: str) -> str:
+    obj = get(custom, namespace, f"k-{kernel_id}")
+    if obj is None:  # created by the provisioner: named after the kernel id
+        obj = next(
+            item
+            for item in custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, "remotekernels")[
+                "items"
+            ]
+            if item["spec"]["kernelId"] == kernel_id
+        )
+    return str(obj["status"]["backendRef"]["applicationId"])
+
+
+async def _output(kc: Any, code: str) -> str:
+    chunks: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            chunks.append(content["text"])
+        elif msg["msg_type"] == "execute_result":
+            chunks.append(content["data"]["text/plain"])
+        elif msg["msg_type"] == "error":
+            chunks.append(f"{content['ename']}: {content['evalue']}")
+
+    reply = await kc.execute_interactive(code, output_hook=hook, timeout=120)
+    assert reply["content"]["status"] == "ok", "".join(chunks)
+    return "".join(chunks).strip()
+
+
+async def test_python_code_runs_in_a_yarn_application_interrupt_restart_shutdown(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = time.monotonic()
+    km: AsyncKernelManager = await yarn_kernel(tmp_path, kubeconfig, namespace, monkeypatch)
+    kernel_id = str(km.kernel_id)
+    async with ready_client(km) as kc:
+        print(f"YARN kernel ready in {time.monotonic() - started:.2f} s")
+        out = await _output(
+            kc,
+            "import os; print(os.environ['KERNEL_USERNAME'], os.environ['CONTAINER_ID'].startswith('container_'))",
+        )
+        assert out == "alice True"
+        assert await _output(kc, "6 * 7") == "42"
+        msg_id = kc.execute("import time; time.sleep(60)")
+        time.sleep(1)
+        await km.interrupt_kernel()
+        reply = await _reply_to(kc, msg_id, timeout=15)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+    first_app = app_of(custom, namespace, kernel_id)
+    app = mini_yarn.application(first_app)
+    assert app["state"] == "RUNNING" and app["user"] == "alice" and app["applicationType"] == "JUPYTER_KERNEL"
+    assert f"rko-kernel-{kernel_id}" in app["applicationTags"]
+    assert "rko.launch.token" not in str(app)  # the token never shows in YARN's reports
+
+    await km.restart_kernel()
+    async with ready_client(km) as kc:
+        assert await _output(kc, "'time' in globals()") == "False"  # a fresh kernel
+    second_app = app_of(custom, namespace, str(km.kernel_id))
+    assert second_app != first_app
+    assert mini_yarn.application(first_app)["state"] in ("KILLED", "FINISHED")
+
+    started = time.monotonic()
+    await km.shutdown_kernel()
+    print(f"YARN kernel shut down in {time.monotonic() - started:.2f} s")
+    assert mini_yarn.application(second_app)["state"] in ("KILLED", "FINISHED")
+    assert not custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, "remotekernels")["items"]
+
+
+async def test_a_spark_kernel_runs_a_spark_job_on_yarn(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = time.monotonic()
+    km: AsyncKernelManager = await yarn_kernel(
+        tmp_path, kubeconfig, namespace, monkeypatch, spark=True, driverMemory="512m", executorMemory="512m"
+    )
+    async with ready_client(km) as kc:
+        print(f"Spark kernel ready in {time.monotonic() - started:.2f} s")
+        assert await _output(kc, "spark.range(1000).selectExpr('sum(id)').first()[0]") == "499500"
+        assert await _output(kc, "sc.range(1000).sum()") == "499500"
+        mode = await _output(kc, "print(sc.master, sc.getConf().get('spark.submit.deployMode'))")
+        assert mode == "yarn cluster"
+    app = mini_yarn.application(app_of(custom, namespace, str(km.kernel_id)))
+    assert app["applicationType"] == "SPARK" and app["user"] == "alice" and app["state"] == "RUNNING"
+    await km.shutdown_kernel()
+    assert mini_yarn.application(app["id"])["state"] in ("KILLED", "FINISHED")
+
+
+def test_a_killed_application_turns_the_kernel_failed_with_yarns_reason(
+    yarn_operator: OperatorProcess, mini_yarn: MiniYarn, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, _ = make_kernel(namespace, custom, labels=LABELS, backend="yarn", launchTimeoutSeconds=120)
+    running = wait_phase(custom, namespace, name, "Running", "Failed", timeout=120)
+    assert running["status"]["phase"] == "Running", running["status"]
+    app_id = running["status"]["backendRef"]["applicationId"]
+    mini_yarn.kill(app_id)
+    killed_at = time.monotonic()
+    failed = wait_phase(custom, namespace, name, "Failed", timeout=30)
+    print(f"Killed application noticed in {time.monotonic() - killed_at:.2f} s")
+    status = failed["status"]
+    assert status["reason"] == "ApplicationKilled"
+    assert app_id in status["message"] and "killed by user" in status["message"].lower()
+    delete_and_wait_gone(custom, namespace, name)
+
+
+@pytest.mark.parametrize(
+    ("queue", "reason", "words"),
+    [("tiny", "QueueFull", "without room"), ("nosuch", "ApplicationFailed", "nosuch")],
+)
+def test_a_queue_that_cannot_take_the_kernel_fails_it_within_seconds(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    queue: str,
+    reason: str,
+    words: str,
+) -> None:
+    started = time.monotonic()
+    name, _ = make_kernel(
+        namespace,
+        custom,
+        labels=LABELS,
+        backend="yarn",
+        launchTimeoutSeconds=300,
+        yarn={"queue": queue, "queueWaitSeconds": 3},
+    )
+    failed = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)
+    seconds = time.monotonic() - started
+    status = failed["status"]
+    assert status["phase"] == "Failed" and status["reason"] == reason, status
+    assert words in status["message"] and seconds < 30, (seconds, status["message"])
+    print(f"queue {queue!r}: Failed in {seconds:.1f} s: {status['message'][:200]}")
+    delete_and_wait_gone(custom, namespace, name)
+
+
+async def test_the_kernel_survives_a_resource_manager_restart(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    km: AsyncKernelManager = await yarn_kernel(tmp_path, kubeconfig, namespace, monkeypatch)
+    kernel_id = str(km.kernel_id)
+    async with ready_client(km) as kc:
+        assert await _output(kc, "x = 20; x + 1") == "21"
+        began = time.monotonic()
+        mini_yarn.restart_resource_manager()
+        print(f"ResourceManager restarted in {time.monotonic() - began:.1f} s")
+        assert await _output(kc, "x + 2") == "22"  # the kernel never noticed
+    app_id = app_of(custom, namespace, kernel_id)
+    # Recovered by the new ResourceManager; the ApplicationMaster registered with it again.
+    wait_for(
+        lambda: mini_yarn.application(app_id)["state"] == "RUNNING", timeout=60, what="the app to be RUNNING"
+    )
+    time.sleep(2)  # a few monitor rounds against the new ResourceManager
+    objs = custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, "remotekernels")["items"]
+    assert [o["status"]["phase"] for o in objs] == ["Running"]
+    await km.shutdown_kernel()
+    assert mini_yarn.application(app_id)["state"] in ("KILLED", "FINISHED")
+
+
+async def test_the_alternate_resource_manager_is_used_when_the_first_is_down(
+    yarn_operator: OperatorProcess,
+    dead_endpoint: str,
+    mini_yarn: MiniYarn,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    km: AsyncKernelManager = await yarn_kernel(
+        tmp_path, kubeconfig, namespace, monkeypatch, endpoint=dead_endpoint, altEndpoint=mini_yarn.web
+    )
+    async with ready_client(km) as kc:
+        assert await _output(kc, "1 + 1") == "2"
+    await km.shutdown_kernel()
+
+
+@pytest.mark.parametrize(
+    ("username", "yarn", "reason", "words"),
+    [
+        ("root", {}, "Unauthorized", "root"),
+        ("alice", {"spark": True, "sparkOpts": "--proxy-user bob"}, "InvalidSparkOptions", "--proxy-user"),
+        (
+            "alice",
+            {"spark": True, "sparkOpts": "--conf spark.yarn.queue=x"},
+            "InvalidSparkOptions",
+            "spark.yarn.queue",
+        ),
+        ("alice", {"endpoint": "http://10.1.2.3:8088"}, "EndpointNotAllowed", "10.1.2.3"),
+        ("alice", {"queue": "bad queue"}, "InvalidQueue", "bad queue"),
+        ("alice", {"spark": True, "driverMemory": "lots"}, "InvalidMemory", "lots"),
+        ("alice", {"securityEnabled": True}, "KerberosUnavailable", "requests-kerberos"),
+    ],
+)
+def test_bad_yarn_requests_fail_with_a_reason_and_submit_nothing(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    username: str,
+    yarn: dict[str, Any],
+    reason: str,
+    words: str,
+) -> None:
+    before = len(mini_yarn.applications())
+    name, _ = make_kernel(namespace, custom, labels=LABELS, backend="yarn", username=username, yarn=yarn)
+    failed = wait_phase(custom, namespace, name, "Failed", timeout=20)
+    assert failed["status"]["reason"] == reason and words in failed["status"]["message"], failed["status"]
+    assert len(mini_yarn.applications()) == before
+    delete_and_wait_gone(custom, namespace, name)
+
+
+def test_a_node_label_reaches_yarn(
+    yarn_operator: OperatorProcess, mini_yarn: MiniYarn, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    # The test YARN has no node labels, so YARN itself refuses the request: proof it got there.
+    name, _ = make_kernel(namespace, custom, labels=LABELS, backend="yarn", yarn={"nodeLabel": "gpu"})
+    failed = wait_phase(custom, namespace, name, "Failed", timeout=30)
+    assert "gpu" in failed["status"]["message"] or "label" in failed["status"]["message"].lower(), failed[
+        "status"
+    ]
+    print(f"node label: {failed['status']['reason']}: {failed['status']['message'][:300]}")
+    delete_and_wait_gone(custom, namespace, name)

@@ -176,19 +176,51 @@ def build_connection_file(
 
 
 # Run by ipykernel before it serves requests (exec_lines). 'eager' blocks start-up until Spark
-# is up, which a YARN cluster-mode driver needs (its ApplicationMaster waits for the context);
-# 'lazy' starts Spark in a thread so the kernel answers at once and 'spark'/'sc' appear later.
+# is up. 'lazy' starts Spark in a thread, so the kernel answers at once; 'spark' and 'sc' are
+# stand-ins that wait for it on first use and then replace themselves. Either satisfies a YARN
+# cluster-mode driver, whose ApplicationMaster waits for the context.
 SPARK_INIT = {
     "eager": "from pyspark.sql import SparkSession\nspark = SparkSession.builder.getOrCreate()\nsc = spark.sparkContext\n",
-    "lazy": (
-        "import threading as _rko_threading\n"
-        "def _rko_start_spark():\n"
-        "    global spark, sc\n"
-        "    from pyspark.sql import SparkSession\n"
-        "    spark = SparkSession.builder.getOrCreate()\n"
-        "    sc = spark.sparkContext\n"
-        "_rko_threading.Thread(target=_rko_start_spark, name='spark-init', daemon=True).start()\n"
-    ),
+    "lazy": """import threading as _rko_threading
+
+
+class _RkoSpark:
+    \"\"\"Waits for the Spark session started at kernel start-up, then stands aside.\"\"\"
+
+    def __init__(self, name):
+        self._name = name
+
+    def _get(self):
+        _rko_spark_ready.wait()
+        if "error" in _rko_spark_box:
+            raise RuntimeError("Spark did not start in this kernel") from _rko_spark_box["error"]
+        session = _rko_spark_box["spark"]
+        globals().update(spark=session, sc=session.sparkContext)
+        return session if self._name == "spark" else session.sparkContext
+
+    def __getattr__(self, attribute):
+        return getattr(self._get(), attribute)
+
+    def __repr__(self):
+        return repr(self._get())
+
+
+def _rko_start_spark():
+    try:
+        from pyspark.sql import SparkSession
+
+        _rko_spark_box["spark"] = SparkSession.builder.getOrCreate()
+    except BaseException as err:
+        _rko_spark_box["error"] = err
+    finally:
+        _rko_spark_ready.set()
+
+
+_rko_spark_box = {}
+_rko_spark_ready = _rko_threading.Event()
+spark, sc = _RkoSpark("spark"), _RkoSpark("sc")
+_rko_threading.Thread(target=_rko_start_spark, name="spark-init", daemon=True).start()
+""",
 }
 
 

@@ -190,7 +190,9 @@ async def test_python_code_runs_in_a_yarn_application_interrupt_restart_shutdown
     assert not custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, "remotekernels")["items"]
 
 
+@pytest.mark.parametrize("init", ["lazy", "eager"])
 async def test_a_spark_kernel_runs_a_spark_job_on_yarn(
+    init: str,
     yarn_operator: OperatorProcess,
     mini_yarn: MiniYarn,
     custom: client.CustomObjectsApi,
@@ -201,10 +203,17 @@ async def test_a_spark_kernel_runs_a_spark_job_on_yarn(
 ) -> None:
     started = time.monotonic()
     km: AsyncKernelManager = await yarn_kernel(
-        tmp_path, kubeconfig, namespace, monkeypatch, spark=True, driverMemory="512m", executorMemory="512m"
+        tmp_path,
+        kubeconfig,
+        namespace,
+        monkeypatch,
+        spark=True,
+        sparkInitMode=init,
+        driverMemory="512m",
+        executorMemory="512m",
     )
     async with ready_client(km) as kc:
-        print(f"Spark kernel ready in {time.monotonic() - started:.2f} s")
+        print(f"Spark kernel ({init}) ready in {time.monotonic() - started:.2f} s")
         assert await _output(kc, "spark.range(1000).selectExpr('sum(id)').first()[0]") == "499500"
         assert await _output(kc, "sc.range(1000).sum()") == "499500"
         mode = await _output(kc, "print(sc.master, sc.getConf().get('spark.submit.deployMode'))")

@@ -116,6 +116,7 @@ def test_impersonation_makes_the_kernels_user_the_applications_user() -> None:
             "RKO_LAUNCH_TOKEN",
         ),
         ({"spark": True, "sparkOpts": "--conf 'unclosed"}, "InvalidSparkOptions", "shell words"),
+        ({"spark": True, "sparkInitMode": "never"}, "InvalidSpec", "sparkInitMode"),
     ],
 )
 def test_bad_yarn_choices_are_refused_with_what_to_change(
@@ -187,7 +188,9 @@ def test_spark_submit_runs_in_cluster_mode_with_the_token_as_a_file() -> None:
     assert f"spark.yarn.appMasterEnv.KERNEL_ID={req.kernel_id}" in joined
     # The operator's options come first, the kernel's after them; the driver and its arguments last.
     assert joined.index("spark.yarn.archive") < joined.index("spark.x=1") < joined.index("spark_driver.py")
-    assert argv[-4:] == ["--token-file", "rko-launch-token", "--spark-context-initialization-mode", "eager"]
+    assert argv[-4:] == ["--token-file", "rko-launch-token", "--spark-context-initialization-mode", "lazy"]
+    eager = request(ops=ops, yarn={"spark": True, "sparkInitMode": "eager"})
+    assert spark_submit_command(eager, options(eager, ops), ops.yarn, [], "/t", False)[-1] == "eager"
     not_impersonating = spark_submit_command(req, options(req, ops), ops.yarn, [], "/t", False)
     assert "--proxy-user" not in not_impersonating
 

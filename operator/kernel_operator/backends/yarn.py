@@ -92,6 +92,7 @@ class YarnOptions:
     executor_memory: str | None
     queue_wait: float
     user: str
+    spark_init: str = "lazy"
 
 
 def application_tag(kernel_id: str) -> str:
@@ -190,6 +191,9 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
         )
     if spark and request.language != "python":
         raise SpecError("Spark kernels on YARN are Python kernels here.", reason="LanguageNotSupported")
+    spark_init = str(config.get("sparkInitMode") or "lazy")
+    if spark_init not in ("lazy", "eager"):
+        raise SpecError(f"spec.yarn.sparkInitMode {spark_init!r} is not lazy or eager.", reason="InvalidSpec")
     wait = config.get("queueWaitSeconds")
     security = config.get("securityEnabled")
     return YarnOptions(
@@ -203,6 +207,7 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
         executor_memory=memories["executorMemory"],
         queue_wait=float(wait) if wait else settings.queue_wait,
         user=request.run_as or operator_user,
+        spark_init=spark_init,
     )
 
 
@@ -308,7 +313,7 @@ def spark_submit_command(
         "--token-file",
         TOKEN_FILE,
         "--spark-context-initialization-mode",
-        "eager",
+        options.spark_init,
     ]
 
 

@@ -40,6 +40,8 @@ chroot "$work" python3 -m venv /opt/kernel
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --find-links /tmp/wheels ipykernel pyzmq cryptography' >&2
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps /tmp/wheels/remote_kernel_operator-*.whl' >&2
 rm -rf "$wheels"
+# A fixed path for the launcher as a Spark application's main file (SparkApplication kernels).
+chroot "$work" /bin/sh -c 'mkdir -p /usr/local/lib/rko && ln -s "$(/opt/kernel/bin/python -c "import kernel_launchers, os; print(os.path.dirname(kernel_launchers.__file__))")/spark_driver.py" /usr/local/lib/rko/spark_driver.py' >&2
 if [[ -n "$extra_packages" ]]; then
   echo "Installing $extra_packages from Debian into the image (a minute or two)..." >&2
   cp /etc/resolv.conf "$work/etc/resolv.conf"

@@ -7,6 +7,7 @@ replace this class, never the library beneath it.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -35,6 +36,15 @@ def _error(what: str, err: ApiException) -> KubeError:
             "or grant what its README lists (namespaced modes grant nothing outside their namespaces)"
         )
     return KubeError(f"{what} failed: {err.status} {err.reason}{hint}", status=err.status)
+
+
+def _api_message(err: ApiException) -> str:
+    """The API server's own explanation (a webhook's or the schema's), when it gave one."""
+    try:
+        message = json.loads(err.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {message}" if message else ""
 
 
 class Kube:
@@ -147,6 +157,51 @@ class Kube:
             raise _error(f"Reading node {name}", err) from err
         conditions = (node.status.conditions if node.status else None) or []
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        try:
+            pods = await self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as err:
+            raise _error(f"Listing pods in {namespace} ({label_selector})", err) from err
+        return [dict(self.api.sanitize_for_serialization(pod)) for pod in pods.items]
+
+    # -- other operators' custom objects (customResource, sparkApplication) ---------------------
+    async def create_custom_object(
+        self, group: str, version: str, plural: str, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            created = await self.custom.create_namespaced_custom_object(
+                group, version, namespace, plural, body
+            )
+        except ApiException as err:
+            what = f"Creating {plural}.{group} {namespace}/{body['metadata']['name']}"
+            detail = _api_message(err)
+            raise KubeError(f"{_error(what, err)}{detail}", status=err.status) from err
+        return dict(created)
+
+    async def read_custom_object(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            return dict(
+                await self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading {plural}.{group} {namespace}/{name}", err) from err
+
+    async def delete_custom_object(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> None:
+        try:
+            # Background: the API server's garbage collector removes what the object owns.
+            await self.custom.delete_namespaced_custom_object(
+                group, version, namespace, plural, name, propagation_policy="Background"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Deleting {plural}.{group} {namespace}/{name}", err) from err
 
     # -- namespaces ------------------------------------------------------------------------------
     async def create_namespace(self, name: str, labels: dict[str, str]) -> None:

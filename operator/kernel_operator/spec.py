@@ -52,6 +52,7 @@ class KernelRequest:
     backend_config: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     run_as: str | None = None  # the account the kernel runs as (impersonation), else the backend's
+    executor_image: str | None = None  # Spark executors (sparkApplication)
 
 
 def impersonated_account(
@@ -178,4 +179,5 @@ def build_request(
         backend_config=backend_config,
         resources=dict(spec.get("resources") or {}),
         run_as=impersonated_account(username, backend_config, settings),
+        executor_image=spec.get("executorImage") or None,
     )

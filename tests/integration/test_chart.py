@@ -212,6 +212,7 @@ def test_the_deployment_is_hardened_and_never_runs_two_operators(helm: Path) -> 
         (["ssh.loadBalancing=random"], "round-robin or least-connection"),
         (["kernels.transportEncryption=maybe"], "disabled, auto or required"),
         (["serviceAccount.create=false"], "serviceAccount.name must name"),
+        (["customObjects.kinds[0].group=example.com"], "needs group and resources"),
     ],
 )
 def test_values_that_cannot_work_are_refused_with_what_to_change(
@@ -248,6 +249,40 @@ def test_per_kernel_namespaces_add_only_their_rights_and_bind_one_role(helm: Pat
     ]
     assert container_env(docs)["RKO_SHARED_NAMESPACE"] == "false"
     assert any(r["metadata"]["name"] == "remote-kernel" for r in of_kind(docs, "ClusterRole"))
+
+
+def test_custom_object_backends_get_rights_only_when_enabled(helm: Path) -> None:
+    def rules(*values: str) -> list[dict[str, Any]]:
+        docs = render(helm, *values)
+        (app,) = [r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-application")]
+        return list(app["rules"])
+
+    default = rules()
+    assert not [r for r in default if "sparkoperator.k8s.io" in r["apiGroups"]]
+    assert not [r for r in default if "list" in r["verbs"] and r["resources"] == ["pods"]]
+    spark = rules("customObjects.sparkApplications=true")
+    assert {
+        "apiGroups": ["sparkoperator.k8s.io"],
+        "resources": ["sparkapplications"],
+        "verbs": ["create", "get", "delete"],
+    } in spark
+    assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]} in spark
+    kinds = rules(
+        "customObjects.kinds[0].group=example.com", "customObjects.kinds[0].resources[0]=notebookjobs"
+    )
+    assert {
+        "apiGroups": ["example.com"],
+        "resources": ["notebookjobs"],
+        "verbs": ["create", "get", "delete"],
+    } in kinds
+    assert not [r for r in kinds if "sparkoperator.k8s.io" in r["apiGroups"]]
+    # The namespaced mode's Roles carry the same rules (one template feeds both).
+    docs = render(
+        helm, "singleNamespace=true", "kernels.checkNodes=false", "customObjects.sparkApplications=true"
+    )
+    assert any(
+        "sparkoperator.k8s.io" in r["apiGroups"] for role in of_kind(docs, "Role") for r in role["rules"]
+    )
 
 
 # -- installed into the control plane ------------------------------------------------------------

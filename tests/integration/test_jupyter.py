@@ -170,9 +170,13 @@ async def execute(
         )
     )
     out: list[str] = []
+    reply: dict[str, Any] | None = None
+    idle = False
     deadline = time.monotonic() + timeout
     try:
-        while True:
+        # The reply (shell) may overtake the output (iopub): the request is done when both the
+        # reply and iopub's "idle" for it (which follows all its output) have arrived.
+        while reply is None or not idle:
             raw = await asyncio.wait_for(conn.read_message(), max(0.1, deadline - time.monotonic()))
             assert raw is not None, "the websocket closed"
             msg = json.loads(raw)
@@ -180,8 +184,11 @@ async def execute(
                 continue
             if msg["msg_type"] == "stream":
                 out.append(msg["content"]["text"])
-            if msg["msg_type"] == "execute_reply":
-                return msg["content"], "".join(out)
+            elif msg["msg_type"] == "execute_reply":
+                reply = msg["content"]
+            elif msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                idle = True
+        return reply, "".join(out)
     finally:
         conn.close()
 

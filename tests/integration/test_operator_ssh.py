@@ -226,7 +226,7 @@ def kubectl_cmd(kubeconfig: Path) -> list[str]:
         ({"username": "root"}, "Unauthorized", "RKO_UNAUTHORIZED_USERS"),
         ({"portRange": "40000..40010"}, "InvalidPortRange", "at least 1000"),
         ({"portRange": "70000..80000"}, "InvalidPortRange", "1024..65535"),
-        ({"backend": "yarn"}, "BackendNotAvailable", "not available"),
+        ({"backend": "yarn"}, "YarnNotConfigured", "RKO_YARN_ENDPOINT"),
         ({"env": {"KERNEL_ID": "something-else"}}, "InvalidSpec", "disagrees"),
     ],
 )

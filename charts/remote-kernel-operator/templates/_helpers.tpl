@@ -71,6 +71,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (has .Values.kernels.transportEncryption (list "disabled" "auto" "required")) }}
 {{- fail "kernels.transportEncryption must be disabled, auto or required." }}
 {{- end }}
+{{- range .Values.customObjects.kinds }}
+{{- if not (and .group .resources) }}
+{{- fail "Each customObjects.kinds entry needs group and resources (a list of plural names), e.g. {group: example.com, resources: [notebookjobs]}." }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -95,6 +100,24 @@ namespaced modes) alike, so the two can never differ.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create, get, patch, delete]
+{{- if or .Values.customObjects.sparkApplications .Values.customObjects.kinds }}
+# The custom-object backends find a kernel's pod by labels among what another operator made.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+{{- end }}
+{{- if .Values.customObjects.sparkApplications }}
+# The sparkApplication backend's SparkApplications.
+- apiGroups: [sparkoperator.k8s.io]
+  resources: [sparkapplications]
+  verbs: [create, get, delete]
+{{- end }}
+{{- range .Values.customObjects.kinds }}
+# A customResource kind named in values.
+- apiGroups: [{{ .group | quote }}]
+  resources: {{ toJson .resources }}
+  verbs: [create, get, delete]
+{{- end }}
 {{- end }}
 
 {{/* The framework block: what kopf itself needs. */}}

@@ -10,6 +10,7 @@ from ..errors import SpecError
 from ..kube import Kube
 from ..settings import OperatorSettings
 from .base import Backend, BackendRef, BackendStatus, LaunchPlan, SignalingBackend
+from .custom_resource import CustomResourceBackend, SparkApplicationBackend
 from .docker import DockerBackend
 from .docker_swarm import DockerSwarmBackend
 from .kubernetes import KubernetesBackend
@@ -29,6 +30,8 @@ class Backends:
             "docker": DockerBackend(settings.docker),
             "dockerSwarm": DockerSwarmBackend(settings.docker),
             "yarn": YarnBackend(settings.yarn),
+            "customResource": CustomResourceBackend(kube, settings),
+            "sparkApplication": SparkApplicationBackend(kube, settings),
         }
 
     def get(self, name: str) -> Backend:

@@ -37,7 +37,7 @@ from ..quantities import cpu_nanos, memory_bytes
 from ..settings import YarnSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
-from .resource_manager import FINAL_STATES, ResourceManagerClient
+from .resource_manager import FINAL_STATES, ResourceManagerClient, kerberos_auth
 
 AM_CLASS = "io.kerneloperator.yarnam.LauncherAM"
 TOKEN_SECRET = "rko.launch.token"  # LauncherAM reads it from the application's credentials
@@ -411,8 +411,6 @@ class YarnBackend:
         request = plan.request
         options = self.options(request)
         if options.security_enabled:
-            from .resource_manager import kerberos_auth
-
             kerberos_auth()  # fail now, with what to install, rather than at the first request
         args = [
             *launcher_args(request, plan.response_address, plan.public_key, self.settings.kernel_ip, RUN_DIR),

@@ -5,7 +5,8 @@ Rows, all measured in one run by bench/measure.py (start_kernel -> first execute
 - our provisioner, ssh backend, host localhost (the operator starts the launcher locally);
 - our provisioner, ssh backend through Debian's sshd on 127.0.0.1;
 - our provisioner, ssh backend round-robin over three hosts (network namespaces, own sshd each);
-- our provisioner on the kubernetes, docker and dockerSwarm backends;
+- our provisioner on the kubernetes, docker and dockerSwarm backends, and on the
+  sparkApplication backend (the tests' stand-in spark-operator makes the driver pod);
 - our provisioner on the yarn backend (MiniYARNCluster): a plain kernel under our
   ApplicationMaster, and a Spark kernel submitted by pyspark's spark-submit in cluster mode;
 - gateway_provisioners' DistributedProvisioner, installed from PyPI into its own venv, on
@@ -41,6 +42,8 @@ from localcluster.yarn import MiniYarn, operator_env, spark_home, spark_opts
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.node_agent import node_agent_command
+from tests.spark_operator import CRD as SPARK_CRD
+from tests.spark_operator import controller_command as spark_controller_command
 
 WORK = REPO_ROOT / ".cache" / "bench"
 GP_VERSION = "0.5.0"
@@ -181,6 +184,7 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
         "rk_pod": {"backend": "kubernetes", "image_name": image},
         "rk_docker": {"backend": "docker", "image_name": image},
         "rk_swarm": {"backend": "dockerSwarm", "image_name": image},
+        "rk_sparkapp": {"backend": "sparkApplication", "image_name": image},
         "rk_yarn": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 120},
         "rk_yarn_spark": {
             "backend": "yarn",
@@ -258,6 +262,7 @@ def main() -> int:
     sshd = Sshd(WORK / "sshd")
     engine = DockerEngine()
     agent: subprocess.Popen[bytes] | None = None
+    spark_controller: subprocess.Popen[bytes] | None = None
     operator: OperatorProcess | None = None
     hosts_operator: OperatorProcess | None = None
     yarn_operator: OperatorProcess | None = None
@@ -296,6 +301,16 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
         client.ApiextensionsV1Api(api).create_custom_resource_definition(
             yaml.safe_load((REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml").read_text())
+        )
+        client.ApiextensionsV1Api(api).create_custom_resource_definition(
+            yaml.safe_load(SPARK_CRD.read_text())
+        )
+        # The tests' stand-in for spark-operator (why: tests/spark_operator/controller.py).
+        spark_controller = subprocess.Popen(
+            spark_controller_command(cluster.admin_kubeconfig),
+            cwd=REPO_ROOT,
+            stdout=open(WORK / "spark-operator.log", "ab"),  # noqa: SIM115 - handed to the child
+            stderr=subprocess.STDOUT,
         )
         client.CoreV1Api(api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name="remote-kernel-operator"))
@@ -372,6 +387,11 @@ def main() -> int:
                 Path(sys.executable),
                 "rk_swarm",
             ),
+            (
+                "remote-kernel-operator, sparkApplication backend (stand-in operator)",
+                Path(sys.executable),
+                "rk_sparkapp",
+            ),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost", gp_python, "gp_ssh"),
             (f"gateway_provisioners {GP_VERSION} DistributedProvisioner, 3 hosts", gp_python, "gp_hosts"),
             ("remote-kernel-operator, yarn backend (our ApplicationMaster)", Path(sys.executable), "rk_yarn"),
@@ -427,9 +447,10 @@ def main() -> int:
                 proc.stop()
         yarn.stop()
         pool.stop()
-        if agent is not None:
-            agent.terminate()
-            agent.wait(30)
+        for child in (agent, spark_controller):
+            if child is not None:
+                child.terminate()
+                child.wait(30)
         # Every kernel container gone (a Swarm task's is removed a moment after its service)
         # before leaving Swarm mode, which would strand it.
         deadline = time.monotonic() + 30

@@ -193,6 +193,30 @@ def operator(
     assert not left, f"launcher or kernel processes left after the session: {left}"
 
 
+def delete_kernels_of_class(api_client: client.ApiClient, operator_class: str) -> None:
+    """Delete every RemoteKernel of ``operator_class`` and wait until its operator cleaned up."""
+    custom = client.CustomObjectsApi(api_client)
+    selector = f"kernel-operator.io/operator-class={operator_class}"
+
+    def mine() -> list[dict[str, Any]]:
+        found = custom.list_cluster_custom_object(
+            "kernel-operator.io", "v1alpha1", "remotekernels", label_selector=selector
+        )
+        return list(found["items"])
+
+    for item in mine():
+        meta = item["metadata"]
+        try:
+            custom.delete_namespaced_custom_object(
+                "kernel-operator.io", "v1alpha1", meta["namespace"], "remotekernels", meta["name"]
+            )
+        except ApiException as err:
+            assert err.status == 404, err
+    wait_for(
+        lambda: not mine(), timeout=60, what=f"every {operator_class}-class RemoteKernel to be cleaned up"
+    )
+
+
 def launcher_processes() -> list[str]:
     """Command lines of every kernel launcher or ipykernel started by the tests."""
     found = []

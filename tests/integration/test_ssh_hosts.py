@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from localcluster import free_port
 from localcluster.hosts import PYTHON_MOUNT, HostPool, NetnsHost
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
-from .conftest import ensure_namespace
+from .conftest import delete_kernels_of_class, ensure_namespace
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -97,25 +96,7 @@ def hosts_operator(
     )
     proc.start()
     yield proc
-    custom = client.CustomObjectsApi(api_client)
-    mine = custom.list_cluster_custom_object(
-        GROUP, VERSION, PLURAL, label_selector=f"{GROUP}/operator-class={CLASS}"
-    )
-    for item in mine["items"]:
-        meta = item["metadata"]
-        try:
-            custom.delete_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
-        except ApiException as err:
-            assert err.status == 404, err
-    wait_for(
-        lambda: (
-            not custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, label_selector=f"{GROUP}/operator-class={CLASS}"
-            )["items"]
-        ),
-        timeout=60,
-        what="every hosts-class RemoteKernel to be cleaned up",
-    )
+    delete_kernels_of_class(api_client, CLASS)
     proc.stop()
     core.delete_namespaced_secret(SECRET, "rko-system")
     assert " 403 " not in proc.log()

@@ -22,7 +22,7 @@ from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
-from .conftest import ensure_namespace, launcher_processes
+from .conftest import delete_kernels_of_class, ensure_namespace, launcher_processes
 from .test_operator_ssh import (
     GROUP,
     _reply_to,
@@ -79,11 +79,7 @@ def yarn_operator(
     )
     proc.start()
     yield proc
-    custom = client.CustomObjectsApi(api_client)
-    for item in custom.list_cluster_custom_object(
-        GROUP, "v1alpha1", "remotekernels", label_selector=f"{GROUP}/operator-class={CLASS}"
-    )["items"]:
-        delete_and_wait_gone(custom, item["metadata"]["namespace"], item["metadata"]["name"], timeout=60)
+    delete_kernels_of_class(api_client, CLASS)
     proc.stop()
 
 

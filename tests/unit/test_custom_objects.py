@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kernel_operator.backends.base import BackendStatus, LaunchPlan
+from kernel_operator.backends.base import BackendStatus, LaunchPlan, kernel_image
 from kernel_operator.backends.custom_object_builder import (
     SPARK_POD_IP_REF,
     build_custom_object,
@@ -266,3 +266,26 @@ def test_a_kind_the_api_server_does_not_know_says_what_to_check() -> None:
     with pytest.raises(BackendError, match="CRD installed") as err:
         asyncio.run(backend.launch(plan(request(**WIDGET, template={"spec": {"a": 1}}))))
     assert err.value.reason == "ObjectRejected" and not kube.secrets
+
+
+def test_the_image_comes_from_the_spec_then_kernel_image_then_the_operator() -> None:
+    spec = build_request(
+        "ns",
+        "k",
+        "u",
+        {
+            "kernelId": str(uuid.uuid4()),
+            "username": "a",
+            "backend": "docker",
+            "image": "s:1",
+            "env": {"KERNEL_IMAGE": "e:1"},
+        },
+        OperatorSettings.from_env({}),
+    )
+    assert kernel_image(spec, "o:1", "docker") == "s:1"
+    env_only = request("sparkApplication", env={"KERNEL_IMAGE": "e:1"})
+    assert kernel_image(env_only, "o:1", "sparkApplication") == "e:1"
+    assert kernel_image(request("sparkApplication"), "o:1", "sparkApplication") == "o:1"
+    with pytest.raises(SpecError, match="RKO_KERNEL_IMAGE") as err:
+        kernel_image(request("sparkApplication"), "", "sparkApplication")
+    assert err.value.reason == "ImageMissing" and "sparkApplication backend" in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ..errors import SpecError
 from ..launch_command import launcher_args
 from ..spec import KernelRequest
 
@@ -26,6 +27,18 @@ class LaunchPlan:
     def launcher_args(self, ip: str) -> list[str]:
         """The launcher's arguments (without the interpreter) for a kernel bound to ``ip``."""
         return launcher_args(self.request, self.response_address, self.public_key, ip, self.run_dir)
+
+
+def kernel_image(request: KernelRequest, default: str, backend: str) -> str:
+    """The image a container backend runs: spec.image, then KERNEL_IMAGE, then the operator's."""
+    image = request.image or request.env.get("KERNEL_IMAGE") or default
+    if not image:
+        raise SpecError(
+            f"The {backend} backend needs an image: set spec.image (KERNEL_IMAGE) or the operator's "
+            "RKO_KERNEL_IMAGE.",
+            reason="ImageMissing",
+        )
+    return image
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..errors import BackendError, SpecError
+from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
 from ..spec import KernelRequest
-from .base import BackendRef, BackendStatus, LaunchPlan
+from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
 from .custom_object_builder import (
     SPARK_GROUP,
     SPARK_PLURAL,
@@ -104,12 +104,7 @@ class CustomResourceBackend:
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
-        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
-        if not image:
-            raise SpecError(
-                f"The {self.name} backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
-                reason="ImageMissing",
-            )
+        image = kernel_image(request, self.settings.kernel_image, self.name)
         ref = self._ref(request)
         namespace = request.namespace
         body = self.build(request, plan.launcher_args(self.ip_ref), image, namespace, plan.owner)

@@ -20,7 +20,7 @@ from ..launch_command import LAUNCHER_MODULE
 from ..quantities import cpu_nanos, memory_bytes
 from ..settings import DockerSettings
 from ..spec import KernelRequest
-from .base import BackendRef, BackendStatus, LaunchPlan
+from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
 
 KERNEL_ID_LABEL = "kernel-operator.io/kernel-id"
 
@@ -188,12 +188,7 @@ class DockerBackend:
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
-        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
-        if not image:
-            raise SpecError(
-                f"The {self.name} backend needs an image: set spec.image (KERNEL_IMAGE) or RKO_KERNEL_IMAGE.",
-                reason="ImageMissing",
-            )
+        image = kernel_image(request, self.settings.kernel_image, self.name)
         network = str(request.backend_config.get("network") or self.settings.network)
         config = self.build_config(
             request, plan.launcher_args(self.settings.kernel_ip), image, plan.token, network

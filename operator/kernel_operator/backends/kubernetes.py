@@ -8,11 +8,11 @@ it even if the operator is gone; a pod elsewhere is removed by the finalizer.
 
 from __future__ import annotations
 
-from ..errors import BackendError, SpecError
+from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
 from ..spec import KernelRequest
-from .base import BackendRef, BackendStatus, LaunchPlan
+from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
 from .pod_builder import (
     POD_IP_REF,
     TOKEN_KEY,
@@ -88,12 +88,7 @@ class KubernetesBackend:
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
-        image = request.image or request.env.get("KERNEL_IMAGE") or self.settings.kernel_image
-        if not image:
-            raise SpecError(
-                "The kubernetes backend needs an image: set spec.image (KERNEL_IMAGE) or the operator's RKO_KERNEL_IMAGE.",
-                reason="ImageMissing",
-            )
+        image = kernel_image(request, self.settings.kernel_image, self.name)
         namespace, created_namespace = await self._namespace(plan)
         owner = plan.owner if namespace == request.namespace else None
         secret = token_secret_name(request)

@@ -192,7 +192,7 @@ def test_a_spark_application_that_fails_submission_fails_the_kernel_within_secon
         backend="sparkApplication",
         image=kernel_image,
         launchTimeoutSeconds=300,
-        env={"KERNEL_SERVICE_ACCOUNT_NAME": "no-such-account"},
+        sparkApplication={"serviceAccount": "no-such-account"},
     )
     failed = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)
     seconds = time.monotonic() - started

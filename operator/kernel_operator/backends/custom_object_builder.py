@@ -214,7 +214,7 @@ def build_spark_application(
         "env": env,
         "image": driver_image,
     }
-    service_account = request.env.get("KERNEL_SERVICE_ACCOUNT_NAME") or config.get("serviceAccount")
+    service_account = config.get("serviceAccount") or request.env.get("KERNEL_SERVICE_ACCOUNT_NAME")
     if service_account:
         driver_spec["serviceAccount"] = str(service_account)
     executor_spec: dict[str, Any] = {

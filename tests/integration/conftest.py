@@ -172,31 +172,18 @@ def operator(
     yield proc
     # Delete every RemoteKernel while the operator runs, so its finalizers clean up; a stopped
     # operator leaves kernels running by design (they survive operator restarts).
-    custom = client.CustomObjectsApi(api_client)
-    for item in custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")["items"]:
-        meta = item["metadata"]
-        try:
-            custom.delete_namespaced_custom_object(
-                "kernel-operator.io", "v1alpha1", meta["namespace"], "remotekernels", meta["name"]
-            )
-        except ApiException as err:
-            assert err.status == 404, err
-    wait_for(
-        lambda: (
-            not custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")["items"]
-        ),
-        timeout=60,
-        what="every RemoteKernel to be cleaned up by the operator",
-    )
+    delete_remote_kernels(api_client)
     proc.stop()
     left = launcher_processes()
     assert not left, f"launcher or kernel processes left after the session: {left}"
 
 
-def delete_kernels_of_class(api_client: client.ApiClient, operator_class: str) -> None:
-    """Delete every RemoteKernel of ``operator_class`` and wait until its operator cleaned up."""
+def delete_remote_kernels(api_client: client.ApiClient, operator_class: str | None = None) -> None:
+    """Delete every RemoteKernel (of ``operator_class`` when given) and wait until the operator
+    serving them has cleaned up."""
     custom = client.CustomObjectsApi(api_client)
-    selector = f"kernel-operator.io/operator-class={operator_class}"
+    selector = f"kernel-operator.io/operator-class={operator_class}" if operator_class else ""
+    which = f"{operator_class}-class RemoteKernel" if operator_class else "RemoteKernel"
 
     def mine() -> list[dict[str, Any]]:
         found = custom.list_cluster_custom_object(
@@ -212,9 +199,7 @@ def delete_kernels_of_class(api_client: client.ApiClient, operator_class: str) -
             )
         except ApiException as err:
             assert err.status == 404, err
-    wait_for(
-        lambda: not mine(), timeout=60, what=f"every {operator_class}-class RemoteKernel to be cleaned up"
-    )
+    wait_for(lambda: not mine(), timeout=60, what=f"every {which} to be cleaned up by its operator")
 
 
 def launcher_processes() -> list[str]:

@@ -25,7 +25,7 @@ from localcluster.hosts import PYTHON_MOUNT, HostPool, NetnsHost
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
-from .conftest import delete_kernels_of_class, ensure_namespace
+from .conftest import delete_remote_kernels, ensure_namespace
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -96,7 +96,7 @@ def hosts_operator(
     )
     proc.start()
     yield proc
-    delete_kernels_of_class(api_client, CLASS)
+    delete_remote_kernels(api_client, CLASS)
     proc.stop()
     core.delete_namespaced_secret(SECRET, "rko-system")
     assert " 403 " not in proc.log()

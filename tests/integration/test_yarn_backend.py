@@ -22,7 +22,7 @@ from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
-from .conftest import delete_kernels_of_class, ensure_namespace, launcher_processes
+from .conftest import delete_remote_kernels, ensure_namespace, launcher_processes
 from .test_operator_ssh import (
     GROUP,
     _reply_to,
@@ -79,7 +79,7 @@ def yarn_operator(
     )
     proc.start()
     yield proc
-    delete_kernels_of_class(api_client, CLASS)
+    delete_remote_kernels(api_client, CLASS)
     proc.stop()
 
 
@@ -111,15 +111,8 @@ def yarn_kernel(
 
 
 def app_of(custom: client.CustomObjectsApi, namespace: str, kernel_id: str) -> str:
-    obj = get(custom, namespace, f"k-{kernel_id}")
-    if obj is None:  # created by the provisioner: named after the kernel id
-        obj = next(
-            item
-            for item in custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, "remotekernels")[
-                "items"
-            ]
-            if item["spec"]["kernelId"] == kernel_id
-        )
+    obj = get(custom, namespace, f"k-{kernel_id}")  # the provisioner names it after the kernel
+    assert obj is not None, f"no RemoteKernel for kernel {kernel_id}"
     return str(obj["status"]["backendRef"]["applicationId"])
 
 

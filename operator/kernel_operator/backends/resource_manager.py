@@ -1,8 +1,9 @@
 """The one place the yarn backend talks to a ResourceManager: its REST API, via yarn-api-client.
 
-Synchronous (yarn-api-client uses requests); the backend calls it in a thread. Each call finds
-the active ResourceManager of the configured pair first, so an HA failover is followed without
-a restart. Errors become BackendUnavailable (cannot reach any) or BackendError (refused).
+Synchronous (yarn-api-client uses requests); the backend calls it in a thread. The active
+ResourceManager of the configured pair is found once and kept; a call it does not answer finds
+the active one again and is retried once, so an HA failover is followed without a restart.
+Errors become BackendUnavailable (cannot reach any) or BackendError (refused).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class ResourceManagerClient:
         self.endpoints = [e for e in endpoints if e]
         self.timeout = timeout
         self.security_enabled = security_enabled
+        self._rm: ResourceManager | None = None  # the active one, once found
 
     def _active(self) -> ResourceManager:
+        if self._rm is not None:
+            return self._rm
         auth = kerberos_auth() if self.security_enabled else None
         try:
             rm = ResourceManager(service_endpoints=self.endpoints, timeout=self.timeout, auth=auth)
@@ -54,13 +58,19 @@ class ResourceManagerClient:
                 reason="ResourceManagerUnreachable",
             ) from err
         rm.session.trust_env = False  # never through a proxy from the environment
+        self._rm = rm
         return rm
 
     def _call(self, what: str, path: str, method: str = "GET", **kwargs: Any) -> dict[str, Any]:
+        known = self._rm is not None
         rm = self._active()
         try:
             return dict(rm.request(path, method, **kwargs).data)
         except requests.RequestException as err:
+            if isinstance(err, requests.ConnectionError):
+                self._rm = None  # it went away (or failed over): look for the active one again
+                if known:
+                    return self._call(what, path, method, **kwargs)
             raise BackendUnavailable(
                 f"The ResourceManager at {rm.get_active_endpoint()} did not answer ({what}): {err}",
                 reason="ResourceManagerUnreachable",

@@ -391,12 +391,15 @@ class YarnBackend:
     def __init__(self, settings: YarnSettings, client_factory: ClientFactory = ResourceManagerClient) -> None:
         self.settings = settings
         self._client = client_factory
+        # One client per ResourceManager pair, so the active one is found once, not per poll.
+        self._clients: dict[tuple[tuple[str, ...], bool], ResourceManagerClient] = {}
         self.operator_user = settings.user or _operator_user()
 
     def client_for(self, ref: Mapping[str, Any]) -> ResourceManagerClient:
-        return self._client(
-            list(ref.get("endpoints") or ()), self.settings.request_timeout, bool(ref.get("securityEnabled"))
-        )
+        key = (tuple(ref.get("endpoints") or ()), bool(ref.get("securityEnabled")))
+        if key not in self._clients:
+            self._clients[key] = self._client(list(key[0]), self.settings.request_timeout, key[1])
+        return self._clients[key]
 
     def adopt(self, ref: BackendRef) -> None:
         """Nothing to rebuild: the ResourceManager and the application's tag are the record."""

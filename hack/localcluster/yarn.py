@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .cluster import REPO_ROOT
+
 MAIN_CLASS = "io.kerneloperator.yarncluster.MiniYarn"
 # Hadoop 3.4 on Java 17 reflects into these packages (Guice, its RPC and web layers).
 JAVA_OPENS = [

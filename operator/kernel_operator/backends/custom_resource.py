@@ -11,7 +11,7 @@ garbage collector removes the pods it owns.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import BackendError
@@ -34,8 +34,6 @@ from .custom_object_builder import (
     spark_application_state,
 )
 from .pod_builder import POD_IP_REF, TOKEN_KEY, labels, pod_state, token_secret_name
-
-Builder = Callable[[KernelRequest, Sequence[str], str, str, Mapping[str, Any] | None], dict[str, Any]]
 
 
 class CustomResourceBackend:

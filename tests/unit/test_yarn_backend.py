@@ -223,13 +223,12 @@ def app(state: str, final: str = "UNDEFINED", **extra: Any) -> dict[str, Any]:
         (app("FINISHED", "FAILED", diagnostics="launcher exited with code 3"), "failed", "ApplicationFailed"),
         (app("FAILED", "FAILED", diagnostics="unknown queue: q"), "failed", "ApplicationFailed"),
         (app("KILLED", "KILLED", diagnostics="Application killed by user."), "failed", "ApplicationKilled"),
-        (None, "gone", "ApplicationGone"),
     ],
 )
-def test_yarn_states_map_to_the_kernels_state(report: dict[str, Any] | None, state: str, reason: str) -> None:
+def test_yarn_states_map_to_the_kernels_state(report: dict[str, Any], state: str, reason: str) -> None:
     status = application_state(report, NOW + 1000, queue_wait=60)
     assert status.state == state and status.reason == reason
-    if report is not None and report.get("diagnostics"):
+    if report.get("diagnostics"):
         assert report["diagnostics"] in status.message and "application_1_0007" in status.message
 
 
@@ -386,14 +385,16 @@ def test_yarn_settings_defaults_are_usable() -> None:
     assert YarnSettings().am_memory_mb == 256 and YarnSettings().queue == "default"
 
 
-def test_an_application_unknown_to_a_just_restarted_resource_manager_is_not_yet_gone() -> None:
+def test_an_application_the_resource_manager_does_not_know_is_not_gone_at_once() -> None:
     fake = FakeResourceManager()
     yarn = backend(fake)
     ref = {"applicationId": "application_1_0099", "endpoints": [RM]}
-    assert asyncio.run(yarn.status(ref)).state == "gone"  # up for long: the application is lost
+    # The kernel fails only after the unreachable grace (the lifecycle's), never on one answer.
+    with pytest.raises(BackendUnavailable, match="application_1_0099") as err:
+        asyncio.run(yarn.status(ref))
+    assert err.value.reason == "ApplicationUnknown"
+    asyncio.run(yarn.stop(ref))  # up for long: nothing there to kill
     fake.started = time.time() * 1000 - 5_000  # restarted 5 s ago: still recovering
     with pytest.raises(BackendUnavailable) as err:
-        asyncio.run(yarn.status(ref))
-    assert err.value.reason == "ResourceManagerRecovering"
-    with pytest.raises(BackendUnavailable):
         asyncio.run(yarn.stop(ref))  # deletion waits rather than leave a recovered application running
+    assert err.value.reason == "ResourceManagerRecovering"

@@ -317,12 +317,8 @@ def spark_submit_command(
     ]
 
 
-def application_state(app: Mapping[str, Any] | None, now_ms: float, queue_wait: float) -> BackendStatus:
+def application_state(app: Mapping[str, Any], now_ms: float, queue_wait: float) -> BackendStatus:
     """A YARN application report as the kernel's state. Pure."""
-    if app is None:
-        return BackendStatus(
-            "gone", "ApplicationGone", "The ResourceManager no longer knows the kernel's YARN application."
-        )
     app_id = app.get("id", "?")
     state = str(app.get("state", "NEW"))
     final = str(app.get("finalStatus", "UNDEFINED"))
@@ -517,15 +513,25 @@ class YarnBackend:
         return await asyncio.to_thread(self._status, ref)
 
     def _status(self, ref: BackendRef) -> BackendStatus:
-        client = self.client_for(ref)
-        app = self._application(client, str(ref["applicationId"]))
+        app_id = str(ref["applicationId"])
+        app = self.client_for(ref).application(app_id)
+        if app is None:
+            # Not "gone" at once: around a restart a ResourceManager answers before it has
+            # recovered its applications (and a stopping one may answer with none), so an
+            # unknown application gets the unreachable grace before the kernel fails.
+            raise BackendUnavailable(
+                f"The ResourceManager does not know YARN application {app_id}: it is restarting or "
+                "recovering, or it restarted without recovery and lost the application.",
+                reason="ApplicationUnknown",
+            )
         return application_state(
             app, time.time() * 1000, float(ref.get("queueWait") or self.settings.queue_wait)
         )
 
     @staticmethod
     def _application(client: ResourceManagerClient, app_id: str) -> dict[str, Any] | None:
-        """The application's report; None only when the ResourceManager has truly lost it."""
+        """The application's report for stopping it; None when it is not there to kill, unless
+        the ResourceManager restarted so recently that it may still recover it."""
         app = client.application(app_id)
         if app is None and time.time() * 1000 - client.started_on() < RECOVERY_SECONDS * 1000:
             raise BackendUnavailable(

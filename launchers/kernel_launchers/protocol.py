@@ -243,29 +243,46 @@ def _check_payload_shape(payload: Any) -> None:
 
 # -- exit notices ---------------------------------------------------------------------------
 
+EXIT_MAC_LEN = 32
+EXIT_LEN = len(EXIT_MAGIC) + KERNEL_ID_LEN + 8 + EXIT_MAC_LEN
 
-def exit_notice(kernel_id: str) -> bytes:
-    """A framed notice that a kernel's process exited.
 
-    It only makes the operator check the backend at once instead of at its next poll, so it
-    needs no secret: a forged notice costs one status check and changes nothing.
+def _exit_mac(kernel_id: bytes, stamp: bytes, key: bytes) -> bytes:
+    return hmac.new(key, EXIT_MAGIC + kernel_id + stamp, hashlib.sha256).digest()
+
+
+def exit_notice(kernel_id: str, key: bytes, now: float | None = None) -> bytes:
+    """A framed notice that a kernel's process exited, signed with the launcher's control key.
+
+    It only makes the operator check the backend at once instead of at its next poll; the
+    signature (and its time, within CONTROL_MAX_AGE) keeps anyone else from making it do so.
     """
-    message = EXIT_MAGIC + canonical_kernel_id(kernel_id).encode("ascii")
+    kid = canonical_kernel_id(kernel_id).encode("ascii")
+    stamp = struct.pack(">d", time.time() if now is None else now)
+    message = EXIT_MAGIC + kid + stamp + _exit_mac(kid, stamp, key)
     return struct.pack(">I", len(message)) + message
 
 
 def read_exit_notice(message: bytes) -> str | None:
-    """The kernel id of an exit notice, or None if the message is not one."""
-    if not message.startswith(EXIT_MAGIC) or len(message) != len(EXIT_MAGIC) + KERNEL_ID_LEN:
+    """The kernel id an exit notice claims (not yet verified), or None if it is not one."""
+    if not message.startswith(EXIT_MAGIC) or len(message) != EXIT_LEN:
         return None
     try:
-        claimed = message[len(EXIT_MAGIC) :].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    try:
+        claimed = message[len(EXIT_MAGIC) : len(EXIT_MAGIC) + KERNEL_ID_LEN].decode("ascii")
         return claimed if canonical_kernel_id(claimed) == claimed else None
-    except ProtocolError:
+    except (UnicodeDecodeError, ProtocolError):
         return None
+
+
+def verify_exit_notice(message: bytes, key: bytes, now: float | None = None) -> None:
+    """Check an exit notice's signature and age; ProtocolError if it is forged or stale."""
+    offset = len(EXIT_MAGIC) + KERNEL_ID_LEN
+    kid, stamp, mac = message[len(EXIT_MAGIC) : offset], message[offset : offset + 8], message[offset + 8 :]
+    if not hmac.compare_digest(_exit_mac(kid, stamp, key), mac):
+        raise ProtocolError("The exit notice's signature does not match.")
+    (sent,) = struct.unpack(">d", stamp)
+    if abs((time.time() if now is None else now) - sent) > CONTROL_MAX_AGE:
+        raise ProtocolError("The exit notice is too old or from the future.")
 
 
 # -- control requests -----------------------------------------------------------------------

@@ -25,11 +25,12 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from .ports import PortRangeError, bind_free_port, free_ports, parse_port_range
 log = logging.getLogger("kernel_launchers")
 
 EXIT_LAUNCH_FAILED = 3  # the kernel could not be started or its info not delivered
+CONTROL_CONNECTIONS = 8  # control requests served at once
+CONTROL_DEADLINE = 5.0  # seconds for a whole control request, however slowly it arrives
 ENCRYPTION_POLICIES = ("disabled", "auto", "required")
 LANGUAGES = ("python", "r")
 
@@ -59,6 +62,7 @@ class LauncherArgs:
     kernel_language: str = "python"
     r_executable: str = "R"
     exit_with_parent: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)  # from the launch file, for the kernel
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -70,6 +74,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     parser.add_argument("--public-key", required=True, help="the operator's public key")
     parser.add_argument("--token", default=env.get("RKO_LAUNCH_TOKEN"), help="single-use token")
     parser.add_argument("--token-file", default=None, help="read the token from this file, then delete it")
+    parser.add_argument(
+        "--launch-file",
+        default=None,
+        help="read the token and the kernel's variables from this JSON file, then delete it",
+    )
     parser.add_argument("--port-range", default=env.get("KERNEL_PORT_RANGE", "0..0"))
     parser.add_argument("--transport-encryption", default="disabled", choices=ENCRYPTION_POLICIES)
     parser.add_argument("--kernel-class-name", default=None)
@@ -102,12 +111,21 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     host, sep, port = ns.response_address.rpartition(":")
     if not sep or not host or not port.isdigit():
         parser.error(f"--response-address {ns.response_address!r} is not HOST:PORT.")
+    extra_env: dict[str, str] = {}
     if ns.token_file:
         try:
             ns.token = Path(ns.token_file).read_text().strip()
-            Path(ns.token_file).unlink()
         except OSError as err:
             parser.error(f"cannot read --token-file: {err}")
+        _remove(Path(ns.token_file))
+    if ns.launch_file:
+        try:
+            launch = json.loads(Path(ns.launch_file).read_text())
+            ns.token = str(launch["token"])
+            extra_env = {str(k): str(v) for k, v in (launch.get("env") or {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            parser.error(f"cannot read --launch-file: {err}")
+        _remove(Path(ns.launch_file))
     if not ns.token:
         parser.error("a launch token is required: pass --token or set RKO_LAUNCH_TOKEN.")
     run_dir = Path(ns.run_dir or f"/tmp/rko-{kernel_id}")
@@ -126,7 +144,52 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         kernel_language=ns.kernel_language,
         r_executable=ns.r_executable,
         exit_with_parent=ns.exit_with_parent,
+        extra_env=extra_env,
     )
+
+
+def read_line(conn: socket.socket, limit: int, deadline: float) -> bytes:
+    """One line from ``conn`` within ``deadline`` seconds in all (not per byte)."""
+    end = time.monotonic() + deadline
+    data = b""
+    while b"\n" not in data and len(data) < limit:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the control request did not arrive in time")
+        conn.settimeout(remaining)
+        chunk = conn.recv(min(4096, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0] + b"\n" if b"\n" in data else data
+
+
+def _remove(path: Path) -> None:
+    """Delete a file the token came in; a read-only one (a Swarm secret's mount) is left."""
+    try:
+        path.unlink()
+    except OSError as err:
+        log.debug("Could not remove %s (%s); it stays where it was mounted.", path, err)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Make ``path`` a directory only this user can use; refuse one that is a symlink, someone
+    else's, or open to others (another user could have planted it to read the kernel's files)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        return
+    except FileExistsError:
+        pass
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise RuntimeError(
+            f"The run directory {path} exists and is not a plain directory; refusing to use it."
+        )
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise RuntimeError(
+            f"The run directory {path} belongs to uid {info.st_uid} or is open to others "
+            f"(mode {stat.S_IMODE(info.st_mode):o}); refusing to use it."
+        )
 
 
 def advertised_ip(bind_ip: str) -> str:
@@ -260,12 +323,13 @@ class Launcher:
         self.control_socket: socket.socket | None = None
         self.control_port = 0
         self.seen_nonces: dict[str, float] = {}
+        self.nonce_lock = threading.Lock()
         self.shutting_down = threading.Event()
 
     # -- start ---------------------------------------------------------------------------
     def start_kernel(self) -> dict[str, Any]:
         args = self.args
-        args.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_private_dir(args.run_dir)
         bind_ip = args.ip
         ports = free_ports(bind_ip if bind_ip else "0.0.0.0", 5, args.port_range)
         key = secrets.token_hex(32)
@@ -276,6 +340,7 @@ class Launcher:
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
         env = dict(os.environ)
+        env.update(args.extra_env)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
         self.kernel = subprocess.Popen(
             kernel_command(
@@ -368,26 +433,43 @@ class Launcher:
 
     # -- control -------------------------------------------------------------------------
     def _serve_control(self) -> None:
+        """Accept control connections; each is served in its own thread (a slow client holds
+        only its own), at most CONTROL_CONNECTIONS at once (more are closed unread)."""
         assert self.control_socket is not None
+        slots = threading.BoundedSemaphore(CONTROL_CONNECTIONS)
         while not self.shutting_down.is_set():
             try:
                 conn, peer = self.control_socket.accept()
             except OSError:
                 return
-            with conn:
-                conn.settimeout(5)
+            if not slots.acquire(blocking=False):
+                conn.close()
+                continue
+
+            def serve(conn: socket.socket = conn, peer: Any = peer) -> None:
                 try:
-                    line = conn.makefile("rb").readline(8192)
+                    self._serve_one(conn, peer)
+                finally:
+                    slots.release()
+
+            threading.Thread(target=serve, name="control-conn", daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket, peer: Any) -> None:
+        with conn:
+            try:
+                line = read_line(conn, 8192, CONTROL_DEADLINE)
+                with self.nonce_lock:  # connections are served concurrently: one replay check at a time
                     body = protocol.verify_control(line, self.control_key, self.seen_nonces)
-                    reply = self.handle_control(body)
-                except protocol.ProtocolError as err:
-                    log.warning("Rejected a control request from %s: %s", peer, err)
-                    reply = {"ok": False, "error": "rejected"}
-                except OSError as err:
-                    log.warning("A control connection from %s failed: %s", peer, err)
-                    continue
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                reply = self.handle_control(body)
+            except protocol.ProtocolError as err:
+                log.warning("Rejected a control request from %s: %s", peer, err)
+                reply = {"ok": False, "error": "rejected"}
+            except OSError as err:
+                log.warning("A control connection from %s failed: %s", peer, err)
+                return
+            with contextlib.suppress(OSError):
+                conn.settimeout(CONTROL_DEADLINE)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
 
     def handle_control(self, body: dict[str, Any]) -> dict[str, Any]:
         request = body.get("request")
@@ -484,7 +566,7 @@ class Launcher:
         """Tell the operator to look now (best effort: it also polls)."""
         try:
             with socket.create_connection(self.args.response_address, timeout=2) as conn:
-                conn.sendall(protocol.exit_notice(self.args.kernel_id))
+                conn.sendall(protocol.exit_notice(self.args.kernel_id, self.control_key))
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(16)
         except OSError as err:
@@ -492,8 +574,8 @@ class Launcher:
 
     def write_exit_status(self, code: int, message: str) -> None:
         """Leave the exit code where a backend that cannot wait on us can read it."""
-        with contextlib.suppress(OSError):
-            self.args.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError, RuntimeError):
+            ensure_private_dir(self.args.run_dir)
             (self.args.run_dir / "exit_status").write_text(json.dumps({"code": code, "message": message}))
             (self.args.run_dir / "kernel.json").unlink(missing_ok=True)
 

@@ -20,3 +20,6 @@ KIND = "RemoteKernel"
 # Which operator handles a RemoteKernel: the one whose RKO_OPERATOR_CLASS equals this label's
 # value; kernels without it belong to operators without a class (like an ingress class).
 CLASS_LABEL = f"{GROUP}/operator-class"
+# Everything the operator creates for a kernel carries its RemoteKernel's metadata.uid here;
+# stopping acts only on objects that do (status alone is never trusted to name them).
+UID_LABEL = f"{GROUP}/uid"

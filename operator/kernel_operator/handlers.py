@@ -10,6 +10,8 @@ from typing import Any
 
 import kopf
 
+from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
+
 from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys
 from .backends import Backends
 from .errors import BackendError, SpecError
@@ -87,13 +89,18 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
         private_key=private_key,
         response_address=cfg.response_address or _advertised(host, port),
     )
-    # Rebuild bookkeeping (least-connection counts) from the kernels that are alive.
-    for item in alive:
+    # Rebuild bookkeeping (least-connection counts, kernel ids in use) from the kernels alive,
+    # oldest first, so the first holder of a kernel id keeps it.
+    for item in sorted(alive, key=lambda i: str(i["metadata"].get("creationTimestamp", ""))):
         status = item.get("status") or {}
+        if status.get("phase") not in (Phase.LAUNCHING.value, Phase.RUNNING.value, Phase.TERMINATING.value):
+            continue
+        with contextlib.suppress(ProtocolError, KeyError):
+            ctx.claim_kernel_id(canonical_kernel_id(str(item["spec"]["kernelId"])), item["metadata"]["uid"])
         ref = status.get("backendRef")
-        if ref and status.get("phase") in (Phase.LAUNCHING.value, Phase.RUNNING.value):
+        if ref:
             with contextlib.suppress(SpecError):
-                backends.get(str(item["spec"].get("backend"))).adopt(ref)
+                backends.get(str(status.get("backend") or "")).adopt(ref)
     memo["ctx"] = ctx
     logger.info(
         f"The operator is ready: launchers report to {ctx.response_address}; key "

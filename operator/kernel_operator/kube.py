@@ -13,8 +13,9 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import GROUP, PLURAL, VERSION
+from . import GROUP, PLURAL, UID_LABEL, VERSION
 from .errors import OperatorError
+from .profiles import PROFILE_PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -35,7 +36,8 @@ def _error(what: str, err: ApiException) -> KubeError:
             ": the operator's ServiceAccount lacks this right; install the chart with rbac.create "
             "or grant what its README lists (namespaced modes grant nothing outside their namespaces)"
         )
-    return KubeError(f"{what} failed: {err.status} {err.reason}{hint}", status=err.status)
+    # The API server's own explanation (admission, schema, Pod Security) reaches the user.
+    return KubeError(f"{what} failed: {err.status} {err.reason}{_api_message(err)}{hint}", status=err.status)
 
 
 def _api_message(err: ApiException) -> str:
@@ -116,8 +118,13 @@ class Kube:
         except ApiException as err:
             raise _error(f"Updating Secret {namespace}/{name}", err) from err
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
+    async def delete_secret(self, namespace: str, name: str, owner_label: str | None = None) -> None:
+        """Delete a Secret; with ``owner_label``, only if its kernel-operator.io/uid label is that."""
         try:
+            if owner_label is not None:
+                secret = await self.core.read_namespaced_secret(name, namespace)
+                if (secret.metadata.labels or {}).get(UID_LABEL) != owner_label:
+                    return
             await self.core.delete_namespaced_secret(name, namespace)
         except ApiException as err:
             if err.status != 404:
@@ -175,8 +182,7 @@ class Kube:
             )
         except ApiException as err:
             what = f"Creating {plural}.{group} {namespace}/{body['metadata']['name']}"
-            detail = _api_message(err)
-            raise KubeError(f"{_error(what, err)}{detail}", status=err.status) from err
+            raise _error(what, err) from err
         return dict(created)
 
     async def read_custom_object(
@@ -225,6 +231,32 @@ class Kube:
         except ApiException as err:
             if err.status != 409:
                 raise _error(f"Creating RoleBinding {namespace}/{body['metadata']['name']}", err) from err
+
+    async def namespace_labels(self, name: str) -> dict[str, str] | None:
+        """A namespace's labels; None when it does not exist."""
+        try:
+            namespace = await self.core.read_namespace(name)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading namespace {name}", err) from err
+        return dict(namespace.metadata.labels or {})
+
+    # -- profiles (cluster-scoped, the administrator's) ---------------------------------------
+    async def read_profile(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self.custom.get_cluster_custom_object(GROUP, VERSION, PROFILE_PLURAL, name))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading RemoteKernelProfile {name}", err) from err
+
+    async def list_profiles(self) -> list[dict[str, Any]]:
+        try:
+            found = await self.custom.list_cluster_custom_object(GROUP, VERSION, PROFILE_PLURAL)
+        except ApiException as err:
+            raise _error("Listing RemoteKernelProfiles", err) from err
+        return list(found.get("items", []))
 
     # -- remote kernels ------------------------------------------------------------------------
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:

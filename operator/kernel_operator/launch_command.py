@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from collections.abc import Mapping
 
@@ -41,8 +43,10 @@ def launcher_args(
     return args
 
 
-def run_dir_for(kernel_id: str) -> str:
-    return f"/tmp/rko-{kernel_id}"
+def run_dir_for(kernel_id: str, uid: str) -> str:
+    """The launcher's run directory: unique per RemoteKernel (its uid), so processes found by it
+    are this kernel's and no other's."""
+    return f"/tmp/rko-{kernel_id}-{uid}"
 
 
 # Exit codes of the user switch (as_user), told apart from the launcher's own.
@@ -68,24 +72,43 @@ def as_user(user: str | None, script: str) -> str:
     )
 
 
+LAUNCH_FILE = "launch.json"
+# Run directories are made by the operator under this pattern and nowhere else; one named in a
+# status is used only if it matches it, with the RemoteKernel's uid at its end.
+_RUN_DIR = re.compile(
+    r"^/tmp/rko-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-([A-Za-z0-9-]+)$"
+)
+
+
+def launch_file(token: str, env: Mapping[str, str]) -> str:
+    """What the launcher reads from its 0600 launch file: the token and the kernel's variables,
+    so that neither appears on a command line or in a process's visible arguments."""
+    return json.dumps({"token": token, "env": dict(env)})
+
+
+def run_dir_is_for(run_dir: str, owner: str) -> bool:
+    """Whether ``run_dir`` is a run directory the operator made for RemoteKernel ``owner``."""
+    match = _RUN_DIR.match(run_dir)
+    return bool(match and match.group(1) == owner)
+
+
 def remote_start_command(
     python: str,
     args: list[str],
-    env: Mapping[str, str],
     run_dir: str,
     working_dir: str | None,
     user: str | None = None,
 ) -> str:
     """A POSIX shell command that starts the launcher detached and prints its pid.
 
-    The token arrives on the command's stdin and is written to a 0600 file the launcher
-    deletes after reading, so it never shows on a command line. With ``user``, everything
-    runs as that account, with its own HOME.
+    The launch file (token and environment, see ``launch_file``) arrives on the command's
+    stdin and is written into a run directory made for this launch alone: ``mkdir`` without
+    ``-p`` fails on anything already there (a planted directory or symlink), and the file is
+    0600. With ``user``, everything runs as that account, with its own HOME.
     """
     q = shlex.quote
-    exports = " ".join(f"{name}={q(value)}" for name, value in sorted(env.items()))
-    token_file = f"{run_dir}/token"
-    launcher = " ".join([q(python), "-m", LAUNCHER_MODULE, *map(q, args), "--token-file", q(token_file)])
+    path = f"{run_dir}/{LAUNCH_FILE}"
+    launcher = " ".join([q(python), "-m", LAUNCHER_MODULE, *map(q, args), "--launch-file", q(path)])
     cd = f"cd {q(working_dir)} && " if working_dir else ('cd "$HOME" && ' if user else "")
     login = (
         'me=$(id -un) && export USER="$me" LOGNAME="$me" HOME="$(getent passwd "$me" | cut -d: -f6)" && '
@@ -93,10 +116,10 @@ def remote_start_command(
         else ""
     )
     # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
-    # and the token must be read from ours first.
+    # and the launch file must be read from ours first.
     script = (
-        f"{login}umask 077 && mkdir -p {q(run_dir)} && cat > {q(token_file)} && {cd}"
-        f"{{ env {exports} setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
+        f"{login}umask 077 && mkdir -m 700 -- {q(run_dir)} && cat > {q(path)} && {cd}"
+        f"{{ setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
         "echo $!; }"
     )
     return as_user(user, script)
@@ -141,16 +164,24 @@ def remote_signal_command(pid: int, signum: int, run_dir: str, user: str | None 
 
 
 def remote_stop_command(pgid: int, run_dir: str, grace: float = 3.0, user: str | None = None) -> str:
-    """Terminate the launcher's process group, kill it after ``grace`` seconds, remove its files."""
+    """Terminate the launcher's process group, kill it after ``grace`` seconds, remove its files.
+
+    The group is signalled only if one of its processes names ``run_dir`` (this kernel's), so a
+    wrong pgid cannot take another process group down.
+    """
     q = shlex.quote
     steps = int(grace / 0.1)
+    ours = (
+        f"ours=; for p in $(ps -e -o pid=,pgid= | awk '$2 == {int(pgid)} {{ print $1 }}'); do "
+        f"if {_is_ours('p', run_dir)}; then ours=1; fi; done; "
+    )
     # Zombies (awaiting a reaper that may be slow) do not count as running.
     alive = (
         f"ps -e -o pgid=,stat= | awk '$1 == {int(pgid)} && $2 !~ /^Z/ {{ found = 1 }} END {{ exit !found }}'"
     )
     script = (
-        f"kill -TERM -{int(pgid)} 2>/dev/null; "
+        f'{ours}if [ -n "$ours" ]; then kill -TERM -{int(pgid)} 2>/dev/null; '
         f"i=0; while {alive} && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
-        f"kill -KILL -{int(pgid)} 2>/dev/null; rm -rf {q(run_dir)}; true"
+        f"kill -KILL -{int(pgid)} 2>/dev/null; fi; rm -rf -- {q(run_dir)}; true"
     )
     return as_user(user, script)

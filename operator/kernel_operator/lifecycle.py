@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kernel_launchers import protocol
@@ -27,6 +27,7 @@ from .errors import BackendError, BackendUnavailable, SpecError
 from .kube import Kube
 from .launch_command import run_dir_for
 from .listener import ResponseListener
+from .profiles import Profile, namespace_selected, pick_profile
 from .settings import OperatorSettings
 from .spec import KernelRequest, build_request
 from .status import TERMINAL, Phase, connection_status, now_iso, phase_patch, secret_name
@@ -61,10 +62,22 @@ class OperatorContext:
     listener: ResponseListener
     private_key: bytes
     response_address: str
+    # Kernel ids in use, to the uid of the RemoteKernel that holds each: a second RemoteKernel
+    # with the same kernel id (another tenant's, say) fails instead of touching the first's.
+    kernel_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def public_key(self) -> bytes:
         return protocol.public_key_of(self.private_key)
+
+    def claim_kernel_id(self, kernel_id: str, uid: str) -> bool:
+        """Reserve ``kernel_id`` for RemoteKernel ``uid``; False if another one holds it."""
+        holder = self.kernel_ids.setdefault(kernel_id, uid)
+        return holder == uid
+
+    def release_kernel_id(self, kernel_id: str, uid: str) -> None:
+        if self.kernel_ids.get(kernel_id) == uid:
+            del self.kernel_ids[kernel_id]
 
 
 def _parse_time(text: str) -> dt.datetime:
@@ -98,6 +111,7 @@ class KernelLifecycle:
         self.emit = emit
         self.log = logger
         self._recorded_activity = 0.0
+        self._request: KernelRequest | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -126,15 +140,51 @@ class KernelLifecycle:
         patch = phase_patch(self.status, phase, reason, message, now_iso())
         patch.update(extra)
         await self.patch(patch)
+        if phase in TERMINAL:
+            self._release_kernel_id()
         warning = phase is Phase.FAILED
         self.emit("Warning" if warning else "Normal", reason, message)
         (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
 
-    def request(self) -> KernelRequest:
-        return build_request(self.namespace, self.name, self.uid, self.spec, self.ctx.settings)
+    def _kernel_id(self) -> str:
+        return protocol.canonical_kernel_id(str(self.spec["kernelId"]))
+
+    def _release_kernel_id(self) -> None:
+        with contextlib.suppress(protocol.ProtocolError, KeyError):
+            self.ctx.release_kernel_id(self._kernel_id(), self.uid)
+
+    async def profile(self) -> Profile:
+        """The profile this kernel runs under, checked to serve the kernel's namespace."""
+        requested = str(self.spec.get("profile") or "")
+        kube = self.ctx.kube
+        if requested:
+            found = await kube.read_profile(requested)
+            objects = [found] if found is not None else []
+        else:
+            objects = await kube.list_profiles()
+        profile = Profile.from_object(pick_profile(requested, objects))
+        if profile.namespace_selector is not None:
+            labels = await kube.namespace_labels(self.namespace) or {}
+            if not namespace_selected(profile.namespace_selector, labels):
+                raise SpecError(
+                    f"Profile {profile.name} does not serve namespace {self.namespace} (its "
+                    "namespaceSelector does not match the namespace's labels); choose another profile.",
+                    reason="ProfileNotAllowed",
+                )
+        return profile
+
+    async def request(self) -> KernelRequest:
+        """The checked request: the spec under its profile (read once per lifecycle)."""
+        if self._request is None:
+            profile = await self.profile()
+            self._request = build_request(
+                self.namespace, self.name, self.uid, self.spec, profile, self.ctx.settings
+            )
+        return self._request
 
     def backend(self) -> Backend:
-        return self.ctx.backends.get(str(self.spec.get("backend")))
+        """The backend this kernel was launched on (recorded by the operator in status)."""
+        return self.ctx.backends.get(str(self.status.get("backend") or ""))
 
     # -- the phases ----------------------------------------------------------------------------
     async def run(self, stopped: StopFlag) -> None:
@@ -152,10 +202,18 @@ class KernelLifecycle:
         if not self.phase:
             await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         try:
-            request = self.request()
-            backend = self.backend()
+            request = await self.request()
+            backend = self.ctx.backends.get(request.backend)
         except SpecError as err:
             await self.set_phase(Phase.FAILED, err.reason, str(err), observedGeneration=self.generation)
+            return False
+        if not self.ctx.claim_kernel_id(request.kernel_id, self.uid):
+            await self.set_phase(
+                Phase.FAILED,
+                "KernelIdInUse",
+                f"Kernel id {request.kernel_id} is in use by another RemoteKernel; use a new kernel id.",
+                observedGeneration=self.generation,
+            )
             return False
         token = protocol.new_token()
         now = _utcnow()
@@ -163,7 +221,9 @@ class KernelLifecycle:
         await self.set_phase(
             Phase.LAUNCHING,
             "Launching",
-            f"Launching the kernel on the {backend.name} backend.",
+            f"Launching the kernel on the {backend.name} backend (profile {request.profile}).",
+            profile=request.profile,
+            backend=backend.name,
             launch={
                 "tokenHash": protocol.token_hash(token),
                 "startedAt": now_iso(now),
@@ -176,7 +236,7 @@ class KernelLifecycle:
             response_address=self.ctx.response_address,
             public_key=self.ctx.public_key,
             token=token,
-            run_dir=run_dir_for(request.kernel_id),
+            run_dir=run_dir_for(request.kernel_id, self.uid),
             owner=self.owner_reference(),
         )
         try:
@@ -242,7 +302,11 @@ class KernelLifecycle:
     async def _launch_failure(self) -> tuple[str, str] | None:
         ref = self.status.get("backendRef")
         if not ref:
-            found = await self.backend().find(self.request())
+            try:
+                found = await self.backend().find(await self.request())
+            except SpecError as err:  # e.g. the profile was deleted since: nothing to find by
+                self.log.warning(f"Cannot look for the launch on the backend: {err}")
+                return None
             if found is None:
                 return None
             await self.patch({"backendRef": found})
@@ -310,9 +374,14 @@ class KernelLifecycle:
         ref = self.status.get("backendRef") or {}
         kernel_id = protocol.canonical_kernel_id(str(self.spec["kernelId"]))
         wake = asyncio.Event()
-        # The launcher's exit notice makes us look at once; polling stays as the fallback.
-        self.ctx.listener.watch_exit(kernel_id, wake.set)
-        watcher = await self._watch_activity()
+        secret = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
+        # The launcher's exit notice (signed with its control key) makes us look at once;
+        # polling stays as the fallback.
+        if secret.get("control-key.sealed"):
+            with contextlib.suppress(keys.KeyError_):
+                control_key = keys.unseal(self.ctx.private_key, kernel_id, secret["control-key.sealed"])
+                self.ctx.listener.watch_exit(kernel_id, control_key, wake.set)
+        watcher = self._watch_activity(secret)
         try:
             await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
@@ -320,12 +389,11 @@ class KernelLifecycle:
             if watcher is not None:
                 await watcher.stop()
 
-    async def _watch_activity(self) -> IopubWatcher | None:
+    def _watch_activity(self, data: Mapping[str, bytes]) -> IopubWatcher | None:
         """Follow the kernel's iopub (for lastActivity and idle culling), if it can be reached."""
         connection = self.status.get("connection") or {}
         if not self.ctx.settings.track_activity or not connection.get("iopubPort"):
             return None
-        data = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
         if "key" not in data:
             return None
         watcher = IopubWatcher(
@@ -426,10 +494,11 @@ class KernelLifecycle:
         backend = self.backend()
         if not ref and self.phase == Phase.LAUNCHING.value:
             # Launched but not recorded (the operator stopped in between): find it by its labels.
-            ref = await backend.find(self.request())
+            ref = await backend.find(await self.request())
         if not ref or ref.get("stopped"):
             return
-        await backend.stop(ref)
+        # What status names is acted on only where it carries this kernel's uid (see Backend.stop).
+        await backend.stop(ref, self.uid)
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
@@ -450,7 +519,7 @@ class KernelLifecycle:
         if self.phase not in {p.value for p in TERMINAL}:
             await self.set_phase(Phase.TERMINATING, "Deleting", "The kernel is being deleted.")
         try:
-            with contextlib.suppress(SpecError):  # an unknown backend never started anything
+            with contextlib.suppress(SpecError):  # no backend recorded: nothing was started
                 await self.stop_backend()
         except BackendError as err:
             if not give_up:
@@ -463,6 +532,7 @@ class KernelLifecycle:
             self.emit("Warning", "StopAbandoned", message)
             self.log.error(message)
         await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
+        self._release_kernel_id()
 
     async def send_signal(self, signum: int) -> dict[str, Any]:
         """Forward a signal to the kernel through its launcher's control port."""

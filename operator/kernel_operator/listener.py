@@ -5,6 +5,11 @@ accepted only if it opens with the operator's key, names a kernel with a launch 
 carries the matching token; the launch's callback then persists the result, and only after
 that does the launcher get its ``OK`` (so a crash in between makes the launcher retry).
 Anything else is logged and dropped; the listener keeps serving.
+
+Under abuse it holds: at most ``max_connections`` are served at once (more are closed at once,
+without reading), and a connection must deliver its whole frame within ``READ_DEADLINE``
+seconds, however slowly it trickles bytes. Exit notices count only when signed with the
+kernel's control key.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from kernel_launchers.protocol import LaunchPayload, ProtocolError
 
 log = logging.getLogger(__name__)
 OnLaunch = Callable[[LaunchPayload], Awaitable[None]]
-READ_TIMEOUT = 10.0
+READ_DEADLINE = 5.0  # for a whole frame: launchers send theirs at once
+MAX_CONNECTIONS = 256
 
 
 class _Empty(Exception):
@@ -36,13 +42,16 @@ class _Pending:
 
 
 class ResponseListener:
-    def __init__(self, private_key: bytes) -> None:
+    def __init__(self, private_key: bytes, max_connections: int = MAX_CONNECTIONS) -> None:
         self._private_key = private_key
         self._pending: dict[str, _Pending] = {}
-        self._exit_watchers: dict[str, Callable[[], None]] = {}
+        self._exit_watchers: dict[str, tuple[bytes, Callable[[], None]]] = {}
         self._server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self.active = 0
         self.accepted = 0
         self.rejected = 0
+        self.refused_busy = 0
 
     def expect(self, kernel_id: str, token_hash: str, on_launch: OnLaunch) -> None:
         """Accept one launch response for ``kernel_id`` whose token hashes to ``token_hash``."""
@@ -51,9 +60,10 @@ class ResponseListener:
     def forget(self, kernel_id: str) -> None:
         self._pending.pop(kernel_id, None)
 
-    def watch_exit(self, kernel_id: str, wake: Callable[[], None]) -> None:
-        """Call ``wake`` when a launcher says kernel ``kernel_id`` exited."""
-        self._exit_watchers[kernel_id] = wake
+    def watch_exit(self, kernel_id: str, control_key: bytes, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when kernel ``kernel_id``'s launcher says (signed with ``control_key``)
+        that the kernel exited."""
+        self._exit_watchers[kernel_id] = (control_key, wake)
 
     def unwatch_exit(self, kernel_id: str) -> None:
         self._exit_watchers.pop(kernel_id, None)
@@ -71,8 +81,14 @@ class ResponseListener:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        if self.active >= self.max_connections:
+            # Full: close without reading. A launcher retries with backoff; a flood costs nothing.
+            self.refused_busy += 1
+            writer.transport.abort()
+            return
+        self.active += 1
         try:
-            message = await self._read_frame(reader)
+            message = await asyncio.wait_for(self._read_frame(reader), READ_DEADLINE)
             await self._accept(message)
             writer.write(b"OK\n")
             await writer.drain()
@@ -86,33 +102,35 @@ class ResponseListener:
             self.rejected += 1
             log.exception("A launch response from %s could not be processed.", peer)
         finally:
+            self.active -= 1
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:
         try:
-            header = await asyncio.wait_for(reader.readexactly(4), READ_TIMEOUT)
+            header = await reader.readexactly(4)
         except asyncio.IncompleteReadError as err:
             if not err.partial:
                 # A bare connect (a port probe, a health check): nothing to accept or reject.
                 raise _Empty from err
             raise
         (length,) = struct.unpack(">I", header)
-        if length == len(protocol.EXIT_MAGIC) + protocol.KERNEL_ID_LEN:
-            return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+        if length == protocol.EXIT_LEN:
+            return await reader.readexactly(length)
         if not protocol.HEADER_LEN < length <= protocol.MAX_FRAME:
             raise ProtocolError(f"A frame of {length} bytes is outside the allowed size.")
-        return await asyncio.wait_for(reader.readexactly(length), READ_TIMEOUT)
+        return await reader.readexactly(length)
 
     async def _accept(self, message: bytes) -> None:
         exited = protocol.read_exit_notice(message)
         if exited is not None:
-            wake = self._exit_watchers.get(exited)
-            if wake is None:  # e.g. the kernel was deleted, which is what made it exit
+            watcher = self._exit_watchers.get(exited)
+            if watcher is None:  # e.g. the kernel was deleted, which is what made it exit
                 log.info("An exit notice for kernel %s came after it stopped being watched.", exited)
-            else:
-                wake()
+                return
+            protocol.verify_exit_notice(message, watcher[0])
+            watcher[1]()
             return
         kernel_id = protocol.peek_kernel_id(message)
         pending = self._pending.get(kernel_id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,7 +82,7 @@ def operator_class_from_env(env: Mapping[str, str] | None = None) -> str:
 class SshSettings:
     """How the ssh backend reaches its hosts."""
 
-    hosts: tuple[str, ...] = ("localhost",)
+    hosts: tuple[str, ...] = ()  # profiles name their hosts; these serve profiles that do not
     load_balancing: str = "round-robin"
     user: str = ""
     port: int = 22
@@ -93,8 +92,9 @@ class SshSettings:
     python: str = "python3"  # on the hosts; RKO_SSH_PYTHON defaults to the operator's own
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
+    # Hosts launched as the operator's own child processes, without ssh: none unless enabled
+    # (they would run with the operator's account and files).
     local_hosts: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()  # what a spec may name; defaults to ``hosts``
     secret: str = ""  # a Secret in the operator's namespace with ssh-privatekey, known_hosts
     password_auth: bool = False
     host_retry_seconds: float = 30.0  # how long a host that failed is tried last
@@ -201,8 +201,7 @@ class OperatorSettings:
             raise SettingsError(
                 f"RKO_SSH_LOAD_BALANCING={balancing!r} must be one of {', '.join(LOAD_BALANCING)}."
             )
-        hostname = socket.gethostname()
-        hosts = _list(env.get("RKO_SSH_HOSTS", "localhost")) or ("localhost",)
+        hosts = _list(env.get("RKO_SSH_HOSTS", ""))
         ssh = SshSettings(
             hosts=hosts,
             load_balancing=balancing,
@@ -214,8 +213,7 @@ class OperatorSettings:
             python=env.get("RKO_SSH_PYTHON", sys.executable),
             connect_timeout=_number(env, "RKO_SSH_CONNECT_TIMEOUT", 5.0, 0.1),
             command_timeout=_number(env, "RKO_SSH_COMMAND_TIMEOUT", 10.0, 0.1),
-            local_hosts=_list(env.get("RKO_SSH_LOCAL_HOSTS", f"localhost,127.0.0.1,::1,{hostname}")),
-            allowed_hosts=_list(env.get("RKO_SSH_ALLOWED_HOSTS", "")) or hosts,
+            local_hosts=_list(env.get("RKO_SSH_LOCAL_HOSTS", "")),
             secret=env.get("RKO_SSH_SECRET", ""),
             password_auth=_flag(env, "RKO_SSH_PASSWORD_AUTH", False),
             host_retry_seconds=_number(env, "RKO_SSH_HOST_RETRY_SECONDS", 30.0, 0),

@@ -1,8 +1,8 @@
 """``remote-kernel-spec`` (also ``jupyter remote-kernel-spec``): install kernelspecs that use
 the Remote Kernel Operator, and bootstrap kernel images.
 
-    remote-kernel-spec install --backend kubernetes --image-name my/kernel:1 --user
-    remote-kernel-spec install --backend ssh --remote-hosts node1 --remote-hosts node2 --language R
+    remote-kernel-spec install --profile python-pods --image-name my/kernel:1 --user
+    remote-kernel-spec install --profile ssh-pool --remote-hosts node1 --remote-hosts node2 --language R
     remote-kernel-spec bootstrap --dest /usr/local/bin
 
 Options the seed's jupyter-k8s-spec, -docker-spec, -yarn-spec and -ssh-spec had keep their
@@ -55,10 +55,17 @@ def parser() -> argparse.ArgumentParser:
         "install", help="install a kernelspec that names the remote-kernel provisioner"
     )
     install.add_argument(
-        "--backend", default="kubernetes", help=f"one of {', '.join(BACKENDS)} (default kubernetes)"
+        "--profile",
+        help="the RemoteKernelProfile the kernels run under (kubectl get rkprofile); default: the "
+        "cluster's default profile",
     )
     install.add_argument(
-        "--swarm", action="store_true", help="docker backend as a Swarm service (dockerSwarm)"
+        "--backend",
+        help=f"the profile's backend, one of {', '.join(BACKENDS)}: needed only for --backend-config "
+        "and --extra-spark-opts (the profile decides where kernels run)",
+    )
+    install.add_argument(
+        "--swarm", action="store_true", help="the profile's backend is dockerSwarm (the seed's option)"
     )
     install.add_argument("--language", default="python", type=str.lower, help="python or R (default python)")
     install.add_argument("--kernel-name", default="", help="default remote_<backend>_<language>")
@@ -89,16 +96,16 @@ def parser() -> argparse.ArgumentParser:
         dest="kernel_class_name",
         help="Python kernel class",
     )
-    install.add_argument("--yarn-endpoint", help="yarn backend: the ResourceManager's address")
-    install.add_argument("--alt-yarn-endpoint", help="yarn backend: the standby ResourceManager")
-    install.add_argument("--extra-spark-opts", help="Spark options (yarn, sparkApplication)")
+    install.add_argument(
+        "--extra-spark-opts", help="yarn: Spark options, among those the profile allows (spec.yarn.sparkOpts)"
+    )
     install.add_argument(
         "--backend-config",
         action="append",
         type=_pair,
         default=[],
         metavar="NAME=VALUE",
-        help="anything else for the backend's block of the spec (VALUE as JSON or text)",
+        help="a tenant's ssh or yarn choice (spec.ssh / spec.yarn; VALUE as JSON or text)",
     )
     install.add_argument(
         "--env", action="append", type=_pair, default=[], metavar="NAME=VALUE", help="kernelspec env"
@@ -119,16 +126,12 @@ def parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> SpecOptions:
     backend = "dockerSwarm" if args.swarm else args.backend
     backend_config: dict[str, Any] = {}
-    for key, value in (
-        ("endpoint", args.yarn_endpoint),
-        ("altEndpoint", args.alt_yarn_endpoint),
-        ("sparkOpts", args.extra_spark_opts),
-    ):
-        if value:
-            backend_config[key] = value
+    if args.extra_spark_opts:
+        backend_config["sparkOpts"] = args.extra_spark_opts
     backend_config.update(dict(args.backend_config))
     return SpecOptions(
         backend=backend,
+        profile=args.profile,
         language=args.language,
         kernel_name=args.kernel_name,
         display_name=args.display_name,
@@ -162,7 +165,7 @@ def destination(kernel_name: str, user: bool, prefix: str | None) -> Path:
 def install(args: argparse.Namespace) -> Path:
     options = options_from(args)
     spec = build_kernelspec(options)
-    name = options.kernel_name or default_kernel_name(options.backend, options.language)
+    name = options.kernel_name or default_kernel_name(options)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     target = destination(name, args.user, prefix)
     if target.exists() and not args.replace:

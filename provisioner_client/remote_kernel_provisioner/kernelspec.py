@@ -30,7 +30,8 @@ class SpecOptionError(ValueError):
 class SpecOptions:
     """What the installer was asked for. ``None`` / empty means "not given": left out."""
 
-    backend: str
+    backend: str | None = None  # the profile's backend, for backend options (the profile decides)
+    profile: str | None = None
     language: str = "python"
     kernel_name: str = ""
     display_name: str = ""
@@ -51,13 +52,16 @@ class SpecOptions:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-def default_kernel_name(backend: str, language: str) -> str:
-    return f"remote_{backend.lower()}_{language}"
+def default_kernel_name(options: SpecOptions) -> str:
+    which = options.profile or options.backend or "default"
+    return f"remote_{which.lower()}_{options.language}"
 
 
 def _check(options: SpecOptions) -> None:
-    if options.backend not in BACKENDS:
+    if options.backend is not None and options.backend not in BACKENDS:
         raise SpecOptionError(f"--backend {options.backend!r} must be one of {', '.join(BACKENDS)}.")
+    if options.profile is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", options.profile):
+        raise SpecOptionError(f"--profile {options.profile!r} is not a RemoteKernelProfile name.")
     if options.language not in LANGUAGES:
         raise SpecOptionError(f"--language {options.language!r} must be python or r.")
     if options.kernel_name and not _NAME.match(options.kernel_name):
@@ -90,9 +94,10 @@ def _check(options: SpecOptions) -> None:
             raise SpecOptionError(
                 "R kernels (IRkernel) do not support CurveZMQ: --transport-encryption required cannot work."
             )
-    if options.remote_hosts and options.backend != "ssh":
+    if options.remote_hosts and options.backend not in (None, "ssh"):
         raise SpecOptionError("--remote-hosts applies to the ssh backend only.")
     container = options.backend in (
+        None,
         "kubernetes",
         "docker",
         "dockerSwarm",
@@ -101,13 +106,20 @@ def _check(options: SpecOptions) -> None:
     )
     if options.image_name is not None and not container:
         raise SpecOptionError(f"--image-name applies to container backends, not {options.backend}.")
+    if options.backend_config and options.backend not in ("ssh", "yarn"):
+        raise SpecOptionError(
+            "--backend-config and --extra-spark-opts are a tenant's ssh or yarn choices: give --backend "
+            "ssh or yarn (the profile's backend)."
+        )
 
 
 def build_kernelspec(options: SpecOptions) -> dict[str, Any]:
     """kernel.json for ``options``. Raises SpecOptionError for a bad option."""
     _check(options)
-    config: dict[str, Any] = {"backend": options.backend}
+    config: dict[str, Any] = {}
     given: dict[str, Any] = {
+        "profile": options.profile,
+        "backend": options.backend,
         "namespace": options.namespace,
         "image_name": options.image_name,
         "executor_image_name": options.executor_image_name,
@@ -139,7 +151,8 @@ def build_kernelspec(options: SpecOptions) -> dict[str, Any]:
         # The operator builds the launcher's command; argv is what jupyter_client requires a
         # kernelspec to have, and documents which launcher runs.
         "argv": ["python", "-m", "kernel_launchers.python_launcher", "--kernel-language", options.language],
-        "display_name": options.display_name or f"{language} on {options.backend} (remote)",
+        "display_name": options.display_name
+        or f"{language} on {options.profile or options.backend or 'the default profile'} (remote)",
         "language": language,
         # IRkernel cannot be interrupted by a control message; a signal reaches it through the
         # operator and the launcher.

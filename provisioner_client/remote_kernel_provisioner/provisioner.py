@@ -41,11 +41,19 @@ class KernelLaunchError(RuntimeError):
 class RemoteKernelProvisioner(KernelProvisionerBase):
     """Launches kernels by creating RemoteKernel resources for the Remote Kernel Operator."""
 
+    profile = Unicode(
+        "",
+        config=True,
+        help="The RemoteKernelProfile to run under (an administrator's kind of kernel: backend, where, "
+        "as whom); empty: the cluster's default profile.",
+    )
     backend = CaselessStrEnum(
         ["kubernetes", "sparkApplication", "customResource", "docker", "dockerSwarm", "yarn", "ssh"],
-        default_value="kubernetes",
+        default_value=None,
+        allow_none=True,
         config=True,
-        help="Where the operator runs the kernel.",
+        help="The profile's backend, for backend_config (ssh or yarn: spec.ssh / spec.yarn); the "
+        "profile decides the backend.",
     )
     namespace = Unicode(config=True, help="Namespace of the RemoteKernel (KERNEL_NAMESPACE, else 'default').")
     kubeconfig = Unicode(
@@ -110,7 +118,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         help="Which operator handles the kernel: the one started with this RKO_OPERATOR_CLASS ('' the default).",
     )
     backend_config = Dict(
-        config=True, help="Extra settings for the backend's block of the RemoteKernel spec."
+        config=True,
+        help="The tenant's choices for the profile's backend (spec.ssh: hosts, loadBalancing; spec.yarn: "
+        "queue, sparkOpts, driverMemory, executorMemory, nodeLabel, sparkInitMode).",
     )
     env_passthrough = List(Unicode(), config=True, help="Variables besides KERNEL_* to pass to the kernel.")
     kernel_class_name = Unicode(
@@ -193,17 +203,24 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     def _body(self) -> dict[str, Any]:
         env = self._kernel_env
-        backend_config = dict(self.backend_config)
-        if self.backend == "ssh":
-            if self.remote_hosts:
-                backend_config.setdefault("hosts", list(self.remote_hosts))
-            if self.load_balancing_algorithm:
-                backend_config.setdefault("loadBalancing", self.load_balancing_algorithm)
+        blocks: dict[str, dict[str, Any]] = {}
+        if self.backend_config:
+            if self.backend not in ("ssh", "yarn"):
+                raise ValueError(
+                    "backend_config holds a tenant's ssh or yarn choices: set backend to ssh or yarn "
+                    f"(the profile's backend), not {self.backend!r}."
+                )
+            blocks[self.backend] = dict(self.backend_config)
+        ssh = blocks.setdefault("ssh", {}) if self.remote_hosts or self.load_balancing_algorithm else {}
+        if self.remote_hosts:
+            ssh.setdefault("hosts", list(self.remote_hosts))
+        if self.load_balancing_algorithm:
+            ssh.setdefault("loadBalancing", self.load_balancing_algorithm)
         return build_remote_kernel(
             kernel_id=str(self.kernel_id),
             username=self._username,
             language=self.kernel_spec.language if self.kernel_spec else "python",
-            backend=self.backend,
+            profile=self.profile,
             env=env,
             image=env.get("KERNEL_IMAGE") or self.image_name,
             executor_image=env.get("KERNEL_EXECUTOR_IMAGE") or self.executor_image_name,
@@ -214,7 +231,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             idle_timeout=self.idle_timeout,
             port_range=self.port_range,
             transport_encryption=self._encryption,
-            backend_config=backend_config,
+            backend_config=blocks,
             labels=kernel_labels(self.operator_class, self.server_name, self._kernel_name()),
             owner_references=pod_owner(self.owner_pod_name, self.owner_pod_uid),
         )
@@ -367,7 +384,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             namespace=self.namespace,
             resource=self.name,
             kubeconfig=self.kubeconfig,
-            backend=self.backend,
+            profile=self.profile,
         )
         return info
 
@@ -378,7 +395,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self.connection_info = cast(KernelConnectionInfo, provisioner_info.get("connection_info") or {})
         self.namespace = provisioner_info.get("namespace", self.namespace)
         self.kubeconfig = provisioner_info.get("kubeconfig", self.kubeconfig)
-        self.backend = provisioner_info.get("backend", self.backend)
+        self.profile = provisioner_info.get("profile", self.profile)
         obj = await (await self._api()).get(self.name)
         if obj is None or (obj.get("status") or {}).get("phase") != RUNNING:
             raise KernelLaunchError(

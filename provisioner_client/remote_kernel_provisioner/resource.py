@@ -86,8 +86,9 @@ def build_remote_kernel(
     kernel_id: str,
     username: str,
     language: str,
-    backend: str,
     env: Mapping[str, str],
+    profile: str | None = None,
+    backend: str | None = None,
     image: str | None = None,
     executor_image: str | None = None,
     class_name: str | None = None,
@@ -99,14 +100,19 @@ def build_remote_kernel(
     labels: Mapping[str, str] | None = None,
     owner_references: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The RemoteKernel this provisioner creates for one kernel."""
+    """The RemoteKernel this provisioner creates for one kernel: only what a tenant may ask for.
+
+    ``backend`` names the block ``backend_config`` goes into (spec.ssh or spec.yarn); the
+    profile decides the backend itself, and the operator refuses a block that does not match it.
+    """
     spec: dict[str, Any] = {
         "kernelId": kernel_id,
         "username": username,
-        "backend": backend,
         "kernel": {"language": "r" if language.lower() == "r" else language.lower()},
         "env": dict(env),
     }
+    if profile:
+        spec["profile"] = profile
     if class_name:
         spec["kernel"]["className"] = class_name
     if image:
@@ -121,8 +127,8 @@ def build_remote_kernel(
         spec["portRange"] = port_range
     if transport_encryption:
         spec["transportEncryption"] = transport_encryption
-    if backend_config:
-        spec[backend] = dict(backend_config)
+    for block, fields in (backend_config or {}).items():
+        spec[block] = dict(fields)
     metadata: dict[str, Any] = {
         "name": resource_name(kernel_id),
         "labels": {"kernel-operator.io/kernel-id": kernel_id, **(labels or {})},

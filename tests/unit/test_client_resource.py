@@ -20,15 +20,17 @@ def test_the_body_carries_the_kernelspec_config_and_kernel_variables() -> None:
         kernel_id="6c9c8d0e-1111-2222-3333-444455556666",
         username="alice",
         language="Python",
-        backend="ssh",
+        profile="python-ssh",
         env={"KERNEL_USERNAME": "alice", "KERNEL_EXTRA": "1"},
         launch_timeout=45,
         port_range="40000..41000",
         transport_encryption="auto",
-        backend_config={"hosts": ["a", "b"], "loadBalancing": "least-connection"},
+        backend_config={"ssh": {"hosts": ["a", "b"], "loadBalancing": "least-connection"}},
     )
     assert body["metadata"]["name"] == "k-6c9c8d0e-1111-2222-3333-444455556666"
     spec = body["spec"]
+    # Only what a tenant may ask for: the profile, not a backend or where it runs.
+    assert spec["profile"] == "python-ssh" and "backend" not in spec
     assert spec["kernel"] == {"language": "python"}
     assert spec["launchTimeoutSeconds"] == 45 and spec["portRange"] == "40000..41000"
     assert spec["ssh"] == {"hosts": ["a", "b"], "loadBalancing": "least-connection"}

@@ -23,7 +23,8 @@ from kernel_operator.backends.custom_resource import CustomResourceBackend, Spar
 from kernel_operator.errors import BackendError, SpecError
 from kernel_operator.kube import KubeError
 from kernel_operator.settings import OperatorSettings
-from kernel_operator.spec import KernelRequest, build_request
+from kernel_operator.spec import KernelRequest
+from tests.unit.requests import request_from
 
 OWNER = {"apiVersion": "kernel-operator.io/v1alpha1", "kind": "RemoteKernel", "name": "k", "uid": "u"}
 WIDGET = {"group": "example.com", "version": "v1", "plural": "widgets", "kind": "Widget"}
@@ -40,7 +41,7 @@ def request(
     }
     if env:
         spec["env"] = env
-    return build_request("ns", "k", "uid", spec, OperatorSettings.from_env({}))
+    return request_from(spec, OperatorSettings.from_env({}), name="k", uid="uid")
 
 
 def test_values_go_into_string_leaves_and_launcher_args_into_lists() -> None:
@@ -109,7 +110,9 @@ def test_the_kernels_pod_is_found_by_labels() -> None:
 def test_a_spark_application_runs_the_launcher_as_its_python_driver() -> None:
     req = request(
         "sparkApplication",
-        env={"KERNEL_EXECUTOR_IMAGE": "exec:1", "KERNEL_SERVICE_ACCOUNT_NAME": "spark"},
+        env={"KERNEL_SERVICE_ACCOUNT_NAME": "cluster-admin-sa"},  # a variable only: the profile decides
+        serviceAccount="spark",
+        executorImage="exec:1",
         driver={"cores": 2, "memory": "1g"},
         executor={"instances": 3},
         sparkConf={"spark.sql.shuffle.partitions": "8"},
@@ -202,13 +205,15 @@ class FakeKube:
     ) -> bool:
         created = name not in self.secrets
         self.secrets[name] = data
+        self.labels = dict(labels or {})
         return created
 
     async def replace_secret_data(self, namespace: str, name: str, data: dict[str, bytes]) -> None:
         self.secrets[name] = data
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
-        self.secrets.pop(name, None)
+    async def delete_secret(self, namespace: str, name: str, owner_label: str | None = None) -> None:
+        if owner_label is None or self.labels.get("kernel-operator.io/uid") == owner_label:
+            self.secrets.pop(name, None)
 
     async def create_custom_object(
         self, group: str, version: str, plural: str, namespace: str, body: Any
@@ -252,11 +257,22 @@ def test_the_spark_backend_creates_reads_and_deletes_its_application() -> None:
         "applicationState": {"state": "SUBMISSION_FAILED", "errorMessage": "x"}
     }
     assert asyncio.run(backend.status(ref)).reason == "SubmissionFailed"
-    kube.pods = [{"metadata": {"name": "k-driver"}, "status": {"phase": "Running"}}]
+    kube.pods = [
+        {
+            "metadata": {"name": "k-driver", "labels": {"kernel-operator.io/uid": "uid"}},
+            "status": {"phase": "Running"},
+        },
+        {
+            "metadata": {"name": "someone-else"},
+            "status": {"phase": "Running"},
+        },  # matched by the selector only
+    ]
     kube.objects[ref["name"]]["status"] = {"applicationState": {"state": "RUNNING"}}
     assert asyncio.run(backend.status(ref)).state == "running"
     assert asyncio.run(backend.find(req)) == ref
-    asyncio.run(backend.stop(ref))
+    asyncio.run(backend.stop(ref, "another-uid"))  # status naming what another kernel owns
+    assert kube.objects and not kube.deleted_pods and kube.secrets
+    asyncio.run(backend.stop(ref, "uid"))
     assert not kube.objects and kube.deleted_pods == ["k-driver"] and not kube.secrets
 
 
@@ -268,24 +284,32 @@ def test_a_kind_the_api_server_does_not_know_says_what_to_check() -> None:
     assert err.value.reason == "ObjectRejected" and not kube.secrets
 
 
-def test_the_image_comes_from_the_spec_then_kernel_image_then_the_operator() -> None:
-    spec = build_request(
-        "ns",
-        "k",
-        "u",
-        {
-            "kernelId": str(uuid.uuid4()),
-            "username": "a",
-            "backend": "docker",
-            "image": "s:1",
-            "env": {"KERNEL_IMAGE": "e:1"},
-        },
-        OperatorSettings.from_env({}),
-    )
-    assert kernel_image(spec, "o:1", "docker") == "s:1"
-    env_only = request("sparkApplication", env={"KERNEL_IMAGE": "e:1"})
-    assert kernel_image(env_only, "o:1", "sparkApplication") == "e:1"
-    assert kernel_image(request("sparkApplication"), "o:1", "sparkApplication") == "o:1"
+def test_the_image_comes_from_the_spec_then_kernel_image_then_the_profile_then_the_operator() -> None:
+    from kernel_operator.spec import build_request
+    from tests.unit.requests import profile_from
+
+    def make(spec_extra: dict[str, Any], **profile: Any) -> KernelRequest:
+        spec = {"kernelId": str(uuid.uuid4()), "username": "a", **spec_extra}
+        return build_request(
+            "ns",
+            "k",
+            "u",
+            spec,
+            profile_from({"backend": "docker", **profile}),
+            OperatorSettings.from_env({}),
+        )
+
+    allowed = {"images": ["s:1", "e:*"]}
+    both = make({"image": "s:1", "env": {"KERNEL_IMAGE": "e:1"}}, **allowed)
+    assert kernel_image(both, "o:1", "docker") == "s:1"
+    assert kernel_image(make({"env": {"KERNEL_IMAGE": "e:2"}}, **allowed), "o:1", "docker") == "e:2"
+    assert kernel_image(make({}, image="p:1"), "o:1", "docker") == "p:1"
+    assert kernel_image(make({}), "o:1", "docker") == "o:1"
+    # What the profile does not allow is refused, from the spec or from KERNEL_IMAGE alike.
+    for extra in ({"image": "evil:1"}, {"env": {"KERNEL_IMAGE": "evil:1"}}):
+        with pytest.raises(SpecError, match="not an image profile p allows") as refused:
+            make(extra, **allowed)
+        assert refused.value.reason == "ImageNotAllowed"
     with pytest.raises(SpecError, match="RKO_KERNEL_IMAGE") as err:
         kernel_image(request("sparkApplication"), "", "sparkApplication")
     assert err.value.reason == "ImageMissing" and "sparkApplication backend" in str(err.value)

@@ -10,13 +10,13 @@ import pytest
 from kernel_operator.backends.docker import container_config, container_state
 from kernel_operator.errors import SpecError
 from kernel_operator.settings import OperatorSettings
-from kernel_operator.spec import build_request
+from tests.unit.requests import request_from
 
 
 def request(**spec: Any):  # type: ignore[no-untyped-def]
     base: dict[str, Any] = {"kernelId": str(uuid.uuid4()), "username": "alice", "backend": "docker"}
     base.update(spec)
-    return build_request("ns", "k", "uid", base, OperatorSettings.from_env({}))
+    return request_from(base, OperatorSettings.from_env({}), name="k", uid="uid")
 
 
 def test_the_container_has_the_kernels_variables_labels_and_limits_only() -> None:
@@ -29,18 +29,17 @@ def test_the_container_has_the_kernels_variables_labels_and_limits_only() -> Non
             "mounts": [{"type": "volume", "source": "data", "target": "/data"}],
         },
     )
-    config = container_config(req, ["--ip", "127.0.0.1"], "img:1", "tok", "host")
-    assert config["command"] == ["python", "-m", "kernel_launchers.python_launcher", "--ip", "127.0.0.1"]
+    config = container_config(req, ["--ip", "127.0.0.1"], "img:1", "/tmp/rko-launch-token", "host")
+    assert config["command"] == [
+        "python", "-m", "kernel_launchers.python_launcher", "--ip", "127.0.0.1",
+        "--token-file", "/tmp/rko-launch-token",
+    ]  # fmt: skip
     assert config["environment"]["MY"] == "1" and config["environment"]["KERNEL_ID"] == req.kernel_id
-    assert config["environment"]["RKO_LAUNCH_TOKEN"] == "tok"
-    assert set(config["environment"]) == {
-        "MY",
-        "KERNEL_ID",
-        "KERNEL_USERNAME",
-        "KERNEL_LANGUAGE",
-        "RKO_LAUNCH_TOKEN",
-    }
+    # The token is never in the container's environment (docker inspect shows it to anyone).
+    assert set(config["environment"]) == {"MY", "KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE"}
     assert config["labels"]["kernel-operator.io/kernel-id"] == req.kernel_id
+    assert config["labels"]["kernel-operator.io/uid"] == req.uid
+    assert config["privileged"] is False
     assert config["network_mode"] == "host" and config["user"] == "1000:100"
     assert config["nano_cpus"] == 500_000_000 and config["mem_limit"] == 2**30
     assert config["working_dir"] == "/home/jovyan"
@@ -51,16 +50,33 @@ def test_the_container_has_the_kernels_variables_labels_and_limits_only() -> Non
 @pytest.mark.parametrize(
     ("docker", "env", "words"),
     [
-        ({"user": "root"}, {}, "may not run as root"),
-        ({"user": "0:0"}, {}, "may not run as root"),
-        ({}, {"KERNEL_UID": "0"}, "may not run as root"),
+        ({"user": "root"}, {}, "not uid\\[:gid\\] in numbers"),
+        ({"user": "0:0"}, {}, "never run as root"),
         ({"mounts": [{"target": "relative"}]}, {}, "absolute"),
         ({"mounts": [{"type": "bind", "source": "here", "target": "/x"}]}, {}, "bind source"),
     ],
 )
 def test_bad_container_requests_are_refused(docker: dict[str, Any], env: dict[str, str], words: str) -> None:
     with pytest.raises(SpecError, match=words):
-        container_config(request(docker=docker, env=env), [], "img", "tok", "host")
+        container_config(request(docker=docker, env=env), [], "img", "/tmp/t", "host")
+
+
+def test_a_container_never_runs_as_the_images_user_and_kernel_uid_changes_nothing() -> None:
+    config = container_config(request(env={"KERNEL_UID": "0"}), [], "img", "/tmp/t", "host")
+    assert config["user"] == "1000:1000"  # the default, not the image's (maybe root) or the tenant's
+
+
+def test_the_token_travels_as_a_private_file_owned_by_the_kernels_user() -> None:
+    import io
+    import tarfile
+
+    from kernel_operator.backends.docker import token_archive
+
+    with tarfile.open(fileobj=io.BytesIO(token_archive("tok", 1000, 100))) as archive:
+        (member,) = archive.getmembers()
+        assert (member.name, member.mode, member.uid, member.gid) == ("rko-launch-token", 0o400, 1000, 100)
+        handle = archive.extractfile(member)
+        assert handle is not None and handle.read() == b"tok"
 
 
 @pytest.mark.parametrize(
@@ -87,14 +103,16 @@ def test_a_service_is_one_unrestarted_task_with_the_containers_data() -> None:
     from kernel_operator.backends.docker_swarm import service_config
 
     req = request(docker={"user": "1000"}, resources={"cpu": "1"})
-    config = service_config(req, ["--ip", "127.0.0.1"], "img:1", "tok", "host")
+    config = service_config(req, ["--ip", "127.0.0.1"], "img:1", "host")
     assert config["restart_policy"]["Condition"] == "none"
-    assert config["networks"] == ["host"] and config["user"] == "1000"
-    assert f"KERNEL_ID={req.kernel_id}" in config["env"] and "RKO_LAUNCH_TOKEN=tok" in config["env"]
+    assert config["networks"] == ["host"] and config["user"] == "1000:1000"
+    assert f"KERNEL_ID={req.kernel_id}" in config["env"]
+    assert not [e for e in config["env"] if e.startswith("RKO_LAUNCH_TOKEN")]  # a Swarm secret instead
+    assert config["command"][-2:] == ["--token-file", "/run/secrets/rko-launch-token"]
     assert config["container_labels"]["kernel-operator.io/kernel-id"] == req.kernel_id
     assert config["resources"]["Limits"]["NanoCPUs"] == 1_000_000_000
     with pytest.raises(SpecError, match="root"):
-        service_config(request(docker={"user": "root"}), [], "i", "t", "host")
+        service_config(request(docker={"user": "0"}), [], "i", "host")
 
 
 @pytest.mark.parametrize(

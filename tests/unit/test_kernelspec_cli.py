@@ -90,14 +90,20 @@ def test_container_yarn_and_swarm_options(tmp_path: Path) -> None:
     swarm = install(tmp_path, "--backend", "docker", "--swarm", "--image-name", "k:1")
     assert config_of(swarm)["backend"] == "dockerSwarm"
     yarn = install(
-        tmp_path / "y", "--backend", "yarn", "--yarn-endpoint", "http://rm:8088/ws/v1/cluster",
-        "--alt-yarn-endpoint", "http://rm2:8088/ws/v1/cluster", "--extra-spark-opts", "--conf a=b",
+        tmp_path / "y", "--profile", "spark-yarn", "--backend", "yarn", "--extra-spark-opts", "--conf a=b",
     )  # fmt: skip
-    assert config_of(yarn)["backend_config"] == {
-        "endpoint": "http://rm:8088/ws/v1/cluster",
-        "altEndpoint": "http://rm2:8088/ws/v1/cluster",
-        "sparkOpts": "--conf a=b",
-    }
+    assert config_of(yarn)["profile"] == "spark-yarn"
+    assert config_of(yarn)["backend_config"] == {"sparkOpts": "--conf a=b"}
+
+
+def test_a_kernelspec_names_a_profile_and_needs_no_backend(tmp_path: Path) -> None:
+    spec = install(tmp_path, "--profile", "python-pods", "--image-name", "k:1")
+    assert config_of(spec) == {"profile": "python-pods", "image_name": "k:1"}
+    assert (tmp_path / "share" / "jupyter" / "kernels" / "remote_python-pods_python").is_dir()
+    with pytest.raises(SpecOptionError, match="not a RemoteKernelProfile name"):
+        build_kernelspec(SpecOptions(profile="Bad Name"))
+    with pytest.raises(SpecOptionError, match="ssh or yarn"):
+        build_kernelspec(SpecOptions(profile="p", backend_config={"queue": "q"}))
 
 
 def test_an_r_kernelspec_is_interrupted_by_signal_and_declares_no_curve(tmp_path: Path) -> None:

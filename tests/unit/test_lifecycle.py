@@ -13,10 +13,16 @@ import pytest
 
 from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
+from kernel_operator import keys
 from kernel_operator.backends.base import BackendStatus, LaunchPlan
 from kernel_operator.errors import BackendError, BackendUnavailable, SpecError
 from kernel_operator.lifecycle import KernelLifecycle, OperatorContext
 from kernel_operator.settings import OperatorSettings
+
+SSH_PROFILE = {
+    "metadata": {"name": "ssh-default", "annotations": {"kernel-operator.io/is-default-profile": "true"}},
+    "spec": {"backend": "ssh", "ssh": {"hosts": ["h1"]}},
+}
 
 
 class FakeKube:
@@ -24,6 +30,17 @@ class FakeKube:
         self.patches: list[dict[str, Any]] = []
         self.secrets: dict[str, dict[str, bytes]] = {}
         self.owners: dict[str, Any] = {}
+        self.profiles: dict[str, dict[str, Any]] = {"ssh-default": SSH_PROFILE}
+        self.namespace_labels_: dict[str, dict[str, str]] = {"ns": {}}
+
+    async def read_profile(self, name: str) -> dict[str, Any] | None:
+        return self.profiles.get(name)
+
+    async def list_profiles(self) -> list[dict[str, Any]]:
+        return list(self.profiles.values())
+
+    async def namespace_labels(self, name: str) -> dict[str, str] | None:
+        return self.namespace_labels_.get(name)
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.patches.append(status)
@@ -40,7 +57,7 @@ class FakeKube:
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         return self.secrets.get(name)
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
+    async def delete_secret(self, namespace: str, name: str, owner_label: str | None = None) -> None:
         self.secrets.pop(name, None)
 
     def phases(self) -> list[str]:
@@ -67,8 +84,9 @@ class FakeBackend:
     async def status(self, ref: dict[str, Any]) -> BackendStatus:
         return self.states.pop(0) if self.states else BackendStatus("running")
 
-    async def stop(self, ref: dict[str, Any]) -> None:
+    async def stop(self, ref: dict[str, Any], owner: str) -> None:
         self.stopped.append(ref)
+        self.owner = owner
 
     def release(self, ref: dict[str, Any]) -> None:
         self.released.append(ref)
@@ -102,7 +120,7 @@ class FakeListener:
     def forget(self, kernel_id: str) -> None:
         self.forgotten.append(kernel_id)
 
-    def watch_exit(self, kernel_id: str, wake: Any) -> None:
+    def watch_exit(self, kernel_id: str, key: bytes, wake: Any) -> None:
         self.watchers[kernel_id] = wake
 
     def unwatch_exit(self, kernel_id: str) -> None:
@@ -140,8 +158,9 @@ def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
     kernel_id = str(uuid.uuid4())
     return {
         "metadata": {"namespace": "ns", "name": f"k-{kernel_id}", "uid": "uid-1", "generation": 1},
-        "spec": {"kernelId": kernel_id, "username": "alice", "backend": "ssh", **spec},
-        "status": status or {},
+        "spec": {"kernelId": kernel_id, "username": "alice", **spec},
+        # A kernel past Pending was launched on the backend its profile named, as status records.
+        "status": {"backend": "ssh", **status} if status else {},
     }
 
 
@@ -167,6 +186,12 @@ def good_payload(kernel_id: str, token: str = "t") -> LaunchPayload:
         "control_key": protocol.encode_key(b"c" * 32),
         "sent_at": 0.0,
     }
+
+
+def seal_control_key(ctx: OperatorContext, kube: FakeKube, b: dict[str, Any]) -> None:
+    """The launcher's control key, sealed in the kernel's Secret as the operator keeps it."""
+    sealed = keys.seal(ctx.private_key, b["spec"]["kernelId"], b"c" * 32)
+    kube.secrets[f"{b['metadata']['name']}-connection"] = {"control-key.sealed": sealed}
 
 
 def events() -> tuple[list[tuple[str, str, str]], Any]:
@@ -296,7 +321,7 @@ async def test_delete_stops_the_backend_and_removes_the_secret() -> None:
 async def test_delete_of_an_unknown_backend_still_removes_the_secret() -> None:
     backend = FakeBackend()
     ctx, kube, _ = context(backend)
-    b = body(status={"phase": "Failed", "backendRef": {"x": 1}}, backend="yarn")
+    b = body(status={"phase": "Failed", "backendRef": {"x": 1}, "backend": "yarn"})
     kube.secrets[f"{b['metadata']['name']}-connection"] = {"key": b"k"}
     await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
     assert kube.secrets == {} and backend.stopped == []
@@ -315,6 +340,7 @@ async def test_an_exit_notice_is_acted_on_at_once_not_at_the_next_poll() -> None
     backend = FakeBackend()
     ctx, kube, listener = context(backend, RKO_MONITOR_INTERVAL="60")
     b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    seal_control_key(ctx, kube, b)
     task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
     while b["spec"]["kernelId"] not in listener.watchers:
         await asyncio.sleep(0.01)
@@ -330,6 +356,7 @@ async def test_after_an_exit_notice_a_lagging_backend_is_checked_again_soon() ->
     backend = FakeBackend()
     ctx, kube, listener = context(backend, RKO_MONITOR_INTERVAL="60")
     b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    seal_control_key(ctx, kube, b)
     task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
     while b["spec"]["kernelId"] not in listener.watchers:
         await asyncio.sleep(0.01)
@@ -369,7 +396,7 @@ class UnreachableBackend(FakeBackend):
         self.status_calls += 1
         raise BackendUnavailable("cannot reach h1:22: timed out", reason="HostUnreachable")
 
-    async def stop(self, ref: dict[str, Any]) -> None:
+    async def stop(self, ref: dict[str, Any], owner: str) -> None:
         raise BackendUnavailable("cannot reach h1:22: timed out", reason="HostUnreachable")
 
 
@@ -470,3 +497,58 @@ async def test_the_kernels_pid_from_the_payload_is_recorded() -> None:
     payload["kernel_pid"] = 123
     await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).persist_connection(payload)
     assert kube.patches[-1]["backendRef"]["kernelPid"] == 123
+
+
+async def test_a_second_remote_kernel_with_a_kernel_id_in_use_fails_and_touches_nothing() -> None:
+    backend = FakeBackend()
+    ctx, kube, listener = context(backend)
+    first = body()
+    task = asyncio.create_task(KernelLifecycle(ctx, first, events()[1], logging.getLogger("t")).run(Stop()))
+    while first["spec"]["kernelId"] not in listener.expected:
+        await asyncio.sleep(0.01)
+    pending = listener.expected[first["spec"]["kernelId"]]
+    # Another tenant's RemoteKernel, elsewhere, with the same kernel id.
+    second = body()
+    second["spec"]["kernelId"] = first["spec"]["kernelId"]
+    second["metadata"].update(namespace="other", uid="uid-2")
+    kube.patches.clear()
+    await KernelLifecycle(ctx, second, events()[1], logging.getLogger("t")).run(Stop())
+    assert kube.phases() == ["Pending", "Failed"] and kube.patches[-1]["reason"] == "KernelIdInUse"
+    assert len(backend.plans) == 1 and listener.expected[first["spec"]["kernelId"]] == pending
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # Once the first one is deleted, the id is free again.
+    await KernelLifecycle(ctx, first, events()[1], logging.getLogger("t")).delete()
+    assert ctx.claim_kernel_id(first["spec"]["kernelId"], "uid-3")
+
+
+@pytest.mark.parametrize(
+    ("profile", "labels", "reason"),
+    [
+        ("missing", {}, "ProfileNotFound"),
+        ("team-a", {"team": "b"}, "ProfileNotAllowed"),
+        ("", {}, "ProfileAmbiguous"),
+    ],
+)
+async def test_a_kernel_whose_profile_is_missing_or_not_for_its_namespace_fails_before_launch(
+    profile: str, labels: dict[str, str], reason: str
+) -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    kube.profiles["team-a"] = {
+        "metadata": {"name": "team-a", "annotations": {"kernel-operator.io/is-default-profile": "true"}},
+        "spec": {"backend": "ssh", "namespaceSelector": {"matchLabels": {"team": "a"}}},
+    }
+    kube.namespace_labels_["ns"] = labels
+    await KernelLifecycle(ctx, body(profile=profile), events()[1], logging.getLogger("t")).run(Stop())
+    assert kube.phases() == ["Pending", "Failed"] and kube.patches[-1]["reason"] == reason
+    assert backend.plans == []
+
+
+async def test_stop_is_told_the_remote_kernels_uid_so_it_acts_only_on_what_carries_it() -> None:
+    backend = FakeBackend()
+    ctx, _, _ = context(backend)
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped and backend.owner == "uid-1"

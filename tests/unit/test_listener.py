@@ -13,6 +13,8 @@ from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 from kernel_operator.listener import ResponseListener
 
+KEY = b"k" * 32  # a launcher's control key
+
 
 def payload(kernel_id: str, token: str) -> LaunchPayload:
     return {
@@ -147,7 +149,7 @@ async def test_garbage_is_rejected_and_the_listener_keeps_serving(
 async def test_a_slow_sender_is_cut_off(listener: ResponseListener, monkeypatch: pytest.MonkeyPatch) -> None:
     import kernel_operator.listener as module
 
-    monkeypatch.setattr(module, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(module, "READ_DEADLINE", 0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(listener))
     writer.write(b"\x00\x00")  # half a length prefix, then silence
     await writer.drain()
@@ -156,13 +158,68 @@ async def test_a_slow_sender_is_cut_off(listener: ResponseListener, monkeypatch:
     assert listener.rejected == 1
 
 
+async def test_a_trickling_sender_is_cut_off_by_the_whole_frame_deadline(
+    listener: ResponseListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kernel_operator.listener as module
+
+    monkeypatch.setattr(module, "READ_DEADLINE", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(listener))
+    frame = protocol.seal_launch_payload(payload(str(uuid.uuid4()), "t"), protocol.new_private_key()[:32])
+    started = time.monotonic()
+    closed = False
+    for byte in frame[:40]:  # one byte every 0.1 s: each read is quick, the whole is not
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        if reader.at_eof():
+            closed = True
+            break
+        await asyncio.sleep(0.1)
+    assert closed or await asyncio.wait_for(reader.read(16), 2) == b""
+    assert time.monotonic() - started < 3
+    writer.close()
+    assert listener.rejected == 1
+
+
+async def test_connections_beyond_the_cap_are_closed_unread_and_the_rest_still_served() -> None:
+    server = ResponseListener(protocol.new_private_key(), max_connections=5)
+    await server.start("127.0.0.1", 0)
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port_of(server)) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        assert await asyncio.wait_for(reader.read(16), 2) == b""  # closed at once
+        writer.close()
+        assert server.refused_busy >= 1 and server.active == 5
+        for _, held_writer in held:
+            held_writer.close()
+        await asyncio.sleep(0.2)
+        assert server.active == 0
+    finally:
+        await server.stop()
+
+
+async def test_an_unsigned_or_forged_exit_notice_wakes_nobody(listener: ResponseListener) -> None:
+    kernel_id = str(uuid.uuid4())
+    woken: list[str] = []
+    listener.watch_exit(kernel_id, KEY, lambda: woken.append(kernel_id))
+    assert await send(port_of(listener), protocol.exit_notice(kernel_id, b"x" * 32)) == b""
+    stale = protocol.exit_notice(kernel_id, KEY, now=time.time() - 3600)
+    assert await send(port_of(listener), stale) == b""
+    assert woken == [] and listener.rejected == 2
+
+
 async def test_an_exit_notice_wakes_its_watcher_and_only_its_watcher(listener: ResponseListener) -> None:
     kernel_id = str(uuid.uuid4())
     woken: list[str] = []
-    listener.watch_exit(kernel_id, lambda: woken.append(kernel_id))
-    assert await send(port_of(listener), protocol.exit_notice(kernel_id)) == b"OK\n"
+    listener.watch_exit(kernel_id, KEY, lambda: woken.append(kernel_id))
+    assert await send(port_of(listener), protocol.exit_notice(kernel_id, KEY)) == b"OK\n"
     assert woken == [kernel_id]
-    assert await send(port_of(listener), protocol.exit_notice(str(uuid.uuid4()))) == b"OK\n"  # harmless
+    assert await send(port_of(listener), protocol.exit_notice(str(uuid.uuid4()), KEY)) == b"OK\n"  # harmless
     listener.unwatch_exit(kernel_id)
-    assert await send(port_of(listener), protocol.exit_notice(kernel_id)) == b"OK\n"
+    assert await send(port_of(listener), protocol.exit_notice(kernel_id, KEY)) == b"OK\n"
     assert woken == [kernel_id]  # only the watched kernel, only while watched

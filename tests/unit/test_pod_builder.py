@@ -16,7 +16,7 @@ from kernel_operator.backends.pod_builder import (
 )
 from kernel_operator.errors import SettingsError, SpecError
 from kernel_operator.settings import OperatorSettings
-from kernel_operator.spec import build_request
+from tests.unit.requests import request_from
 
 
 def request(**spec: Any):  # type: ignore[no-untyped-def]
@@ -26,7 +26,7 @@ def request(**spec: Any):  # type: ignore[no-untyped-def]
         "backend": "kubernetes",
     }
     base.update(spec)
-    return build_request("ns", "k", "uid", base, OperatorSettings.from_env({}))
+    return request_from(base, OperatorSettings.from_env({}), name="k", uid="uid")
 
 
 OWNER = {"apiVersion": "kernel-operator.io/v1alpha1", "kind": "RemoteKernel", "name": "k", "uid": "u"}
@@ -57,16 +57,18 @@ def test_the_pod_runs_the_launcher_with_only_the_kernels_variables() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-def test_uid_and_gid_come_from_the_spec_or_kernel_variables_and_root_is_refused() -> None:
-    ctx = build_pod(request(env={"KERNEL_UID": "1000", "KERNEL_GID": "100"}), [], "i", "ns", None)["spec"][
-        "containers"
-    ][0]["securityContext"]
-    assert ctx["runAsUser"] == 1000 and ctx["runAsGroup"] == 100 and ctx["runAsNonRoot"] is True
-    with pytest.raises(SpecError, match="may not run as root") as err:
-        build_pod(request(env={"KERNEL_UID": "0"}), [], "i", "ns", None)
-    assert err.value.reason == "Unauthorized"
-    with pytest.raises(SpecError, match="whole number"):
-        build_pod(request(env={"KERNEL_UID": "alice"}), [], "i", "ns", None)
+def test_uid_and_gid_come_from_the_profile_never_from_kernel_variables_and_root_is_refused() -> None:
+    def context(req: Any) -> dict[str, Any]:
+        return dict(build_pod(req, [], "i", "ns", None)["spec"]["containers"][0]["securityContext"])
+
+    ctx = context(request(kubernetes={"runAsUser": 2000, "runAsGroup": 100}))
+    assert ctx["runAsUser"] == 2000 and ctx["runAsGroup"] == 100 and ctx["runAsNonRoot"] is True
+    # A tenant's KERNEL_UID 0 is only a variable: the kernel still runs as the default uid.
+    ctx = context(request(env={"KERNEL_UID": "0", "KERNEL_GID": "0"}))
+    assert ctx["runAsUser"] == 1000 and ctx["runAsGroup"] == 1000 and ctx["runAsNonRoot"] is True
+    with pytest.raises(SpecError, match="restricted Pod Security Standard forbids") as err:
+        build_pod(request(kubernetes={"runAsUser": 0}), [], "i", "ns", None)
+    assert err.value.reason == "PodSecurityViolation"
 
 
 def test_a_pod_template_is_merged_under_what_the_operator_sets() -> None:

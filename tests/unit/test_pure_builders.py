@@ -11,8 +11,8 @@ from kernel_launchers.ports import PortRangeError, free_ports, parse_port_range
 from kernel_operator.balancer import HostBalancer, NoHostLeft
 from kernel_operator.launch_command import launcher_args, remote_start_command, remote_stop_command
 from kernel_operator.settings import OperatorSettings
-from kernel_operator.spec import build_request
 from kernel_operator.status import Phase, phase_patch, set_condition
+from tests.unit.requests import request_from
 
 
 def test_conditions_keep_their_transition_time_until_status_changes() -> None:
@@ -75,7 +75,7 @@ def test_least_connection_counts_rebuilt_by_adoption_steer_new_kernels() -> None
 
 def _request():  # type: ignore[no-untyped-def]
     spec = {"kernelId": str(uuid.uuid4()), "username": "alice", "backend": "ssh", "env": {"V": "it's"}}
-    return build_request("ns", "k", "uid", spec, OperatorSettings.from_env({}))
+    return request_from(spec, OperatorSettings.from_env({}), name="k", uid="uid")
 
 
 def test_launcher_args_carry_the_seed_arguments_but_no_token() -> None:
@@ -87,17 +87,17 @@ def test_launcher_args_carry_the_seed_arguments_but_no_token() -> None:
     assert "--token" not in args
 
 
-def test_remote_start_command_quotes_everything_and_reads_the_token_from_stdin() -> None:
-    cmd = remote_start_command("/opt/py thon", ["--a", "x y"], {"V": "it's; rm -rf /"}, "/tmp/r", "/work dir")
-    assert "V='it'\"'\"'s; rm -rf /'" in cmd
+def test_remote_start_command_quotes_everything_and_reads_the_launch_file_from_stdin() -> None:
+    cmd = remote_start_command("/opt/py thon", ["--a", "x y"], "/tmp/r", "/work dir")
     assert "'/opt/py thon'" in cmd and "'x y'" in cmd and "cd '/work dir'" in cmd
-    assert "cat > /tmp/r/token" in cmd and "--token-file /tmp/r/token" in cmd
+    assert "mkdir -m 700 -- /tmp/r" in cmd and "mkdir -p" not in cmd  # a planted directory fails it
+    assert "cat > /tmp/r/launch.json" in cmd and "--launch-file /tmp/r/launch.json" in cmd
     shlex.split(cmd)  # well-formed for a POSIX shell
 
 
 def test_remote_stop_command_kills_the_group_and_removes_files() -> None:
     cmd = remote_stop_command(4242, "/tmp/rko-x")
-    assert "kill -TERM -4242" in cmd and "kill -KILL -4242" in cmd and "rm -rf /tmp/rko-x" in cmd
+    assert "kill -TERM -4242" in cmd and "kill -KILL -4242" in cmd and "rm -rf -- /tmp/rko-x" in cmd
 
 
 @pytest.mark.parametrize(

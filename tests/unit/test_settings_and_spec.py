@@ -10,6 +10,7 @@ import pytest
 from kernel_operator.errors import SettingsError, SpecError
 from kernel_operator.settings import OperatorSettings
 from kernel_operator.spec import build_request, check_user
+from tests.unit.requests import profile_from, request_from
 
 
 def test_defaults_follow_the_seed() -> None:
@@ -75,7 +76,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 def test_a_good_spec_becomes_a_request_with_defaults() -> None:
     settings = OperatorSettings.from_env({"RKO_LAUNCH_TIMEOUT": "40"})
     s = spec(env={"MY_VAR": "1"}, ssh={"hosts": ["a"]})
-    req = build_request("ns", "k-x", "uid", s, settings)
+    req = request_from(s, settings, name="k-x", uid="uid")
     assert req.kernel_id == s["kernelId"]
     assert req.launch_timeout == 40
     assert req.env == {
@@ -84,15 +85,15 @@ def test_a_good_spec_becomes_a_request_with_defaults() -> None:
         "KERNEL_USERNAME": "alice",
         "KERNEL_LANGUAGE": "python",
     }
-    assert req.backend_config == {"hosts": ["a"]}
-    assert req.port_range == (0, 0)
+    assert req.backend_config == {} and req.tenant_config == {"hosts": ["a"]}
+    assert req.port_range == (0, 0) and req.backend == "ssh" and req.profile == "p"
 
 
 @pytest.mark.parametrize(
     ("overrides", "reason", "words"),
     [
         ({"kernelId": "not-a-uuid"}, "InvalidSpec", "kernelId"),
-        ({"backend": "mainframe"}, "InvalidSpec", "spec.backend"),
+        ({"backend": "mainframe"}, "ProfileInvalid", "names no known backend"),
         ({"username": ""}, "InvalidSpec", "username is required"),
         ({"username": "root"}, "Unauthorized", "RKO_UNAUTHORIZED_USERS"),
         ({"portRange": "1..2"}, "InvalidPortRange", "1024..65535"),
@@ -107,7 +108,7 @@ def test_a_good_spec_becomes_a_request_with_defaults() -> None:
 )
 def test_bad_specs_fail_with_a_reason(overrides: dict[str, Any], reason: str, words: str) -> None:
     with pytest.raises(SpecError, match=words) as err:
-        build_request("ns", "k", "uid", spec(**overrides), OperatorSettings.from_env({}))
+        request_from(spec(**overrides), OperatorSettings.from_env({}), name="k", uid="uid")
     assert err.value.reason == reason
 
 
@@ -115,11 +116,19 @@ def test_authorized_users_limit_who_may_launch_and_unauthorized_wins() -> None:
     settings = OperatorSettings.from_env(
         {"RKO_AUTHORIZED_USERS": "alice,root", "RKO_UNAUTHORIZED_USERS": "root"}
     )
-    check_user("alice", settings)
-    with pytest.raises(SpecError, match="not in RKO_AUTHORIZED_USERS"):
-        check_user("bob", settings)
+    profile = profile_from({"backend": "ssh"})
+    check_user("alice", settings, profile)
+    with pytest.raises(SpecError, match="authorized users of RKO_"):
+        check_user("bob", settings, profile)
     with pytest.raises(SpecError, match="not allowed"):
-        check_user("root", settings)
+        check_user("root", settings, profile)
+    # The profile's lists apply after the operator's.
+    narrow = profile_from({"backend": "ssh", "users": {"authorized": ["carol"], "unauthorized": ["dave"]}})
+    everyone = OperatorSettings.from_env({})
+    check_user("carol", everyone, narrow)
+    with pytest.raises(SpecError, match="profile p's users") as info:
+        check_user("alice", everyone, narrow)
+    assert info.value.reason == "Unauthorized"
 
 
 def test_ssh_hosts_impersonation_and_class_settings() -> None:
@@ -132,28 +141,34 @@ def test_ssh_hosts_impersonation_and_class_settings() -> None:
             "RKO_SSH_LOCAL_HOSTS": "",
         }
     )
-    assert s.ssh.allowed_hosts == ("a", "b")  # by default a spec may name only the pool
+    assert s.ssh.hosts == ("a", "b")
     assert s.ssh.secret == "ssh-creds" and s.ssh.password_auth is False
     assert s.ssh.local_hosts == ()
     assert s.impersonation is True and s.operator_class == "team-a"
     defaults = OperatorSettings.from_env({})
     assert defaults.impersonation is False and defaults.unreachable_grace == 30.0
     assert defaults.stop_give_up == 600.0 and defaults.ssh.host_retry_seconds == 30.0
+    # No kernel runs as the operator's own child process unless enabled, and no host is assumed.
+    assert defaults.ssh.local_hosts == () and defaults.ssh.hosts == ()
 
 
 def test_impersonation_runs_the_kernel_as_its_user_and_never_as_root() -> None:
     on = OperatorSettings.from_env({"RKO_IMPERSONATION": "true", "RKO_UNAUTHORIZED_USERS": ""})
-    assert build_request("ns", "k", "u", spec(), on).run_as == "alice"
+    assert request_from(spec(), on, name="k", uid="u").run_as == "alice"
     for bad, words in (
         ("root", "never run as root"),
         ("al ice", "not a valid account"),
         ("-x", "not a valid"),
     ):
         with pytest.raises(SpecError, match=words) as info:
-            build_request("ns", "k", "u", spec(username=bad), on)
+            request_from(spec(username=bad), on, name="k", uid="u")
         assert info.value.reason == "ImpersonationRefused"
     off = OperatorSettings.from_env({})
-    assert build_request("ns", "k", "u", spec(), off).run_as is None
-    with pytest.raises(SpecError, match="RKO_IMPERSONATION is off") as info:
-        build_request("ns", "k", "u", spec(ssh={"impersonate": True}), off)
-    assert info.value.reason == "ImpersonationDisabled"
+    assert request_from(spec(), off, name="k", uid="u").run_as is None
+    # The profile turns it on for its kernels; a tenant cannot ask for it.
+    assert request_from(spec(ssh={"impersonate": True}), off, name="k", uid="u").run_as == "alice"
+    with pytest.raises(SpecError, match="may not set impersonation") as info:
+        build_request(
+            "ns", "k", "u", spec(ssh={"impersonation": True}), profile_from({"backend": "ssh"}), off
+        )
+    assert info.value.reason == "InvalidSpec"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import paramiko
@@ -20,9 +21,13 @@ from kernel_operator.launch_command import (
     EXIT_NO_ACCOUNT,
     EXIT_UID_ZERO,
     as_user,
+    launch_file,
     remote_signal_command,
     remote_start_command,
     remote_status_command,
+    remote_stop_command,
+    run_dir_for,
+    run_dir_is_for,
 )
 
 
@@ -90,11 +95,71 @@ def test_the_user_switch_runs_the_script_as_that_account() -> None:
 
 
 def test_an_impersonated_start_logs_in_as_the_user_and_quotes_everything() -> None:
-    command = remote_start_command("python3", ["--x", "a b"], {"V": "it's"}, "/tmp/rko-k", None, "alice")
+    command = remote_start_command("python3", ["--x", "a b"], "/tmp/rko-k", None, "alice")
     assert "runuser -u alice" in command and "sudo -n -H -u alice" in command
     assert 'cd "$HOME"' in command  # the user's home, not the ssh login's directory
-    plain = remote_start_command("python3", [], {}, "/tmp/rko-k", "/work", None)
+    plain = remote_start_command("python3", [], "/tmp/rko-k", "/work", None)
     assert "runuser" not in plain and "cd /work" in plain
+
+
+def test_the_token_and_the_env_reach_the_launcher_through_a_private_file_not_the_command_line(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "rko-k"
+    command = remote_start_command("/bin/echo", ["--x"], str(run_dir), None, None)
+    secret = launch_file("the-token", {"V": "it's secret"})
+    assert "the-token" not in command and "secret" not in command
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], input=secret, capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0 and done.stdout.strip().isdigit()
+    wait_for_file = run_dir / "launcher.log"
+    for _ in range(50):
+        if wait_for_file.exists() and wait_for_file.read_text():
+            break
+        time.sleep(0.05)
+    assert "--launch-file" in wait_for_file.read_text()
+    launch = run_dir / "launch.json"
+    assert launch.read_text() == secret
+    assert launch.stat().st_mode & 0o777 == 0o600 and run_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_run_directory_planted_before_the_launch_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rko-k"
+    elsewhere = tmp_path / "attacker"
+    elsewhere.mkdir()
+    run_dir.symlink_to(elsewhere)  # a symlink where the run directory will be made
+    command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+    done = subprocess.run(["/bin/sh", "-c", command], input="x", capture_output=True, text=True, timeout=20)
+    assert done.returncode != 0 and "File exists" in done.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing was written through the link
+
+
+def test_a_stop_kills_only_a_process_group_that_names_the_kernels_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rko-k"
+    run_dir.mkdir()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(run_dir)], start_new_session=True
+    )
+    try:
+        assert sh(remote_stop_command(stranger.pid, str(run_dir), grace=0.2)).returncode == 0
+        assert stranger.poll() is None  # a pgid that is not this kernel's is left alone
+        assert sh(remote_stop_command(ours.pid, str(run_dir), grace=0.2)).returncode == 0
+        assert ours.wait(5) != 0 and not run_dir.exists()
+    finally:
+        stranger.kill()
+        ours.kill()
+        stranger.wait()
+        ours.wait()
+
+
+def test_a_run_directory_is_recognised_only_for_its_own_kernel() -> None:
+    uid = "0b5ad6a4-9c6e-4f51-8a3e-51d1c6f7f0aa"
+    run_dir = run_dir_for("6c9c8d0e-1111-2222-3333-444455556666", uid)
+    assert run_dir_is_for(run_dir, uid)
+    assert not run_dir_is_for(run_dir, "another-uid")
+    assert not run_dir_is_for("/home/alice", uid) and not run_dir_is_for(f"/tmp/../etc-{uid}", uid)
 
 
 def test_known_hosts_text_is_read_with_plain_and_bracketed_names() -> None:

@@ -25,6 +25,8 @@ from kernel_operator.backends.yarn import (
     YarnOptions,
     application_state,
     check_spark_opts,
+    properties_text,
+    spark_properties,
     spark_submit_command,
     submission,
     submitted_application_id,
@@ -32,7 +34,8 @@ from kernel_operator.backends.yarn import (
 )
 from kernel_operator.errors import BackendError, BackendUnavailable, SpecError
 from kernel_operator.settings import OperatorSettings, YarnSettings
-from kernel_operator.spec import KernelRequest, build_request
+from kernel_operator.spec import KernelRequest
+from tests.unit.requests import request_from
 
 RM = "http://rm-a:8088"
 RM_B = "http://rm-b:8088"
@@ -55,7 +58,7 @@ def request(
     base.update(spec)
     if env:
         base["env"] = env
-    return build_request("ns", "k", "uid", base, ops or settings())
+    return request_from(base, ops or settings(), name="k", uid="uid")
 
 
 def options(req: KernelRequest, ops: OperatorSettings | None = None) -> YarnOptions:
@@ -75,10 +78,19 @@ def test_settings_are_read_from_the_environment() -> None:
 
 def test_the_spec_wins_over_kernel_variables_which_win_over_the_operator() -> None:
     env = {"KERNEL_QUEUE": "from-env", "KERNEL_NODE_LABEL": "cpu", "KERNEL_DRIVER_MEMORY": "2g"}
-    opts = options(request(env=env, yarn={"queue": "from-spec"}))
+    queues = ["from-spec", "from-env"]  # what the profile lets tenants choose
+    opts = options(request(env=env, yarn={"queue": "from-spec", "queues": queues}))
     assert opts.queue == "from-spec" and opts.node_label == "cpu" and opts.driver_memory == "2g"
-    assert options(request(env=env)).queue == "from-env"
+    assert options(request(env=env, yarn={"queues": queues})).queue == "from-env"
     assert options(request()).queue == "default"
+    from kernel_operator.spec import build_request
+    from tests.unit.requests import profile_from
+
+    etl = profile_from({"backend": "yarn", "yarn": {"queue": "etl"}})
+    tenant = {"kernelId": str(uuid.uuid4()), "username": "alice"}
+    assert (
+        options(build_request("ns", "k", "u", tenant, etl, settings())).queue == "etl"
+    )  # the profile's default
     assert opts.endpoints == (RM, RM_B) and opts.user == "operator"
 
 
@@ -95,7 +107,35 @@ def test_impersonation_makes_the_kernels_user_the_applications_user() -> None:
         ({"queue": "a queue"}, "InvalidQueue", "a queue"),
         ({"nodeLabel": "gpu&&x"}, "InvalidNodeLabel", "gpu&&x"),
         ({"spark": True, "driverMemory": "lots"}, "InvalidMemory", "lots"),
-        ({"sparkOpts": "--conf a=b"}, "InvalidSparkOptions", "spec.yarn.spark is false"),
+        (
+            {"sparkOpts": "--conf a=b", "allowedSparkOptions": ["a"]},
+            "InvalidSparkOptions",
+            "spec.yarn.spark is false",
+        ),
+        (
+            {"spark": True, "sparkOpts": "--conf spark.x=1"},
+            "InvalidSparkOptions",
+            "allows only no Spark options",
+        ),
+        (
+            {
+                "spark": True,
+                "sparkOpts": "--jars /var/run/secrets/kubernetes.io/serviceaccount/token",
+                "allowedSparkOptions": ["--jars"],
+            },
+            "InvalidSparkOptions",
+            "only remote URIs",
+        ),
+        (
+            {
+                "spark": True,
+                "sparkOpts": "--conf spark.files=file:///etc/passwd",
+                "allowedSparkOptions": ["spark.*"],
+            },
+            "InvalidSparkOptions",
+            "only remote URIs",
+        ),
+        ({"queue": "root.admins"}, "QueueNotAllowed", "root.admins"),
         ({"spark": True, "sparkOpts": "--proxy-user bob"}, "InvalidSparkOptions", "--proxy-user"),
         ({"spark": True, "sparkOpts": "--master local"}, "InvalidSparkOptions", "--master"),
         ({"spark": True, "sparkOpts": "--deploy-mode=client"}, "InvalidSparkOptions", "--deploy-mode"),
@@ -137,12 +177,18 @@ def test_a_yarn_kernel_without_a_resource_manager_says_what_to_set() -> None:
 def test_extra_spark_options_from_kernel_variables_are_checked_too() -> None:
     with pytest.raises(SpecError, match="--keytab"):
         options(request(env={"KERNEL_EXTRA_SPARK_OPTS": "--keytab /etc/k"}, yarn={"spark": True}))
-    assert check_spark_opts("--conf spark.sql.shuffle.partitions=4 --py-files a.zip", "x") == (
+    allowed = ["spark.sql.*", "--py-files"]
+    words = "--conf spark.sql.shuffle.partitions=4 --py-files hdfs:///a.zip"
+    assert check_spark_opts(words, "x", allowed) == (
         "--conf",
         "spark.sql.shuffle.partitions=4",
         "--py-files",
-        "a.zip",
+        "hdfs:///a.zip",
     )
+    with pytest.raises(SpecError, match="only remote URIs"):
+        check_spark_opts("--py-files a.zip", "x", allowed)  # a path on the operator's machine
+    with pytest.raises(SpecError, match=r"may not set spark\.executor\.instances"):
+        check_spark_opts("--conf spark.executor.instances=100", "x", allowed)
 
 
 # -- what is submitted ------------------------------------------------------------------------
@@ -164,7 +210,7 @@ def test_the_rest_submission_carries_the_token_only_as_a_credentials_secret() ->
     secrets = spec["credentials"]["secrets"]["entry"]
     assert secrets == [{"key": TOKEN_SECRET, "value": base64.b64encode(b"s3cret-token").decode()}]
     assert "s3cret-token" not in command and "s3cret-token" not in str(env)
-    assert body["application-tags"] == {"tag": [f"rko-kernel-{req.kernel_id}"]}
+    assert body["application-tags"] == {"tag": [f"rko-kernel-{req.kernel_id}", "rko-uid-uid"]}
     assert body["max-app-attempts"] == 1 and body["queue"] == "default"
     assert body["resource"] == {"memory": 512, "vCores": 2}
     assert body["app-node-label-expression"] == body["am-container-node-label-expression"] == "gpu"
@@ -174,24 +220,37 @@ def test_spark_submit_runs_in_cluster_mode_with_the_token_as_a_file() -> None:
     ops = settings(RKO_SPARK_OPTS="--conf spark.yarn.archive=hdfs:///spark.zip", RKO_IMPERSONATION="true")
     req = request(
         ops=ops,
-        yarn={"spark": True, "executorMemory": "1g", "nodeLabel": "gpu", "sparkOpts": "--conf spark.x=1"},
+        yarn={
+            "spark": True,
+            "executorMemory": "1g",
+            "nodeLabel": "gpu",
+            "sparkOpts": "--conf spark.x=1",
+            "allowedSparkOptions": ["spark.x"],
+        },
     )
     argv = spark_submit_command(
-        req, options(req, ops), ops.yarn, ["--kernel-id", req.kernel_id], "/tmp/t/token", True
+        req, options(req, ops), ops.yarn, ["--kernel-id", req.kernel_id], "/tmp/t/token", "/tmp/t/p", True
     )
     joined = " ".join(argv)
-    assert argv[:5] == ["spark-submit", "--master", "yarn", "--deploy-mode", "cluster"]
+    assert argv[0] == "spark-submit"
+    assert "--master yarn --deploy-mode cluster" in joined and "--properties-file /tmp/t/p" in joined
     assert "--files /tmp/t/token#rko-launch-token" in joined
     assert "--proxy-user alice" in joined and "--executor-memory 1g" in joined
-    assert f"spark.yarn.tags=rko-kernel-{req.kernel_id}" in joined
-    assert "spark.yarn.am.nodeLabelExpression=gpu" in joined
-    assert f"spark.yarn.appMasterEnv.KERNEL_ID={req.kernel_id}" in joined
-    # The operator's options come first, the kernel's after them; the driver and its arguments last.
-    assert joined.index("spark.yarn.archive") < joined.index("spark.x=1") < joined.index("spark_driver.py")
+    # The tenant's options first; the operator's after them (spark-submit keeps the last of a
+    # repeated option), then the administrator's own; the driver and its arguments last.
+    assert joined.index("spark.x=1") < joined.index("--master") < joined.index("spark.yarn.archive")
+    assert joined.index("spark.yarn.archive") < joined.index("spark_driver.py")
     assert argv[-4:] == ["--token-file", "rko-launch-token", "--spark-context-initialization-mode", "lazy"]
+    # The kernel's variables are in the properties file, never on the command line.
+    assert "KERNEL_ID" not in joined
+    conf = spark_properties(req, options(req, ops), ops.yarn)
+    assert conf["spark.yarn.tags"] == f"rko-kernel-{req.kernel_id},rko-uid-uid"
+    assert conf["spark.yarn.am.nodeLabelExpression"] == "gpu" and conf["spark.yarn.queue"] == "default"
+    assert conf["spark.yarn.appMasterEnv.KERNEL_ID"] == req.kernel_id
+    assert properties_text({"a": "x\ny=1"}) == "a=x\\ny\\=1\n"  # a value cannot start an entry
     eager = request(ops=ops, yarn={"spark": True, "sparkInitMode": "eager"})
-    assert spark_submit_command(eager, options(eager, ops), ops.yarn, [], "/t", False)[-1] == "eager"
-    not_impersonating = spark_submit_command(req, options(req, ops), ops.yarn, [], "/t", False)
+    assert spark_submit_command(eager, options(eager, ops), ops.yarn, [], "/t", "/p", False)[-1] == "eager"
+    not_impersonating = spark_submit_command(req, options(req, ops), ops.yarn, [], "/t", "/p", False)
     assert "--proxy-user" not in not_impersonating
 
 
@@ -265,7 +324,12 @@ class FakeResourceManager:
 
     def submit(self, body: dict[str, Any], user: str) -> None:
         self.calls.append(("submit", user))
-        self.apps[body["application-id"]] = {"id": body["application-id"], "state": "ACCEPTED", "body": body}
+        self.apps[body["application-id"]] = {
+            "id": body["application-id"],
+            "state": "ACCEPTED",
+            "body": body,
+            "applicationTags": ",".join(body["application-tags"]["tag"]),  # as YARN reports them
+        }
 
     def application(self, app_id: str) -> dict[str, Any] | None:
         return self.apps.get(app_id)
@@ -309,8 +373,10 @@ def test_a_plain_kernel_is_submitted_found_and_killed_once() -> None:
     assert encode_key(b"k" * 32) in command
     assert asyncio.run(yarn.find(req)) == ref
     assert asyncio.run(yarn.status(ref)).state == "starting"
-    asyncio.run(yarn.stop(ref))
-    asyncio.run(yarn.stop(ref))  # idempotent: an ended application is not killed again
+    asyncio.run(yarn.stop({**ref, "applicationId": "application_1_0001"}, "another-uid"))
+    assert not [c for c in fake.calls if c[0] == "kill"]  # not tagged with that uid: left alone
+    asyncio.run(yarn.stop(ref, "uid"))
+    asyncio.run(yarn.stop(ref, "uid"))  # idempotent: an ended application is not killed again
     assert [c for c in fake.calls if c[0] == "kill"] == [("kill", "application_1_0001", yarn.operator_user)]
     assert fake.calls[0] == ("new", yarn.operator_user)
 
@@ -393,8 +459,8 @@ def test_an_application_the_resource_manager_does_not_know_is_not_gone_at_once()
     with pytest.raises(BackendUnavailable, match="application_1_0099") as err:
         asyncio.run(yarn.status(ref))
     assert err.value.reason == "ApplicationUnknown"
-    asyncio.run(yarn.stop(ref))  # up for long: nothing there to kill
+    asyncio.run(yarn.stop(ref, "uid"))  # up for long: nothing there to kill
     fake.started = time.time() * 1000 - 5_000  # restarted 5 s ago: still recovering
     with pytest.raises(BackendUnavailable) as err:
-        asyncio.run(yarn.stop(ref))  # deletion waits rather than leave a recovered application running
+        asyncio.run(yarn.stop(ref, "uid"))  # deletion waits rather than leave a recovered application running
     assert err.value.reason == "ResourceManagerRecovering"

@@ -30,12 +30,13 @@ class LaunchPlan:
 
 
 def kernel_image(request: KernelRequest, default: str, backend: str) -> str:
-    """The image a container backend runs: spec.image, then KERNEL_IMAGE, then the operator's."""
-    image = request.image or request.env.get("KERNEL_IMAGE") or default
+    """The image a container backend runs: the request's (spec.image or KERNEL_IMAGE, checked
+    against the profile, else the profile's image), then the operator's RKO_KERNEL_IMAGE."""
+    image = request.image or default
     if not image:
         raise SpecError(
-            f"The {backend} backend needs an image: set spec.image (KERNEL_IMAGE) or the operator's "
-            "RKO_KERNEL_IMAGE.",
+            f"The {backend} backend needs an image: the profile's image, spec.image among the "
+            "profile's images, or the operator's RKO_KERNEL_IMAGE.",
             reason="ImageMissing",
         )
     return image
@@ -64,8 +65,13 @@ class Backend(Protocol):
         """The current state of what ``launch`` started."""
         ...
 
-    async def stop(self, ref: BackendRef) -> None:
-        """Stop everything ``launch`` started; idempotent, no error if already gone."""
+    async def stop(self, ref: BackendRef, owner: str) -> None:
+        """Stop everything ``launch`` started; idempotent, no error if already gone.
+
+        ``ref`` comes from status; ``owner`` is the RemoteKernel's uid. Only what carries that
+        uid (a label, a tag, a run directory named after it) is stopped, so a ref that was
+        tampered with cannot make the operator delete or kill anything else.
+        """
         ...
 
     def release(self, ref: BackendRef) -> None:

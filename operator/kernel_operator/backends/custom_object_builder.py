@@ -188,13 +188,9 @@ def build_spark_application(
 ) -> dict[str, Any]:
     """A SparkApplication (spark-operator v1beta2) whose driver is the kernel launcher."""
     config = request.backend_config
-    driver_image = str(config.get("driverImage") or image)
-    executor_image = str(
-        config.get("executorImage")
-        or request.executor_image
-        or request.env.get("KERNEL_EXECUTOR_IMAGE")
-        or driver_image
-    )
+    # The spec's images are already checked against the profile's allow-list.
+    driver_image = str(request.image or config.get("driverImage") or image)
+    executor_image = str(request.executor_image or config.get("executorImage") or driver_image)
     driver = dict(config.get("driver") or {})
     executor = dict(config.get("executor") or {})
     env = [{"name": k, "value": v} for k, v in sorted(request.env.items())]
@@ -214,7 +210,7 @@ def build_spark_application(
         "env": env,
         "image": driver_image,
     }
-    service_account = config.get("serviceAccount") or request.env.get("KERNEL_SERVICE_ACCOUNT_NAME")
+    service_account = config.get("serviceAccount")  # the profile's, never KERNEL_SERVICE_ACCOUNT_NAME
     if service_account:
         driver_spec["serviceAccount"] = str(service_account)
     executor_spec: dict[str, Any] = {

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import UID_LABEL
 from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
@@ -33,7 +34,7 @@ from .custom_object_builder import (
     pod_selector,
     spark_application_state,
 )
-from .pod_builder import POD_IP_REF, TOKEN_KEY, labels, pod_state, token_secret_name
+from .pod_builder import POD_IP_REF, TOKEN_KEY, label_value, labels, pod_state, token_secret_name
 
 
 class CustomResourceBackend:
@@ -147,26 +148,40 @@ class CustomResourceBackend:
         )
         return combined_state(verdict, [pod_state(pod, None) for pod in newest[:1]])
 
-    async def stop(self, ref: BackendRef) -> None:
+    async def stop(self, ref: BackendRef, owner: str) -> None:
+        """Delete the object, its kernel pods and the token Secret: only those labelled with the
+        RemoteKernel's uid ``owner``, or (pods) owned by that object."""
+        namespace, owner_label = str(ref["namespace"]), label_value(owner)
         try:
-            await self.kube.delete_custom_object(
-                str(ref["group"]),
-                str(ref["version"]),
-                str(ref["plural"]),
-                str(ref["namespace"]),
-                str(ref["name"]),
-            )
+            obj = await self._read(ref)
+            if obj is None or _labels(obj).get(UID_LABEL) != owner_label:
+                obj = None  # not this kernel's object: status named something else
+            else:
+                await self.kube.delete_custom_object(
+                    str(ref["group"]), str(ref["version"]), str(ref["plural"]), namespace, str(ref["name"])
+                )
+            object_uid = (obj or {}).get("metadata", {}).get("uid")
             # Its pods go with it (owned by it); delete them too, in case the other operator
             # did not make them owned, so the kernel stops now rather than at collection.
-            for pod in await self.kube.list_pods(str(ref["namespace"]), str(ref["podSelector"])):
-                name = str((pod.get("metadata") or {}).get("name"))
-                await self.kube.delete_pod(str(ref["namespace"]), name, self.settings.pod_grace_seconds)
+            for pod in await self.kube.list_pods(namespace, str(ref["podSelector"])):
+                meta = pod.get("metadata") or {}
+                owned = (
+                    any(o.get("uid") == object_uid for o in meta.get("ownerReferences") or []) and object_uid
+                )
+                if owned or (meta.get("labels") or {}).get(UID_LABEL) == owner_label:
+                    await self.kube.delete_pod(
+                        namespace, str(meta.get("name")), self.settings.pod_grace_seconds
+                    )
             if ref.get("tokenSecret"):
-                await self.kube.delete_secret(str(ref["namespace"]), str(ref["tokenSecret"]))
+                await self.kube.delete_secret(namespace, str(ref["tokenSecret"]), owner_label)
         except KubeError as err:
             raise BackendError(
                 f"Deleting the kernel's {ref['plural']} failed: {err}", reason="StopFailed"
             ) from err
+
+
+def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
 
 
 class SparkApplicationBackend(CustomResourceBackend):

@@ -1,13 +1,20 @@
 """The docker backend (gateway_provisioners' DockerProvisioner): a kernel in a container.
 
 The container is described by the pure ``container_config`` and run through the docker SDK
-(calls run in a thread: the SDK is synchronous). It carries labels with the kernel id, so a
-restarted operator finds what it started; an image that is not on the engine fails at once.
+(calls run in a thread: the SDK is synchronous). It carries labels with the kernel id and the
+RemoteKernel's uid, so a restarted operator finds what it started and stops nothing else; an
+image that is not on the engine fails at once. It always runs as a non-root user, with every
+capability dropped and no-new-privileges, and mounts only what the profile lists. The launch
+token is copied into the created container as a 0400 file before it starts: never in its
+environment, where ``docker inspect`` would show it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import re
+import tarfile
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +22,7 @@ from typing import Any
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
+from .. import UID_LABEL
 from ..errors import BackendError, BackendUnavailable, SpecError
 from ..launch_command import LAUNCHER_MODULE
 from ..quantities import cpu_nanos, memory_bytes
@@ -23,18 +31,41 @@ from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
 
 KERNEL_ID_LABEL = "kernel-operator.io/kernel-id"
+DEFAULT_USER = "1000:1000"  # kernels never run as the image's user, which may be root
+TOKEN_DIR = "/tmp"
+TOKEN_FILE = "rko-launch-token"
+_USER = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
 
 
-def _user(request: KernelRequest) -> str | None:
-    user = request.backend_config.get("user") or request.env.get("KERNEL_UID")
-    if user is None or user == "":
-        return None
-    name = str(user).split(":", 1)[0]
-    if name in ("0", "root"):
+def container_user(request: KernelRequest) -> tuple[int, int]:
+    """uid and gid the kernel runs as: the profile's docker.user (never the spec's, never 0)."""
+    user = str(request.backend_config.get("user") or DEFAULT_USER)
+    match = _USER.match(user)
+    if not match:
         raise SpecError(
-            "Kernels may not run as root in containers (docker.user / KERNEL_UID).", reason="Unauthorized"
+            f"Profile {request.profile}'s docker.user {user!r} is not uid[:gid] in numbers.",
+            reason="ProfileInvalid",
         )
-    return str(user)
+    uid = int(match.group(1))
+    gid = int(match.group(2) if match.group(2) is not None else uid)
+    if uid == 0:
+        raise SpecError(
+            f"Profile {request.profile} runs kernels as root (docker.user {user}); kernels in containers "
+            "never run as root: its administrator must choose another uid.",
+            reason="Unauthorized",
+        )
+    return uid, gid
+
+
+def token_archive(token: str, uid: int, gid: int) -> bytes:
+    """A tar holding the launch token as a 0400 file owned by the kernel's user."""
+    data = token.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(TOKEN_FILE)
+        info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, gid
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def _mounts(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -58,30 +89,31 @@ def _mounts(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def container_config(
-    request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+    request: KernelRequest, launcher_args: list[str], image: str, token_file: str, network: str
 ) -> dict[str, Any]:
-    """Keyword arguments for ``containers.run``: data from the spec, never templated text."""
-    env = dict(request.env)
-    env["RKO_LAUNCH_TOKEN"] = token  # the launcher removes it before the kernel starts
+    """Keyword arguments for ``containers.create``: data from the request, never templated text.
+
+    The launcher reads its token from ``token_file``, put there by the backend (not the env).
+    """
+    uid, gid = container_user(request)
     config: dict[str, Any] = {
         "image": image,
-        "command": ["python", "-m", LAUNCHER_MODULE, *launcher_args],
-        "environment": env,
+        "command": ["python", "-m", LAUNCHER_MODULE, *launcher_args, "--token-file", token_file],
+        "environment": dict(request.env),
         "labels": {
             KERNEL_ID_LABEL: request.kernel_id,
+            UID_LABEL: request.uid,
             "kernel-operator.io/namespace": request.namespace,
             "kernel-operator.io/name": request.name,
         },
         "name": f"k-{request.kernel_id}",
         "network_mode": network,
-        "detach": True,
+        "user": f"{uid}:{gid}",
+        "privileged": False,
         "security_opt": ["no-new-privileges"],
         "cap_drop": ["ALL"],
     }
-    user = _user(request)
-    if user:
-        config["user"] = user
-    working_dir = request.backend_config.get("workingDir") or request.env.get("KERNEL_WORKING_DIR")
+    working_dir = request.env.get("KERNEL_WORKING_DIR") or request.backend_config.get("workingDir")
     if working_dir:
         config["working_dir"] = str(working_dir)
     if request.resources.get("cpu") is not None:
@@ -164,13 +196,11 @@ class DockerBackend:
         """Nothing to release."""
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
-        return await asyncio.to_thread(self._find, request.kernel_id)
+        return await asyncio.to_thread(self._find, request.uid)
 
-    def _find(self, kernel_id: str) -> BackendRef | None:
+    def _find(self, owner: str) -> BackendRef | None:
         try:
-            found = self.client().containers.list(
-                all=True, filters={"label": f"{KERNEL_ID_LABEL}={kernel_id}"}
-            )
+            found = self.client().containers.list(all=True, filters={"label": f"{UID_LABEL}={owner}"})
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Container", "id": str(found[0].id), "name": found[0].name} if found else None
@@ -179,24 +209,32 @@ class DockerBackend:
     kind = "Container"
 
     def build_config(
-        self, request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+        self, request: KernelRequest, launcher_args: list[str], image: str, network: str
     ) -> dict[str, Any]:
-        return container_config(request, launcher_args, image, token, network)
+        return container_config(request, launcher_args, image, f"{TOKEN_DIR}/{TOKEN_FILE}", network)
 
-    def start(self, engine: docker.DockerClient, config: dict[str, Any]) -> str:
-        return str(engine.containers.run(**config).id)
+    def start(self, engine: docker.DockerClient, config: dict[str, Any], plan: LaunchPlan) -> str:
+        """Create the container, copy the token in, then start it (the token is never in its spec)."""
+        container = engine.containers.create(**config)
+        try:
+            uid, gid = container_user(plan.request)
+            if not container.put_archive(TOKEN_DIR, token_archive(plan.token, uid, gid)):
+                raise BackendError("The Docker engine refused to copy the launch token into the container.")
+            container.start()
+        except BaseException:
+            container.remove(force=True)
+            raise
+        return str(container.id)
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
         image = kernel_image(request, self.settings.kernel_image, self.name)
         network = str(request.backend_config.get("network") or self.settings.network)
-        config = self.build_config(
-            request, plan.launcher_args(self.settings.kernel_ip), image, plan.token, network
-        )
-        started_id = await asyncio.to_thread(self._start_checked, image, config)
+        config = self.build_config(request, plan.launcher_args(self.settings.kernel_ip), image, network)
+        started_id = await asyncio.to_thread(self._start_checked, image, config, plan)
         return {"kind": self.kind, "id": started_id, "name": config["name"]}
 
-    def _start_checked(self, image: str, config: dict[str, Any]) -> str:
+    def _start_checked(self, image: str, config: dict[str, Any], plan: LaunchPlan) -> str:
         engine = self.client()
         try:
             engine.images.get(image)
@@ -209,7 +247,7 @@ class DockerBackend:
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         try:
-            return self.start(engine, config)
+            return self.start(engine, config, plan)
         except (APIError, DockerException) as err:
             raise BackendError(
                 f"The kernel's {self.kind.lower()} could not be started: {err}",
@@ -228,12 +266,14 @@ class DockerBackend:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return container_state(container.attrs)
 
-    async def stop(self, ref: BackendRef) -> None:
-        await asyncio.to_thread(self._stop, str(ref["id"]))
+    async def stop(self, ref: BackendRef, owner: str) -> None:
+        await asyncio.to_thread(self._stop, str(ref["id"]), owner)
 
-    def _stop(self, container_id: str) -> None:
+    def _stop(self, container_id: str, owner: str) -> None:
         try:
             container = self.client().containers.get(container_id)
+            if (container.labels or {}).get(UID_LABEL) != owner:
+                return  # not this kernel's: status named something else
             container.stop(timeout=self.settings.stop_timeout)
             container.remove(force=True)
         except NotFound:

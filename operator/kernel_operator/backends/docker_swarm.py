@@ -1,31 +1,42 @@
 """The dockerSwarm backend (gateway_provisioners' DockerSwarmProvisioner): a kernel as a service.
 
 One replica, never restarted by Swarm (the operator decides what a dead kernel means), on the
-network the spec names (default: host). The service is described by the pure
-``service_config``; its newest task's state becomes the kernel's state.
+network the profile names (default: host). The service is described by the pure
+``service_config``; its newest task's state becomes the kernel's state. The launch token is a
+Swarm secret mounted into the task (0400, the kernel's user), never in the service's spec;
+it is removed with the service.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import docker
 from docker.errors import APIError, DockerException, NotFound
 
+from .. import UID_LABEL
 from ..errors import BackendUnavailable
 from ..spec import KernelRequest
-from .base import BackendRef, BackendStatus
-from .docker import KERNEL_ID_LABEL, DockerBackend, container_config
+from .base import BackendRef, BackendStatus, LaunchPlan
+from .docker import TOKEN_FILE, DockerBackend, container_config, container_user
+
+SECRETS_DIR = "/run/secrets"
 
 STARTING = {"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
 
 
+def secret_name(request: KernelRequest) -> str:
+    return f"rko-token-{request.uid}"
+
+
 def service_config(
-    request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+    request: KernelRequest, launcher_args: list[str], image: str, network: str
 ) -> dict[str, Any]:
-    """Keyword arguments for ``services.create``, from the same checked data as a container."""
-    container = container_config(request, launcher_args, image, token, network)
+    """Keyword arguments for ``services.create``, from the same checked data as a container
+    (the token secret's reference is added at launch, once the secret exists)."""
+    container = container_config(request, launcher_args, image, f"{SECRETS_DIR}/{TOKEN_FILE}", network)
     config: dict[str, Any] = {
         "image": image,
         "command": container["command"],
@@ -78,18 +89,33 @@ class DockerSwarmBackend(DockerBackend):
     kind = "Service"
 
     def build_config(
-        self, request: KernelRequest, launcher_args: list[str], image: str, token: str, network: str
+        self, request: KernelRequest, launcher_args: list[str], image: str, network: str
     ) -> dict[str, Any]:
-        return service_config(request, launcher_args, image, token, network)
+        return service_config(request, launcher_args, image, network)
 
-    def start(self, engine: docker.DockerClient, config: dict[str, Any]) -> str:
-        services: Any = engine.services  # the SDK's stubs leave these calls untyped
-        return str(services.create(**config).id)
+    def start(self, engine: docker.DockerClient, config: dict[str, Any], plan: LaunchPlan) -> str:
+        """Store the token as a Swarm secret for this kernel, then create the service using it."""
+        request = plan.request
+        uid, gid = container_user(request)
+        secrets: Any = engine.secrets  # the SDK's stubs leave these calls untyped
+        services: Any = engine.services
+        name = secret_name(request)
+        for old in secrets.list(filters={"name": name}):  # a launch retried after a crash
+            old.remove()
+        secret = secrets.create(name=name, data=plan.token.encode(), labels={UID_LABEL: request.uid})
+        reference = docker.types.SecretReference(
+            secret.id, name, filename=TOKEN_FILE, uid=str(uid), gid=str(gid), mode=0o400
+        )
+        try:
+            return str(services.create(**config, secrets=[reference]).id)
+        except BaseException:
+            secret.remove()
+            raise
 
-    def _find(self, kernel_id: str) -> BackendRef | None:
+    def _find(self, owner: str) -> BackendRef | None:
         services: Any = self.client().services
         try:
-            found = services.list(filters={"label": f"{KERNEL_ID_LABEL}={kernel_id}"})
+            found = services.list(filters={"label": f"{UID_LABEL}={owner}"})
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Service", "id": str(found[0].id), "name": found[0].name} if found else None
@@ -103,11 +129,18 @@ class DockerSwarmBackend(DockerBackend):
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
 
-    def _stop(self, service_id: str) -> None:
-        services: Any = self.client().services
+    def _stop(self, service_id: str, owner: str) -> None:
+        engine = self.client()
+        services: Any = engine.services
+        secrets: Any = engine.secrets
         try:
-            services.get(service_id).remove()
-        except NotFound:
-            return
+            with contextlib.suppress(NotFound):
+                service = services.get(service_id)
+                if (service.attrs.get("Spec", {}).get("Labels") or {}).get(UID_LABEL) == owner:
+                    service.remove()
+            # Removable once no service uses it; only this kernel's, found by its label.
+            for secret in secrets.list(filters={"label": f"{UID_LABEL}={owner}"}):
+                with contextlib.suppress(NotFound):
+                    secret.remove()
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"Removing service {service_id[:12]} failed: {err}") from err

@@ -8,6 +8,10 @@ it even if the operator is gone; a pod elsewhere is removed by the finalizer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from .. import UID_LABEL
 from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
@@ -19,8 +23,10 @@ from .pod_builder import (
     build_namespace_role_binding,
     build_pod,
     kernel_namespace_name,
+    label_value,
     labels,
     pod_name,
+    pod_security_level,
     pod_state,
     token_secret_name,
 )
@@ -39,19 +45,33 @@ class KubernetesBackend:
     def release(self, ref: BackendRef) -> None:
         """Nothing to release."""
 
+    def _per_kernel_namespace(self, request: KernelRequest) -> bool:
+        config = request.backend_config
+        if config.get("namespace"):
+            return False
+        return bool(config.get("perKernelNamespace", not self.settings.shared_namespace))
+
     async def _namespace(self, plan: LaunchPlan) -> tuple[str, bool]:
         """Where the pod goes, and whether the operator made that namespace for it.
 
-        The seed's rule: the kernel's own namespace when given; else the shared one (the
-        RemoteKernel's); else a namespace per kernel, bound to a role the operator names.
+        The profile decides (never the spec or KERNEL_NAMESPACE): its namespace; else a
+        namespace per kernel, bound to a role the operator names and labelled so the API server
+        enforces the Pod Security level; else the RemoteKernel's own.
         """
         request = plan.request
-        given = request.backend_config.get("namespace") or request.env.get("KERNEL_NAMESPACE")
-        if given or self.settings.shared_namespace:
-            return str(given or request.namespace), False
+        if not self._per_kernel_namespace(request):
+            return str(request.backend_config.get("namespace") or request.namespace), False
         namespace = kernel_namespace_name(request)
+        level = pod_security_level(request)
         try:
-            await self.kube.create_namespace(namespace, labels(request))
+            await self.kube.create_namespace(
+                namespace,
+                {
+                    **labels(request),
+                    "pod-security.kubernetes.io/enforce": level,
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                },
+            )
             service_account = str(request.backend_config.get("serviceAccountName") or "default")
             await self.kube.create_role_binding(
                 build_namespace_role_binding(namespace, self.settings.kernel_cluster_role, service_account)
@@ -63,28 +83,26 @@ class KubernetesBackend:
         return namespace, True
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
-        """The pod is named after the kernel, in the namespace the rules give."""
-        candidates = [
-            str(
-                request.backend_config.get("namespace")
-                or request.env.get("KERNEL_NAMESPACE")
-                or request.namespace
-            )
-        ]
-        if not self.settings.shared_namespace:
-            candidates.append(kernel_namespace_name(request))
-        for namespace in candidates:
-            if await self.kube.read_pod(namespace, pod_name(request)) is not None:
-                ref: BackendRef = {
-                    "kind": "Pod",
-                    "namespace": namespace,
-                    "name": pod_name(request),
-                    "tokenSecret": token_secret_name(request),
-                }
-                if namespace != candidates[0]:
-                    ref["ownNamespace"] = True
-                return ref
-        return None
+        """The pod is named after the kernel, in the namespace the profile gives, and carries
+        the RemoteKernel's uid."""
+        own = self._per_kernel_namespace(request)
+        namespace = (
+            kernel_namespace_name(request)
+            if own
+            else str(request.backend_config.get("namespace") or request.namespace)
+        )
+        pod = await self.kube.read_pod(namespace, pod_name(request))
+        if pod is None or _owner_of(pod) != label_value(request.uid):
+            return None
+        ref: BackendRef = {
+            "kind": "Pod",
+            "namespace": namespace,
+            "name": pod_name(request),
+            "tokenSecret": token_secret_name(request),
+        }
+        if own:
+            ref["ownNamespace"] = True
+        return ref
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
         request = plan.request
@@ -126,10 +144,20 @@ class KubernetesBackend:
         node_ready = await self.kube.node_ready(str(node)) if node and self.settings.check_nodes else None
         return pod_state(pod, node_ready)
 
-    async def stop(self, ref: BackendRef) -> None:
-        namespace = str(ref["namespace"])
-        await self.kube.delete_pod(namespace, str(ref["name"]), self.settings.pod_grace_seconds)
+    async def stop(self, ref: BackendRef, owner: str) -> None:
+        """Delete the pod, its token Secret and its own namespace: each only if labelled with
+        ``owner``, the RemoteKernel's uid (status alone is not trusted to name them)."""
+        namespace, owner_label = str(ref["namespace"]), label_value(owner)
+        pod = await self.kube.read_pod(namespace, str(ref["name"]))
+        if pod is not None and _owner_of(pod) == owner_label:
+            await self.kube.delete_pod(namespace, str(ref["name"]), self.settings.pod_grace_seconds)
         if ref.get("tokenSecret"):
-            await self.kube.delete_secret(namespace, str(ref["tokenSecret"]))
+            await self.kube.delete_secret(namespace, str(ref["tokenSecret"]), owner_label)
         if ref.get("ownNamespace"):
-            await self.kube.delete_namespace(namespace)
+            labels_ = await self.kube.namespace_labels(namespace)
+            if labels_ is not None and labels_.get(UID_LABEL) == owner_label:
+                await self.kube.delete_namespace(namespace)
+
+
+def _owner_of(obj: Mapping[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .. import UID_LABEL
 from ..errors import SpecError
 from ..launch_command import LAUNCHER_MODULE
 from ..spec import KernelRequest
@@ -43,36 +44,51 @@ def label_value(text: str) -> str:
     return _LABEL_VALUE.sub("_", text)[:63].strip("_.-") or "unknown"
 
 
+DEFAULT_UID = 1000  # kernels run as this uid when the profile names none (never root)
+POD_SECURITY_LEVELS = ("restricted", "baseline", "privileged")
+
+
 def labels(request: KernelRequest) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "remote-kernel",
         "app.kubernetes.io/managed-by": "remote-kernel-operator",
         "kernel-operator.io/kernel-id": request.kernel_id,
         "kernel-operator.io/username": label_value(request.username),
+        UID_LABEL: label_value(request.uid),
     }
 
 
-def _int_from(env: Mapping[str, str], name: str) -> int | None:
-    value = env.get(name)
-    if value is None or value == "":
-        return None
-    if not value.lstrip("-").isdigit():
-        raise SpecError(f"env {name}={value!r} must be a whole number.")
-    return int(value)
+def pod_security_level(request: KernelRequest) -> str:
+    level = str(request.backend_config.get("podSecurity") or "restricted")
+    if level not in POD_SECURITY_LEVELS:
+        raise SpecError(
+            f"Profile {request.profile}'s kubernetes.podSecurity {level!r} is not one of "
+            f"{', '.join(POD_SECURITY_LEVELS)}.",
+            reason="ProfileInvalid",
+        )
+    return level
 
 
 def _security_context(request: KernelRequest) -> dict[str, Any]:
+    """The kernel container's security context: the profile's uid (never the spec's or a
+    KERNEL_UID), non-root unless the profile's Pod Security level allows root."""
     config = request.backend_config
-    uid = config.get("runAsUser", _int_from(request.env, "KERNEL_UID"))
-    gid = config.get("runAsGroup", _int_from(request.env, "KERNEL_GID"))
-    if uid is not None and int(uid) == 0:
+    uid = config.get("runAsUser")
+    gid = config.get("runAsGroup")
+    if uid is None:
+        uid, gid = DEFAULT_UID, DEFAULT_UID if gid is None else gid
+    if int(uid) == 0 and pod_security_level(request) == "restricted":
         raise SpecError(
-            "Kernels may not run as root (runAsUser / KERNEL_UID 0); choose another uid.",
-            reason="Unauthorized",
+            f"Profile {request.profile} runs kernels as root (kubernetes.runAsUser 0), which the "
+            "restricted Pod Security Standard forbids; its administrator must choose another uid.",
+            reason="PodSecurityViolation",
         )
-    context: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    if uid is not None:
-        context["runAsUser"] = int(uid)
+    context: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsUser": int(uid),
+    }
+    if int(uid) != 0:
         context["runAsNonRoot"] = True
     if gid is not None:
         context["runAsGroup"] = int(gid)
@@ -99,6 +115,88 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
         else:
             result[key] = copy.deepcopy(value)
     return result
+
+
+# Volume types the restricted Pod Security Standard allows.
+RESTRICTED_VOLUMES = frozenset(
+    {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+)
+_HOST_NAMESPACES = ("hostNetwork", "hostPID", "hostIPC")
+
+
+def _containers(pod_spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        c
+        for key in ("initContainers", "containers", "ephemeralContainers")
+        for c in pod_spec.get(key) or []
+        if isinstance(c, dict)
+    ]
+
+
+def enforce_pod_security(pod: dict[str, Any], level: str) -> dict[str, Any]:
+    """The final pod made to meet ``level`` of the Pod Security Standards, after every merge.
+
+    What the operator can set without changing what the kernel does is set (no privilege
+    escalation, capabilities dropped, non-root, RuntimeDefault seccomp); what it cannot (host
+    namespaces, privileged containers, hostPath or other volume types, added capabilities, host
+    ports) is refused with every violation named, before anything is created.
+    """
+    if level == "privileged":
+        return pod
+    spec = pod["spec"]
+    problems: list[str] = []
+    problems += [f"spec.{key}" for key in _HOST_NAMESPACES if spec.get(key)]
+    volume_types = {
+        str(v.get("name")): sorted(k for k in v if k != "name")
+        for v in spec.get("volumes") or []
+        if isinstance(v, dict)
+    }
+    for name, kinds in sorted(volume_types.items()):
+        if "hostPath" in kinds or (level == "restricted" and not set(kinds) <= RESTRICTED_VOLUMES):
+            problems.append(f"volume {name} ({', '.join(kinds)})")
+    pod_context = spec.setdefault("securityContext", {})
+    for container in _containers(spec):
+        name = container.get("name", "?")
+        context = container.setdefault("securityContext", {})
+        if context.get("privileged"):
+            problems.append(f"container {name}: privileged")
+        added = (context.get("capabilities") or {}).get("add") or []
+        if [c for c in added if level == "restricted" and c != "NET_BIND_SERVICE"] or (
+            level == "baseline" and [c for c in added if c in ("SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE", "ALL")]
+        ):
+            problems.append(f"container {name}: capabilities.add {added}")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            problems.append(f"container {name}: hostPort")
+        if level == "restricted":
+            uid = context.get("runAsUser", pod_context.get("runAsUser"))
+            if uid == 0 or context.get("runAsNonRoot") is False:
+                problems.append(f"container {name}: runs as root")
+            context["allowPrivilegeEscalation"] = False
+            context["capabilities"] = {"drop": ["ALL"], **({"add": added} if added else {})}
+            context["runAsNonRoot"] = True
+            context.setdefault("seccompProfile", {"type": "RuntimeDefault"})
+    if level == "restricted":
+        pod_context["runAsNonRoot"] = True
+        pod_context.setdefault("seccompProfile", {"type": "RuntimeDefault"})
+        if (pod_context.get("seccompProfile") or {}).get("type") == "Unconfined":
+            problems.append("spec.securityContext.seccompProfile Unconfined")
+    if problems:
+        raise SpecError(
+            f"The kernel pod would break the {level} Pod Security Standard: {'; '.join(problems)}. "
+            "The profile's administrator must remove these, or set kubernetes.podSecurity to a level "
+            "that allows them.",
+            reason="PodSecurityViolation",
+        )
+    return pod
 
 
 def kernel_namespace_name(request: KernelRequest) -> str:
@@ -164,7 +262,7 @@ def build_pod(
         "env": env,
         "securityContext": _security_context(request),
     }
-    working_dir = config.get("workingDir") or request.env.get("KERNEL_WORKING_DIR")
+    working_dir = request.env.get("KERNEL_WORKING_DIR") or config.get("workingDir")
     if working_dir:
         container["workingDir"] = working_dir
     if resources:
@@ -177,10 +275,11 @@ def build_pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
-        "automountServiceAccountToken": False,
+        # No token unless the profile says the kernel needs one.
+        "automountServiceAccountToken": bool(config.get("automountServiceAccountToken", False)),
         "enableServiceLinks": False,
     }
-    service_account = config.get("serviceAccountName") or request.env.get("KERNEL_SERVICE_ACCOUNT_NAME")
+    service_account = config.get("serviceAccountName")
     if service_account:
         pod_spec["serviceAccountName"] = service_account
     if config.get("fsGroup") is not None:
@@ -192,8 +291,9 @@ def build_pod(
         metadata["ownerReferences"] = [dict(owner)]
     built_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
     template = config.get("podTemplate") or {}
+    level = pod_security_level(request)
     if not template:
-        return built_pod
+        return enforce_pod_security(built_pod, level)
     # The template is the base; what the operator builds (identity, command, security) wins.
     merged = deep_merge(template, built_pod)
     template_containers = (template.get("spec") or {}).get("containers") or []
@@ -202,7 +302,7 @@ def build_pod(
             deep_merge(template_containers[0], container),
             *template_containers[1:],
         ]
-    return merged
+    return enforce_pod_security(merged, level)
 
 
 def pod_state(pod: Mapping[str, Any] | None, node_ready: bool | None) -> BackendStatus:

@@ -1,6 +1,8 @@
 """The ssh backend (gateway_provisioners' DistributedProvisioner): kernels on a pool of hosts.
 
-A host named in ``local_hosts`` runs the launcher as a local process, with no ssh. Other hosts
+The profile names the hosts (a RemoteKernel may pick among them), the login, the Python and
+whether kernels run as their users. A host named in ``local_hosts`` (none unless the operator's
+RKO_SSH_LOCAL_HOSTS enables it) runs the launcher as a local process, with no ssh. Other hosts
 are reached with paramiko; host keys are checked against a known_hosts (no AutoAddPolicy
 unless explicitly allowed), from a file or from the operator's ssh Secret, read again at each
 new connection so a rotated key needs no restart. Password authentication is off unless
@@ -32,16 +34,19 @@ from pathlib import Path
 import paramiko
 
 from ..balancer import HostBalancer, NoHostLeft
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, SpecError
 from ..kube import Kube, KubeError
 from ..launch_command import (
     EXIT_NO_ACCOUNT,
     EXIT_UID_ZERO,
+    LAUNCH_FILE,
     LAUNCHER_MODULE,
+    launch_file,
     remote_signal_command,
     remote_start_command,
     remote_status_command,
     remote_stop_command,
+    run_dir_is_for,
 )
 from ..settings import SshSettings
 from ..spec import KernelRequest
@@ -134,7 +139,7 @@ class SshBackend:
         self.settings = settings
         self.credentials = credentials
         self.balancer = HostBalancer()
-        self._clients: dict[tuple[str, int], paramiko.SSHClient] = {}
+        self._clients: dict[tuple[str, int, str], paramiko.SSHClient] = {}
         self._lock = threading.Lock()
         self._children: dict[int, asyncio.subprocess.Process] = {}
 
@@ -157,23 +162,38 @@ class SshBackend:
 
     # -- launch ------------------------------------------------------------------------------
     def candidate_hosts(self, request: KernelRequest) -> list[str]:
-        """The spec's hosts (which must be among RKO_SSH_ALLOWED_HOSTS) or the operator's pool."""
-        named = [str(h) for h in request.backend_config.get("hosts") or []]
-        if not named:
-            return list(self.settings.hosts)
-        refused = [h for h in named if h not in self.settings.allowed_hosts]
+        """The hosts the spec picked among its profile's, else all of the profile's (or, for a
+        profile naming none, the operator's RKO_SSH_HOSTS)."""
+        pool = [str(h) for h in request.backend_config.get("hosts") or self.settings.hosts]
+        if not pool:
+            raise SpecError(
+                f"Profile {request.profile} names no ssh hosts and the operator has no RKO_SSH_HOSTS; "
+                "its administrator must list the hosts in the profile's ssh.hosts.",
+                reason="NoHostAvailable",
+            )
+        named = [str(h) for h in request.tenant_config.get("hosts") or []]
+        refused = [h for h in named if h not in pool]
         if refused:
             raise BackendError(
-                f"spec.ssh.hosts names {', '.join(refused)}, not among the hosts this operator may use "
-                f"(RKO_SSH_ALLOWED_HOSTS: {', '.join(self.settings.allowed_hosts)}).",
+                f"spec.ssh.hosts names {', '.join(refused)}, not among profile {request.profile}'s "
+                f"hosts ({', '.join(pool)}).",
                 reason="HostNotAllowed",
             )
-        return named
+        return named or pool
+
+    def login(self, request: KernelRequest) -> tuple[int, str]:
+        """The ssh port and login user: the profile's, else the operator's."""
+        config = request.backend_config
+        return int(config.get("port") or self.settings.port), str(config.get("user") or self.settings.user)
 
     async def launch(self, plan: LaunchPlan) -> BackendRef:
-        config = plan.request.backend_config
-        hosts = self.candidate_hosts(plan.request)
-        algorithm = str(config.get("loadBalancing") or self.settings.load_balancing)
+        request = plan.request
+        hosts = self.candidate_hosts(request)
+        algorithm = str(
+            request.tenant_config.get("loadBalancing")
+            or request.backend_config.get("loadBalancing")
+            or self.settings.load_balancing
+        )
         failures: list[BackendUnavailable] = []
         tried: set[str] = set()
         while True:
@@ -201,28 +221,24 @@ class SshBackend:
         return env
 
     async def _launch_on(self, host: str, plan: LaunchPlan) -> BackendRef:
-        config = plan.request.backend_config
+        request = plan.request
+        config = request.backend_config
         run_dir = plan.run_dir
-        user = plan.request.run_as
+        user = request.run_as
+        working_dir = request.env.get("KERNEL_WORKING_DIR") or config.get("workingDir")
         if self.is_local(host):
             if user:
                 raise BackendUnavailable(
                     f"{host} is a local host (RKO_SSH_LOCAL_HOSTS): impersonation needs an ssh login.",
                     reason="ImpersonationUnsupported",
                 )
-            return await self._launch_local(host, await _address_of(host), plan, config.get("workingDir"))
+            return await self._launch_local(host, await _address_of(host), plan, working_dir)
         ip = await _address_of(host)
         python = str(config.get("python") or self.settings.python)
-        command = remote_start_command(
-            python,
-            plan.launcher_args(ip),
-            self._kernel_env(plan, remote=True),
-            run_dir,
-            config.get("workingDir"),
-            user,
-        )
-        port = int(config.get("port") or self.settings.port)
-        out = await self._run(host, port, command, plan.token + "\n", user)
+        command = remote_start_command(python, plan.launcher_args(ip), run_dir, working_dir, user)
+        port, login = self.login(request)
+        launch = launch_file(plan.token, self._kernel_env(plan, remote=True))
+        out = await self._run(host, port, login, command, launch, user)
         try:
             pid = int(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as err:
@@ -230,6 +246,7 @@ class SshBackend:
         ref: BackendRef = {
             "host": host,
             "port": port,
+            "login": login,
             "pid": pid,
             "pgid": pid,
             "runDir": run_dir,
@@ -245,9 +262,15 @@ class SshBackend:
         python = str(plan.request.backend_config.get("python") or self.settings.python or sys.executable)
         run_dir = plan.run_dir
         path = Path(run_dir)
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = self._kernel_env(plan, remote=False)
-        env["RKO_LAUNCH_TOKEN"] = plan.token
+        try:
+            path.mkdir(mode=0o700)  # not exist_ok: anything already there was not made by us
+        except OSError as err:
+            raise BackendError(
+                f"Cannot make the run directory {run_dir} on {host}: {err}", reason="RunDirUnavailable"
+            ) from err
+        fd = os.open(path / LAUNCH_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(launch_file(plan.token, self._kernel_env(plan, remote=False)))
         with open(path / "launcher.log", "ab") as log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -255,7 +278,9 @@ class SshBackend:
                     "-m",
                     LAUNCHER_MODULE,
                     *plan.launcher_args(ip),
-                    env=env,
+                    "--launch-file",
+                    str(path / LAUNCH_FILE),
+                    env={k: os.environ[k] for k in _LOCAL_ENV if k in os.environ},
                     cwd=working_dir or None,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
@@ -288,6 +313,7 @@ class SshBackend:
                 text = await self._run(
                     str(ref["host"]),
                     int(ref.get("port", 22)),
+                    str(ref.get("login", self.settings.user)),
                     remote_status_command(pid, kernel_pid, run_dir, ref.get("user")),
                 )
             except BackendUnavailable:
@@ -314,14 +340,19 @@ class SshBackend:
         await self._run(
             str(ref["host"]),
             int(ref.get("port", 22)),
+            str(ref.get("login", self.settings.user)),
             remote_signal_command(pid, signum, run_dir, ref.get("user")),
         )
 
     # -- stop --------------------------------------------------------------------------------
-    async def stop(self, ref: BackendRef) -> None:
+    async def stop(self, ref: BackendRef, owner: str) -> None:
         pgid, run_dir = int(ref.get("pgid") or ref["pid"]), str(ref["runDir"])
+        if not run_dir_is_for(run_dir, owner):
+            log.warning("Not stopping %s: its run directory %r is not this kernel's.", ref, run_dir)
+            return
         if ref.get("local"):
-            await _stop_local_group(pgid)
+            if _group_is_ours(pgid, run_dir):
+                await _stop_local_group(pgid)
             self._children.pop(int(ref["pid"]), None)
             shutil.rmtree(run_dir, ignore_errors=True)
             return
@@ -329,6 +360,7 @@ class SshBackend:
             await self._run(
                 str(ref["host"]),
                 int(ref.get("port", 22)),
+                str(ref.get("login", self.settings.user)),
                 remote_stop_command(pgid, run_dir, user=ref.get("user")),
             )
         except BackendUnavailable:
@@ -339,33 +371,39 @@ class SshBackend:
 
     # -- ssh ---------------------------------------------------------------------------------
     async def _run(
-        self, host: str, port: int, command: str, stdin_text: str | None = None, user: str | None = None
+        self,
+        host: str,
+        port: int,
+        login: str,
+        command: str,
+        stdin_text: str | None = None,
+        user: str | None = None,
     ) -> str:
         """Run ``command`` on ``host``; the Secret is read only when a new connection is needed."""
         secret = None
-        if self.credentials is not None and not self._connected(host, port):
+        if self.credentials is not None and not self._connected(host, port, login):
             secret = await self.credentials.load()
-        return await asyncio.to_thread(self._exec, host, port, command, stdin_text, secret, user)
+        return await asyncio.to_thread(self._exec, host, port, login, command, stdin_text, secret, user)
 
-    def _connected(self, host: str, port: int) -> bool:
+    def _connected(self, host: str, port: int, login: str) -> bool:
         with self._lock:
-            client = self._clients.get((host, port))
+            client = self._clients.get((host, port, login))
             transport = client.get_transport() if client else None
             return transport is not None and transport.is_active()
 
-    def _client(self, host: str, port: int, secret: SshSecret | None) -> paramiko.SSHClient:
+    def _client(self, host: str, port: int, login: str, secret: SshSecret | None) -> paramiko.SSHClient:
         with self._lock:
-            client = self._clients.get((host, port))
+            client = self._clients.get((host, port, login))
             transport = client.get_transport() if client else None
             if client is not None and transport is not None and transport.is_active():
                 return client
             if client is not None:
                 client.close()
-            client = self._new_client(host, port, secret)
-            self._clients[(host, port)] = client
+            client = self._new_client(host, port, login, secret)
+            self._clients[(host, port, login)] = client
             return client
 
-    def _new_client(self, host: str, port: int, secret: SshSecret | None) -> paramiko.SSHClient:
+    def _new_client(self, host: str, port: int, login: str, secret: SshSecret | None) -> paramiko.SSHClient:
         settings = self.settings
         client = paramiko.SSHClient()
         known_hosts = settings.known_hosts or "~/.ssh/known_hosts"
@@ -392,7 +430,7 @@ class SshBackend:
             client.connect(
                 host,
                 port=port,
-                username=settings.user or None,
+                username=login or None,
                 pkey=pkey,
                 key_filename=None if pkey else settings.key_file or None,
                 password=password or None,
@@ -410,7 +448,7 @@ class SshBackend:
             ) from err
         except paramiko.AuthenticationException as err:
             raise BackendUnavailable(
-                f"ssh login to {host}:{port} as {settings.user or 'the current user'} was refused: {err}",
+                f"ssh login to {host}:{port} as {login or 'the current user'} was refused: {err}",
                 reason="SshAuthFailed",
             ) from err
         except paramiko.SSHException as err:
@@ -431,12 +469,13 @@ class SshBackend:
         self,
         host: str,
         port: int,
+        login: str,
         command: str,
         stdin_text: str | None = None,
         secret: SshSecret | None = None,
         user: str | None = None,
     ) -> str:
-        client = self._client(host, port, secret)
+        client = self._client(host, port, login, secret)
         try:
             stdin, stdout, stderr = client.exec_command(command, timeout=self.settings.command_timeout)
             if stdin_text is not None:
@@ -446,7 +485,7 @@ class SshBackend:
             code = stdout.channel.recv_exit_status()
         except (paramiko.SSHException, OSError) as err:
             with self._lock:
-                dead = self._clients.pop((host, port), None)
+                dead = self._clients.pop((host, port, login), None)
             if dead is not None:
                 dead.close()
             raise BackendUnavailable(
@@ -532,6 +571,20 @@ def _is_ours(pid: int, run_dir: str) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and run_dir in cmdline
+
+
+def _group_is_ours(pgid: int, run_dir: str) -> bool:
+    """Whether a process of group ``pgid`` names ``run_dir``: only then is the group this kernel's."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and _is_ours(int(entry.name), run_dir):
+            return True
+    return False
 
 
 def _group_alive(pgid: int) -> bool:

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import getpass
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -39,6 +40,7 @@ from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
 from .resource_manager import FINAL_STATES, ResourceManagerClient, kerberos_auth
 
+log = logging.getLogger(__name__)
 AM_CLASS = "io.kerneloperator.yarnam.LauncherAM"
 TOKEN_SECRET = "rko.launch.token"  # LauncherAM reads it from the application's credentials
 TOKEN_FILE = "rko-launch-token"  # the localized token file's name in a Spark driver's directory
@@ -56,12 +58,12 @@ _LABEL = re.compile(r"^[A-Za-z0-9_-]{1,253}$")
 _SPARK_MEMORY = re.compile(r"^[0-9]+[kmgtKMGT]?$")
 _APP_ID = re.compile(r"\bapplication_[0-9]+_[0-9]+\b")
 
-# spark-submit options a kernel's spec may not set: they decide where and as whom it runs,
-# or are set by the operator itself.
-FORBIDDEN_SPARK_FLAGS = frozenset(
+# spark-submit options no profile may open to tenants: they decide where and as whom the kernel
+# runs, or are the operator's own.
+OPERATOR_SPARK_FLAGS = frozenset(
     {"--master", "--deploy-mode", "--proxy-user", "--principal", "--keytab", "--queue", "--class", "--name"}
 )
-FORBIDDEN_SPARK_CONF = frozenset(
+OPERATOR_SPARK_CONF = frozenset(
     {
         "spark.master",
         "spark.submit.deployMode",
@@ -75,7 +77,48 @@ FORBIDDEN_SPARK_CONF = frozenset(
         "spark.yarn.maxAppAttempts",
     }
 )
-FORBIDDEN_SPARK_CONF_PREFIXES = ("spark.kerberos.", "spark.yarn.appMasterEnv.RKO_", "spark.executorEnv.RKO_")
+OPERATOR_SPARK_CONF_PREFIXES = ("spark.kerberos.", "spark.yarn.appMasterEnv.RKO_", "spark.executorEnv.RKO_")
+# Options that ship files or set class paths: a tenant's value must be a remote URI (hdfs://,
+# s3a://…), never a path on the operator's machine (whose token and keys it would upload).
+FILE_FLAGS = frozenset(
+    {
+        "--jars",
+        "--files",
+        "--py-files",
+        "--archives",
+        "--properties-file",
+        "--driver-class-path",
+        "--driver-library-path",
+        "--driver-java-options",
+        "--packages",
+        "--repositories",
+        "--exclude-packages",
+        "--conf-file",
+    }
+)
+FILE_CONF_PREFIXES = (
+    "spark.jars",
+    "spark.files",
+    "spark.submit.pyFiles",
+    "spark.archives",
+    "spark.yarn.dist.",
+    "spark.yarn.jars",
+    "spark.yarn.archive",
+    "spark.driver.extraClassPath",
+    "spark.driver.extraLibraryPath",
+    "spark.driver.extraJavaOptions",
+    "spark.executor.extraClassPath",
+    "spark.executor.extraLibraryPath",
+    "spark.executor.extraJavaOptions",
+    "spark.yarn.am.extraJavaOptions",
+    "spark.yarn.am.extraLibraryPath",
+    "spark.driver.resource.",
+    "spark.executor.resource.",
+    "spark.kubernetes.",
+    "spark.yarn.keytab",
+    "spark.yarn.principal",
+)
+_REMOTE_URI = re.compile(r"^(hdfs|viewfs|s3a|s3|gs|abfss?|wasbs?|https?)://[^\s]+$")
 
 
 @dataclass(frozen=True)
@@ -93,6 +136,7 @@ class YarnOptions:
     queue_wait: float
     user: str
     spark_init: str = "lazy"
+    admin_spark_opts: tuple[str, ...] = ()  # the profile's own, applied after the tenant's
 
 
 def application_tag(kernel_id: str) -> str:
@@ -100,8 +144,18 @@ def application_tag(kernel_id: str) -> str:
     return f"rko-kernel-{kernel_id}"
 
 
+def owner_tag(uid: str) -> str:
+    """The RemoteKernel's uid as a tag: what the operator finds and stops applications by."""
+    return f"rko-uid-{uid.lower()}"
+
+
+def application_tags(request: KernelRequest) -> list[str]:
+    return [application_tag(request.kernel_id), owner_tag(request.uid)]
+
+
 def _pick(request: KernelRequest, field: str, variable: str) -> str | None:
-    value = request.backend_config.get(field)
+    """A tenant's choice: its spec's yarn block, else its KERNEL_* variable (both checked later)."""
+    value = request.tenant_config.get(field)
     if value is None or value == "":
         value = request.env.get(variable)
     return str(value) if value not in (None, "") else None
@@ -120,29 +174,69 @@ def _endpoint(value: str | None, default: str, allowed: Sequence[str], field: st
     return endpoint
 
 
-def check_spark_opts(text: str, source: str) -> tuple[str, ...]:
-    """Split extra spark-submit options; refuse those that change where or as whom it runs."""
+def _split_opts(text: str, source: str) -> list[str]:
     try:
-        words = shlex.split(text)
+        return shlex.split(text)
     except ValueError as err:
         raise SpecError(f"{source} is not valid shell words: {err}", reason="InvalidSparkOptions") from err
-    for index, word in enumerate(words):
-        flag = word.split("=", 1)[0]
-        if flag in FORBIDDEN_SPARK_FLAGS:
+
+
+def _option_pairs(words: Sequence[str], source: str) -> list[tuple[str, str | None]]:
+    """spark-submit words as (flag, value) pairs; a --conf's key is part of its flag: '--conf key'."""
+    pairs: list[tuple[str, str | None]] = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if not word.startswith("-"):
             raise SpecError(
-                f"{source} may not set {flag}: the operator decides it (use spec.yarn.queue for the "
-                "queue; impersonation is the operator's setting).",
+                f"{source}: {word!r} is not an option (the operator gives the main file).",
                 reason="InvalidSparkOptions",
             )
+        flag, sep, value = word.partition("=")
+        if not sep and index + 1 < len(words) and not words[index + 1].startswith("--"):
+            index += 1
+            value, sep = words[index], "="
         if flag in ("--conf", "-c"):
-            pair = (
-                word.split("=", 1)[1] if "=" in word else (words[index + 1] if index + 1 < len(words) else "")
+            key, _, conf_value = value.partition("=")
+            pairs.append((f"--conf {key}", conf_value))
+        else:
+            pairs.append((flag, value if sep else None))
+        index += 1
+    return pairs
+
+
+def check_spark_opts(text: str, source: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """A tenant's extra spark-submit options, allowed only where the profile lists them.
+
+    Flags (``--driver-cores``) and --conf keys (``spark.executor.instances``, or prefixes ending
+    in '*') must be in ``allowed``; those that decide where or as whom the kernel runs never
+    are; those that ship files must name remote URIs, never paths on the operator's machine.
+    """
+    words = _split_opts(text, source)
+    for flag, value in _option_pairs(words, source):
+        key = flag.removeprefix("--conf ")
+        if (
+            flag in OPERATOR_SPARK_FLAGS
+            or key in OPERATOR_SPARK_CONF
+            or key.startswith(OPERATOR_SPARK_CONF_PREFIXES)
+        ):
+            raise SpecError(
+                f"{source} may not set {key}: the operator decides it (spec.yarn.queue for the queue; "
+                "impersonation is the profile's).",
+                reason="InvalidSparkOptions",
             )
-            key = pair.split("=", 1)[0]
-            if key in FORBIDDEN_SPARK_CONF or key.startswith(FORBIDDEN_SPARK_CONF_PREFIXES):
-                raise SpecError(
-                    f"{source} may not set {key}: the operator sets it.", reason="InvalidSparkOptions"
-                )
+        if not any(key == entry or (entry.endswith("*") and key.startswith(entry[:-1])) for entry in allowed):
+            raise SpecError(
+                f"{source} may not set {key}: the profile allows only "
+                f"{', '.join(allowed) or 'no Spark options'} (yarn.allowedSparkOptions).",
+                reason="InvalidSparkOptions",
+            )
+        ships_files = flag in FILE_FLAGS or key.startswith(FILE_CONF_PREFIXES)
+        if ships_files and not all(_REMOTE_URI.match(item) for item in (value or "").split(",") if item):
+            raise SpecError(
+                f"{source}: {key} may name only remote URIs (hdfs://, s3a://, https://…), not local paths.",
+                reason="InvalidSparkOptions",
+            )
     return tuple(words)
 
 
@@ -159,9 +253,17 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
             "in the operator, or spec.yarn.endpoint to one it allows.",
             reason="YarnNotConfigured",
         )
-    queue = _pick(request, "queue", "KERNEL_QUEUE") or settings.queue
+    default_queue = str(config.get("queue") or settings.queue)
+    queue = _pick(request, "queue", "KERNEL_QUEUE") or default_queue
     if not _QUEUE.match(queue):
         raise SpecError(f"YARN queue {queue!r} is not a valid queue name.", reason="InvalidQueue")
+    allowed_queues = {default_queue, *(str(q) for q in config.get("queues") or ())}
+    if queue not in allowed_queues:
+        raise SpecError(
+            f"YARN queue {queue!r} is not one profile {request.profile} allows "
+            f"({', '.join(sorted(allowed_queues))}).",
+            reason="QueueNotAllowed",
+        )
     label = _pick(request, "nodeLabel", "KERNEL_NODE_LABEL")
     if label is not None and not _LABEL.match(label):
         raise SpecError(
@@ -181,8 +283,11 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
         memories[field] = value
     opts_text = _pick(request, "sparkOpts", "KERNEL_EXTRA_SPARK_OPTS") or ""
     spark = bool(config.get("spark"))
+    allowed_opts = [str(o) for o in config.get("allowedSparkOptions") or ()]
     spark_opts = (
-        check_spark_opts(opts_text, "spec.yarn.sparkOpts / KERNEL_EXTRA_SPARK_OPTS") if opts_text else ()
+        check_spark_opts(opts_text, "spec.yarn.sparkOpts / KERNEL_EXTRA_SPARK_OPTS", allowed_opts)
+        if opts_text
+        else ()
     )
     if spark_opts and not spark:
         raise SpecError(
@@ -191,7 +296,7 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
         )
     if spark and request.language != "python":
         raise SpecError("Spark kernels on YARN are Python kernels here.", reason="LanguageNotSupported")
-    spark_init = str(config.get("sparkInitMode") or "lazy")
+    spark_init = str(_pick(request, "sparkInitMode", "KERNEL_SPARK_INIT_MODE") or "lazy")
     if spark_init not in ("lazy", "eager"):
         raise SpecError(f"spec.yarn.sparkInitMode {spark_init!r} is not lazy or eager.", reason="InvalidSpec")
     wait = config.get("queueWaitSeconds")
@@ -208,6 +313,9 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
         queue_wait=float(wait) if wait else settings.queue_wait,
         user=request.run_as or operator_user,
         spark_init=spark_init,
+        admin_spark_opts=tuple(
+            _split_opts(str(config.get("sparkOpts") or ""), "the profile's yarn.sparkOpts")
+        ),
     )
 
 
@@ -242,7 +350,7 @@ def submission(
         "application-id": app_id,
         "application-name": f"{request.namespace}/{request.name}",
         "application-type": APPLICATION_TYPE,
-        "application-tags": {"tag": [application_tag(request.kernel_id)]},
+        "application-tags": {"tag": application_tags(request)},
         "queue": options.queue,
         "max-app-attempts": 1,  # a second attempt would be a new kernel nobody is connected to
         "keep-containers-across-application-attempts": False,
@@ -264,28 +372,57 @@ def submission(
     return body
 
 
+def spark_properties(request: KernelRequest, options: YarnOptions, settings: YarnSettings) -> dict[str, str]:
+    """The operator's Spark settings for a kernel, written to a 0600 properties file (the
+    kernel's variables would otherwise show on spark-submit's command line)."""
+    conf = {f"spark.yarn.appMasterEnv.{name}": value for name, value in sorted(request.env.items())}
+    conf.update(
+        {
+            "spark.yarn.tags": ",".join(application_tags(request)),
+            "spark.yarn.submit.waitAppCompletion": "false",
+            "spark.yarn.maxAppAttempts": "1",
+            "spark.pyspark.python": settings.python,
+            "spark.yarn.queue": options.queue,
+        }
+    )
+    if options.node_label:
+        conf["spark.yarn.am.nodeLabelExpression"] = options.node_label
+        conf["spark.yarn.executor.nodeLabelExpression"] = options.node_label
+    return conf
+
+
+def properties_text(conf: Mapping[str, str]) -> str:
+    """A Java properties file: keys and values escaped so a value cannot start a new entry."""
+
+    def escape(text: str) -> str:
+        out = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return out.replace("=", "\\=").replace(":", "\\:").replace("#", "\\#").replace("!", "\\!")
+
+    return "".join(f"{escape(k)}={escape(v)}\n" for k, v in conf.items())
+
+
 def spark_submit_command(
     request: KernelRequest,
     options: YarnOptions,
     settings: YarnSettings,
     args: Sequence[str],
     token_file: str,
+    properties_file: str,
     impersonate: bool,
 ) -> list[str]:
-    """spark-submit's argv for a Spark kernel in cluster mode. Pure."""
-    conf = {
-        "spark.yarn.tags": application_tag(request.kernel_id),
-        "spark.yarn.submit.waitAppCompletion": "false",
-        "spark.yarn.maxAppAttempts": "1",
-        "spark.pyspark.python": settings.python,
-    }
-    for name, value in sorted(request.env.items()):
-        conf[f"spark.yarn.appMasterEnv.{name}"] = value
-    if options.node_label:
-        conf["spark.yarn.am.nodeLabelExpression"] = options.node_label
-        conf["spark.yarn.executor.nodeLabelExpression"] = options.node_label
-    argv = [
-        settings.spark_submit,
+    """spark-submit's argv for a Spark kernel in cluster mode. Pure.
+
+    The tenant's options come first and the operator's after them (spark-submit keeps the last
+    of a repeated option), then the administrator's own (RKO_SPARK_OPTS, the profile's).
+    """
+    argv = [settings.spark_submit, *options.spark_opts]
+    if options.driver_memory:
+        argv += ["--driver-memory", options.driver_memory]
+    if options.executor_memory:
+        argv += ["--executor-memory", options.executor_memory]
+    argv += [
+        "--properties-file",
+        properties_file,
         "--master",
         "yarn",
         "--deploy-mode",
@@ -297,15 +434,9 @@ def spark_submit_command(
         "--files",
         f"{token_file}#{TOKEN_FILE}",
     ]
-    for key, value in conf.items():
-        argv += ["--conf", f"{key}={value}"]
     if impersonate:
         argv += ["--proxy-user", options.user]
-    if options.driver_memory:
-        argv += ["--driver-memory", options.driver_memory]
-    if options.executor_memory:
-        argv += ["--executor-memory", options.executor_memory]
-    argv += [*shlex.split(settings.spark_opts), *options.spark_opts]
+    argv += [*shlex.split(settings.spark_opts), *options.admin_spark_opts]
     return [
         *argv,
         SPARK_DRIVER,
@@ -363,6 +494,14 @@ def base_ref(options: YarnOptions) -> BackendRef:
         "queueWait": options.queue_wait,
         "spark": options.spark,
     }
+
+
+def _private_file(folder: str, name: str, text: str) -> str:
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
 
 
 def _pyspark_home() -> str:
@@ -451,17 +590,23 @@ class YarnBackend:
         client: ResourceManagerClient,
     ) -> str:
         with tempfile.TemporaryDirectory(prefix="rko-spark-") as folder:
-            token_file = os.path.join(folder, "token")
-            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(token)
+            token_file = _private_file(folder, "token", token)
+            properties = _private_file(
+                folder, "spark.properties", properties_text(spark_properties(request, options, self.settings))
+            )
             argv = spark_submit_command(
-                request, options, self.settings, args, token_file, impersonate=request.run_as is not None
+                request,
+                options,
+                self.settings,
+                args,
+                token_file,
+                properties,
+                impersonate=request.run_as is not None,
             )
             code, output = await self.run_spark_submit(argv, options)
         app_id = submitted_application_id(output)
         if app_id is None and code == 0:
-            found = await asyncio.to_thread(client.find_by_tag, application_tag(request.kernel_id))
+            found = await asyncio.to_thread(client.find_by_tag, owner_tag(request.uid))
             app_id = str(found["id"]) if found else None
         if code != 0 or app_id is None:
             tail = output.strip()[-1500:]
@@ -506,7 +651,7 @@ class YarnBackend:
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
         ref = base_ref(self.options(request))
-        found = await asyncio.to_thread(self.client_for(ref).find_by_tag, application_tag(request.kernel_id))
+        found = await asyncio.to_thread(self.client_for(ref).find_by_tag, owner_tag(request.uid))
         return {**ref, "applicationId": str(found["id"])} if found else None
 
     async def status(self, ref: BackendRef) -> BackendStatus:
@@ -541,18 +686,26 @@ class YarnBackend:
             )
         return app
 
-    async def stop(self, ref: BackendRef) -> None:
-        await asyncio.to_thread(self._stop, ref)
+    async def stop(self, ref: BackendRef, owner: str) -> None:
+        await asyncio.to_thread(self._stop, ref, owner)
 
-    def _stop(self, ref: BackendRef) -> None:
-        """Kill the application and wait until YARN reports it ended (its containers with it)."""
+    def _stop(self, ref: BackendRef, owner: str) -> None:
+        """Kill the application and wait until YARN reports it ended (its containers with it).
+
+        Only an application tagged with the RemoteKernel's uid is killed: an id in status naming
+        another application is left alone.
+        """
         client = self.client_for(ref)
         app_id = str(ref["applicationId"])
+        tag = owner_tag(owner)
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         killed = False
         while True:
             app = self._application(client, app_id)
             if app is None or app.get("state") in FINAL_STATES:
+                return
+            if tag not in str(app.get("applicationTags") or "").split(","):
+                log.warning("Not killing YARN application %s: it is not tagged %s.", app_id, tag)
                 return
             if not killed:
                 client.kill(app_id, str(ref.get("user") or self.operator_user))

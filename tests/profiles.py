@@ -1,0 +1,94 @@
+"""Profiles for tests: what an administrator would write for what a test wants to run.
+
+Tests describe a kernel the way they read best, in one mapping (``backend``, its block, an
+image); ``split_spec`` hands the privileged part to a RemoteKernelProfile and leaves the tenant
+only what a tenant may set. Integration tests create that profile as the administrator does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION, PROFILES = "kernel-operator.io", "v1alpha1", "remotekernelprofiles"
+DEFAULT_ANNOTATION = "kernel-operator.io/is-default-profile"
+# What a tenant may set in each backend's block (the rest is the profile's).
+TENANT_FIELDS = {
+    "ssh": ("hosts", "loadBalancing"),
+    "yarn": ("queue", "nodeLabel", "sparkOpts", "driverMemory", "executorMemory", "sparkInitMode"),
+}
+ADMIN_BLOCKS = ("kubernetes", "docker", "customResource", "sparkApplication")
+
+
+def split_spec(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(profile spec, RemoteKernel spec) for a legacy all-in-one spec."""
+    tenant = {k: v for k, v in spec.items() if k not in ("backend", *ADMIN_BLOCKS, "ssh", "yarn")}
+    backend = str(spec.get("backend") or "ssh")
+    profile: dict[str, Any] = {"backend": backend}
+    block = "docker" if backend == "dockerSwarm" else backend
+    for name in ADMIN_BLOCKS:
+        if spec.get(name):
+            profile[name] = dict(spec[name])
+    for name, fields in TENANT_FIELDS.items():
+        given = dict(spec.get(name) or {})
+        mine = {k: v for k, v in given.items() if k in fields}
+        theirs = {k: v for k, v in given.items() if k not in fields}
+        if "impersonate" in theirs:
+            theirs["impersonation"] = theirs.pop("impersonate")
+        if mine:
+            tenant[name] = mine
+        if theirs:
+            profile.setdefault(name, {}).update(theirs)
+    if block != backend and profile.get(backend):
+        profile[block] = profile.pop(backend)
+    names = [str(n) for n in spec.get("env") or {} if not str(n).startswith("KERNEL_")]
+    if names:
+        profile["env"] = {"allowed": names}  # the test's own variables: its profile allows them
+    images = [str(spec[k]) for k in ("image", "executorImage") if spec.get(k)]
+    if images:
+        profile["images"] = images
+    return profile, tenant
+
+
+def profile_name(profile_spec: Mapping[str, Any]) -> str:
+    """A stable name per profile content, so tests asking for the same profile share it."""
+    digest = hashlib.sha256(json.dumps(profile_spec, sort_keys=True).encode()).hexdigest()[:10]
+    return f"t-{profile_spec.get('backend', 'x').lower()}-{digest}"
+
+
+def ensure_profile(
+    api_client: client.ApiClient,
+    profile_spec: Mapping[str, Any],
+    name: str | None = None,
+    default: bool = False,
+) -> str:
+    """Create (or replace) a RemoteKernelProfile as the administrator; returns its name."""
+    name = name or profile_name(profile_spec)
+    custom = client.CustomObjectsApi(api_client)
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RemoteKernelProfile",
+        "metadata": {"name": name, "annotations": {DEFAULT_ANNOTATION: "true"} if default else {}},
+        "spec": dict(profile_spec),
+    }
+    try:
+        custom.create_cluster_custom_object(GROUP, VERSION, PROFILES, body)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+        current = custom.get_cluster_custom_object(GROUP, VERSION, PROFILES, name)
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        custom.replace_cluster_custom_object(GROUP, VERSION, PROFILES, name, body)
+    return name
+
+
+def tenant_spec(api_client: client.ApiClient, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The RemoteKernel spec for a legacy all-in-one ``spec``, its profile created."""
+    profile, tenant = split_spec(spec)
+    tenant["profile"] = ensure_profile(api_client, profile)
+    return tenant

@@ -59,8 +59,8 @@ yarn:
 	@echo "YARN jars (test cluster, kernel ApplicationMaster): $$(bash hack/yarn/build.sh)"
 
 chart: helm
-	@cmp -s crds/remotekernels.kernel-operator.io.yaml charts/remote-kernel-operator/crds/remotekernels.kernel-operator.io.yaml || \
-	  { echo "charts/remote-kernel-operator/crds/ differs from crds/: copy crds/remotekernels.kernel-operator.io.yaml there."; exit 1; }
+	@diff -r -q crds charts/remote-kernel-operator/crds > /dev/null || \
+	  { echo "charts/remote-kernel-operator/crds/ differs from crds/: copy crds/*.yaml there."; exit 1; }
 	@.cache/helm/*/helm lint --strict charts/remote-kernel-operator
 	@.cache/helm/*/helm template rko charts/remote-kernel-operator --kube-version 1.37.0 > /dev/null && echo "The chart renders."
 

@@ -24,6 +24,7 @@ from localcluster.hosts import HostPool
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 from tests.node_agent import node_agent_command
+from tests.profiles import ensure_profile
 
 _timings: dict[str, float] = {}
 
@@ -94,27 +95,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 CRD_FILE = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
+CRD_FILES = sorted((REPO_ROOT / "crds").glob("*.yaml"))
 
 
 @pytest.fixture(scope="session")
 def crd(api_client: client.ApiClient) -> None:
-    """The RemoteKernel CRD, installed from crds/ and served (not just established)."""
+    """The RemoteKernel and RemoteKernelProfile CRDs, installed from crds/ and served."""
     ext = client.ApiextensionsV1Api(api_client)
-    try:
-        ext.create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
-    except ApiException as err:
-        assert err.status == 409, err  # already applied by another test: the same file
+    for path in CRD_FILES:
+        try:
+            ext.create_custom_resource_definition(yaml.safe_load(path.read_text()))
+        except ApiException as err:
+            assert err.status == 409, err  # already applied by another test: the same file
     custom = client.CustomObjectsApi(api_client)
 
     def served() -> bool:
         try:
             custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")
+            custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernelprofiles")
         except ApiException as err:
             assert err.status in (404, 429, 503), err
             return False
         return True
 
-    wait_for(served, what="the RemoteKernel CRD to be served")
+    wait_for(served, what="the RemoteKernel and RemoteKernelProfile CRDs to be served")
 
 
 @pytest.fixture(scope="session")
@@ -161,12 +165,17 @@ def operator(
             "RKO_SSH_KEY_FILE": str(sshd.client_key),
             "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
             "RKO_SSH_PORT": str(sshd.port),
+            # Kernels on "localhost" run as the operator's children: enabled here, off by default.
             "RKO_SSH_LOCAL_HOSTS": "localhost",
-            "RKO_SSH_ALLOWED_HOSTS": "localhost,127.0.0.1,127.0.0.2",
+            "RKO_SSH_HOSTS": "localhost",
             "RKO_DOCKER_HOST": docker_engine.host,
             # Host networking on this machine: kernels are reached on loopback only.
             "RKO_DOCKER_KERNEL_IP": "127.0.0.1",
         },
+    )
+    # The cluster's default profile: kernels on this machine, for RemoteKernels naming none.
+    ensure_profile(
+        api_client, {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}, name="default-ssh", default=True
     )
     proc.start()
     yield proc

@@ -16,6 +16,8 @@ from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
 from .test_operator_ssh import (
+    GROUP,
+    VERSION,
     _reply_to,
     delete_and_wait_gone,
     make_kernel,
@@ -133,7 +135,7 @@ def test_root_is_refused_in_containers(
     namespace: str,
 ) -> None:
     name, kernel_id = make_kernel(
-        namespace, custom, backend="docker", image=kernel_image, docker={"user": "root"}
+        namespace, custom, backend="docker", image=kernel_image, docker={"user": "0:0"}
     )
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=20)["status"]
     assert status["reason"] == "Unauthorized", status
@@ -165,6 +167,7 @@ async def test_the_operator_finds_its_containers_by_their_labels(
     namespace: str,
 ) -> None:
     from kernel_operator.backends.docker import DockerBackend
+    from kernel_operator.profiles import Profile
     from kernel_operator.settings import OperatorSettings
     from kernel_operator.spec import build_request
 
@@ -172,7 +175,10 @@ async def test_the_operator_finds_its_containers_by_their_labels(
     obj = wait_phase(custom, namespace, name, "Running", timeout=60)
     settings = OperatorSettings.from_env({"RKO_DOCKER_HOST": docker_engine.host})
     backend = DockerBackend(settings.docker)
-    request = build_request(namespace, name, obj["metadata"]["uid"], obj["spec"], settings)
+    profile = Profile.from_object(
+        custom.get_cluster_custom_object(GROUP, VERSION, "remotekernelprofiles", obj["spec"]["profile"])
+    )
+    request = build_request(namespace, name, obj["metadata"]["uid"], obj["spec"], profile, settings)
     found = await backend.find(request)
     assert found is not None and found["id"] == obj["status"]["backendRef"]["id"]
     delete_and_wait_gone(custom, namespace, name)

@@ -182,11 +182,12 @@ def test_an_evicted_pod_fails_the_kernel(
 def test_root_is_refused_for_pod_kernels(
     operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, kernel_image: str
 ) -> None:
+    # Even a profile cannot run a kernel as root under the restricted Pod Security Standard.
     name, _ = make_kernel(
-        namespace, custom, backend="kubernetes", image=kernel_image, env={"KERNEL_UID": "0"}
+        namespace, custom, backend="kubernetes", image=kernel_image, kubernetes={"runAsUser": 0}
     )
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]
-    assert status["phase"] == "Failed" and status["reason"] == "Unauthorized", status
+    assert status["phase"] == "Failed" and status["reason"] == "PodSecurityViolation", status
     assert "root" in status["message"]
     assert (
         custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"][0]["status"].get(

@@ -49,7 +49,7 @@ def crd_installed(kubeconfig: Path, api_client: client.ApiClient) -> None:
 
 def remote_kernel(name: str, **spec: Any) -> dict[str, Any]:
     # root: an operator running in the same session refuses it, so nothing is launched.
-    body_spec = {"kernelId": str(uuid.uuid4()), "backend": "ssh", "username": "root"}
+    body_spec = {"kernelId": str(uuid.uuid4()), "username": "root"}
     body_spec.update(spec)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -72,10 +72,18 @@ def test_crd_is_served_and_its_schema_enforced(
     crd_installed: None, api_client: client.ApiClient, kubeconfig: Path, namespace: str
 ) -> None:
     custom = client.CustomObjectsApi(api_client)
-    created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, remote_kernel("good"))
-    assert created["spec"]["idleTimeoutSeconds"] == 0  # a schema default was applied
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, remote_kernel("good", kernel={})
+    )
+    assert created["spec"]["kernel"] == {"language": "python"}  # a schema default was applied
 
-    for bad_spec in ({"backend": "mainframe"}, {"portRange": "100-200"}, {"env": {"1BAD": "x"}}):
+    bad_specs: list[dict[str, Any]] = [
+        {"profile": "Not A Name"},
+        {"portRange": "100-200"},
+        {"env": {"1BAD": "x"}},
+        {"kernel": {"className": "x; import os"}},
+    ]
+    for bad_spec in bad_specs:
         with pytest.raises(ApiException) as err:
             custom.create_namespaced_custom_object(
                 GROUP,
@@ -93,6 +101,13 @@ def test_crd_is_served_and_its_schema_enforced(
         )
     assert err.value.status == 422
     assert "kernelId is immutable" in err.value.body
+    # So are the user and the profile: what was admitted at creation stays what runs.
+    for field, value in (("username", "alice"), ("profile", "other")):
+        with pytest.raises(ApiException) as err:
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, "good", {"spec": {field: value}}
+            )
+        assert err.value.status == 422 and f"{field} is immutable" in err.value.body
 
     listed = kubectl(kubeconfig, "get", "rk", "-n", namespace, "-o", "name")
     assert listed.stdout.strip() == "remotekernel.kernel-operator.io/good"

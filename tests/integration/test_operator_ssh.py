@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,10 +23,12 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
+from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import wait_for
+from tests.profiles import kernelspec_config, tenant_spec
 
 from .conftest import launcher_processes
 
@@ -36,9 +39,12 @@ pytestmark = pytest.mark.integration
 def make_kernel(
     namespace: str, custom: client.CustomObjectsApi, labels: dict[str, str] | None = None, **spec: Any
 ) -> tuple[str, str]:
+    """A RemoteKernel for ``spec`` (in the legacy all-in-one form: its backend and block go into a
+    profile the administrator creates, the rest is the tenant's spec naming it)."""
     kernel_id = str(uuid.uuid4())
-    body_spec: dict[str, Any] = {"kernelId": kernel_id, "username": "alice", "backend": "ssh"}
-    body_spec.update(spec)
+    legacy: dict[str, Any] = {"kernelId": kernel_id, "username": "alice", "backend": "ssh"}
+    legacy.update(spec)
+    body_spec = tenant_spec(custom.api_client, legacy)
     name = f"k-{kernel_id}"
     custom.create_namespaced_custom_object(
         GROUP,
@@ -84,10 +90,16 @@ def delete_and_wait_gone(
 def kernelspec(
     tmp_path: Path, kubeconfig: Path, namespace: str, interrupt_mode: str = "message", **config: Any
 ) -> Path:
-    """A kernelspec naming our provisioner, in a JUPYTER_PATH of its own."""
+    """A kernelspec naming our provisioner, in a JUPYTER_PATH of its own (a legacy ``config``
+    naming a backend gets the profile an administrator would write for it)."""
     spec_dir = tmp_path / "jupyter" / "kernels" / "remote"
     spec_dir.mkdir(parents=True)
-    provisioner_config = {"backend": "ssh", "namespace": namespace, "kubeconfig": str(kubeconfig), **config}
+    legacy = {"backend": "ssh", "namespace": namespace, "kubeconfig": str(kubeconfig), **config}
+    api = k8s_config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        provisioner_config = kernelspec_config(api, legacy)
+    finally:
+        api.close()
     (spec_dir / "kernel.json").write_text(
         json.dumps(
             {
@@ -191,7 +203,8 @@ def test_kubectl_apply_and_delete(
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "RemoteKernel",
         "metadata": {"name": f"k-{kernel_id}", "namespace": namespace},
-        "spec": {"kernelId": kernel_id, "username": "bob", "backend": "ssh"},
+        # The common case: no profile named, so the cluster's default profile serves it.
+        "spec": {"kernelId": kernel_id, "username": "bob"},
     }
     applied = subprocess.run(
         [*kubectl_cmd(kubeconfig), "apply", "-f", "-"],
@@ -253,7 +266,10 @@ def test_bad_requests_fail_with_a_reason_and_launch_nothing(
 def test_a_launch_that_never_reports_times_out_and_is_stopped(
     operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
 ) -> None:
-    silent = fake_python(tmp_path, "silent", "exec sleep 300")
+    # Its arguments (the run directory among them) stay on its command line, as a launcher's do.
+    silent = fake_python(
+        tmp_path, "silent", f"exec {sys.executable} -c 'import time; time.sleep(300)' \"$@\""
+    )
     name, _kernel_id = make_kernel(namespace, custom, launchTimeoutSeconds=3, ssh={"python": str(silent)})
     started = time.monotonic()
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]

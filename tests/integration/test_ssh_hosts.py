@@ -80,7 +80,6 @@ def hosts_operator(
             "RKO_RESPONSE_BIND": f"{host_pool.gateway}:{free_port()}",
             "RKO_MONITOR_INTERVAL": "0.5",
             "RKO_SSH_HOSTS": ",".join(pool),
-            "RKO_SSH_ALLOWED_HOSTS": ",".join([*pool, stranger.address, *stranger.extra_addresses]),
             "RKO_SSH_LOCAL_HOSTS": "",
             "RKO_SSH_USER": "root",
             "RKO_SSH_SECRET": SECRET,
@@ -231,7 +230,7 @@ async def test_a_jupyter_client_runs_code_as_the_impersonated_user_on_the_chosen
         ("mallory", None, "UnknownUser", "no account"),
         ("alice", ["stranger"], "HostKeyMismatch", "host key"),
         ("alice", ["stranger-extra"], "UnknownHostKey", "known_hosts"),
-        ("alice", ["198.18.0.99"], "HostNotAllowed", "RKO_SSH_ALLOWED_HOSTS"),
+        ("alice", ["198.18.0.99"], "HostNotAllowed", "not among profile"),
     ],
 )
 def test_refusals_fail_the_kernel_with_a_clear_reason_and_start_nothing(
@@ -249,6 +248,8 @@ def test_refusals_fail_the_kernel_with_a_clear_reason_and_start_nothing(
     spec: dict[str, Any] = {"username": username}
     if hosts:
         spec["ssh"] = {"hosts": [aliases.get(h, h) for h in hosts]}
+        if reason == "HostNotAllowed":  # the profile lists the pool; the tenant picks another host
+            spec["ssh"]["profileHosts"] = [host_pool.address(n) for n in ("h1", "h2", "h3")]
     started = time.monotonic()
     name, _ = make_kernel(namespace, custom, labels=LABELS, **spec)
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=30)["status"]

@@ -85,7 +85,7 @@ def test_a_good_spec_becomes_a_request_with_defaults() -> None:
         "KERNEL_USERNAME": "alice",
         "KERNEL_LANGUAGE": "python",
     }
-    assert req.backend_config == {} and req.tenant_config == {"hosts": ["a"]}
+    assert req.backend_config == {"hosts": ["a"]} and req.tenant_config == {"hosts": ["a"]}
     assert req.port_range == (0, 0) and req.backend == "ssh" and req.profile == "p"
 
 

@@ -351,7 +351,9 @@ class SshBackend:
             log.warning("Not stopping %s: its run directory %r is not this kernel's.", ref, run_dir)
             return
         if ref.get("local"):
-            if _group_is_ours(pgid, run_dir):
+            # Our own child (this operator started it), or a group one of whose processes
+            # names the kernel's run directory (after a restart): nothing else is signalled.
+            if pgid in self._children or _group_is_ours(pgid, run_dir):
                 await _stop_local_group(pgid)
             self._children.pop(int(ref["pid"]), None)
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -243,16 +243,6 @@ def check_spark_opts(text: str, source: str, allowed: Sequence[str]) -> tuple[st
 def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: str) -> YarnOptions:
     """Check a kernel's YARN choices against the operator's policy. Pure."""
     config = request.backend_config
-    endpoint = _endpoint(config.get("endpoint"), settings.endpoint, settings.allowed_endpoints, "endpoint")
-    alt = _endpoint(
-        config.get("altEndpoint"), settings.alt_endpoint, settings.allowed_endpoints, "altEndpoint"
-    )
-    if not endpoint:
-        raise SpecError(
-            "The yarn backend has no ResourceManager: set RKO_YARN_ENDPOINT (e.g. http://rm:8088) "
-            "in the operator, or spec.yarn.endpoint to one it allows.",
-            reason="YarnNotConfigured",
-        )
     default_queue = str(config.get("queue") or settings.queue)
     queue = _pick(request, "queue", "KERNEL_QUEUE") or default_queue
     if not _QUEUE.match(queue):
@@ -299,6 +289,17 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
     spark_init = str(_pick(request, "sparkInitMode", "KERNEL_SPARK_INIT_MODE") or "lazy")
     if spark_init not in ("lazy", "eager"):
         raise SpecError(f"spec.yarn.sparkInitMode {spark_init!r} is not lazy or eager.", reason="InvalidSpec")
+    # The tenant's choices are checked first: a refusal never depends on the cluster's setup.
+    endpoint = _endpoint(config.get("endpoint"), settings.endpoint, settings.allowed_endpoints, "endpoint")
+    alt = _endpoint(
+        config.get("altEndpoint"), settings.alt_endpoint, settings.allowed_endpoints, "altEndpoint"
+    )
+    if not endpoint:
+        raise SpecError(
+            "The yarn backend has no ResourceManager: set RKO_YARN_ENDPOINT (e.g. http://rm:8088) "
+            "in the operator, or spec.yarn.endpoint to one it allows.",
+            reason="YarnNotConfigured",
+        )
     wait = config.get("queueWaitSeconds")
     security = config.get("securityEnabled")
     return YarnOptions(

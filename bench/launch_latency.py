@@ -35,6 +35,7 @@ from kubernetes.client.rest import ApiException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
+from localcluster.crds import install_crds
 from localcluster.docker import DockerEngine
 from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.servers import OperatorProcess, Sshd
@@ -42,6 +43,7 @@ from localcluster.yarn import MiniYarn, operator_env, spark_home, spark_opts
 
 sys.path.insert(0, str(REPO_ROOT))
 from tests.node_agent import node_agent_command
+from tests.profiles import kernelspec_config
 from tests.spark_operator import CRD as SPARK_CRD
 from tests.spark_operator import controller_command as spark_controller_command
 
@@ -193,6 +195,11 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
             "backend_config": {"spark": True},
         },
     }
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    try:  # each config as the profile an administrator would write for it, and a kernelspec naming it
+        configs = {name: kernelspec_config(api, legacy) for name, legacy in configs.items()}
+    finally:
+        api.close()
     for name, config_ in configs.items():
         spec_dir = root / "kernels" / name
         spec_dir.mkdir(parents=True, exist_ok=True)
@@ -299,9 +306,7 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
-        client.ApiextensionsV1Api(api).create_custom_resource_definition(
-            yaml.safe_load((REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml").read_text())
-        )
+        install_crds(api)
         client.ApiextensionsV1Api(api).create_custom_resource_definition(
             yaml.safe_load(SPARK_CRD.read_text())
         )
@@ -328,7 +333,6 @@ def main() -> int:
             env={
                 "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
                 "RKO_SSH_LOCAL_HOSTS": "localhost",
-                "RKO_SSH_ALLOWED_HOSTS": "localhost,127.0.0.1",
                 "RKO_SSH_KEY_FILE": str(sshd.client_key),
                 "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
                 "RKO_SSH_PORT": str(sshd.port),

@@ -18,43 +18,20 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
+from localcluster.crds import apply_profile, install_crds
 from localcluster.servers import OperatorProcess
 
-CRD_FILE = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
+# The administrator's kind of kernel for the demo: on this machine, as the operator's children.
+DEMO_PROFILE = {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}
 
 
 def step(text: str) -> None:
     print(f"==> {text}", flush=True)
-
-
-def install_crd(api: client.ApiClient) -> None:
-    ext = client.ApiextensionsV1Api(api)
-    body = yaml.safe_load(CRD_FILE.read_text())
-    try:
-        ext.create_custom_resource_definition(body)
-    except ApiException as err:
-        if err.status != 409:
-            raise
-        existing = ext.read_custom_resource_definition(body["metadata"]["name"])
-        assert existing.metadata is not None
-        body["metadata"]["resourceVersion"] = existing.metadata.resource_version
-        ext.replace_custom_resource_definition(body["metadata"]["name"], body)
-    custom = client.CustomObjectsApi(api)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")
-            return
-        except ApiException as err:
-            if time.monotonic() > deadline or err.status not in (404, 429, 503):
-                raise
-            time.sleep(0.2)
 
 
 def ensure_namespace(api: client.ApiClient, name: str) -> None:
@@ -81,7 +58,11 @@ async def run_kernel(kubeconfig: Path, namespace: str, code: str) -> None:
                 "metadata": {
                     "kernel_provisioner": {
                         "provisioner_name": "remote-kernel",
-                        "config": {"backend": "ssh", "namespace": namespace, "kubeconfig": str(kubeconfig)},
+                        "config": {
+                            "profile": "demo-local",
+                            "namespace": namespace,
+                            "kubeconfig": str(kubeconfig),
+                        },
                     }
                 },
             }
@@ -145,14 +126,16 @@ def main() -> int:
             kubeconfig = cluster.admin_kubeconfig
             step(f"The control plane is ready after {time.monotonic() - started:.1f} s.")
         api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-        step("Installing the RemoteKernel CRD from crds/.")
-        install_crd(api)
+        step("Installing the RemoteKernel and RemoteKernelProfile CRDs from crds/, and the demo's profile.")
+        install_crds(api)
+        apply_profile(api, "demo-local", DEMO_PROFILE)
         ensure_namespace(api, "remote-kernel-operator")
         ensure_namespace(api, args.namespace)
         step("Starting the operator (python -m kernel_operator).")
         operator = OperatorProcess(
             kubeconfig=kubeconfig,
             log_path=work / f"operator-{uuid.uuid4().hex[:6]}.log",
+            # Kernels as the operator's own children: off by default, enabled for the demo.
             env={"RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}", "RKO_SSH_LOCAL_HOSTS": "localhost"},
         )
         operator.start()

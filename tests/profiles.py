@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
-GROUP, VERSION, PROFILES = "kernel-operator.io", "v1alpha1", "remotekernelprofiles"
-DEFAULT_ANNOTATION = "kernel-operator.io/is-default-profile"
+from localcluster.crds import apply_profile
+
 # What a tenant may set in each backend's block (the rest is the profile's).
 TENANT_FIELDS = {
     "ssh": ("hosts", "loadBalancing"),
@@ -86,21 +85,7 @@ def ensure_profile(
 ) -> str:
     """Create (or replace) a RemoteKernelProfile as the administrator; returns its name."""
     name = name or profile_name(profile_spec)
-    custom = client.CustomObjectsApi(api_client)
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RemoteKernelProfile",
-        "metadata": {"name": name, "annotations": {DEFAULT_ANNOTATION: "true"} if default else {}},
-        "spec": dict(profile_spec),
-    }
-    try:
-        custom.create_cluster_custom_object(GROUP, VERSION, PROFILES, body)
-    except ApiException as err:
-        if err.status != 409:
-            raise
-        current = custom.get_cluster_custom_object(GROUP, VERSION, PROFILES, name)
-        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        custom.replace_cluster_custom_object(GROUP, VERSION, PROFILES, name, body)
+    apply_profile(api_client, name, profile_spec, default)
     return name
 
 

@@ -127,12 +127,17 @@ def test_the_chart_lints_and_carries_the_crd_from_its_single_source(helm: Path) 
         sets = set_args(values)
         result = run_helm(helm, "lint", "--strict", str(CHART), *sets)
         assert "0 chart(s) failed" in result.stdout, result.stdout
-    source = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"
-    copy_ = CHART / "crds" / source.name
-    assert copy_.read_bytes() == source.read_bytes(), (
-        f"{copy_} has drifted from {source}: copy crds/ into the chart (make chart checks this)"
-    )
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [source.name]
+    sources = sorted((REPO_ROOT / "crds").glob("*.yaml"))
+    assert [s.name for s in sources] == [
+        "remotekernelprofiles.kernel-operator.io.yaml",
+        "remotekernels.kernel-operator.io.yaml",
+    ]
+    for source in sources:
+        copy_ = CHART / "crds" / source.name
+        assert copy_.read_bytes() == source.read_bytes(), (
+            f"{copy_} has drifted from {source}: copy crds/ into the chart (make chart checks this)"
+        )
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [s.name for s in sources]
 
 
 def test_the_rbac_is_narrow_and_split_into_framework_and_application(helm: Path) -> None:
@@ -141,7 +146,14 @@ def test_the_rbac_is_narrow_and_split_into_framework_and_application(helm: Path)
     assert {(r["kind"], r["metadata"]["name"]) for r in roles} == {
         ("ClusterRole", f"{FULLNAME}-framework"),
         ("ClusterRole", f"{FULLNAME}-application"),
+        ("ClusterRole", f"{FULLNAME}-profiles"),
+        # Tenants' roles (aggregated into edit/admin and view), bound to no one by the chart.
+        ("ClusterRole", f"{FULLNAME}-tenant-edit"),
+        ("ClusterRole", f"{FULLNAME}-tenant-view"),
+        ("ClusterRole", f"{FULLNAME}-profile-viewer"),
     }
+    bound = {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding", "RoleBinding")}
+    assert not {f"{FULLNAME}-tenant-edit", f"{FULLNAME}-tenant-view", f"{FULLNAME}-profile-viewer"} & bound
     for role in roles:
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
@@ -163,14 +175,31 @@ def test_the_rbac_is_narrow_and_split_into_framework_and_application(helm: Path)
             }
         ]
     ]
-    resources = {res for r in roles for rule in r["rules"] for res in rule["resources"]}
+    operator_rules = [
+        rule
+        for r in roles
+        if not r["metadata"]["name"].endswith(("-edit", "-view", "-viewer"))
+        for rule in r["rules"]
+    ]
+    resources = {res for rule in operator_rules for res in rule["resources"]}
     # What Enterprise Gateway's chart grants and this one must not.
-    assert not {"namespaces", "rolebindings", "clusterroles", "configmaps", "services"} & resources
+    assert not {"rolebindings", "clusterroles", "configmaps", "services"} & resources
+    # Namespaces are only read (a profile's namespaceSelector), never made or deleted by default.
+    assert [rule["verbs"] for rule in operator_rules if "namespaces" in rule["resources"]] == [["get"]]
 
 
-def test_the_single_namespace_mode_needs_no_cluster_wide_rights(helm: Path) -> None:
-    docs = render(helm, "singleNamespace=true", "kernels.checkNodes=false")
-    assert not of_kind(docs, "ClusterRole", "ClusterRoleBinding")
+def test_the_single_namespace_mode_reads_only_profiles_and_its_namespace_cluster_wide(helm: Path) -> None:
+    docs = render(helm, "singleNamespace=true", "kernels.checkNodes=false", "rbac.tenantRoles=false")
+    # Profiles are cluster-scoped (the administrator's): reading them, and the served namespace's
+    # labels by name, is all the cluster-wide right this mode has.
+    (profiles,) = of_kind(docs, "ClusterRole")
+    assert profiles["rules"] == [
+        {"apiGroups": [GROUP], "resources": ["remotekernelprofiles"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"], "resourceNames": [NAMESPACE]},
+    ]
+    assert [b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")] == [
+        profiles["metadata"]["name"]
+    ]
     assert {d["metadata"]["namespace"] for d in of_kind(docs, "Role", "RoleBinding")} == {NAMESPACE}
     env = container_env(docs)
     assert env["RKO_WATCH_NAMESPACES"] == NAMESPACE
@@ -213,6 +242,18 @@ def test_the_deployment_is_hardened_and_never_runs_two_operators(helm: Path) -> 
         (["kernels.transportEncryption=maybe"], "disabled, auto or required"),
         (["serviceAccount.create=false"], "serviceAccount.name must name"),
         (["customObjects.kinds[0].group=example.com"], "needs group and resources"),
+        (
+            [
+                "profiles[0].name=a",
+                "profiles[0].default=true",
+                "profiles[0].spec.backend=ssh",
+                "profiles[1].name=b",
+                "profiles[1].default=true",
+                "profiles[1].spec.backend=ssh",
+            ],
+            "Only one of profiles may be the default",
+        ),
+        (["profiles[0].name=a"], "needs a name and a spec"),
     ],
 )
 def test_values_that_cannot_work_are_refused_with_what_to_change(
@@ -482,10 +523,25 @@ def scenario(
 ) -> str:
     """A pod kernel and an ssh kernel launched and deleted under ``proc``. Returns "" when all went
     well, else what went wrong (a denied call in the log, or a kernel that did not get there)."""
+    # Profiles for the chart's namespace only: the operator reads the namespace's labels.
+    only_here = {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
     names = [
-        make_kernel(NAMESPACE, custom, labels=labels, backend="kubernetes", username="alice")[0],
         make_kernel(
-            NAMESPACE, custom, labels=labels, backend="ssh", username="alice", ssh={"hosts": ["127.0.0.1"]}
+            NAMESPACE,
+            custom,
+            labels=labels,
+            backend="kubernetes",
+            username="alice",
+            namespaceSelector=only_here,
+        )[0],
+        make_kernel(
+            NAMESPACE,
+            custom,
+            labels=labels,
+            backend="ssh",
+            username="alice",
+            ssh={"hosts": ["127.0.0.1"]},
+            namespaceSelector=only_here,
         )[0],
     ]
 
@@ -573,6 +629,8 @@ def test_every_rule_is_needed(
     roles: list[tuple[str, str | None, dict[str, Any]]] = []
     for doc in of_kind(installed.docs, "ClusterRole", "Role"):
         name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace")
+        if name.endswith(("-tenant-edit", "-tenant-view", "-profile-viewer")):
+            continue  # tenants' roles: the operator is not bound to them
         live = (
             rbac.read_cluster_role(name) if namespace is None else rbac.read_namespaced_role(name, namespace)
         )
@@ -592,7 +650,7 @@ def test_every_rule_is_needed(
         print(f"without {rule}: {broke[:160]}")
     unneeded = [rule for rule, broke in results.items() if not broke]
     assert not unneeded, f"rules nothing needed: {unneeded}"
-    assert len(results) >= 7, results
+    assert len(results) >= 9, results
 
 
 def replace_role(
@@ -704,6 +762,18 @@ def test_uninstall_leaves_nothing_but_the_crd(
             ("RoleBinding", rbac.list_role_binding_for_all_namespaces(label_selector=selector)),
             ("ClusterRole", rbac.list_cluster_role(label_selector=selector)),
             ("ClusterRoleBinding", rbac.list_cluster_role_binding(label_selector=selector)),
+            (
+                "ValidatingAdmissionPolicy",
+                client.AdmissionregistrationV1Api(api_client).list_validating_admission_policy(
+                    label_selector=selector
+                ),
+            ),
+            (
+                "NetworkPolicy",
+                client.NetworkingV1Api(api_client).list_namespaced_network_policy(
+                    NAMESPACE, label_selector=selector
+                ),
+            ),
         ]:
             found += [f"{kind} {item.metadata.name}" for item in listing.items]
         if operator_container(docker_engine) is not None:
@@ -713,3 +783,4 @@ def test_uninstall_leaves_nothing_but_the_crd(
     wait_for(lambda: not left(), timeout=60, what=f"the release's objects to be gone (left: {left()})")
     ext = client.ApiextensionsV1Api(api_client)
     assert ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").metadata.name == f"{PLURAL}.{GROUP}"
+    assert ext.read_custom_resource_definition(f"remotekernelprofiles.{GROUP}").spec.scope == "Cluster"

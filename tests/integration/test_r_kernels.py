@@ -15,6 +15,7 @@ from kubernetes import client
 
 from localcluster.servers import OperatorProcess, Sshd
 from remote_kernel_provisioner.cli import main as spec_cli
+from tests.profiles import ensure_profile
 
 from .test_operator_ssh import _reply_to, get, ready_client
 
@@ -51,8 +52,12 @@ async def test_an_r_kernel_runs_over_ssh_and_is_interrupted_by_a_signal(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The administrator's profile: R kernels on the host behind sshd.
+    profile = ensure_profile(
+        custom.api_client, {"backend": "ssh", "languages": ["r"], "ssh": {"hosts": ["127.0.0.1"]}}
+    )
     km = await start_r_kernel(
-        tmp_path, kubeconfig, namespace, monkeypatch, "--backend", "ssh", "--remote-hosts", "127.0.0.1"
+        tmp_path, kubeconfig, namespace, monkeypatch, "--profile", profile, "--remote-hosts", "127.0.0.1"
     )
     try:
         rk = get(custom, namespace, f"k-{km.kernel_id}")
@@ -86,16 +91,8 @@ async def test_an_r_kernel_runs_in_a_pod_from_the_r_image(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    km = await start_r_kernel(
-        tmp_path,
-        kubeconfig,
-        namespace,
-        monkeypatch,
-        "--backend",
-        "kubernetes",
-        "--image-name",
-        r_kernel_image,
-    )
+    profile = ensure_profile(custom.api_client, {"backend": "kubernetes", "image": r_kernel_image})
+    km = await start_r_kernel(tmp_path, kubeconfig, namespace, monkeypatch, "--profile", profile)
     try:
         async with ready_client(km) as kc:
             reply, out = await run_r(kc, 'cat(R.version$language, Sys.getenv("KERNEL_POD_NAME"))')

@@ -690,7 +690,14 @@ async def test_a_control_port_held_by_a_slow_client_still_takes_a_signal(
 
 def test_the_chart_ships_the_tenant_roles_it_claims(helm: Path) -> None:  # noqa: F811
     out = run_helm(
-        helm, "template", CHART_RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "-s", "templates/tenant-rbac.yaml"
+        helm,
+        "template",
+        CHART_RELEASE,
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "-s",
+        "templates/tenant-rbac.yaml",
     )
     roles = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out.stdout) if d}
     edit = roles[f"{CHART_RELEASE}-remote-kernel-operator-tenant-edit"]

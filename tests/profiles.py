@@ -57,6 +57,9 @@ def split_spec(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
             tenant[name] = mine
         if theirs:
             profile.setdefault(name, {}).update(theirs)
+    queue = (tenant.get("yarn") or {}).get("queue")
+    if queue:
+        profile.setdefault("yarn", {}).setdefault("queues", [queue])  # the queue it would allow
     hosts = (tenant.get("ssh") or {}).get("hosts")
     if hosts and not (profile.get("ssh") or {}).get("hosts"):
         profile.setdefault("ssh", {})["hosts"] = list(hosts)  # the hosts an administrator would list

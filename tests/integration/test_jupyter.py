@@ -210,7 +210,7 @@ async def test_jupyter_server_creates_executes_restarts_and_deletes_a_remote_ker
     kernel_id = created.json()["id"]
     rk = get(custom, namespace, f"k-{kernel_id}")
     assert rk is not None and rk["status"]["phase"] == "Running"
-    assert rk["spec"]["username"] == "alice" and rk["spec"]["backend"] == "ssh"
+    assert rk["spec"]["username"] == "alice" and rk["status"]["backend"] == "ssh"
     reply, out = await execute(server, kernel_id, "x = 6\nprint(x * 7)")
     assert reply["status"] == "ok" and out == "42\n"
 

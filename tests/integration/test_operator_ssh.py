@@ -646,21 +646,26 @@ async def test_a_signal_reaches_the_kernel_through_the_operator_and_the_launcher
     )
     km = AsyncKernelManager(kernel_name="remote")
     await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
-    kc = km.client()
-    kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=30)
+        await assert_interrupt_ends_a_long_cell(km)
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert "Signal 2 was delivered to the kernel" in operator.log()
+
+
+async def assert_interrupt_ends_a_long_cell(km: AsyncKernelManager, before: Any = None) -> None:
+    """A cell sleeping 60 s is interrupted through ``km`` (``before()`` runs just before) and
+    ends with KeyboardInterrupt within 5 s."""
+    async with ready_client(km) as kc:
         msg_id = kc.execute("import time; time.sleep(60)")
         await asyncio.sleep(1)
+        if before is not None:
+            before()
         started = time.monotonic()
         await km.interrupt_kernel()
         reply = await _reply_to(kc, msg_id, timeout=10)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert time.monotonic() - started < 5
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-    assert "Signal 2 was delivered to the kernel" in operator.log()
 
 
 def test_every_port_of_the_kernel_lies_in_its_port_range(

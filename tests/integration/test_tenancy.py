@@ -11,7 +11,6 @@ another user's kernel.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -37,7 +36,17 @@ from tests.profiles import ensure_profile
 
 from .conftest import launcher_processes
 from .test_chart import CHART, KUBE_VERSION, helm, run_helm  # noqa: F401 - helm is a fixture
-from .test_operator_ssh import GROUP, PLURAL, VERSION, get, ready_client, start_remote_kernel, wait_phase
+from .test_operator_ssh import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    assert_interrupt_ends_a_long_cell,
+    delete_and_wait_gone,
+    get,
+    ready_client,
+    start_remote_kernel,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.integration
 TENANT_SA = "jupyter"
@@ -388,6 +397,12 @@ def test_a_profile_whose_pod_the_api_server_refuses_fails_with_the_api_servers_r
         ({}, {"languages": ["r"]}, "LanguageNotSupported"),
         ({}, {"users": {"authorized": ["alice"]}}, "Unauthorized"),
         ({"ssh": {"hosts": ["10.0.0.1"]}}, {}, "HostNotAllowed"),
+        ({"executorImage": "busybox:latest"}, {"images": ["rko-kernel-python:*"]}, "ImageNotAllowed"),
+        ({"launchTimeoutSeconds": 3600}, {"maxima": {"launchTimeoutSeconds": 60}}, "ExceedsProfile"),
+        ({"portRange": "30000..31999"}, {"defaults": {"portRange": "40000..41999"}}, "InvalidPortRange"),
+        ({"transportEncryption": "disabled"}, {"requireTransportEncryption": True}, "EncryptionRequired"),
+        ({"yarn": {"queue": "root.admins"}}, {"yarn": {"queues": ["analytics"]}}, "QueueNotAllowed"),
+        ({"env": {"KERNEL_QUEUE": "root.admins"}}, {"yarn": {"queues": ["analytics"]}}, "QueueNotAllowed"),
     ],
 )
 def test_what_the_profile_does_not_allow_fails_with_a_reason_and_starts_nothing(
@@ -466,14 +481,7 @@ async def test_another_users_kernel_id_cannot_be_used_to_reach_their_kernel(
             reply = await kc.execute_interactive("6 * 7", timeout=20)
             assert reply["content"]["status"] == "ok"
         # Deleting the tenant's impostor does nothing to Alice's kernel either.
-        tenant.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, tenant.namespace, PLURAL, body["metadata"]["name"]
-        )
-        wait_for(
-            lambda: get(admin, tenant.namespace, body["metadata"]["name"]) is None,
-            timeout=30,
-            what="the impostor to go",
-        )
+        delete_and_wait_gone(tenant.custom, tenant.namespace, body["metadata"]["name"])
         assert (get(admin, namespace, f"k-{km.kernel_id}") or {}).get("status", {}).get("phase") == "Running"
     finally:
         await km.shutdown_kernel(now=True)
@@ -553,14 +561,7 @@ def test_a_container_kernel_is_never_root_mounts_nothing_and_holds_no_token_in_i
     assert "s3cr3t-value" not in " ".join(config["Cmd"])
     top = container.top(ps_args="-o pid,uid,args")
     assert top["Processes"] and all(row[1] != "0" for row in top["Processes"]), top
-    tenant.custom.delete_namespaced_custom_object(
-        GROUP, VERSION, tenant.namespace, PLURAL, body["metadata"]["name"]
-    )
-    wait_for(
-        lambda: get(admin, tenant.namespace, body["metadata"]["name"]) is None,
-        timeout=30,
-        what="the kernel to go",
-    )
+    delete_and_wait_gone(tenant.custom, tenant.namespace, body["metadata"]["name"])
 
 
 def test_an_ssh_kernels_token_and_env_are_on_no_command_line(
@@ -581,14 +582,7 @@ def test_an_ssh_kernels_token_and_env_are_on_no_command_line(
     assert not [c for c in launcher_processes() if "s3cr3t-value" in c]
     run_dir = Path(status["backendRef"]["runDir"])
     assert run_dir.stat().st_mode & 0o777 == 0o700 and not (run_dir / "launch.json").exists()
-    tenant.custom.delete_namespaced_custom_object(
-        GROUP, VERSION, tenant.namespace, PLURAL, body["metadata"]["name"]
-    )
-    wait_for(
-        lambda: get(admin, tenant.namespace, body["metadata"]["name"]) is None,
-        timeout=30,
-        what="the kernel to go",
-    )
+    delete_and_wait_gone(tenant.custom, tenant.namespace, body["metadata"]["name"])
 
 
 # -- the listener and the control port under abuse ----------------------------------------------
@@ -651,7 +645,7 @@ async def test_a_control_port_held_by_a_slow_client_still_takes_a_signal(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from .test_operator_ssh import _reply_to, kernelspec
+    from .test_operator_ssh import kernelspec
 
     monkeypatch.setenv(
         "JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, interrupt_mode="signal"))
@@ -668,24 +662,35 @@ async def test_a_control_port_held_by_a_slow_client_still_takes_a_signal(
         sock = socket.create_connection(control, timeout=5)
         sock.sendall(b"{")
         slow.append(sock)
-    kc = km.client()
-    kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=30)
-        msg_id = kc.execute("import time; time.sleep(60)")
-        await asyncio.sleep(1)
-        for sock in slow:
-            sock.sendall(b" ")
-        started = time.monotonic()
-        await km.interrupt_kernel()
-        reply = await _reply_to(kc, msg_id, timeout=10)
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
-        assert time.monotonic() - started < 5
+
+        def trickle() -> None:
+            for sock in slow:
+                sock.sendall(b" ")
+
+        await assert_interrupt_ends_a_long_cell(km, before=trickle)
     finally:
         for sock in slow:
             sock.close()
-        kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+def test_only_kernels_may_reach_the_listener_by_the_charts_network_policy(helm: Path) -> None:  # noqa: F811
+    out = run_helm(
+        helm, "template", CHART_RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+        "-s", "templates/networkpolicy.yaml", "--set", "networkPolicy.kernelSources[0].ipBlock.cidr=10.1.0.0/16",
+    )  # fmt: skip
+    (policy,) = [d for d in yaml.safe_load_all(out.stdout) if d]
+    listener, probes = policy["spec"]["ingress"]
+    assert listener["ports"] == [{"port": 8877, "protocol": "TCP"}]
+    assert listener["from"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "remote-kernel"}},
+        },
+        {"ipBlock": {"cidr": "10.1.0.0/16"}},
+    ]
+    assert "from" not in probes and probes["ports"] == [{"port": 8080, "protocol": "TCP"}]
 
 
 def test_the_chart_ships_the_tenant_roles_it_claims(helm: Path) -> None:  # noqa: F811

@@ -65,6 +65,8 @@ class OperatorContext:
     # Kernel ids in use, to the uid of the RemoteKernel that holds each: a second RemoteKernel
     # with the same kernel id (another tenant's, say) fails instead of touching the first's.
     kernel_ids: dict[str, str] = field(default_factory=dict)
+    # Launches under way, by RemoteKernel uid (see KernelLifecycle.launch).
+    launches: dict[str, asyncio.Future[BackendRef]] = field(default_factory=dict)
 
     @property
     def public_key(self) -> bytes:
@@ -191,14 +193,14 @@ class KernelLifecycle:
         """Drive the kernel from its current phase until it ends or the daemon is stopped."""
         if self.phase in {p.value for p in TERMINAL} or self.phase == Phase.TERMINATING.value:
             return
-        if self.phase in (None, "", Phase.PENDING.value) and not await self.launch():
+        if self.phase in (None, "", Phase.PENDING.value) and not await self.launch(stopped):
             return
         if self.phase == Phase.LAUNCHING.value and not await self.await_connection(stopped):
             return
         if self.phase == Phase.RUNNING.value:
             await self.monitor(stopped)
 
-    async def launch(self) -> bool:
+    async def launch(self, stopped: StopFlag | None = None) -> bool:
         if not self.phase:
             await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         try:
@@ -239,12 +241,24 @@ class KernelLifecycle:
             run_dir=run_dir_for(request.kernel_id, self.uid),
             owner=self.owner_reference(),
         )
+        # The launch runs as a task of its own, registered by uid: kopf runs the delete handler
+        # beside this daemon (and cancels it), so a deletion during the launch must be able to
+        # wait for what the launch starts, and stop it.
+        task = asyncio.ensure_future(backend.launch(plan))
+        self.ctx.launches[self.uid] = task
         try:
-            ref = await backend.launch(plan)
+            ref = await asyncio.shield(task)
         except (BackendError, SpecError) as err:
+            self.ctx.launches.pop(self.uid, None)
             await self.set_phase(Phase.FAILED, err.reason, str(err), launch=None)
             return False
+        if stopped:  # deleted while launching: stop what was started, record nothing
+            self.ctx.launches.pop(self.uid, None)
+            await backend.stop(ref, self.uid)
+            self.log.info(f"The kernel was deleted during its launch; stopped what was started: {ref}.")
+            return False
         await self.patch({"backendRef": ref, "launchedAt": now_iso()})
+        self.ctx.launches.pop(self.uid, None)
         self.log.info(f"The {backend.name} backend started the launcher: {ref}.")
         return True
 
@@ -491,6 +505,11 @@ class KernelLifecycle:
     # -- stopping and signals ------------------------------------------------------------------
     async def stop_backend(self) -> None:
         ref = self.status.get("backendRef")
+        in_flight = self.ctx.launches.pop(self.uid, None)
+        if not ref and in_flight is not None:
+            # A launch of this kernel is under way in this operator: wait for what it starts.
+            with contextlib.suppress(BackendError, SpecError):
+                ref = await in_flight
         backend = self.backend()
         if not ref and self.phase == Phase.LAUNCHING.value:
             # Launched but not recorded (the operator stopped in between): find it by its labels.

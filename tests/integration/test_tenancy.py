@@ -408,9 +408,12 @@ def test_a_profile_whose_pod_the_api_server_refuses_fails_with_the_api_servers_r
 def test_what_the_profile_does_not_allow_fails_with_a_reason_and_starts_nothing(
     tenant: Tenant, api_client: client.ApiClient, spec: dict[str, Any], profile: dict[str, Any], reason: str
 ) -> None:
-    backend = (
-        {"backend": "ssh", "ssh": {"hosts": ["localhost"]}} if "ssh" in spec else {"backend": "kubernetes"}
-    )
+    if "ssh" in spec:
+        backend: dict[str, Any] = {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}
+    elif "yarn" in spec or "yarn" in profile:
+        backend = {"backend": "yarn"}  # refused before any ResourceManager is asked
+    else:
+        backend = {"backend": "kubernetes"}
     name = ensure_profile(api_client, {**backend, **profile})
     before = {p.metadata.name for p in pods(api_client, tenant.namespace)}
     status = failed_with(

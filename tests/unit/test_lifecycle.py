@@ -552,3 +552,37 @@ async def test_stop_is_told_the_remote_kernels_uid_so_it_acts_only_on_what_carri
     b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
     await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
     assert backend.stopped and backend.owner == "uid-1"
+
+
+class SlowBackend(FakeBackend):
+    """A launch that takes a while: long enough for a deletion to arrive in the middle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release_launch = asyncio.Event()
+
+    async def launch(self, plan: LaunchPlan) -> dict[str, Any]:
+        await self.release_launch.wait()
+        return await super().launch(plan)
+
+
+async def test_a_deletion_during_a_launch_stops_what_the_launch_starts_afterwards() -> None:
+    backend = SlowBackend()
+    ctx, kube, _ = context(backend)
+    b = body()
+    stop = Stop()
+    daemon = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(stop))
+    while b["metadata"]["uid"] not in ctx.launches:
+        await asyncio.sleep(0.01)
+    # kopf stops the daemon and runs the delete handler beside it, status not yet recorded.
+    stop.event.set()
+    b["status"] = {"phase": "Launching", "backend": "ssh"}
+    deletion = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete())
+    await asyncio.sleep(0.05)
+    assert not deletion.done()  # it waits for the launch in flight
+    backend.release_launch.set()
+    await asyncio.wait_for(deletion, 5)
+    await asyncio.wait_for(daemon, 5)
+    assert len(backend.plans) == 1 and backend.stopped, "what the launch started was stopped"
+    assert ctx.launches == {}
+    assert not [p for p in kube.patches if "backendRef" in p and not p["backendRef"].get("stopped")]

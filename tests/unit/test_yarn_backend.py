@@ -135,7 +135,7 @@ def test_impersonation_makes_the_kernels_user_the_applications_user() -> None:
             "InvalidSparkOptions",
             "only remote URIs",
         ),
-        ({"queue": "root.admins"}, "QueueNotAllowed", "root.admins"),
+        ({"queue": "root.admins", "queues": ["analytics"]}, "QueueNotAllowed", "root.admins"),
         ({"spark": True, "sparkOpts": "--proxy-user bob"}, "InvalidSparkOptions", "--proxy-user"),
         ({"spark": True, "sparkOpts": "--master local"}, "InvalidSparkOptions", "--master"),
         ({"spark": True, "sparkOpts": "--deploy-mode=client"}, "InvalidSparkOptions", "--deploy-mode"),

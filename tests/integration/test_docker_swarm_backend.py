@@ -53,7 +53,14 @@ async def test_a_jupyter_client_uses_a_swarm_kernel(
     [service] = kernel_services(swarm, kernel_id)
     spec = service.attrs["Spec"]["TaskTemplate"]
     assert spec["RestartPolicy"]["Condition"] == "none"
-    assert not {"KUBECONFIG", "RKO_DOCKER_HOST"} & {e.split("=", 1)[0] for e in spec["ContainerSpec"]["Env"]}
+    env_names = {e.split("=", 1)[0] for e in spec["ContainerSpec"]["Env"]}
+    assert not {"KUBECONFIG", "RKO_DOCKER_HOST", "RKO_LAUNCH_TOKEN"} & env_names
+    # The token is a Swarm secret of this kernel's, mounted for the kernel's user only.
+    [secret_ref] = spec["ContainerSpec"]["Secrets"]
+    assert secret_ref["File"] == {"Name": "rko-launch-token", "UID": "1000", "GID": "1000", "Mode": 0o400}
+    assert spec["ContainerSpec"]["User"] == "1000:1000"
+    engine = docker.DockerClient(base_url=swarm.host)
+    assert [s.name for s in engine.secrets.list(filters={"name": secret_ref["SecretName"]})]
     async with ready_client(km) as kc:
         outputs: list[str] = []
         reply = await kc.execute_interactive(
@@ -71,6 +78,7 @@ async def test_a_jupyter_client_uses_a_swarm_kernel(
         assert (await kc.execute_interactive("2 + 2", timeout=30))["content"]["status"] == "ok"
     await km.shutdown_kernel()
     assert not kernel_services(swarm, kernel_id)
+    assert not engine.secrets.list(filters={"label": "kernel-operator.io/uid"})  # removed with them
     wait_for(
         lambda: not kernel_containers(swarm, kernel_id), timeout=30, what="the service's containers to go"
     )

@@ -3,7 +3,11 @@
 Launch response (launcher -> operator), one frame per launch:
 
     frame   = length(4, big endian) || message
-    message = MAGIC(4) || kernel_id(36, ASCII) || ephemeral_public(32) || nonce(12) || sealed
+    message = MAGIC(4) || launch_id(36, ASCII) || ephemeral_public(32) || nonce(12) || sealed
+
+The launch id names one launch of one kernel: the operator gives the RemoteKernel's uid (a
+UUID), so two kernels that share a kernel id can never answer for each other; a launcher
+started without one uses its kernel id, as gateway_provisioners' did.
 
 ``sealed`` is ChaCha20-Poly1305 over a JSON payload, keyed by HKDF-SHA256 of the X25519
 agreement between the launcher's ephemeral key and the operator's static key. The associated
@@ -83,6 +87,12 @@ class _LaunchPayloadBase(TypedDict):
 
 class LaunchPayload(_LaunchPayloadBase, total=False):
     kernel_pid: int  # lets a backend signal the kernel when its launcher is gone (optional: older launchers)
+    launch_id: str  # the launch this answers (the frame header's); the kernel id when absent
+
+
+def launch_id_of(payload: LaunchPayload) -> str:
+    """The launch a payload answers: its launch id, else (older launchers) its kernel id."""
+    return payload.get("launch_id") or payload["kernel_id"]
 
 
 # -- keys and tokens ------------------------------------------------------------------------
@@ -152,7 +162,7 @@ def _aead_key(shared: bytes, ephemeral_public: bytes, operator_public: bytes) ->
 
 def seal_launch_payload(payload: LaunchPayload, operator_public_key: bytes) -> bytes:
     """Encrypt and frame a launch payload for the operator whose public key is given."""
-    kernel_id = canonical_kernel_id(payload["kernel_id"]).encode("ascii")
+    kernel_id = canonical_kernel_id(launch_id_of(payload)).encode("ascii")
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = ephemeral.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -207,8 +217,8 @@ def open_launch_payload(message: bytes, operator_private_key: bytes) -> LaunchPa
     except ValueError as err:
         raise ProtocolError("The sealed payload is not JSON.") from err
     _check_payload_shape(payload)
-    if payload["kernel_id"] != kernel_id:
-        raise ProtocolError("The sealed kernel id differs from the header's.")
+    if launch_id_of(payload) != kernel_id:
+        raise ProtocolError("The sealed launch id differs from the header's.")
     return payload  # type: ignore[no-any-return]
 
 
@@ -231,6 +241,8 @@ def _check_payload_shape(payload: Any) -> None:
             raise ProtocolError(f"The sealed payload lacks a valid {name!r}.")
     if "kernel_pid" in payload and not isinstance(payload["kernel_pid"], int):
         raise ProtocolError("The sealed payload's 'kernel_pid' is not a number.")
+    if "launch_id" in payload and not isinstance(payload["launch_id"], str):
+        raise ProtocolError("The sealed payload's 'launch_id' is not text.")
     connection = payload["connection"]
     for port in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
         value = connection.get(port)

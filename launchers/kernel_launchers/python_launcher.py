@@ -63,6 +63,7 @@ class LauncherArgs:
     r_executable: str = "R"
     exit_with_parent: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)  # from the launch file, for the kernel
+    launch_id: str = ""  # what the operator knows this launch by (its RemoteKernel's uid)
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="python -m kernel_launchers.python_launcher")
     parser.add_argument("--kernel-id", required=True)
+    parser.add_argument(
+        "--launch-id", default=None, help="the launch the operator waits for (default: the kernel id)"
+    )
     parser.add_argument("--response-address", required=True, help="HOST:PORT of the operator")
     parser.add_argument("--public-key", required=True, help="the operator's public key")
     parser.add_argument("--token", default=env.get("RKO_LAUNCH_TOKEN"), help="single-use token")
@@ -104,6 +108,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     ns = parser.parse_args(argv)
     try:
         kernel_id = protocol.canonical_kernel_id(ns.kernel_id)
+        launch_id = protocol.canonical_kernel_id(ns.launch_id or kernel_id)
         public_key = protocol.decode_key(ns.public_key)
         port_range = parse_port_range(ns.port_range)
     except (protocol.ProtocolError, PortRangeError) as err:
@@ -145,6 +150,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         r_executable=ns.r_executable,
         exit_with_parent=ns.exit_with_parent,
         extra_env=extra_env,
+        launch_id=launch_id,
     )
 
 
@@ -398,6 +404,7 @@ class Launcher:
             connection["curve_secretkey"] = info["curve_secretkey"]
         return {
             "kernel_id": self.args.kernel_id,
+            "launch_id": self.args.launch_id or self.args.kernel_id,
             "token": self.args.token,
             "connection": connection,
             "pid": os.getpid(),
@@ -566,7 +573,7 @@ class Launcher:
         """Tell the operator to look now (best effort: it also polls)."""
         try:
             with socket.create_connection(self.args.response_address, timeout=2) as conn:
-                conn.sendall(protocol.exit_notice(self.args.kernel_id, self.control_key))
+                conn.sendall(protocol.exit_notice(self.args.launch_id or self.args.kernel_id, self.control_key))
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(16)
         except OSError as err:

@@ -58,16 +58,15 @@ def _seal_key(private_key: bytes) -> bytes:
     ).derive(private_key)
 
 
-def seal(private_key: bytes, kernel_id: str, data: bytes) -> bytes:
-    """Encrypt ``data`` for this operator only, bound to ``kernel_id``."""
+def seal(private_key: bytes, bound_to: str, data: bytes) -> bytes:
+    """Encrypt ``data`` for this operator only, bound to ``bound_to`` (a RemoteKernel's uid):
+    it opens only for that same value."""
     nonce = os.urandom(12)
-    return nonce + ChaCha20Poly1305(_seal_key(private_key)).encrypt(nonce, data, kernel_id.encode())
+    return nonce + ChaCha20Poly1305(_seal_key(private_key)).encrypt(nonce, data, bound_to.encode())
 
 
-def unseal(private_key: bytes, kernel_id: str, sealed: bytes) -> bytes:
+def unseal(private_key: bytes, bound_to: str, sealed: bytes) -> bytes:
     try:
-        return ChaCha20Poly1305(_seal_key(private_key)).decrypt(sealed[:12], sealed[12:], kernel_id.encode())
+        return ChaCha20Poly1305(_seal_key(private_key)).decrypt(sealed[:12], sealed[12:], bound_to.encode())
     except (InvalidTag, ValueError) as err:
-        raise KeyError_(
-            f"A sealed value for kernel {kernel_id} does not open with this operator's key."
-        ) from err
+        raise KeyError_(f"A sealed value for {bound_to} does not open with this operator's key.") from err

@@ -21,6 +21,10 @@ def launcher_args(
     args = [
         "--kernel-id",
         request.kernel_id,
+        # The operator waits for this launch under the RemoteKernel's uid, not the kernel id a
+        # spec could share with another's.
+        "--launch-id",
+        request.uid,
         "--response-address",
         response_address,
         "--public-key",

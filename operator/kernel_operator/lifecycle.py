@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 
-from . import GROUP, KIND, VERSION, keys
+from . import GROUP, KIND, UID_LABEL, VERSION, keys
 from .activity import IopubWatcher, is_idle
 from .backends import Backend, BackendRef, Backends, LaunchPlan, SignalingBackend
 from .control import send_control
@@ -273,7 +273,6 @@ class KernelLifecycle:
             )
             return False
         deadline = _parse_time(launch["deadline"])
-        kernel_id = protocol.canonical_kernel_id(str(self.spec["kernelId"]))
         loop = asyncio.get_running_loop()
         received: asyncio.Future[LaunchPayload] = loop.create_future()
         persisted: asyncio.Future[None] = loop.create_future()
@@ -285,7 +284,8 @@ class KernelLifecycle:
                 received.set_result(payload)
             await asyncio.shield(persisted)
 
-        self.ctx.listener.expect(kernel_id, token_hash, on_launch)
+        # Keyed by the RemoteKernel's uid (the launcher's --launch-id), never by the kernel id.
+        self.ctx.listener.expect(self.uid, token_hash, on_launch)
         try:
             while not received.done():
                 remaining = (deadline - _utcnow()).total_seconds()
@@ -309,7 +309,7 @@ class KernelLifecycle:
             persisted.set_result(None)
             return True
         finally:
-            self.ctx.listener.forget(kernel_id)
+            self.ctx.listener.forget(self.uid)
             if not persisted.done():
                 persisted.cancel()
 
@@ -357,12 +357,13 @@ class KernelLifecycle:
         secret = secret_name(self.name)
         data = {
             "key": connection["key"].encode(),
-            "control-key.sealed": keys.seal(self.ctx.private_key, payload["kernel_id"], control_key),
+            # Bound to this RemoteKernel: it opens for no other, whatever its kernel id.
+            "control-key.sealed": keys.seal(self.ctx.private_key, self.uid, control_key),
         }
         if connection.get("curve_publickey"):
             data["curve-publickey"] = connection["curve_publickey"].encode()
             data["curve-secretkey"] = connection.get("curve_secretkey", "").encode()
-        labels = {"kernel-operator.io/kernel-id": payload["kernel_id"]}
+        labels = {"kernel-operator.io/kernel-id": payload["kernel_id"], UID_LABEL: self.uid}
         if not await self.ctx.kube.create_secret(
             self.namespace, secret, data, labels, self.owner_reference()
         ):
@@ -386,20 +387,19 @@ class KernelLifecycle:
     async def monitor(self, stopped: StopFlag) -> None:
         backend = self.backend()
         ref = self.status.get("backendRef") or {}
-        kernel_id = protocol.canonical_kernel_id(str(self.spec["kernelId"]))
         wake = asyncio.Event()
         secret = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
         # The launcher's exit notice (signed with its control key) makes us look at once;
         # polling stays as the fallback.
         if secret.get("control-key.sealed"):
             with contextlib.suppress(keys.KeyError_):
-                control_key = keys.unseal(self.ctx.private_key, kernel_id, secret["control-key.sealed"])
-                self.ctx.listener.watch_exit(kernel_id, control_key, wake.set)
+                control_key = keys.unseal(self.ctx.private_key, self.uid, secret["control-key.sealed"])
+                self.ctx.listener.watch_exit(self.uid, control_key, wake.set)
         watcher = self._watch_activity(secret)
         try:
             await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
-            self.ctx.listener.unwatch_exit(kernel_id)
+            self.ctx.listener.unwatch_exit(self.uid)
             if watcher is not None:
                 await watcher.stop()
 
@@ -563,7 +563,7 @@ class KernelLifecycle:
         sealed = data.get("control-key.sealed")
         if not sealed:
             raise BackendError("The kernel's control key is missing from its Secret.")
-        key = keys.unseal(self.ctx.private_key, str(self.spec["kernelId"]), sealed)
+        key = keys.unseal(self.ctx.private_key, self.uid, sealed)
         try:
             return await send_control(
                 str(connection.get("ip")),

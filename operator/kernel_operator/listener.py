@@ -1,8 +1,8 @@
 """The response listener: receives launchers' sealed connection info over TCP.
 
-Each launch in flight is registered with the hash of its single-use token. A message is
-accepted only if it opens with the operator's key, names a kernel with a launch pending, and
-carries the matching token; the launch's callback then persists the result, and only after
+Each launch in flight is registered, under its launch id (the RemoteKernel's uid), with the
+hash of its single-use token. A message is accepted only if it opens with the operator's key,
+names a launch pending, and carries the matching token; the launch's callback then persists the result, and only after
 that does the launcher get its ``OK`` (so a crash in between makes the launcher retry).
 Anything else is logged and dropped; the listener keeps serving.
 

@@ -93,3 +93,13 @@ def test_control_requests_signal_and_stop_the_kernel_process(tmp_path) -> None: 
     finally:
         if launcher.kernel.poll() is None:
             launcher.kernel.kill()
+
+
+def test_the_launch_id_is_the_operators_else_the_kernel_id() -> None:
+    default = parse_args(BASE, {"RKO_LAUNCH_TOKEN": "t"})
+    assert default.launch_id == default.kernel_id
+    uid = "0B5AD6A4-9C6E-4F51-8A3E-51D1C6F7F0AA"
+    given = parse_args([*BASE, "--launch-id", uid], {"RKO_LAUNCH_TOKEN": "t"})
+    assert given.launch_id == uid.lower() and given.kernel_id == "6c9c8d0e-1111-2222-3333-444455556666"
+    with pytest.raises(SystemExit):
+        parse_args([*BASE, "--launch-id", "not-a-uuid"], {"RKO_LAUNCH_TOKEN": "t"})

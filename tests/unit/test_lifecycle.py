@@ -190,7 +190,7 @@ def good_payload(kernel_id: str, token: str = "t") -> LaunchPayload:
 
 def seal_control_key(ctx: OperatorContext, kube: FakeKube, b: dict[str, Any]) -> None:
     """The launcher's control key, sealed in the kernel's Secret as the operator keeps it."""
-    sealed = keys.seal(ctx.private_key, b["spec"]["kernelId"], b"c" * 32)
+    sealed = keys.seal(ctx.private_key, b["metadata"]["uid"], b"c" * 32)
     kube.secrets[f"{b['metadata']['name']}-connection"] = {"control-key.sealed": sealed}
 
 
@@ -207,9 +207,9 @@ async def test_a_kernel_goes_from_pending_to_running_to_succeeded() -> None:
     lifecycle = KernelLifecycle(ctx, b, emit, logging.getLogger("t"))
     stop = Stop()
     task = asyncio.create_task(lifecycle.run(stop))
-    while b["spec"]["kernelId"] not in listener.expected:
+    while b["metadata"]["uid"] not in listener.expected:
         await asyncio.sleep(0.01)
-    token_hash, on_launch = listener.expected[b["spec"]["kernelId"]]
+    token_hash, on_launch = listener.expected[b["metadata"]["uid"]]
     plan = backend.plans[0]
     assert token_hash == protocol.token_hash(plan.token)
     assert "--token" not in plan.launcher_args("1.2.3.4")
@@ -287,9 +287,9 @@ async def test_a_restarted_operator_resumes_a_launch_in_flight() -> None:
     )
     stop = Stop()
     task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(stop))
-    while b["spec"]["kernelId"] not in listener.expected:
+    while b["metadata"]["uid"] not in listener.expected:
         await asyncio.sleep(0.01)
-    token_hash, on_launch = listener.expected[b["spec"]["kernelId"]]
+    token_hash, on_launch = listener.expected[b["metadata"]["uid"]]
     assert token_hash == "abc"  # the stored hash, not a new token
     await on_launch(good_payload(b["spec"]["kernelId"]))
     stop.event.set()
@@ -342,10 +342,10 @@ async def test_an_exit_notice_is_acted_on_at_once_not_at_the_next_poll() -> None
     b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
     seal_control_key(ctx, kube, b)
     task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
-    while b["spec"]["kernelId"] not in listener.watchers:
+    while b["metadata"]["uid"] not in listener.watchers:
         await asyncio.sleep(0.01)
     backend.states = [BackendStatus("succeeded", "KernelExited", "bye", 0)]
-    listener.watchers[b["spec"]["kernelId"]]()
+    listener.watchers[b["metadata"]["uid"]]()
     await asyncio.wait_for(task, 2)  # far sooner than the 60 s poll
     assert kube.phases() == ["Succeeded"]
     assert listener.watchers == {}
@@ -358,7 +358,7 @@ async def test_after_an_exit_notice_a_lagging_backend_is_checked_again_soon() ->
     b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
     seal_control_key(ctx, kube, b)
     task = asyncio.create_task(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()))
-    while b["spec"]["kernelId"] not in listener.watchers:
+    while b["metadata"]["uid"] not in listener.watchers:
         await asyncio.sleep(0.01)
     # The pod still reads Running twice after the launcher said its kernel ended.
     backend.states = [
@@ -366,7 +366,7 @@ async def test_after_an_exit_notice_a_lagging_backend_is_checked_again_soon() ->
         BackendStatus("running"),
         BackendStatus("succeeded", "KernelExited", "bye", 0),
     ]
-    listener.watchers[b["spec"]["kernelId"]]()
+    listener.watchers[b["metadata"]["uid"]]()
     await asyncio.wait_for(task, 2)
     assert kube.phases() == ["Succeeded"]
 
@@ -467,7 +467,7 @@ def _running_with_dead_launcher(ctx: OperatorContext, kube: FakeKube) -> dict[st
             "connection": {"ip": "127.0.0.1"},
         }
     )
-    sealed = keys.seal(ctx.private_key, b["spec"]["kernelId"], b"c" * 32)
+    sealed = keys.seal(ctx.private_key, b["metadata"]["uid"], b"c" * 32)
     kube.secrets[f"{b['metadata']['name']}-connection"] = {"control-key.sealed": sealed}
     return b
 
@@ -504,9 +504,9 @@ async def test_a_second_remote_kernel_with_a_kernel_id_in_use_fails_and_touches_
     ctx, kube, listener = context(backend)
     first = body()
     task = asyncio.create_task(KernelLifecycle(ctx, first, events()[1], logging.getLogger("t")).run(Stop()))
-    while first["spec"]["kernelId"] not in listener.expected:
+    while first["metadata"]["uid"] not in listener.expected:
         await asyncio.sleep(0.01)
-    pending = listener.expected[first["spec"]["kernelId"]]
+    pending = listener.expected[first["metadata"]["uid"]]
     # Another tenant's RemoteKernel, elsewhere, with the same kernel id.
     second = body()
     second["spec"]["kernelId"] = first["spec"]["kernelId"]
@@ -514,7 +514,7 @@ async def test_a_second_remote_kernel_with_a_kernel_id_in_use_fails_and_touches_
     kube.patches.clear()
     await KernelLifecycle(ctx, second, events()[1], logging.getLogger("t")).run(Stop())
     assert kube.phases() == ["Pending", "Failed"] and kube.patches[-1]["reason"] == "KernelIdInUse"
-    assert len(backend.plans) == 1 and listener.expected[first["spec"]["kernelId"]] == pending
+    assert len(backend.plans) == 1 and listener.expected[first["metadata"]["uid"]] == pending
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -223,3 +223,32 @@ async def test_an_exit_notice_wakes_its_watcher_and_only_its_watcher(listener: R
     listener.unwatch_exit(kernel_id)
     assert await send(port_of(listener), protocol.exit_notice(kernel_id, KEY)) == b"OK\n"
     assert woken == [kernel_id]  # only the watched kernel, only while watched
+
+
+async def test_two_kernels_sharing_a_kernel_id_answer_only_for_their_own_launch(
+    listener: ResponseListener,
+) -> None:
+    """Launches are keyed by launch id (a RemoteKernel's uid), not by the kernel id: a second
+    launch with the same kernel id cannot take, or overwrite, the first's pending token."""
+    kernel_id = str(uuid.uuid4())
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    got: dict[str, list[LaunchPayload]] = {first: [], second: []}
+    tokens = {first: protocol.new_token(), second: protocol.new_token()}
+
+    for launch_id in (first, second):
+
+        async def on_launch(p: LaunchPayload, launch_id: str = launch_id) -> None:
+            got[launch_id].append(p)
+
+        listener.expect(launch_id, protocol.token_hash(tokens[launch_id]), on_launch)
+    public = protocol.public_key_of(listener._private_key)
+    # The second launcher's token presented for the first launch: refused, nothing consumed.
+    forged = protocol.seal_launch_payload({**payload(kernel_id, tokens[second]), "launch_id": first}, public)
+    assert await send(port_of(listener), forged) == b""
+    for launch_id in (first, second):
+        frame = protocol.seal_launch_payload(
+            {**payload(kernel_id, tokens[launch_id]), "launch_id": launch_id}, public
+        )
+        assert await send(port_of(listener), frame) == b"OK\n"
+    assert [p["launch_id"] for p in got[first]] == [first]
+    assert [p["launch_id"] for p in got[second]] == [second]

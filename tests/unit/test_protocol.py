@@ -152,3 +152,22 @@ def test_the_replay_memory_forgets_nonces_once_their_requests_expire() -> None:
     protocol.verify_control(protocol.sign_control({"request": "a"}, key, now=1000.0), key, seen, now=1000.0)
     protocol.verify_control(protocol.sign_control({"request": "b"}, key, now=1100.0), key, seen, now=1100.0)
     assert len(seen) == 1
+
+
+def test_the_frame_carries_the_launch_id_and_a_payload_cannot_claim_another(
+    keys: tuple[bytes, bytes],
+) -> None:
+    private, public = keys
+    launch_id = str(uuid.uuid4())
+    sealed = protocol.seal_launch_payload({**payload(), "launch_id": launch_id}, public)
+    message = sealed[4:]
+    assert protocol.peek_kernel_id(message) == launch_id  # the header names the launch
+    assert protocol.open_launch_payload(message, private)["launch_id"] == launch_id
+    # A header naming another launch than the sealed payload is refused (authenticated data).
+    other = str(uuid.uuid4()).encode()
+    moved = message[:4] + other + message[4 + 36 :]
+    with pytest.raises(protocol.ProtocolError):
+        protocol.open_launch_payload(moved, private)
+    # Without a launch id (an older launcher) the kernel id is the launch id.
+    plain = payload()
+    assert protocol.peek_kernel_id(protocol.seal_launch_payload(plain, public)[4:]) == plain["kernel_id"]

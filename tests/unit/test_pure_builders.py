@@ -82,6 +82,7 @@ def test_launcher_args_carry_the_seed_arguments_but_no_token() -> None:
     req = _request()
     args = launcher_args(req, "10.0.0.1:8877", b"k" * 32, "127.0.0.1", "/tmp/run")
     assert args[args.index("--kernel-id") + 1] == req.kernel_id
+    assert args[args.index("--launch-id") + 1] == req.uid  # what the operator waits for
     assert args[args.index("--response-address") + 1] == "10.0.0.1:8877"
     assert args[args.index("--port-range") + 1] == "0..0"
     assert "--token" not in args

@@ -573,7 +573,9 @@ class Launcher:
         """Tell the operator to look now (best effort: it also polls)."""
         try:
             with socket.create_connection(self.args.response_address, timeout=2) as conn:
-                conn.sendall(protocol.exit_notice(self.args.launch_id or self.args.kernel_id, self.control_key))
+                conn.sendall(
+                    protocol.exit_notice(self.args.launch_id or self.args.kernel_id, self.control_key)
+                )
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(16)
         except OSError as err:

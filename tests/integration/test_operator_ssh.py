@@ -641,11 +641,7 @@ async def test_a_signal_reaches_the_kernel_through_the_operator_and_the_launcher
 ) -> None:
     # interrupt_mode "signal": KernelManager calls provisioner.send_signal(SIGINT), which the
     # operator forwards over the launcher's signed control port.
-    monkeypatch.setenv(
-        "JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, interrupt_mode="signal"))
-    )
-    km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    km = await start_remote_kernel(tmp_path, kubeconfig, namespace, monkeypatch, interrupt_mode="signal")
     try:
         await assert_interrupt_ends_a_long_cell(km)
     finally:

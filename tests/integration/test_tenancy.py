@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import socket
 import time
@@ -648,15 +647,7 @@ async def test_a_control_port_held_by_a_slow_client_still_takes_a_signal(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from .test_operator_ssh import kernelspec
-
-    monkeypatch.setenv(
-        "JUPYTER_PATH", str(kernelspec(tmp_path, kubeconfig, namespace, interrupt_mode="signal"))
-    )
-    from jupyter_client.manager import AsyncKernelManager
-
-    km = AsyncKernelManager(kernel_name="remote")
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    km = await start_remote_kernel(tmp_path, kubeconfig, namespace, monkeypatch, interrupt_mode="signal")
     status = get(client.CustomObjectsApi(api_client), namespace, f"k-{km.kernel_id}")["status"]  # type: ignore[index]
     control = (status["connection"]["ip"], status["backendRef"]["controlPort"])
     # Slow clients: each sends one byte now and then, never a whole request.

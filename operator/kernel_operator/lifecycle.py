@@ -580,5 +580,5 @@ class KernelLifecycle:
             self.log.warning(
                 f"The launcher did not answer ({err}); signalling through the {backend.name} backend."
             )
-            await backend.signal(ref, signum)
+            await backend.signal(ref, signum, self.uid)
             return {"ok": True, "via": backend.name}

@@ -452,7 +452,7 @@ class SignalingFake(FakeBackend):
         super().__init__()
         self.signals: list[tuple[dict[str, Any], int]] = []
 
-    async def signal(self, ref: dict[str, Any], signum: int) -> None:
+    async def signal(self, ref: dict[str, Any], signum: int, owner: str) -> None:
         self.signals.append((ref, signum))
 
 

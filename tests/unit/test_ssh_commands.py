@@ -233,3 +233,32 @@ def test_a_dead_launchers_log_ends_up_in_the_failure_message(tmp_path: Path) -> 
     assert status.state == "gone" and status.reason == "ProcessGone"
     assert status.message.endswith("Its log ends: " + out[5:].strip())
     assert _exit_status("gone\n", {"host": "h1", "pid": 12}).message == "The launcher on h1 (pid 12) is gone."
+
+
+async def test_a_signal_reaches_only_a_process_of_the_kernels_own_run_directory(tmp_path: Path) -> None:
+    """The ssh backend's own signal path (the launcher gone): a status naming another kernel's
+    pid and run directory gets nothing signalled."""
+    import asyncio
+    import signal as signals
+
+    from kernel_operator.backends.ssh import SshBackend
+    from kernel_operator.settings import SshSettings
+
+    owner, other = "0b5ad6a4-9c6e-4f51-8a3e-51d1c6f7f0aa", "9f0c2a11-1111-4c4c-8d8d-222233334444"
+    kernel_id = "6c9c8d0e-1111-2222-3333-444455556666"
+    victim_dir = Path(run_dir_for(kernel_id, other))
+    victim_dir.mkdir()
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(victim_dir)])
+    backend = SshBackend(SshSettings(local_hosts=("localhost",)))
+    try:
+        forged = {"host": "localhost", "local": True, "pid": victim.pid, "runDir": str(victim_dir)}
+        with pytest.raises(BackendError, match="not this kernel's"):
+            await backend.signal(forged, signals.SIGTERM, owner)
+        await asyncio.sleep(0.2)
+        assert victim.poll() is None  # untouched
+        await backend.signal(forged, signals.SIGTERM, other)  # its own kernel's: delivered
+        assert victim.wait(5) != 0
+    finally:
+        victim.kill()
+        victim.wait()
+        victim_dir.rmdir()

@@ -96,6 +96,7 @@ class SignalingBackend(Protocol):
 
     name: str
 
-    async def signal(self, ref: BackendRef, signum: int) -> None:
-        """Send ``signum`` to the kernel's process. Raises BackendError if it cannot."""
+    async def signal(self, ref: BackendRef, signum: int, owner: str) -> None:
+        """Send ``signum`` to the kernel's process, only if it is RemoteKernel ``owner``'s (as
+        ``Backend.stop``). Raises BackendError if it cannot."""
         ...

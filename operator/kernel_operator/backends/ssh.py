@@ -327,10 +327,15 @@ class SshBackend:
         return _exit_status(text, ref)
 
     # -- signals -----------------------------------------------------------------------------
-    async def signal(self, ref: BackendRef, signum: int) -> None:
-        """Signal the kernel's process directly (its launcher is gone): over ssh, or locally."""
+    async def signal(self, ref: BackendRef, signum: int, owner: str) -> None:
+        """Signal the kernel's process directly (its launcher is gone): over ssh, or locally.
+
+        Only a process that names ``owner``'s run directory: a status naming another kernel's
+        pid and run directory gets nothing signalled."""
         pid = int(ref.get("kernelPid") or ref["pid"])
         run_dir = str(ref["runDir"])
+        if not run_dir_is_for(run_dir, owner):
+            raise BackendError(f"The run directory {run_dir!r} is not this kernel's; nothing was signalled.")
         if ref.get("local"):
             if not _is_ours(pid, run_dir):
                 raise BackendError(f"The kernel process {pid} is gone.")

@@ -291,7 +291,7 @@ def node_agent(
     yield name
     proc.terminate()
     proc.wait(30)
-    left = docker.DockerClient(base_url=docker_engine.host).containers.list(all=True)
+    left = docker.DockerClient(base_url=docker_engine.host).containers.list(ignore_removed=True, all=True)
     assert not left, f"containers left after the session: {[c.name for c in left]}"
 
 
@@ -327,7 +327,9 @@ def no_kernel_leftovers(docker_engine: DockerEngine) -> Iterator[None]:
     engine = docker.DockerClient(base_url=docker_engine.host)
 
     def clean() -> bool:
-        containers = engine.containers.list(all=True, filters={"label": "kernel-operator.io/kernel-id"})
+        containers = engine.containers.list(
+            ignore_removed=True, all=True, filters={"label": "kernel-operator.io/kernel-id"}
+        )
         services = (
             engine.services.list(filters={"label": "kernel-operator.io/kernel-id"})
             if _swarm_active(engine)

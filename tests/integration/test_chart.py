@@ -401,7 +401,9 @@ def installed(
 def operator_container(engine: DockerEngine) -> Any:
     """The Docker container the node agent runs for the chart's operator pod, once it runs."""
     docker_client = docker.DockerClient(base_url=engine.host)
-    for container in docker_client.containers.list(filters={"label": "io.kubernetes.pod.name"}):
+    for container in docker_client.containers.list(
+        ignore_removed=True, filters={"label": "io.kubernetes.pod.name"}
+    ):
         if container.labels["io.kubernetes.pod.name"].startswith(f"{FULLNAME}-"):
             return container
     return None

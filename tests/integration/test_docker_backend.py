@@ -32,7 +32,9 @@ LABEL = "kernel-operator.io/kernel-id"
 
 def kernel_containers(engine: DockerEngine, kernel_id: str | None = None) -> list[Any]:
     selector = f"{LABEL}={kernel_id}" if kernel_id else LABEL
-    return docker.DockerClient(base_url=engine.host).containers.list(all=True, filters={"label": selector})
+    return docker.DockerClient(base_url=engine.host).containers.list(
+        ignore_removed=True, all=True, filters={"label": selector}
+    )
 
 
 async def test_a_jupyter_client_runs_interrupts_restarts_and_shuts_down_a_docker_kernel(

@@ -33,7 +33,7 @@ def kernel_services(engine: DockerEngine, kernel_id: str) -> list[Any]:
 
 def kernel_containers(engine: DockerEngine, kernel_id: str) -> list[Any]:
     return docker.DockerClient(base_url=engine.host).containers.list(
-        all=True, filters={"label": f"{LABEL}={kernel_id}"}
+        ignore_removed=True, all=True, filters={"label": f"{LABEL}={kernel_id}"}
     )
 
 

@@ -292,7 +292,9 @@ def test_a_lost_node_fails_its_kernels(
             agent.kill()
         # What a dead node leaves behind: its container and its pod.
         engine = docker.DockerClient(base_url=docker_engine.host)
-        for container in engine.containers.list(all=True, filters={"name": f"k8s_{namespace}_"}):
+        for container in engine.containers.list(
+            ignore_removed=True, all=True, filters={"name": f"k8s_{namespace}_"}
+        ):
             container.remove(force=True)
         for pod in core.list_namespaced_pod(namespace).items:
             core.delete_namespaced_pod(

@@ -438,7 +438,7 @@ class NodeAgent:
         with self.lock:
             entry = self.known.pop(pod.metadata.uid, None)
         for found in self.docker.containers.list(
-            all=True, filters={"label": f"{LABEL_UID}={pod.metadata.uid}"}
+            ignore_removed=True, all=True, filters={"label": f"{LABEL_UID}={pod.metadata.uid}"}
         ):
             try:
                 found.stop(timeout=min(int(pod.metadata.deletion_grace_period_seconds or 5), 10))
@@ -472,7 +472,7 @@ class NodeAgent:
     def shutdown(self) -> None:
         """Stop every container this node runs (a node going away)."""
         self.stopping.set()
-        for found in self.docker.containers.list(all=True, filters={"label": LABEL_UID}):
+        for found in self.docker.containers.list(ignore_removed=True, all=True, filters={"label": LABEL_UID}):
             with contextlib.suppress(APIError, NotFound):
                 found.remove(force=True)
         shutil.rmtree(self.volumes_dir, ignore_errors=True)

@@ -200,7 +200,9 @@ class DockerBackend:
 
     def _find(self, owner: str) -> BackendRef | None:
         try:
-            found = self.client().containers.list(all=True, filters={"label": f"{UID_LABEL}={owner}"})
+            found = self.client().containers.list(
+                ignore_removed=True, all=True, filters={"label": f"{UID_LABEL}={owner}"}
+            )
         except (APIError, DockerException) as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Container", "id": str(found[0].id), "name": found[0].name} if found else None

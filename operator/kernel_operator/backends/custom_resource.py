@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import UID_LABEL
 from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
@@ -34,7 +33,7 @@ from .custom_object_builder import (
     pod_selector,
     spark_application_state,
 )
-from .pod_builder import POD_IP_REF, TOKEN_KEY, label_value, labels, pod_state, token_secret_name
+from .pod_builder import POD_IP_REF, TOKEN_KEY, carries_uid, label_value, labels, pod_state, token_secret_name
 
 
 class CustomResourceBackend:
@@ -154,7 +153,7 @@ class CustomResourceBackend:
         namespace, owner_label = str(ref["namespace"]), label_value(owner)
         try:
             obj = await self._read(ref)
-            if obj is None or _labels(obj).get(UID_LABEL) != owner_label:
+            if not carries_uid(obj, owner):
                 obj = None  # not this kernel's object: status named something else
             else:
                 await self.kube.delete_custom_object(
@@ -168,7 +167,7 @@ class CustomResourceBackend:
                 owned = (
                     any(o.get("uid") == object_uid for o in meta.get("ownerReferences") or []) and object_uid
                 )
-                if owned or (meta.get("labels") or {}).get(UID_LABEL) == owner_label:
+                if owned or carries_uid(pod, owner):
                     await self.kube.delete_pod(
                         namespace, str(meta.get("name")), self.settings.pod_grace_seconds
                     )
@@ -178,10 +177,6 @@ class CustomResourceBackend:
             raise BackendError(
                 f"Deleting the kernel's {ref['plural']} failed: {err}", reason="StopFailed"
             ) from err
-
-
-def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
-    return dict((obj.get("metadata") or {}).get("labels") or {})
 
 
 class SparkApplicationBackend(CustomResourceBackend):

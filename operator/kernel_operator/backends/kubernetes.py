@@ -8,10 +8,6 @@ it even if the operator is gone; a pod elsewhere is removed by the finalizer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from .. import UID_LABEL
 from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
@@ -22,6 +18,7 @@ from .pod_builder import (
     TOKEN_KEY,
     build_namespace_role_binding,
     build_pod,
+    carries_uid,
     kernel_namespace_name,
     label_value,
     labels,
@@ -92,7 +89,7 @@ class KubernetesBackend:
             else str(request.backend_config.get("namespace") or request.namespace)
         )
         pod = await self.kube.read_pod(namespace, pod_name(request))
-        if pod is None or _owner_of(pod) != label_value(request.uid):
+        if not carries_uid(pod, request.uid):
             return None
         ref: BackendRef = {
             "kind": "Pod",
@@ -149,15 +146,11 @@ class KubernetesBackend:
         ``owner``, the RemoteKernel's uid (status alone is not trusted to name them)."""
         namespace, owner_label = str(ref["namespace"]), label_value(owner)
         pod = await self.kube.read_pod(namespace, str(ref["name"]))
-        if pod is not None and _owner_of(pod) == owner_label:
+        if carries_uid(pod, owner):
             await self.kube.delete_pod(namespace, str(ref["name"]), self.settings.pod_grace_seconds)
         if ref.get("tokenSecret"):
             await self.kube.delete_secret(namespace, str(ref["tokenSecret"]), owner_label)
         if ref.get("ownNamespace"):
             labels_ = await self.kube.namespace_labels(namespace)
-            if labels_ is not None and labels_.get(UID_LABEL) == owner_label:
+            if labels_ is not None and carries_uid({"metadata": {"labels": labels_}}, owner):
                 await self.kube.delete_namespace(namespace)
-
-
-def _owner_of(obj: Mapping[str, Any]) -> str | None:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)

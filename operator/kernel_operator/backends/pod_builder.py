@@ -58,6 +58,13 @@ def labels(request: KernelRequest) -> dict[str, str]:
     }
 
 
+def carries_uid(obj: Mapping[str, Any] | None, owner: str) -> bool:
+    """Whether an object (a pod, a custom object: API data) is labelled with RemoteKernel
+    ``owner``'s uid: what a stop may act on."""
+    labels_ = ((obj or {}).get("metadata") or {}).get("labels") or {}
+    return obj is not None and labels_.get(UID_LABEL) == label_value(owner)
+
+
 def pod_security_level(request: KernelRequest) -> str:
     level = str(request.backend_config.get("podSecurity") or "restricted")
     if level not in POD_SECURITY_LEVELS:

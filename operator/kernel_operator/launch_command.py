@@ -158,6 +158,21 @@ def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | N
     return as_user(user, script)
 
 
+def remote_find_command(run_dir: str, user: str | None = None) -> str:
+    """Prints ``<pid> <pgid>`` of the launcher whose command line names ``run_dir`` (else of
+    any process naming it, e.g. its kernel; ``0 0`` when none is left but the directory is);
+    prints nothing when the run directory is not on the host."""
+    script = (
+        f"[ -d {shlex.quote(run_dir)} ] || exit 0; found=0; any=0; "
+        "for d in /proc/[0-9]*; do p=${d#/proc/}; "
+        f"if {_is_ours('p', run_dir)}; then any=$p; "
+        f"if grep -qF {shlex.quote(LAUNCHER_MODULE)} /proc/$p/cmdline; then found=$p; break; fi; fi; done; "
+        "[ $found = 0 ] && found=$any; [ $found = 0 ] && { echo 0 0; exit 0; }; "
+        "echo $found $(ps -o pgid= -p $found || echo 0)"
+    )
+    return as_user(user, script)
+
+
 def remote_signal_command(pid: int, signum: int, run_dir: str, user: str | None = None) -> str:
     """Send ``signum`` to one process of this kernel (checked to be ours); fails if it is gone."""
     script = (
@@ -174,6 +189,8 @@ def remote_stop_command(pgid: int, run_dir: str, grace: float = 3.0, user: str |
     wrong pgid cannot take another process group down.
     """
     q = shlex.quote
+    if pgid <= 0:  # no process known: only the files are removed
+        return as_user(user, f"rm -rf -- {q(run_dir)}; true")
     steps = int(grace / 0.1)
     ours = (
         f"ours=; for p in $(ps -e -o pid=,pgid= | awk '$2 == {int(pgid)} {{ print $1 }}'); do "

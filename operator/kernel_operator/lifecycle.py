@@ -280,10 +280,22 @@ class KernelLifecycle:
         async def on_launch(payload: LaunchPayload) -> None:
             # Runs in the listener's task; the daemon's task persists (it has kopf's context),
             # and the launcher is acknowledged only once that is done.
+            recorded = (self.status.get("backendRef") or {}).get("pid")
+            if recorded and int(recorded) != payload["pid"]:
+                # Another launcher with this launch's token (an attempt on a host that failed,
+                # then came back): refused, so it stops its kernel; the recorded one answers.
+                raise protocol.ProtocolError(
+                    f"The report comes from launcher pid {payload['pid']} on {payload['hostname']}, "
+                    f"not from the launcher recorded (pid {recorded})."
+                )
             if not received.done():
                 received.set_result(payload)
             await asyncio.shield(persisted)
 
+        if not self.status.get("backendRef"):
+            # Launched by an operator stopped before it recorded the launch: look for it now,
+            # so the report is checked against it and it can be stopped.
+            await self._find_unrecorded()
         # Keyed by the RemoteKernel's uid (the launcher's --launch-id), never by the kernel id.
         self.ctx.listener.expect(self.uid, token_hash, on_launch)
         try:
@@ -313,18 +325,21 @@ class KernelLifecycle:
             if not persisted.done():
                 persisted.cancel()
 
-    async def _launch_failure(self) -> tuple[str, str] | None:
-        ref = self.status.get("backendRef")
-        if not ref:
-            try:
-                found = await self.backend().find(await self.request())
-            except SpecError as err:  # e.g. the profile was deleted since: nothing to find by
-                self.log.warning(f"Cannot look for the launch on the backend: {err}")
-                return None
-            if found is None:
-                return None
+    async def _find_unrecorded(self) -> BackendRef | None:
+        """What a launch not recorded in status started, recorded once found."""
+        try:
+            found = await self.backend().find(await self.request())
+        except (SpecError, BackendUnavailable) as err:  # e.g. the profile was deleted since
+            self.log.warning(f"Cannot look for the launch on the backend: {err}")
+            return None
+        if found:
             await self.patch({"backendRef": found})
-            ref = found
+        return found
+
+    async def _launch_failure(self) -> tuple[str, str] | None:
+        ref = self.status.get("backendRef") or await self._find_unrecorded()
+        if not ref:
+            return None
         try:
             state = await self.backend().status(ref)
         except BackendUnavailable as err:
@@ -369,6 +384,10 @@ class KernelLifecycle:
         ):
             await self.ctx.kube.replace_secret_data(self.namespace, secret, data)
         ref: BackendRef = dict(self.status.get("backendRef") or {})
+        if not ref:
+            # Launched by an operator stopped before it recorded the launch: found on the
+            # backend (the report alone does not say everything a backend needs to stop it).
+            ref = dict(await self._find_unrecorded() or {})
         ref.setdefault("pid", payload["pid"])
         ref.setdefault("pgid", payload["pgid"])
         ref.update(launcherHost=payload["hostname"], controlPort=payload["control_port"])
@@ -381,7 +400,9 @@ class KernelLifecycle:
             connection=connection_status(connection, secret),
             backendRef=ref,
             readyAt=now_iso(),
-            launch=None,
+            # Kept (the token's hash only): a launcher whose acknowledgement was lost retries,
+            # and is acknowledged again, by this operator or the next (see monitor).
+            launch={"tokenHash": (self.status.get("launch") or {}).get("tokenHash"), "acceptedAt": now_iso()},
         )
 
     async def monitor(self, stopped: StopFlag) -> None:
@@ -395,11 +416,16 @@ class KernelLifecycle:
             with contextlib.suppress(keys.KeyError_):
                 control_key = keys.unseal(self.ctx.private_key, self.uid, secret["control-key.sealed"])
                 self.ctx.listener.watch_exit(self.uid, control_key, wake.set)
+        accepted = (self.status.get("launch") or {}).get("tokenHash")
+        if accepted:
+            pid = ref.get("pid")
+            self.ctx.listener.answered(self.uid, str(accepted), int(pid) if pid else None)
         watcher = self._watch_activity(secret)
         try:
             await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
             self.ctx.listener.unwatch_exit(self.uid)
+            self.ctx.listener.forget_answered(self.uid)
             if watcher is not None:
                 await watcher.stop()
 

@@ -2,9 +2,13 @@
 
 Each launch in flight is registered, under its launch id (the RemoteKernel's uid), with the
 hash of its single-use token. A message is accepted only if it opens with the operator's key,
-names a launch pending, and carries the matching token; the launch's callback then persists the result, and only after
-that does the launcher get its ``OK`` (so a crash in between makes the launcher retry).
-Anything else is logged and dropped; the listener keeps serving.
+names a launch pending, and carries the matching token; the launch's callback then persists
+the result, and only after that does the launcher get its ``OK`` (so a crash in between makes
+the launcher retry). Acceptance is idempotent: a launch already accepted (here, or by an
+operator before a restart: see ``answered``) is acknowledged again with ``OK`` when the same
+token comes back, and nothing else happens, so an acknowledgement lost on the way does not
+make the launcher give up and stop a kernel that is Running. Anything else is logged and
+dropped; the listener keeps serving.
 
 Under abuse it holds: at most ``max_connections`` are served at once (more are closed at once,
 without reading), and a connection must deliver its whole frame within ``READ_DEADLINE``
@@ -46,12 +50,16 @@ class ResponseListener:
         self._private_key = private_key
         self._pending: dict[str, _Pending] = {}
         self._exit_watchers: dict[str, tuple[bytes, Callable[[], None]]] = {}
+        # Launches accepted, by launch id: the token hash and the launcher's pid (when known),
+        # to acknowledge a repeat from that launcher again, and from no other.
+        self._answered: dict[str, tuple[str, int | None]] = {}
         self._server: asyncio.Server | None = None
         self.max_connections = max_connections
         self.active = 0
         self.accepted = 0
         self.rejected = 0
         self.refused_busy = 0
+        self.repeated = 0
 
     def expect(self, kernel_id: str, token_hash: str, on_launch: OnLaunch) -> None:
         """Accept one launch response for ``kernel_id`` whose token hashes to ``token_hash``."""
@@ -59,6 +67,16 @@ class ResponseListener:
 
     def forget(self, kernel_id: str) -> None:
         self._pending.pop(kernel_id, None)
+
+    def answered(self, launch_id: str, token_hash: str, launcher_pid: int | None = None) -> None:
+        """Acknowledge again (and do nothing else) a repeat of launch ``launch_id`` whose token
+        hashes to ``token_hash``, from launcher ``launcher_pid`` if given: it was accepted and
+        persisted, maybe by an earlier operator. A second launcher holding the same token (a
+        launch retried on another host) is refused, so it stops its kernel."""
+        self._answered[launch_id] = (token_hash, launcher_pid)
+
+    def forget_answered(self, launch_id: str) -> None:
+        self._answered.pop(launch_id, None)
 
     def watch_exit(self, kernel_id: str, control_key: bytes, wake: Callable[[], None]) -> None:
         """Call ``wake`` when kernel ``kernel_id``'s launcher says (signed with ``control_key``)
@@ -135,8 +153,12 @@ class ResponseListener:
         kernel_id = protocol.peek_kernel_id(message)
         pending = self._pending.get(kernel_id)
         if pending is None:
+            if self._is_repeat(kernel_id, message):
+                self.repeated += 1
+                log.info("Acknowledged again the connection info of kernel %s (accepted before).", kernel_id)
+                return
             raise ProtocolError(
-                f"No launch is pending for kernel {kernel_id} (unknown, already answered, or replayed)."
+                f"No launch is pending for kernel {kernel_id} (unknown, or from a launch that was replaced)."
             )
         payload = protocol.open_launch_payload(message, self._private_key)
         if not hmac.compare_digest(protocol.token_hash(payload["token"]), pending.token_hash):
@@ -151,4 +173,16 @@ class ResponseListener:
             self._pending.setdefault(kernel_id, pending)  # not persisted: let the launcher retry
             raise
         self.accepted += 1
+        self._answered[kernel_id] = (pending.token_hash, payload["pid"])
         log.info("Accepted the connection info of kernel %s.", kernel_id)
+
+    def _is_repeat(self, launch_id: str, message: bytes) -> bool:
+        """Whether ``message`` repeats launch ``launch_id``, already accepted, with its token."""
+        answered = self._answered.get(launch_id)
+        if answered is None:
+            return False
+        token_hash, launcher_pid = answered
+        payload = protocol.open_launch_payload(message, self._private_key)
+        if not hmac.compare_digest(protocol.token_hash(payload["token"]), token_hash):
+            return False
+        return launcher_pid is None or payload["pid"] == launcher_pid

@@ -98,6 +98,12 @@ class SshSettings:
     secret: str = ""  # a Secret in the operator's namespace with ssh-privatekey, known_hosts
     password_auth: bool = False
     host_retry_seconds: float = 30.0  # how long a host that failed is tried last
+    # sshd's MaxSessions is 10 by default: commands share a connection up to this many at once,
+    # then use another; at most ``connections_per_host`` (new ones one at a time, under sshd's
+    # MaxStartups), then commands wait for a free channel.
+    channels_per_connection: int = 8
+    connections_per_host: int = 4
+    threads: int = 32  # for paramiko's blocking calls, apart from every other backend's
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,9 @@ class OperatorSettings:
             secret=env.get("RKO_SSH_SECRET", ""),
             password_auth=_flag(env, "RKO_SSH_PASSWORD_AUTH", False),
             host_retry_seconds=_number(env, "RKO_SSH_HOST_RETRY_SECONDS", 30.0, 0),
+            channels_per_connection=int(_number(env, "RKO_SSH_CHANNELS_PER_CONNECTION", 8, 1)),
+            connections_per_host=int(_number(env, "RKO_SSH_CONNECTIONS_PER_HOST", 4, 1)),
+            threads=int(_number(env, "RKO_SSH_THREADS", 32, 1)),
         )
         yarn_endpoint = env.get("RKO_YARN_ENDPOINT", "").rstrip("/")
         yarn_alt = env.get("RKO_YARN_ALT_ENDPOINT", "").rstrip("/")

@@ -113,6 +113,7 @@ class FakeListener:
         self.expected: dict[str, tuple[str, Any]] = {}
         self.forgotten: list[str] = []
         self.watchers: dict[str, Any] = {}
+        self.answers: dict[str, tuple[str, int | None]] = {}
 
     def expect(self, kernel_id: str, token_hash: str, on_launch: Any) -> None:
         self.expected[kernel_id] = (token_hash, on_launch)
@@ -125,6 +126,12 @@ class FakeListener:
 
     def unwatch_exit(self, kernel_id: str) -> None:
         self.watchers.pop(kernel_id, None)
+
+    def answered(self, launch_id: str, token_hash: str, launcher_pid: int | None = None) -> None:
+        self.answers[launch_id] = (token_hash, launcher_pid)
+
+    def forget_answered(self, launch_id: str) -> None:
+        self.answers.pop(launch_id, None)
 
 
 class Stop:

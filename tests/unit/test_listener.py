@@ -77,8 +77,33 @@ async def test_one_good_launch_is_accepted_and_its_replay_is_not(listener: Respo
     )
     assert await send(port_of(listener), frame) == b"OK\n"
     assert [p["kernel_id"] for p in got] == [kernel_id]
-    assert await send(port_of(listener), frame) == b""  # replayed: no launch is pending any more
+    # Sent again (the launcher's acknowledgement was lost): acknowledged, and nothing happens.
+    assert await send(port_of(listener), frame) == b"OK\n"
+    assert [p["kernel_id"] for p in got] == [kernel_id]
+    assert (listener.accepted, listener.repeated, listener.rejected) == (1, 1, 0)
+    # Another token for the same launch is not a repeat: refused.
+    other = protocol.seal_launch_payload(
+        payload(kernel_id, protocol.new_token()), protocol.public_key_of(listener._private_key)
+    )
+    assert await send(port_of(listener), other) == b""
     assert (listener.accepted, listener.rejected) == (1, 1)
+
+
+async def test_a_launch_accepted_before_a_restart_is_acknowledged_again(
+    listener: ResponseListener,
+) -> None:
+    """A restarted operator knows accepted launches from status (launch.tokenHash): a launcher
+    still waiting for its lost acknowledgement gets it, and its kernel keeps running."""
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+    frame = protocol.seal_launch_payload(
+        payload(kernel_id, token), protocol.public_key_of(listener._private_key)
+    )
+    assert await send(port_of(listener), frame) == b""  # nothing known: refused
+    listener.answered(kernel_id, protocol.token_hash(token))
+    assert await send(port_of(listener), frame) == b"OK\n"
+    listener.forget_answered(kernel_id)
+    assert await send(port_of(listener), frame) == b""
+    assert (listener.accepted, listener.repeated, listener.rejected) == (0, 1, 2)
 
 
 async def test_a_wrong_token_is_rejected_and_the_launch_stays_pending(listener: ResponseListener) -> None:
@@ -252,3 +277,21 @@ async def test_two_kernels_sharing_a_kernel_id_answer_only_for_their_own_launch(
         assert await send(port_of(listener), frame) == b"OK\n"
     assert [p["launch_id"] for p in got[first]] == [first]
     assert [p["launch_id"] for p in got[second]] == [second]
+
+
+async def test_a_second_launcher_with_the_same_token_is_not_acknowledged(listener: ResponseListener) -> None:
+    """A launch retried on another host carries the same token: once one launcher is accepted,
+    a report from another (another pid) is refused, so that launcher stops its kernel."""
+    kernel_id, token = str(uuid.uuid4()), protocol.new_token()
+    public = protocol.public_key_of(listener._private_key)
+
+    async def on_launch(p: LaunchPayload) -> None:
+        return None
+
+    listener.expect(kernel_id, protocol.token_hash(token), on_launch)
+    first = payload(kernel_id, token)
+    assert await send(port_of(listener), protocol.seal_launch_payload(first, public)) == b"OK\n"
+    stray = {**first, "pid": 4242}
+    assert await send(port_of(listener), protocol.seal_launch_payload(stray, public)) == b""  # type: ignore[arg-type]
+    assert await send(port_of(listener), protocol.seal_launch_payload(first, public)) == b"OK\n"
+    assert (listener.accepted, listener.repeated, listener.rejected) == (1, 1, 1)

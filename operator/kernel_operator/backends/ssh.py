@@ -25,11 +25,11 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -42,15 +42,19 @@ from ..launch_command import (
     LAUNCH_FILE,
     LAUNCHER_MODULE,
     launch_file,
+    remote_find_command,
     remote_signal_command,
     remote_start_command,
     remote_status_command,
     remote_stop_command,
+    run_dir_for,
     run_dir_is_for,
 )
 from ..settings import SshSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
+from .blocking import BlockingPool
+from .ssh_connections import Connection, ConnectionPool, Key, PoolTimeout
 
 log = logging.getLogger(__name__)
 _LOCAL_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ")  # the only operator variables a kernel gets
@@ -139,8 +143,8 @@ class SshBackend:
         self.settings = settings
         self.credentials = credentials
         self.balancer = HostBalancer()
-        self._clients: dict[tuple[str, int, str], paramiko.SSHClient] = {}
-        self._lock = threading.Lock()
+        self._connections = ConnectionPool(settings.channels_per_connection, settings.connections_per_host)
+        self._threads = BlockingPool("ssh", settings.threads)
         self._children: dict[int, asyncio.subprocess.Process] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -153,8 +157,41 @@ class SshBackend:
             self.balancer.remove(str(ref["host"]))
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
-        """Unrecorded ssh launches give up on their own: the launcher exits when no operator
-        acknowledges it within its retry window."""
+        """The launch of an operator stopped before it recorded it: the run directory made for
+        this RemoteKernel (``run_dir_for``), looked for on each of the kernel's hosts, with the
+        launcher whose command line names it (pid 0 when only the directory is left)."""
+        run_dir = run_dir_for(request.kernel_id, request.uid)
+        user = request.run_as
+        port, login = self.login(request)
+        for host in self.candidate_hosts(request):
+            if self.is_local(host):
+                if not Path(run_dir).is_dir():
+                    continue
+                pid = _launcher_of(run_dir)
+                return {"host": host, "pid": pid, "pgid": _pgid_of(pid), "runDir": run_dir, "local": True}
+            try:
+                out = await self._run(host, port, login, remote_find_command(run_dir, user))
+            except BackendError as err:
+                log.warning("Cannot look for kernel %s's launch on %s: %s", request.kernel_id, host, err)
+                continue
+            if not out.strip():
+                continue
+            words = out.split()
+            pid, pgid = (
+                (int(words[0]), int(words[1])) if len(words) == 2 and "".join(words).isdigit() else (0, 0)
+            )
+            ref: BackendRef = {
+                "host": host,
+                "port": port,
+                "login": login,
+                "pid": pid,
+                "pgid": pgid,
+                "runDir": run_dir,
+                "local": False,
+            }
+            if user:
+                ref["user"] = user
+            return ref
         return None
 
     def is_local(self, host: str) -> bool:
@@ -297,6 +334,10 @@ class SshBackend:
     # -- status ------------------------------------------------------------------------------
     async def status(self, ref: BackendRef) -> BackendStatus:
         """The launcher's state; raises BackendUnavailable when the host cannot be reached."""
+        if not _complete(ref):
+            return BackendStatus(
+                "gone", "BackendRefIncomplete", f"The kernel's record {ref} names no host and run directory."
+            )
         pid, run_dir = int(ref["pid"]), str(ref["runDir"])
         kernel_pid = int(ref.get("kernelPid") or 0)
         if ref.get("local"):
@@ -332,6 +373,10 @@ class SshBackend:
 
         Only a process that names ``owner``'s run directory: a status naming another kernel's
         pid and run directory gets nothing signalled."""
+        if not _complete(ref):
+            raise BackendError(
+                f"The kernel's record {ref} names no host and run directory; nothing was signalled."
+            )
         pid = int(ref.get("kernelPid") or ref["pid"])
         run_dir = str(ref["runDir"])
         if not run_dir_is_for(run_dir, owner):
@@ -351,7 +396,11 @@ class SshBackend:
 
     # -- stop --------------------------------------------------------------------------------
     async def stop(self, ref: BackendRef, owner: str) -> None:
-        pgid, run_dir = int(ref.get("pgid") or ref["pid"]), str(ref["runDir"])
+        if not _complete(ref):
+            # Nothing names what to stop; a launcher left unacknowledged gives up on its own.
+            log.warning("Not stopping %s: it names no host and run directory.", ref)
+            return
+        pgid, run_dir = int(ref.get("pgid") or ref.get("pid") or 0), str(ref["runDir"])
         if not run_dir_is_for(run_dir, owner):
             log.warning("Not stopping %s: its run directory %r is not this kernel's.", ref, run_dir)
             return
@@ -388,27 +437,78 @@ class SshBackend:
     ) -> str:
         """Run ``command`` on ``host``; the Secret is read only when a new connection is needed."""
         secret = None
-        if self.credentials is not None and not self._connected(host, port, login):
+        if self.credentials is not None and not self._connections.has_room((host, port, login)):
             secret = await self.credentials.load()
-        return await asyncio.to_thread(self._exec, host, port, login, command, stdin_text, secret, user)
+        return await self._threads.run(self._exec, host, port, login, command, stdin_text, secret, user)
 
-    def _connected(self, host: str, port: int, login: str) -> bool:
-        with self._lock:
-            client = self._clients.get((host, port, login))
-            transport = client.get_transport() if client else None
-            return transport is not None and transport.is_active()
+    def _exec(
+        self,
+        host: str,
+        port: int,
+        login: str,
+        command: str,
+        stdin_text: str | None = None,
+        secret: SshSecret | None = None,
+        user: str | None = None,
+    ) -> str:
+        key = (host, port, login)
+        conn, channel = self._open_channel(key, secret)
+        try:
+            channel.settimeout(self.settings.command_timeout)
+            channel.exec_command(command)
+            if stdin_text is not None:
+                channel.sendall(stdin_text.encode())
+            channel.shutdown_write()
+            out = _read_all(channel.makefile("rb"))
+            err_text = _read_all(channel.makefile_stderr("rb"))
+            code = channel.recv_exit_status()
+            channel.close()
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            self._connections.discard_if_dead(key, conn)
+            raise BackendUnavailable(
+                f"ssh command on {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
+            ) from err
+        finally:
+            self._connections.checkin(key, conn)
+        if code != 0:
+            if code == EXIT_NO_ACCOUNT:
+                raise BackendUnavailable(f"{host} has no account {user!r}: {err_text}", reason="UnknownUser")
+            if code == EXIT_UID_ZERO:
+                raise BackendError(f"{host}: {err_text}", reason="ImpersonationRefused")
+            raise BackendError(f"ssh command on {host} exited with {code}: {err_text}")
+        return out
 
-    def _client(self, host: str, port: int, login: str, secret: SshSecret | None) -> paramiko.SSHClient:
-        with self._lock:
-            client = self._clients.get((host, port, login))
-            transport = client.get_transport() if client else None
-            if client is not None and transport is not None and transport.is_active():
-                return client
-            if client is not None:
-                client.close()
-            client = self._new_client(host, port, login, secret)
-            self._clients[(host, port, login)] = client
-            return client
+    def _open_channel(self, key: Key, secret: SshSecret | None) -> tuple[Connection, paramiko.Channel]:
+        """A session channel on a pooled connection to ``key``'s host (checked out: give the
+        connection back with ``checkin``)."""
+        host, port, login = key
+        for _ in range(self.settings.connections_per_host + 1):
+            try:
+                conn = self._connections.checkout(
+                    key, lambda: self._new_client(host, port, login, secret), self.settings.command_timeout
+                )
+            except PoolTimeout as err:
+                raise BackendUnavailable(f"{host} is busy: {err}", reason="HostBusy") from err
+            transport = conn.client.get_transport()
+            try:
+                if transport is None:
+                    raise paramiko.SSHException("the connection has no transport")
+                return conn, transport.open_session(timeout=self.settings.command_timeout)
+            except paramiko.ChannelException as err:
+                # The server's MaxSessions: this connection is full, not broken. Another
+                # connection to the same host takes the command; nothing else is disturbed.
+                conn.full_at(conn.channels - 1)
+                self._connections.checkin(key, conn)
+                log.info("The ssh connection to %s is full (%s); using another.", host, err)
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                self._connections.checkin(key, conn)
+                self._connections.discard_if_dead(key, conn)
+                raise BackendUnavailable(
+                    f"ssh to {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
+                ) from err
+        raise BackendUnavailable(
+            f"{host} refused every new ssh channel (sshd's MaxSessions).", reason="HostBusy"
+        )
 
     def _new_client(self, host: str, port: int, login: str, secret: SshSecret | None) -> paramiko.SSHClient:
         settings = self.settings
@@ -472,46 +572,13 @@ class SshBackend:
             transport.set_keepalive(max(1, int(settings.command_timeout / 2)))
         return client
 
-    def _exec(
-        self,
-        host: str,
-        port: int,
-        login: str,
-        command: str,
-        stdin_text: str | None = None,
-        secret: SshSecret | None = None,
-        user: str | None = None,
-    ) -> str:
-        client = self._client(host, port, login, secret)
-        try:
-            stdin, stdout, stderr = client.exec_command(command, timeout=self.settings.command_timeout)
-            if stdin_text is not None:
-                stdin.write(stdin_text)
-                stdin.channel.shutdown_write()
-            out = stdout.read().decode(errors="replace")
-            code = stdout.channel.recv_exit_status()
-        except (paramiko.SSHException, OSError) as err:
-            with self._lock:
-                dead = self._clients.pop((host, port, login), None)
-            if dead is not None:
-                dead.close()
-            raise BackendUnavailable(
-                f"ssh command on {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
-            ) from err
-        if code != 0:
-            err_text = stderr.read().decode(errors="replace").strip()
-            if code == EXIT_NO_ACCOUNT:
-                raise BackendUnavailable(f"{host} has no account {user!r}: {err_text}", reason="UnknownUser")
-            if code == EXIT_UID_ZERO:
-                raise BackendError(f"{host}: {err_text}", reason="ImpersonationRefused")
-            raise BackendError(f"ssh command on {host} exited with {code}: {err_text}")
-        return out
-
     def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
+        self._connections.close()
+        self._threads.shutdown()
+
+
+def _read_all(stream: Any) -> str:
+    return bytes(stream.read()).decode(errors="replace")
 
 
 def _no_host_left(failures: Sequence[BackendUnavailable]) -> BackendError:
@@ -531,6 +598,31 @@ async def _address_of(host: str) -> str:
     except OSError as err:
         raise BackendUnavailable(f"cannot resolve {host}: {err}") from err
     return str(infos[0][4][0])
+
+
+def _complete(ref: BackendRef) -> bool:
+    """Whether ``ref`` names what the ssh backend needs to find a kernel again."""
+    return bool(ref.get("host") and ref.get("runDir") and "pid" in ref)
+
+
+def _launcher_of(run_dir: str) -> int:
+    """The pid of the local launcher whose command line names ``run_dir``, else of any process
+    naming it (its kernel); 0 if none."""
+    any_pid = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _is_ours(int(entry.name), run_dir):
+            any_pid = int(entry.name)
+            with contextlib.suppress(OSError):
+                if LAUNCHER_MODULE in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    return any_pid
+    return any_pid
+
+
+def _pgid_of(pid: int) -> int:
+    try:
+        return os.getpgid(pid) if pid else 0
+    except ProcessLookupError:
+        return 0
 
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:

@@ -11,7 +11,6 @@ environment, where ``docker inspect`` would show it.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 import tarfile
@@ -29,11 +28,13 @@ from ..quantities import cpu_nanos, memory_bytes
 from ..settings import DockerSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
+from .blocking import BlockingPool
 
 KERNEL_ID_LABEL = "kernel-operator.io/kernel-id"
 DEFAULT_USER = "1000:1000"  # kernels never run as the image's user, which may be root
 TOKEN_DIR = "/tmp"
 TOKEN_FILE = "rko-launch-token"
+DOCKER_THREADS = 16  # docker-py's blocking calls, apart from other backends'
 _USER = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
 
 
@@ -162,6 +163,7 @@ class DockerBackend:
         self.settings = settings
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
+        self._threads = BlockingPool(self.name, DOCKER_THREADS)
 
     def client(self) -> docker.DockerClient:
         with self._lock:
@@ -196,7 +198,7 @@ class DockerBackend:
         """Nothing to release."""
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
-        return await asyncio.to_thread(self._find, request.uid)
+        return await self._threads.run(self._find, request.uid)
 
     def _find(self, owner: str) -> BackendRef | None:
         try:
@@ -233,7 +235,7 @@ class DockerBackend:
         image = kernel_image(request, self.settings.kernel_image, self.name)
         network = str(request.backend_config.get("network") or self.settings.network)
         config = self.build_config(request, plan.launcher_args(self.settings.kernel_ip), image, network)
-        started_id = await asyncio.to_thread(self._start_checked, image, config, plan)
+        started_id = await self._threads.run(self._start_checked, image, config, plan)
         return {"kind": self.kind, "id": started_id, "name": config["name"]}
 
     def _start_checked(self, image: str, config: dict[str, Any], plan: LaunchPlan) -> str:
@@ -257,7 +259,7 @@ class DockerBackend:
             ) from err
 
     async def status(self, ref: BackendRef) -> BackendStatus:
-        return await asyncio.to_thread(self._status, str(ref["id"]))
+        return await self._threads.run(self._status, str(ref["id"]))
 
     def _status(self, container_id: str) -> BackendStatus:
         try:
@@ -269,7 +271,7 @@ class DockerBackend:
         return container_state(container.attrs)
 
     async def stop(self, ref: BackendRef, owner: str) -> None:
-        await asyncio.to_thread(self._stop, str(ref["id"]), owner)
+        await self._threads.run(self._stop, str(ref["id"]), owner)
 
     def _stop(self, container_id: str, owner: str) -> None:
         try:

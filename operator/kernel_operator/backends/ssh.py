@@ -494,13 +494,16 @@ class SshBackend:
                 if transport is None:
                     raise paramiko.SSHException("the connection has no transport")
                 return conn, transport.open_session(timeout=self.settings.command_timeout)
-            except paramiko.ChannelException as err:
-                # The server's MaxSessions: this connection is full, not broken. Another
-                # connection to the same host takes the command; nothing else is disturbed.
-                conn.full_at(conn.channels - 1)
-                self._connections.checkin(key, conn)
-                log.info("The ssh connection to %s is full (%s); using another.", host, err)
             except (paramiko.SSHException, OSError, EOFError) as err:
+                if conn.alive():
+                    # A channel refused on a live connection: the server's MaxSessions (paramiko
+                    # says ChannelException, or only "Unable to open channel" when threads race
+                    # for the transport's saved error). This connection is full, not broken:
+                    # another one takes the command, and nothing else is disturbed.
+                    conn.full_at(conn.channels - 1)
+                    self._connections.checkin(key, conn)
+                    log.info("The ssh connection to %s is full (%s); using another.", host, err)
+                    continue
                 self._connections.checkin(key, conn)
                 self._connections.discard_if_dead(key, conn)
                 raise BackendUnavailable(

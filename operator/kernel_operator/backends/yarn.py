@@ -38,6 +38,7 @@ from ..quantities import cpu_nanos, memory_bytes
 from ..settings import YarnSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
+from .blocking import BlockingPool
 from .resource_manager import FINAL_STATES, ResourceManagerClient, kerberos_auth
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ APPLICATION_TYPE = "JUPYTER_KERNEL"
 SPARK_DRIVER = str(Path(kernel_launchers.__file__).with_name("spark_driver.py"))
 STARTING = ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED")
 STOP_WAIT_SECONDS = 15.0
+YARN_THREADS = 8  # REST calls to ResourceManagers, apart from other backends'
 # A ResourceManager answers REST calls before it has recovered its applications after a
 # restart; for this long after its start an unknown application is "not yet", not "gone".
 RECOVERY_SECONDS = 60.0
@@ -530,6 +532,7 @@ class YarnBackend:
         # One client per ResourceManager pair, so the active one is found once, not per poll.
         self._clients: dict[tuple[tuple[str, ...], bool], ResourceManagerClient] = {}
         self.operator_user = settings.user or _operator_user()
+        self._threads = BlockingPool("yarn", YARN_THREADS)
 
     def client_for(self, ref: Mapping[str, Any]) -> ResourceManagerClient:
         key = (tuple(ref.get("endpoints") or ()), bool(ref.get("securityEnabled")))
@@ -567,7 +570,7 @@ class YarnBackend:
                     "RKO_YARN_AM_JAR to rko-yarn-am.jar's path on the NodeManagers (make yarn builds it).",
                     reason="YarnNotConfigured",
                 )
-            app_id = await asyncio.to_thread(self._submit, client, request, options, args, plan.token)
+            app_id = await self._threads.run(self._submit, client, request, options, args, plan.token)
         return {**ref, "applicationId": app_id}
 
     def _submit(
@@ -607,7 +610,7 @@ class YarnBackend:
             code, output = await self.run_spark_submit(argv, options)
         app_id = submitted_application_id(output)
         if app_id is None and code == 0:
-            found = await asyncio.to_thread(client.find_by_tag, owner_tag(request.uid))
+            found = await self._threads.run(client.find_by_tag, owner_tag(request.uid))
             app_id = str(found["id"]) if found else None
         if code != 0 or app_id is None:
             tail = output.strip()[-1500:]
@@ -652,11 +655,11 @@ class YarnBackend:
 
     async def find(self, request: KernelRequest) -> BackendRef | None:
         ref = base_ref(self.options(request))
-        found = await asyncio.to_thread(self.client_for(ref).find_by_tag, owner_tag(request.uid))
+        found = await self._threads.run(self.client_for(ref).find_by_tag, owner_tag(request.uid))
         return {**ref, "applicationId": str(found["id"])} if found else None
 
     async def status(self, ref: BackendRef) -> BackendStatus:
-        return await asyncio.to_thread(self._status, ref)
+        return await self._threads.run(self._status, ref)
 
     def _status(self, ref: BackendRef) -> BackendStatus:
         app_id = str(ref["applicationId"])
@@ -688,13 +691,10 @@ class YarnBackend:
         return app
 
     async def stop(self, ref: BackendRef, owner: str) -> None:
-        await asyncio.to_thread(self._stop, ref, owner)
-
-    def _stop(self, ref: BackendRef, owner: str) -> None:
         """Kill the application and wait until YARN reports it ended (its containers with it).
 
         Only an application tagged with the RemoteKernel's uid is killed: an id in status naming
-        another application is left alone.
+        another application is left alone. The wait sleeps on the event loop, not in a thread.
         """
         client = self.client_for(ref)
         app_id = str(ref["applicationId"])
@@ -702,14 +702,14 @@ class YarnBackend:
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         killed = False
         while True:
-            app = self._application(client, app_id)
+            app = await self._threads.run(self._application, client, app_id)
             if app is None or app.get("state") in FINAL_STATES:
                 return
             if tag not in str(app.get("applicationTags") or "").split(","):
                 log.warning("Not killing YARN application %s: it is not tagged %s.", app_id, tag)
                 return
             if not killed:
-                client.kill(app_id, str(ref.get("user") or self.operator_user))
+                await self._threads.run(client.kill, app_id, str(ref.get("user") or self.operator_user))
                 killed = True
             if time.monotonic() > deadline:
                 raise BackendUnavailable(
@@ -717,4 +717,4 @@ class YarnBackend:
                     "it was killed; deleting the kernel will try again.",
                     reason="StopPending",
                 )
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)

@@ -13,6 +13,7 @@ import kopf
 from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
 
 from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys
+from .activity import raise_open_file_limit
 from .backends import Backends
 from .errors import BackendError, SpecError
 from .kube import Kube, KubeError
@@ -68,6 +69,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     # Following CRDs and namespaces needs cluster-wide rights; the namespaced modes have none,
     # so they serve what discovery shows at startup.
     settings.scanning.disabled = bool(cfg.watch_namespaces)
+    soft, _ = raise_open_file_limit()  # each kernel followed for activity costs descriptors
     kube = await Kube.connect()
     try:
         private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
@@ -104,7 +106,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     memo["ctx"] = ctx
     logger.info(
         f"The operator is ready: launchers report to {ctx.response_address}; key "
-        f"{keys.fingerprint(ctx.public_key)} from Secret {cfg.namespace}/{cfg.key_secret}."
+        f"{keys.fingerprint(ctx.public_key)} from Secret {cfg.namespace}/{cfg.key_secret}; "
+        f"up to {soft} open files."
     )
 
 

@@ -69,7 +69,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     # Following CRDs and namespaces needs cluster-wide rights; the namespaced modes have none,
     # so they serve what discovery shows at startup.
     settings.scanning.disabled = bool(cfg.watch_namespaces)
-    soft, _ = raise_open_file_limit()  # each kernel followed for activity costs descriptors
+    open_files, _ = raise_open_file_limit()  # each kernel followed for activity costs descriptors
     kube = await Kube.connect()
     try:
         private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
@@ -107,7 +107,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     logger.info(
         f"The operator is ready: launchers report to {ctx.response_address}; key "
         f"{keys.fingerprint(ctx.public_key)} from Secret {cfg.namespace}/{cfg.key_secret}; "
-        f"up to {soft} open files."
+        f"up to {open_files} open files."
     )
 
 

@@ -69,7 +69,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     # Following CRDs and namespaces needs cluster-wide rights; the namespaced modes have none,
     # so they serve what discovery shows at startup.
     settings.scanning.disabled = bool(cfg.watch_namespaces)
-    open_files, _ = raise_open_file_limit()  # each kernel followed for activity costs descriptors
+    open_files = raise_open_file_limit()[0]  # each kernel followed for activity costs descriptors
     kube = await Kube.connect()
     try:
         private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)

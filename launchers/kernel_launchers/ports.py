@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -67,3 +68,43 @@ def free_ports(ip: str, count: int, port_range: tuple[int, int]) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process ``pid`` listens on (its own sockets, from /proc); None where /proc
+    does not tell (not Linux, or not our process)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return None
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def in_use(ip: str, ports: list[int]) -> list[int]:
+    """Those of ``ports`` another socket holds on ``ip`` right now."""
+    taken = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((ip, port))
+            except OSError:
+                taken.append(port)
+    return taken

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .ports import PortRangeError, bind_free_port, free_ports, parse_port_range
+from .ports import PortRangeError, bind_free_port, free_ports, in_use, listening_ports, parse_port_range
 
 log = logging.getLogger("kernel_launchers")
 
@@ -232,12 +232,19 @@ def curve_keys(policy: str, language: str = "python") -> tuple[str, str] | None:
     return public.decode("ascii"), secret.decode("ascii")
 
 
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """A port chosen for the kernel was taken by another process before the kernel bound it."""
+
+
 def build_connection_file(
     ip: str, ports: list[int], key: str, curve: tuple[str, str] | None
 ) -> dict[str, Any]:
     """The connection file the kernel reads (server side, so it holds the Curve secret)."""
-    names = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-    info: dict[str, Any] = dict(zip(names, ports, strict=True))
+    info: dict[str, Any] = dict(zip(PORT_NAMES, ports, strict=True))
     info.update(ip=ip, transport="tcp", signature_scheme="hmac-sha256", key=key, kernel_name="")
     if curve is not None:
         info["curve_publickey"], info["curve_secretkey"] = curve
@@ -363,19 +370,47 @@ class Launcher:
         return info
 
     def wait_kernel_listening(self, info: dict[str, Any], timeout: float = 60.0) -> None:
-        """Wait until the kernel accepts on its shell port, so 'Running' means ready."""
+        """Wait until the kernel listens on all five of its ports, so 'Running' means ready.
+
+        The ports are chosen free, then released for the kernel to bind: another process may
+        take one in between. So the kernel's own sockets are checked (in /proc), not merely
+        that something answers on the port; a kernel that died because a port was taken
+        raises PortTaken, and is started again on other ports.
+        """
         deadline = time.monotonic() + timeout
         host = "127.0.0.1" if info["ip"] in ("0.0.0.0", "") else info["ip"]
+        wanted = {info[name] for name in PORT_NAMES}
         while time.monotonic() < deadline:
             assert self.kernel is not None
             if self.kernel.poll() is not None:
+                taken = in_use(info["ip"] or "0.0.0.0", sorted(wanted))
+                if taken:
+                    raise PortTaken(f"another process took port(s) {taken} before the kernel bound them")
                 raise RuntimeError(f"The kernel exited with code {self.kernel.returncode} during start-up.")
-            with socket.socket() as probe:
-                probe.settimeout(0.5)
-                if probe.connect_ex((host, info["shell_port"])) == 0:
+            own = listening_ports(self.kernel.pid)
+            if own is not None:
+                if wanted <= own:
                     return
+            else:  # no /proc: that the shell port answers is all we can tell
+                with socket.socket() as probe:
+                    probe.settimeout(0.5)
+                    if probe.connect_ex((host, info["shell_port"])) == 0:
+                        return
             time.sleep(0.05)
-        raise RuntimeError(f"The kernel did not listen on its shell port within {timeout:.0f} s.")
+        raise RuntimeError(f"The kernel did not listen on its ports within {timeout:.0f} s.")
+
+    def start_listening_kernel(self) -> dict[str, Any]:
+        """Start the kernel and wait until it listens; on other ports if one was taken."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            info = self.start_kernel()
+            try:
+                self.wait_kernel_listening(info)
+                return info
+            except PortTaken as err:
+                if attempt == PORT_ATTEMPTS:
+                    raise RuntimeError(f"The kernel could not bind its ports: {err}.") from err
+                log.warning("The kernel could not start (%s); starting it again on other ports.", err)
+        raise AssertionError("unreachable")
 
     def open_control_port(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -539,8 +574,7 @@ class Launcher:
         if self.args.exit_with_parent:
             self.watch_parent()
         try:
-            info = self.start_kernel()
-            self.wait_kernel_listening(info)
+            info = self.start_listening_kernel()
             self.open_control_port()
             self.send_home(self.payload(info))
         except Exception as err:

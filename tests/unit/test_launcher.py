@@ -103,3 +103,44 @@ def test_the_launch_id_is_the_operators_else_the_kernel_id() -> None:
     assert given.launch_id == uid.lower() and given.kernel_id == "6c9c8d0e-1111-2222-3333-444455556666"
     with pytest.raises(SystemExit):
         parse_args([*BASE, "--launch-id", "not-a-uuid"], {"RKO_LAUNCH_TOKEN": "t"})
+
+
+def test_a_port_taken_before_the_kernel_binds_it_is_not_mistaken_for_the_kernel(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ports are chosen free and released for the kernel to bind: another process can take one
+    in between. Something else answering on the shell port is not our kernel listening; the
+    kernel, unable to bind, is started again on other ports, and ends up owning all five."""
+    import socket
+
+    from kernel_launchers import python_launcher
+    from kernel_launchers.ports import listening_ports
+
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", 0))
+    thief.listen(1)
+    taken = thief.getsockname()[1]
+    real_free_ports = python_launcher.free_ports
+    calls = []
+
+    def first_collides(ip: str, count: int, port_range: tuple[int, int]) -> list[int]:
+        ports = real_free_ports(ip, count, port_range)
+        calls.append(ports)
+        return [taken, *ports[1:]] if len(calls) == 1 else ports
+
+    monkeypatch.setattr(python_launcher, "free_ports", first_collides)
+    args = parse_args(
+        [*BASE, "--ip", "127.0.0.1", "--run-dir", str(tmp_path / "run")], {"RKO_LAUNCH_TOKEN": "t"}
+    )
+    launcher = python_launcher.Launcher(args)
+    try:
+        info = launcher.start_listening_kernel()
+        assert len(calls) == 2 and info["shell_port"] != taken
+        assert launcher.kernel is not None
+        own = listening_ports(launcher.kernel.pid)
+        assert own is not None and {info[n] for n in python_launcher.PORT_NAMES} <= own
+    finally:
+        thief.close()
+        if launcher.kernel is not None and launcher.kernel.poll() is None:
+            launcher.kernel.kill()
+            launcher.kernel.wait()

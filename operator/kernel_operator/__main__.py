@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import kopf
 
@@ -44,16 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose)
     # The API client logs whole response bodies at DEBUG, Secrets included: never let it.
     logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)
+    slow_ms = float(os.environ.get("RKO_LOOP_SLOW_CALLBACK_MS") or 0)
     asyncio.run(
-        kopf.operator(
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=args.liveness,
-            standalone=not args.peering,
-            peering_name=args.peering,  # naming one makes peering mandatory
-        )
+        _watched(
+            kopf.operator(
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=args.liveness,
+                standalone=not args.peering,
+                peering_name=args.peering,  # naming one makes peering mandatory
+            ),
+            slow_ms,
+        ),
+        debug=slow_ms > 0,
     )
     return 0
+
+
+async def _watched(operator: Coroutine[Any, Any, None], slow_ms: float) -> None:
+    """Run ``operator``; with ``slow_ms``, asyncio's debug mode reports (as a warning of the
+    ``asyncio`` logger) every callback that holds the event loop longer than that."""
+    if slow_ms > 0:
+        asyncio.get_running_loop().slow_callback_duration = slow_ms / 1000
+        logging.getLogger("asyncio").setLevel(logging.WARNING)
+    await operator
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ async def send_control(
     """Send one signed request and return the launcher's JSON reply."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError) as err:
+    except (OSError, asyncio.TimeoutError) as err:
         raise BackendUnavailable(f"The launcher's control port {host}:{port} is unreachable: {err}") from err
     try:
         writer.write(protocol.sign_control(request, key))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-    except (OSError, TimeoutError) as err:
+    except (OSError, asyncio.TimeoutError) as err:
         raise BackendUnavailable(f"The launcher at {host}:{port} did not answer: {err}") from err
     finally:
         writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -128,6 +129,10 @@ async def kernel(
         await lifecycle.run(stopped)
     except KubeError as err:
         raise kopf.TemporaryError(f"The Kubernetes API failed; retrying: {err}", delay=5) from err
+    finally:
+        if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+            # kopf keeps the finalizer until this daemon exits: what it started is stopped now.
+            await asyncio.shield(lifecycle.stop_after_deletion())
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, labels=MINE)

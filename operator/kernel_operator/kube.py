@@ -274,6 +274,16 @@ class Kube:
         except ApiException as err:
             raise _error(f"Patching the status of RemoteKernel {namespace}/{name}", err) from err
 
+    async def read_remote_kernel_status(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RemoteKernel's status as the API server has it now; None if it is gone."""
+        try:
+            obj = await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading RemoteKernel {namespace}/{name}", err) from err
+        return dict(obj.get("status") or {})
+
     async def delete_remote_kernel(self, namespace: str, name: str) -> None:
         try:
             await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)

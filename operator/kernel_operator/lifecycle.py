@@ -24,7 +24,7 @@ from .activity import IopubWatcher, is_idle
 from .backends import Backend, BackendRef, Backends, LaunchPlan, SignalingBackend
 from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
-from .kube import Kube
+from .kube import Kube, KubeError
 from .launch_command import run_dir_for
 from .listener import ResponseListener
 from .profiles import Profile, namespace_selected, pick_profile
@@ -86,6 +86,14 @@ def _parse_time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
+def _ready_changed_at(status: Mapping[str, Any]) -> str | None:
+    """When the Ready condition last changed (for kernels finished before finishedAt existed)."""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("lastTransitionTime") or "") or None
+    return None
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -140,10 +148,13 @@ class KernelLifecycle:
 
     async def set_phase(self, phase: Phase, reason: str, message: str, **extra: Any) -> None:
         patch = phase_patch(self.status, phase, reason, message, now_iso())
+        if phase in TERMINAL:
+            patch["finishedAt"] = now_iso()
         patch.update(extra)
         await self.patch(patch)
         if phase in TERMINAL:
             self._release_kernel_id()
+            self.ctx.launches.pop(self.uid, None)
         warning = phase is Phase.FAILED
         self.emit("Warning" if warning else "Normal", reason, message)
         (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
@@ -190,15 +201,44 @@ class KernelLifecycle:
 
     # -- the phases ----------------------------------------------------------------------------
     async def run(self, stopped: StopFlag) -> None:
-        """Drive the kernel from its current phase until it ends or the daemon is stopped."""
-        if self.phase in {p.value for p in TERMINAL} or self.phase == Phase.TERMINATING.value:
+        """Drive the kernel from its current phase until it ends or the daemon is stopped; a
+        finished kernel is then deleted once its time to live has passed."""
+        if self.phase == Phase.TERMINATING.value:
             return
+        if self.phase not in {p.value for p in TERMINAL}:
+            await self._drive(stopped)
+        if self.phase in {p.value for p in TERMINAL} and not stopped:
+            await self.expire(stopped)
+
+    async def _drive(self, stopped: StopFlag) -> None:
         if self.phase in (None, "", Phase.PENDING.value) and not await self.launch(stopped):
             return
         if self.phase == Phase.LAUNCHING.value and not await self.await_connection(stopped):
             return
         if self.phase == Phase.RUNNING.value:
             await self.monitor(stopped)
+
+    def time_to_live(self) -> float | None:
+        """Seconds a finished RemoteKernel is kept: its spec's, else the operator's default."""
+        ttl = self.spec.get("ttlSecondsAfterFinished")
+        return float(ttl) if ttl is not None else self.ctx.settings.ttl_after_finished
+
+    async def expire(self, stopped: StopFlag) -> None:
+        """Delete the finished RemoteKernel once its time to live has passed (if it has one)."""
+        ttl = self.time_to_live()
+        if ttl is None:
+            return
+        finished = self.status.get("finishedAt") or _ready_changed_at(self.status)
+        ends = (_parse_time(finished) if finished else _utcnow()) + dt.timedelta(seconds=ttl)
+        remaining = (ends - _utcnow()).total_seconds()
+        if remaining > 0:
+            await stopped.wait(remaining)
+            if stopped:
+                return
+        message = f"The kernel finished {ttl:g} s ago (ttlSecondsAfterFinished); deleting the RemoteKernel."
+        self.emit("Normal", "Expired", message)
+        self.log.info(message)
+        await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
 
     async def launch(self, stopped: StopFlag | None = None) -> bool:
         if not self.phase:
@@ -243,7 +283,10 @@ class KernelLifecycle:
         )
         # The launch runs as a task of its own, registered by uid: kopf runs the delete handler
         # beside this daemon (and cancels it), so a deletion during the launch must be able to
-        # wait for what the launch starts, and stop it.
+        # wait for what the launch starts, and stop it. It stays registered (done) until the
+        # kernel is stopped: a delete handler given a body older than the launch finds it there.
+        if stopped:  # deleted (or the operator stops) before anything was started
+            return False
         task = asyncio.ensure_future(backend.launch(plan))
         self.ctx.launches[self.uid] = task
         try:
@@ -258,7 +301,6 @@ class KernelLifecycle:
             self.log.info(f"The kernel was deleted during its launch; stopped what was started: {ref}.")
             return False
         await self.patch({"backendRef": ref, "launchedAt": now_iso()})
-        self.ctx.launches.pop(self.uid, None)
         self.log.info(f"The {backend.name} backend started the launcher: {ref}.")
         return True
 
@@ -533,11 +575,11 @@ class KernelLifecycle:
         ref = self.status.get("backendRef")
         in_flight = self.ctx.launches.pop(self.uid, None)
         if not ref and in_flight is not None:
-            # A launch of this kernel is under way in this operator: wait for what it starts.
+            # A launch of this kernel is under way (or done) in this operator: wait for it.
             with contextlib.suppress(BackendError, SpecError):
                 ref = await in_flight
         backend = self.backend()
-        if not ref and self.phase == Phase.LAUNCHING.value:
+        if not ref and self.phase in (Phase.LAUNCHING.value, Phase.TERMINATING.value):
             # Launched but not recorded (the operator stopped in between): find it by its labels.
             ref = await backend.find(await self.request())
         if not ref or ref.get("stopped"):
@@ -547,6 +589,17 @@ class KernelLifecycle:
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
+
+    async def stop_after_deletion(self) -> None:
+        """Called as the daemon ends because its RemoteKernel is being deleted: stop what this
+        daemon started (the delete handler may have run before it recorded it). The object
+        may be gone already, so nothing more is written."""
+        try:
+            await self.stop_backend()
+        except (BackendError, SpecError) as err:
+            self.log.warning(f"Could not stop what the launch started; the finalizer retries: {err}")
+        except KubeError as err:  # e.g. the status patch of an object now gone
+            self.log.debug(f"Stopped what the launch started; recording it failed: {err}")
 
     async def stop_backend_quietly(self) -> None:
         """Stop the backend if it can be reached now; otherwise the finalizer tries again later."""
@@ -561,6 +614,11 @@ class KernelLifecycle:
         Raises BackendError while the backend cannot be reached (the finalizer retries), unless
         ``give_up``: then the deletion completes and a Warning says what may be left behind.
         """
+        # The body kopf hands the delete handler may predate the launch's own patches: what
+        # the API server holds now says what was started.
+        fresh = await self.ctx.kube.read_remote_kernel_status(self.namespace, self.name)
+        if fresh is not None:
+            self.status = fresh
         if self.phase not in {p.value for p in TERMINAL}:
             await self.set_phase(Phase.TERMINATING, "Deleting", "The kernel is being deleted.")
         try:

@@ -112,7 +112,7 @@ class ResponseListener:
             await writer.drain()
         except _Empty:
             log.debug("A connection from %s closed without sending anything.", peer)
-        except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, ConnectionError) as err:
+        except (ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as err:
             self.rejected += 1
             reason = "the message was truncated" if isinstance(err, asyncio.IncompleteReadError) else str(err)
             log.warning("Rejected a launch response from %s: %s", peer, reason or type(err).__name__)
@@ -122,7 +122,7 @@ class ResponseListener:
         finally:
             self.active -= 1
             writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError):
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> bytes:

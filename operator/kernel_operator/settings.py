@@ -185,6 +185,7 @@ class OperatorSettings:
     unreachable_grace: float = 30.0
     stop_give_up: float = 600.0
     track_activity: bool = True
+    ttl_after_finished: float | None = None  # finished RemoteKernels are kept unless set
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     yarn: YarnSettings = field(default_factory=YarnSettings)
@@ -274,6 +275,11 @@ class OperatorSettings:
             impersonation=_flag(env, "RKO_IMPERSONATION", False),
             operator_class=_operator_class(env.get("RKO_OPERATOR_CLASS", "")),
             unreachable_grace=_number(env, "RKO_UNREACHABLE_GRACE_SECONDS", 30.0, 0),
+            ttl_after_finished=(
+                _number(env, "RKO_TTL_SECONDS_AFTER_FINISHED", 0.0, 0)
+                if env.get("RKO_TTL_SECONDS_AFTER_FINISHED", "").strip()
+                else None
+            ),
             stop_give_up=_number(env, "RKO_STOP_GIVE_UP_SECONDS", 600.0, 0),
             track_activity=_flag(env, "RKO_TRACK_ACTIVITY", True),
             ssh=ssh,

@@ -130,7 +130,7 @@ class RemoteKernels:
             version = (obj or {}).get("metadata", {}).get("resourceVersion")
             try:
                 obj = await asyncio.wait_for(self._watch_once(name, version, done, obj, remaining), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not TimeoutError: Python 3.10 raises this one
                 continue
             if not done(obj):
                 obj = await self.get(name)

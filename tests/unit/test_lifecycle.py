@@ -32,6 +32,8 @@ class FakeKube:
         self.owners: dict[str, Any] = {}
         self.profiles: dict[str, dict[str, Any]] = {"ssh-default": SSH_PROFILE}
         self.namespace_labels_: dict[str, dict[str, str]] = {"ns": {}}
+        # The status the API server holds, when a test says (None: as the body has it).
+        self.stored_status: dict[str, Any] | None = None
 
     async def read_profile(self, name: str) -> dict[str, Any] | None:
         return self.profiles.get(name)
@@ -44,6 +46,9 @@ class FakeKube:
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.patches.append(status)
+
+    async def read_remote_kernel_status(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.stored_status
 
     async def create_secret(self, namespace, name, data, labels=None, owner=None) -> bool:  # type: ignore[no-untyped-def]
         if name in self.secrets:
@@ -323,6 +328,19 @@ async def test_delete_stops_the_backend_and_removes_the_secret() -> None:
     assert kube.phases() == ["Terminating"]
     assert backend.stopped == [b["status"]["backendRef"]] and backend.released
     assert kube.secrets == {}
+
+
+async def test_delete_with_a_body_older_than_the_launch_stops_what_status_now_names() -> None:
+    """kopf may hand the delete handler a body from before the launch recorded its ref (a
+    deletion 50 ms after creation did leave the launcher running): the status the API server
+    holds now is what counts."""
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    stale = body(status={"phase": "Pending"})
+    ref = {"host": "h1", "pid": 7, "runDir": "/tmp/y"}
+    kube.stored_status = {"phase": "Launching", "backend": "ssh", "backendRef": ref}
+    await KernelLifecycle(ctx, stale, events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped == [ref]
 
 
 async def test_delete_of_an_unknown_backend_still_removes_the_secret() -> None:

@@ -7,7 +7,9 @@ replace this class, never the library beneath it.
 from __future__ import annotations
 
 import base64
+import functools
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -164,6 +166,50 @@ class Kube:
             raise _error(f"Reading node {name}", err) from err
         conditions = (node.status.conditions if node.status else None) or []
         return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    async def list_pods_versioned(
+        self, namespace: str | None, label_selector: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Pods matching ``label_selector`` (in every namespace when ``namespace`` is None) and
+        the list's resourceVersion, to watch from."""
+        try:
+            if namespace is None:
+                pods = await self.core.list_pod_for_all_namespaces(label_selector=label_selector)
+            else:
+                pods = await self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as err:
+            raise _error(f"Listing pods in {namespace or 'all namespaces'} ({label_selector})", err) from err
+        items = [dict(self.api.sanitize_for_serialization(pod)) for pod in pods.items]
+        return items, str(pods.metadata.resource_version)
+
+    async def watch_pods(
+        self, namespace: str | None, label_selector: str, resource_version: str, timeout_seconds: int
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Changes to the pods matching ``label_selector`` after ``resource_version``, as
+        (ADDED|MODIFIED|DELETED, pod); raises KubeError (status 410) when that version is gone."""
+        from kubernetes_asyncio import watch
+
+        func = (
+            self.core.list_pod_for_all_namespaces
+            if namespace is None
+            else functools.partial(self.core.list_namespaced_pod, namespace)
+        )
+        stream = watch.Watch().stream(
+            func,
+            label_selector=label_selector,
+            resource_version=resource_version,
+            timeout_seconds=timeout_seconds,
+        )
+        try:
+            async with stream as events:
+                async for event in events:
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        code = obj.get("code") if isinstance(obj, dict) else None
+                        raise KubeError(f"The pod watch ended: {obj}", status=int(code) if code else None)
+                    yield str(kind), dict(self.api.sanitize_for_serialization(obj))
+        except ApiException as err:
+            raise _error(f"Watching pods ({label_selector})", err) from err
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         try:

@@ -141,21 +141,47 @@ def _is_ours(pid_var: str, run_dir: str) -> str:
     )
 
 
-def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | None = None) -> str:
-    """Prints the launcher's exit_status JSON, 'running', 'orphaned' (the launcher is gone but
-    its kernel runs) or 'gone' followed by the end of the launcher's log.
-
-    exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
-    """
+def _status_script(pid: int, kernel_pid: int, run_dir: str) -> str:
     status_file = shlex.quote(run_dir + "/exit_status")
-    script = (
+    return (
         f"p={int(pid)}; k={int(kernel_pid)}; "
         f"if [ -f {status_file} ]; then cat {status_file}; "
         f"elif {_is_ours('p', run_dir)}; then echo running; "
         f"elif [ $k -gt 0 ] && {_is_ours('k', run_dir)}; then echo orphaned; "
         f"else echo gone; tail -c 1500 {shlex.quote(run_dir + '/launcher.log')} 2>/dev/null; fi"
     )
-    return as_user(user, script)
+
+
+def remote_status_command(pid: int, kernel_pid: int, run_dir: str, user: str | None = None) -> str:
+    """Prints the launcher's exit_status JSON, 'running', 'orphaned' (the launcher is gone but
+    its kernel runs) or 'gone' followed by the end of the launcher's log.
+
+    exit_status first: the launcher writes it as the kernel ends, just before it exits itself.
+    """
+    return as_user(user, _status_script(pid, kernel_pid, run_dir))
+
+
+STATUS_MARK = "@@rko-status"
+
+
+def remote_status_batch_command(items: list[tuple[int, int, str]], user: str | None = None) -> str:
+    """``remote_status_command`` for several kernels of one host and user, in one command:
+    each answer follows a line ``@@rko-status <index>`` (see ``split_status_batch``)."""
+    parts = [
+        f"printf '\\n{STATUS_MARK} %d\\n' {i}; {{ {_status_script(pid, kpid, run_dir)}; }}"
+        for i, (pid, kpid, run_dir) in enumerate(items)
+    ]
+    return as_user(user, "; ".join(parts))
+
+
+def split_status_batch(output: str, count: int) -> list[str]:
+    """The ``count`` answers of a batched status command, in order ('gone' for any missing)."""
+    answers = ["gone"] * count
+    for section in output.split(f"\n{STATUS_MARK} ")[1:]:
+        index, _, text = section.partition("\n")
+        if index.strip().isdigit() and int(index) < count:
+            answers[int(index)] = text.strip()
+    return answers
 
 
 def remote_find_command(run_dir: str, user: str | None = None) -> str:

@@ -84,28 +84,23 @@ objects it makes for them. Used by the ClusterRole (every namespace) and by each
 namespaced modes) alike, so the two can never differ.
 */}}
 {{- define "rko.applicationRules" -}}
-# kopf watches RemoteKernels, patches their finalizer and annotations; idle culling deletes.
+# kopf watches RemoteKernels, patches their finalizer and annotations; idle culling and the
+# time to live delete; a deletion reads the status the API server holds now.
 - apiGroups: [kernel-operator.io]
   resources: [remotekernels]
-  verbs: [list, watch, patch, delete]
+  verbs: [get, list, watch, patch, delete]
 # The phase, connection info and lastActivity.
 - apiGroups: [kernel-operator.io]
   resources: [remotekernels/status]
   verbs: [patch]
-# The kubernetes backend's kernel pods.
+# The kubernetes backend's kernel pods, followed by one watch (not one read per kernel).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [create, get, delete]
+  verbs: [create, get, list, watch, delete]
 # Each kernel's Secret (its connection key and sealed launcher key), made and removed with it.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create, get, patch, delete]
-{{- if or .Values.customObjects.sparkApplications .Values.customObjects.kinds }}
-# The custom-object backends find a kernel's pod by labels among what another operator made.
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [list]
-{{- end }}
 {{- if .Values.customObjects.sparkApplications }}
 # The sparkApplication backend's SparkApplications.
 - apiGroups: [sparkoperator.k8s.io]

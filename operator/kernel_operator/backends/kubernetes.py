@@ -8,6 +8,8 @@ it even if the operator is gone; a pod elsewhere is removed by the finalizer.
 
 from __future__ import annotations
 
+import asyncio
+
 from ..errors import BackendError
 from ..kube import Kube, KubeError
 from ..settings import OperatorSettings
@@ -27,6 +29,7 @@ from .pod_builder import (
     pod_state,
     token_secret_name,
 )
+from .pod_cache import PodCache
 
 
 class KubernetesBackend:
@@ -35,6 +38,9 @@ class KubernetesBackend:
     def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
         self.kube = kube
         self.settings = settings
+        self._caches: dict[str | None, PodCache] = {}
+        # Node readiness, read at most once a monitor interval per node whatever the kernels on it.
+        self._nodes: dict[str, tuple[float, asyncio.Future[bool]]] = {}
 
     def adopt(self, ref: BackendRef) -> None:
         """Nothing to rebuild: the pods are the record."""
@@ -133,13 +139,33 @@ class KubernetesBackend:
             ref["ownNamespace"] = True
         return ref
 
+    def _pods(self, namespace: str) -> PodCache:
+        """The watch that serves ``namespace``: one for all (cluster-wide), else one per namespace."""
+        scope = namespace if self.settings.watch_namespaces else None
+        if scope not in self._caches:
+            self._caches[scope] = PodCache(self.kube, scope)
+        return self._caches[scope]
+
     async def status(self, ref: BackendRef) -> BackendStatus:
-        pod = await self.kube.read_pod(str(ref["namespace"]), str(ref["name"]))
+        namespace = str(ref["namespace"])
+        pod = await self._pods(namespace).get(namespace, str(ref["name"]))
         node = ((pod or {}).get("spec") or {}).get("nodeName")
         # Without the right to read Nodes (the namespaced modes), a lost node shows only
         # through the pod's own status, later.
-        node_ready = await self.kube.node_ready(str(node)) if node and self.settings.check_nodes else None
+        node_ready = await self._node_ready(str(node)) if node and self.settings.check_nodes else None
         return pod_state(pod, node_ready)
+
+    async def _node_ready(self, node: str) -> bool:
+        loop = asyncio.get_running_loop()
+        cached = self._nodes.get(node)
+        if (
+            cached is None
+            or loop.time() - cached[0] > self.settings.monitor_interval
+            or (cached[1].done() and cached[1].exception() is not None)
+        ):
+            cached = (loop.time(), asyncio.ensure_future(self.kube.node_ready(node)))
+            self._nodes[node] = cached
+        return await asyncio.shield(cached[1])
 
     async def stop(self, ref: BackendRef, owner: str) -> None:
         """Delete the pod, its token Secret and its own namespace: each only if labelled with

@@ -45,14 +45,16 @@ from ..launch_command import (
     remote_find_command,
     remote_signal_command,
     remote_start_command,
-    remote_status_command,
+    remote_status_batch_command,
     remote_stop_command,
     run_dir_for,
     run_dir_is_for,
+    split_status_batch,
 )
 from ..settings import SshSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
+from .batching import Batcher
 from .blocking import BlockingPool
 from .ssh_connections import Connection, ConnectionPool, Key, PoolTimeout
 
@@ -61,6 +63,7 @@ _LOCAL_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ")  # the only operator varia
 _REMOTE_ENV = ("LANG", "LC_ALL", "TZ")  # PATH and HOME are the remote login's own
 LOG_TAIL_BYTES = 1500  # of a dead launcher's log, quoted in the kernel's failure message
 # Failures that say the host itself is unusable: it is tried last for a while.
+StatusKey = tuple[str, int, str, str | None]  # host, port, login, user
 _HOST_FAULTS = frozenset({"HostUnreachable", "HostKeyMismatch", "UnknownHostKey", "SshAuthFailed"})
 
 
@@ -143,6 +146,7 @@ class SshBackend:
         self.settings = settings
         self.credentials = credentials
         self.balancer = HostBalancer()
+        self._statuses: Batcher[StatusKey, tuple[int, int, str], str] = Batcher(self._status_batch)
         self._connections = ConnectionPool(settings.channels_per_connection, settings.connections_per_host)
         self._threads = BlockingPool("ssh", settings.threads)
         self._children: dict[int, asyncio.subprocess.Process] = {}
@@ -350,13 +354,10 @@ class SshBackend:
             if text == "gone":
                 text += "\n" + _tail(Path(run_dir) / "launcher.log")
         else:
+            host = (str(ref["host"]), int(ref.get("port", 22)), str(ref.get("login", self.settings.user)))
             try:
-                text = await self._run(
-                    str(ref["host"]),
-                    int(ref.get("port", 22)),
-                    str(ref.get("login", self.settings.user)),
-                    remote_status_command(pid, kernel_pid, run_dir, ref.get("user")),
-                )
+                # One command per host and user answers every kernel asking meanwhile.
+                text = await self._statuses.ask((*host, ref.get("user")), (pid, kernel_pid, run_dir))
             except BackendUnavailable:
                 raise
             except BackendError as err:
@@ -366,6 +367,11 @@ class SshBackend:
             if text.strip() in ("running", "orphaned"):
                 return BackendStatus("running")
         return _exit_status(text, ref)
+
+    async def _status_batch(self, key: StatusKey, items: list[tuple[int, int, str]]) -> list[str]:
+        host, port, login, user = key
+        out = await self._run(host, port, login, remote_status_batch_command(items, user), user=user)
+        return split_status_batch(out, len(items))
 
     # -- signals -----------------------------------------------------------------------------
     async def signal(self, ref: BackendRef, signum: int, owner: str) -> None:

@@ -26,6 +26,15 @@ class NodesForbidden(Kube):
     async def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         return RUNNING_POD
 
+    async def list_pods_versioned(
+        self, namespace: str | None, selector: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        return [RUNNING_POD], "1"
+
+    async def watch_pods(self, namespace: str | None, selector: str, version: str, timeout: int) -> Any:
+        await asyncio.Event().wait()  # nothing changes
+        yield "MODIFIED", RUNNING_POD
+
     async def node_ready(self, name: str) -> bool:
         self.node_reads += 1
         return False  # a lost node: the kernel would fail if this were consulted
@@ -48,3 +57,46 @@ def test_with_node_checks_a_lost_node_fails_the_kernel() -> None:
     state, reads = status_with(check_nodes=True)
     assert reads == 1
     assert state == "failed"
+
+
+class ManyPods(NodesForbidden):
+    """A hundred kernel pods on one ready node; counts what the backend asks the API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.lists = 0
+        self.pods = [{**RUNNING_POD, "metadata": {"name": f"k{i}", "namespace": "ns"}} for i in range(100)]
+
+    async def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return None
+
+    async def list_pods_versioned(
+        self, namespace: str | None, selector: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        self.lists += 1
+        return self.pods, "1"
+
+    async def node_ready(self, name: str) -> bool:
+        self.node_reads += 1
+        return True
+
+
+def test_a_hundred_kernels_cost_one_list_and_one_node_read_not_two_hundred_reads() -> None:
+    """Each kernel used to read its pod and its node every second: 2,000 reads a second for
+    1,000 kernels. One watch serves every pod; a node is read once per interval."""
+    kube = ManyPods()
+    backend = KubernetesBackend(kube, OperatorSettings(check_nodes=True, monitor_interval=60))
+
+    async def poll() -> list[str]:
+        states = await asyncio.gather(
+            *(backend.status({"kind": "Pod", "namespace": "ns", "name": f"k{i}"}) for i in range(100))
+        )
+        # A pod the watch has not seen yet (just created) is read directly, not reported gone.
+        states.append(await backend.status({"kind": "Pod", "namespace": "ns", "name": "new"}))
+        return [s.state for s in states]
+
+    states = asyncio.run(poll())
+    assert states[:100] == ["running"] * 100 and states[100] == "gone"
+    assert (kube.lists, kube.node_reads, kube.reads) == (1, 1, 1)

@@ -97,6 +97,11 @@ class PodCache:
             except (OSError, asyncio.TimeoutError) as err:
                 log.warning("The kernel pod watch was cut (%s); resuming.", err)
                 await asyncio.sleep(0.5)
+            except Exception:  # the watch must outlive anything one event does to it
+                log.exception("The kernel pod watch failed; listing again in 1 s.")
+                self.synced.clear()
+                version = ""
+                await asyncio.sleep(1)
 
 
 def _key(pod: dict[str, Any]) -> tuple[str, str]:

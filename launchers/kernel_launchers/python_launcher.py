@@ -405,6 +405,7 @@ class Launcher:
             info = self.start_kernel()
             try:
                 self.wait_kernel_listening(info)
+                log.info("The kernel listens on its ports.")
                 return info
             except PortTaken as err:
                 if attempt == PORT_ATTEMPTS:
@@ -570,6 +571,7 @@ class Launcher:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
     def run(self) -> int:
+        log.info("The launcher of kernel %s started (pid %d).", self.args.kernel_id, os.getpid())
         signal.signal(signal.SIGTERM, lambda *_: self.stop_kernel())
         if self.args.exit_with_parent:
             self.watch_parent()

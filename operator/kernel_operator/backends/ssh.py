@@ -501,7 +501,7 @@ class SshBackend:
                     raise paramiko.SSHException("the connection has no transport")
                 return conn, transport.open_session(timeout=self.settings.command_timeout)
             except (paramiko.SSHException, OSError, EOFError) as err:
-                if conn.alive():
+                if _refused(err) and conn.alive():
                     # A channel refused on a live connection: the server's MaxSessions (paramiko
                     # says ChannelException, or only "Unable to open channel" when threads race
                     # for the transport's saved error). This connection is full, not broken:
@@ -510,8 +510,9 @@ class SshBackend:
                     self._connections.checkin(key, conn)
                     log.info("The ssh connection to %s is full (%s); using another.", host, err)
                     continue
+                # No answer at all (a cut link): this connection is of no more use.
                 self._connections.checkin(key, conn)
-                self._connections.discard_if_dead(key, conn)
+                self._connections.discard(key, conn)
                 raise BackendUnavailable(
                     f"ssh to {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
                 ) from err
@@ -584,6 +585,11 @@ class SshBackend:
     def close(self) -> None:
         self._connections.close()
         self._threads.shutdown()
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether opening a channel failed because the server said no (not for want of an answer)."""
+    return isinstance(err, paramiko.ChannelException) or str(err) == "Unable to open channel."
 
 
 def _read_all(stream: Any) -> str:

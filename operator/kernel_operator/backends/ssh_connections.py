@@ -104,8 +104,11 @@ class ConnectionPool:
 
     def discard_if_dead(self, key: Key, conn: Connection) -> None:
         """Close ``conn`` if its transport died (a command's own failure leaves it open)."""
-        if conn.alive():
-            return
+        if not conn.alive():
+            self.discard(key, conn)
+
+    def discard(self, key: Key, conn: Connection) -> None:
+        """Close ``conn`` (e.g. it stopped answering); commands in flight on it fail with it."""
         with self._changed:
             host = self._hosts.get(key)
             if host is not None and conn in host.connections:

@@ -1,0 +1,516 @@
+"""``make bench`` (second part): many kernels at once, a cluster full of them, and where the
+time of one launch goes. Every figure is a ratio to something measured in the same run.
+
+- Steps of one launch (ssh backend, localhost): client create -> operator sees it -> backend
+  started -> launcher started -> kernel listening -> report accepted -> status written ->
+  client sees Running -> first reply, from the client's clock, the operator's log and the
+  launcher's log (one machine, one clock).
+- Burst: N RemoteKernels created at once (ssh backend: localhost, and the three network-
+  namespace hosts): all Running? wall time against the CPU-bound limit, N x (machine CPU
+  seconds one launch costs) / cores, measured here first.
+- Through jupyter_client: N AsyncKernelManagers in one process, ours against
+  gateway_provisioners' DistributedProvisioner on localhost (how many fail, hang, or are left
+  running after shutdown_kernel(now=True); the longest the client's event loop was blocked).
+- Scale: M RemoteKernels in the cluster (a few running, the rest finished): the operator
+  restarted, how long until a new kernel is Running; its RSS; API requests a second in steady
+  state (counted from the API server's metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch_latency import gateway_provisioners_python, kernels_left, kernelspecs, p95
+
+from localcluster import LocalCluster, free_port
+from localcluster.cluster import REPO_ROOT
+from localcluster.crds import apply_profile, install_crds
+from localcluster.hosts import PYTHON_MOUNT, HostPool
+from localcluster.servers import OperatorProcess
+
+WORK = REPO_ROOT / ".cache" / "bench-burst"
+CONCURRENT = Path(__file__).with_name("concurrent.py")
+GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
+NAMESPACE = "default"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine spent busy so far (user, nice, system, irq, softirq, steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def api_requests(api: client.ApiClient) -> float:
+    """Requests the API server has served so far (its apiserver_request_total counter)."""
+    text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)[
+        0
+    ].data.decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{")
+    )
+
+
+class Kernels:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+
+    def create(self, profile: str, labels: dict[str, str] | None = None, **spec: Any) -> str:
+        kernel_id = str(uuid.uuid4())
+        name = f"k-{kernel_id}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RemoteKernel",
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {"kernelId": kernel_id, "username": "alice", "profile": profile, **spec},
+        }
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+        return name
+
+    def phases(self, selector: str = "") -> dict[str, str]:
+        items = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, label_selector=selector
+        )
+        return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items["items"]}
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)  # type: ignore[no-any-return]
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def delete_all(self, selector: str = "", timeout: float = 300) -> None:
+        for name in self.phases(selector):
+            try:
+                self.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        deadline = time.monotonic() + timeout
+        while self.phases(selector) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def wait_settled(kernels: Kernels, names: list[str], timeout: float) -> tuple[dict[str, str], float]:
+    """Wait until every kernel is Running or Failed; their phases, and when the last settled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        phases = kernels.phases()
+        mine = {n: phases.get(n, "") for n in names}
+        if all(p in ("Running", "Failed", "Succeeded") for p in mine.values()) or time.monotonic() > deadline:
+            return mine, time.perf_counter()
+        time.sleep(0.1)
+
+
+def one_launch_cpu(kernels: Kernels, profile: str, runs: int) -> tuple[list[float], list[float]]:
+    """Machine CPU seconds and wall seconds from create to Running, one kernel at a time."""
+    cpu, wall = [], []
+    for _ in range(runs + 1):
+        c0, t0 = machine_cpu(), time.perf_counter()
+        name = kernels.create(profile)
+        while (kernels.get(name) or {}).get("status", {}).get("phase") not in ("Running", "Failed"):
+            time.sleep(0.02)
+        cpu.append(machine_cpu() - c0)
+        wall.append(time.perf_counter() - t0)
+        kernels.delete_all()
+        time.sleep(0.5)
+    return cpu[1:], wall[1:]  # the first is a warm-up
+
+
+def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[str, Any]:
+    c0, t0 = machine_cpu(), time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        names = list(pool.map(lambda _: kernels.create(profile), range(count)))
+    created = time.perf_counter() - t0
+    phases, settled = wait_settled(kernels, names, timeout)
+    result = {
+        "count": count,
+        "running": sum(1 for p in phases.values() if p == "Running"),
+        "failed": sum(1 for p in phases.values() if p != "Running"),
+        "created_in": created,
+        "wall": settled - t0,
+        "cpu": machine_cpu() - c0,
+    }
+    kernels.delete_all(timeout=300)
+    result["left"] = kernels_left()
+    return result
+
+
+TS = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def log_time(line: str) -> float | None:
+    match = TS.match(line)
+    if not match:
+        return None
+    return dt.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def first_after(lines: list[str], words: str, after: float) -> float | None:
+    for line in lines:
+        t = log_time(line)
+        if t is not None and t >= after - 0.001 and words in line:
+            return t
+    return None
+
+
+def steps(
+    kernels: Kernels, profile: str, operator: OperatorProcess, api: client.ApiClient
+) -> dict[str, float]:
+    """Where the time of one launch goes, each step's time from the client's create."""
+    from jupyter_client import BlockingKernelClient
+
+    t0 = time.time()
+    name = kernels.create(profile)
+    obj: dict[str, Any] = {}
+    while (obj.get("status") or {}).get("phase") not in ("Running", "Failed"):
+        obj = kernels.get(name) or {}
+        time.sleep(0.005)
+    seen = time.time()
+    status = obj["status"]
+    conn = status["connection"]
+    secret = client.CoreV1Api(api).read_namespaced_secret(conn["secretRef"]["name"], NAMESPACE)
+    import base64
+
+    kc = BlockingKernelClient()
+    kc.load_connection_info(
+        {
+            "ip": conn["ip"],
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": base64.b64decode(secret.data["key"]).decode(),
+            "shell_port": conn["shellPort"],
+            "iopub_port": conn["iopubPort"],
+            "stdin_port": conn["stdinPort"],
+            "control_port": conn["controlPort"],
+            "hb_port": conn["hbPort"],
+        }
+    )
+    kc.start_channels()
+    kc.execute_interactive("1+1", timeout=30)
+    replied = time.time()
+    kc.stop_channels()
+    run_dir = status["backendRef"]["runDir"]
+    launcher_log = Path(run_dir, "launcher.log").read_text().splitlines()
+    op_log = operator.log().splitlines()
+    marks = {
+        "operator sees it": first_after(op_log, "Pending: The operator accepted", t0),
+        "backend started (launcher spawned)": first_after(op_log, "backend started the launcher", t0),
+        "launcher started": first_after(launcher_log, "The launcher of kernel", t0),
+        "kernel listening": first_after(launcher_log, "The kernel listens", t0),
+        "report accepted (status written)": first_after(op_log, "Running: The kernel is ready", t0),
+        "client sees Running": seen,
+        "first reply": replied,
+    }
+    kernels.delete_all()
+    return {k: (v - t0 if v is not None else float("nan")) for k, v in marks.items()}
+
+
+def through_jupyter_client(
+    python: Path, kernel: str, count: int, env: dict[str, str], deadline: float
+) -> dict[str, Any]:
+    """``bench/concurrent.py`` in ``python``'s environment; None figures when it hung."""
+    try:
+        out = subprocess.run(
+            [str(python), str(CONCURRENT), "--kernel", kernel, "--count", str(count), "--timeout", "120"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            timeout=deadline,
+            check=False,
+        )
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, IndexError, ValueError):
+        result = {"count": count, "hung": True}
+    result["left"] = kernels_left(5)
+    return result
+
+
+def scale(
+    kernels: Kernels, api: client.ApiClient, operator: OperatorProcess, profile: str, total: int, running: int
+) -> dict[str, Any]:
+    """``total`` RemoteKernels, ``running`` of them Running and the rest Failed; then the
+    operator restarted and a new kernel launched."""
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        # Finished ones: refused at once (an unauthorized user), so they cost no kernel.
+        list(
+            pool.map(
+                lambda _: kernels.custom.create_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    NAMESPACE,
+                    PLURAL,
+                    {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "RemoteKernel",
+                        "metadata": {"name": f"done-{uuid.uuid4()}"},
+                        "spec": {"kernelId": str(uuid.uuid4()), "username": "root", "profile": profile},
+                    },
+                ),
+                range(total - running),
+            )
+        )
+        names = list(pool.map(lambda _: kernels.create(profile), range(running)))
+    phases, _ = wait_settled(kernels, names, 300)
+    deadline = time.monotonic() + 300
+    while (
+        sum(1 for p in kernels.phases().values() if p in ("Failed", "Running")) < total
+        and time.monotonic() < deadline
+    ):
+        time.sleep(1)
+    assert operator.proc is not None
+    time.sleep(5)
+    r0, t_steady = api_requests(api), time.monotonic()
+    time.sleep(20)
+    steady_rps = (api_requests(api) - r0) / (time.monotonic() - t_steady)
+    rss_before = rss_mb(operator.proc.pid)
+    operator.stop()
+    t0 = time.perf_counter()
+    operator.start(timeout=120)
+    name = kernels.create(profile)
+    while (kernels.get(name) or {}).get("status", {}).get("phase") not in ("Running", "Failed"):
+        time.sleep(0.05)
+    serving = time.perf_counter() - t0
+    phase = (kernels.get(name) or {}).get("status", {}).get("phase")
+    time.sleep(10)
+    rss_after = rss_mb(operator.proc.pid)
+    result = {
+        "total": total,
+        "running": sum(1 for p in phases.values() if p == "Running"),
+        "steady_api_rps": steady_rps,
+        "rss_mb_before_restart": rss_before,
+        "restart_to_new_kernel_running": serving,
+        "new_kernel_phase": phase,
+        "rss_mb_after_restart": rss_after,
+    }
+    kernels.delete_all(timeout=600)
+    result["left"] = kernels_left()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=100, help="kernels in a burst")
+    parser.add_argument("--runs", type=int, default=5, help="single launches for the CPU cost and the steps")
+    parser.add_argument("--scale", type=int, default=1000, help="RemoteKernels in the scale run (0: skip)")
+    parser.add_argument("--scale-running", type=int, default=100)
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: steps,burst,hosts,jupyter,gp,scale"
+    )
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    WORK.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    cluster = LocalCluster(WORK / "cluster")
+    pool = HostPool(WORK / "hosts", network=2)
+    operator = hosts_operator = None
+    report: dict[str, Any] = {"cores": cores}
+    try:
+        print("==> Starting the control plane, the ssh hosts and the operators...", flush=True)
+        cluster.start()
+        api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
+        install_crds(api)
+        kernels = Kernels(api)
+        while True:
+            try:
+                kernels.phases()
+                break
+            except ApiException:
+                time.sleep(0.2)
+        apply_profile(api, "local", {"backend": "ssh", "ssh": {"hosts": ["localhost"]}})
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name="remote-kernel-operator"))
+        )
+        operator = OperatorProcess(
+            kubeconfig=cluster.admin_kubeconfig,
+            log_path=WORK / "operator.log",
+            env={
+                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+                "RKO_SSH_LOCAL_HOSTS": "localhost",
+                "RKO_SSH_HOSTS": "localhost",
+            },
+        )
+        operator.start()
+        cpu, wall = one_launch_cpu(kernels, "local", args.runs)
+        report["one_launch"] = {
+            "cpu_p50": statistics.median(cpu),
+            "wall_p50": statistics.median(wall),
+            "wall_p95": p95(wall),
+        }
+        if "steps" not in skip:
+            runs = [steps(kernels, "local", operator, api) for _ in range(args.runs)]
+            report["steps"] = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
+        if "burst" not in skip:
+            print(f"==> Burst: {args.count} RemoteKernels at once on localhost...", flush=True)
+            report["burst_local"] = burst(kernels, "local", args.count, 600)
+        if "hosts" not in skip:
+            pool.start()
+            known = WORK / "hosts" / "known_hosts"
+            known.write_text(pool.known_hosts())
+            addresses = [h.address for h in pool.hosts.values()]
+            apply_profile(
+                api,
+                "hosts",
+                {
+                    "backend": "ssh",
+                    "ssh": {"hosts": addresses, "user": "root", "python": f"{PYTHON_MOUNT}/bin/python"},
+                },
+            )
+            hosts_operator = OperatorProcess(
+                kubeconfig=cluster.admin_kubeconfig,
+                log_path=WORK / "hosts-operator.log",
+                env={
+                    "RKO_OPERATOR_CLASS": "hosts",
+                    "RKO_RESPONSE_BIND": f"{pool.gateway}:{free_port()}",
+                    "RKO_SSH_USER": "root",
+                    "RKO_SSH_KEY_FILE": str(pool.client_key),
+                    "RKO_SSH_KNOWN_HOSTS": str(known),
+                    "RKO_SSH_PYTHON": f"{PYTHON_MOUNT}/bin/python",
+                },
+            )
+            hosts_operator.start()
+            print(f"==> Burst: {args.count} RemoteKernels at once on three ssh hosts...", flush=True)
+            labels = {"kernel-operator.io/operator-class": "hosts"}
+            orig = kernels.create
+            kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
+            hcpu, _ = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
+            report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
+            report["burst_hosts"] = burst(kernels, "hosts", args.count, 600)
+            kernels.create = orig  # type: ignore[method-assign]
+        if "jupyter" not in skip or "gp" not in skip:
+            jupyter = kernelspecs(
+                Path(tempfile.mkdtemp(prefix="rko-burst-")), cluster.admin_kubeconfig, "unused:0"
+            )
+            env = {**os.environ, "JUPYTER_PATH": str(jupyter), "KERNEL_USERNAME": "alice"}
+            if "jupyter" not in skip:
+                print(f"==> {args.count} AsyncKernelManagers at once, our provisioner...", flush=True)
+                report["jupyter_ours"] = through_jupyter_client(
+                    Path(sys.executable), "rk_local", args.count, env, 400
+                )
+            if "gp" not in skip:
+                gp_python = gateway_provisioners_python()
+                gp_env = {
+                    **env,
+                    "PATH": f"{gp_python.parent}{os.pathsep}{env['PATH']}",
+                    "GP_RESPONSE_IP": "127.0.0.1",
+                }
+                for n in sorted({30, args.count}):
+                    print(f"==> {n} AsyncKernelManagers at once, gateway_provisioners...", flush=True)
+                    report[f"jupyter_gp_{n}"] = through_jupyter_client(gp_python, "gp_ssh", n, gp_env, 400)
+                    subprocess.run(["pkill", "-f", "ipykernel_launcher|launch_ipykernel"], check=False)
+        if args.scale and "scale" not in skip:
+            print(f"==> Scale: {args.scale} RemoteKernels, {args.scale_running} running...", flush=True)
+            report["scale"] = scale(kernels, api, operator, "local", args.scale, args.scale_running)
+    finally:
+        for proc in (operator, hosts_operator):
+            if proc is not None:
+                proc.stop()
+        pool.stop()
+        cluster.stop()
+    (WORK / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
+
+
+def print_report(r: dict[str, Any]) -> None:
+    cores = r["cores"]
+    one = r["one_launch"]
+    print()
+    print(
+        f"One launch (ssh backend, localhost), create -> Running: p50 {one['wall_p50']:.3f} s, p95 {one['wall_p95']:.3f} s; "
+        f"the machine spent {one['cpu_p50']:.2f} CPU-s on it ({cores} cores)."
+    )
+    if "steps" in r:
+        print("\nWhere the time of one launch goes (p50, seconds since the client's create):")
+        print("| step | at | step took |\n|---|---:|---:|")
+        prev = 0.0
+        for k, v in r["steps"].items():
+            print(f"| {k} | {v:.3f} | {v - prev:.3f} |")
+            prev = v
+    for key, label, cpu_key in (
+        ("burst_local", "localhost", None),
+        ("burst_hosts", "3 ssh hosts", "one_launch_hosts_cpu_p50"),
+    ):
+        if key not in r:
+            continue
+        b = r[key]
+        cpu_one = r[cpu_key] if cpu_key else one["cpu_p50"]
+        limit = b["count"] * cpu_one / cores
+        print(f"\nBurst, {b['count']} RemoteKernels created at once, ssh backend, {label}:")
+        print(
+            "| Running | failed | all settled (s) | CPU-bound limit (s) | ratio | machine CPU-s | left running |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"| {b['running']} | {b['failed']} | {b['wall']:.1f} | {limit:.1f} | {b['wall'] / limit:.2f}x | {b['cpu']:.0f} | {b['left']} |"
+        )
+    rows = [(k, v) for k, v in r.items() if k.startswith("jupyter_")]
+    if rows:
+        print(
+            "\nN AsyncKernelManagers at once in one process (start -> 1+1), then shutdown_kernel(now=True):"
+        )
+        print(
+            "| client | N | ok | failed | hung | wall (s) | p50 (s) | loop blocked max (s) | left running |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for k, v in rows:
+            who = (
+                "remote-kernel-operator (ssh, localhost)"
+                if k == "jupyter_ours"
+                else "gateway_provisioners 0.5.0 (DistributedProvisioner, localhost)"
+            )
+            if v.get("hung"):
+                print(f"| {who} | {v['count']} | - | - | yes | - | - | - | {v['left']} |")
+            else:
+                p50 = f"{v['p50']:.1f}" if v.get("p50") else "-"
+                print(
+                    f"| {who} | {v['count']} | {v['ok']} | {v['failed']} | no | {v['wall']:.1f} | {p50} | {v['loop_blocked_max']:.2f} | {v['left']} |"
+                )
+    if "scale" in r:
+        s = r["scale"]
+        print(f"\nScale: {s['total']} RemoteKernels ({s['running']} Running, the rest Failed):")
+        print(
+            f"- operator RSS {s['rss_mb_before_restart']:.0f} MB; after a restart {s['rss_mb_after_restart']:.0f} MB"
+        )
+        print(
+            f"- restarted, a new kernel {s['new_kernel_phase']} after {s['restart_to_new_kernel_running']:.1f} s"
+        )
+        print(f"- API requests a second in steady state (whole API server): {s['steady_api_rps']:.1f}")
+        print(f"- left running after deleting them all: {s['left']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

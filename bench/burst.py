@@ -48,7 +48,7 @@ from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.servers import OperatorProcess
 
 WORK = REPO_ROOT / ".cache" / "bench-burst"
-CONCURRENT = Path(__file__).with_name("concurrent.py")
+CONCURRENT = Path(__file__).with_name("many_clients.py")
 GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
 NAMESPACE = "default"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -240,7 +240,7 @@ def steps(
 def through_jupyter_client(
     python: Path, kernel: str, count: int, env: dict[str, str], deadline: float
 ) -> dict[str, Any]:
-    """``bench/concurrent.py`` in ``python``'s environment; None figures when it hung."""
+    """``bench/many_clients.py`` in ``python``'s environment; None figures when it hung."""
     try:
         out = subprocess.run(
             [str(python), str(CONCURRENT), "--kernel", kernel, "--count", str(count), "--timeout", "120"],

@@ -6,12 +6,13 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench chaos test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
-	@echo "make bench         launch-latency benchmark (p50/p95) against the alternatives"
+	@echo "make bench         launch latency (p50/p95), bursts, scale and launch steps against the alternatives"
+	@echo "make chaos         the fault suite at full size: the operator killed during 50 launches, five rounds"
 	@echo "make images        build the Python kernel image and the ssh test hosts' environment locally"
 	@echo "make operator-image  build the operator's image (Dockerfile) into the local Docker engine"
 	@echo "make yarn          build the test YARN and the kernel's YARN ApplicationMaster with Maven"
@@ -73,6 +74,13 @@ run: venv
 bench: cluster-bin venv
 	@bash hack/install-system-deps.sh
 	@$(VPY) bench/launch_latency.py
+	@$(VPY) bench/burst.py
+
+# The full fault round (CI runs a smaller one within make test): 50 kernels, five kills.
+chaos: cluster-bin helm venv
+	@bash hack/install-system-deps.sh
+	@$(MAKE) --no-print-directory images
+	@RKO_CHAOS_KERNELS=50 RKO_CHAOS_ROUNDS=5 $(VENV)/bin/pytest -q -rs -s tests/integration/test_faults.py
 
 lint: venv
 	@$(VENV)/bin/ruff check .

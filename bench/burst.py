@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import os
@@ -70,9 +71,8 @@ def rss_mb(pid: int) -> float:
 
 def api_requests(api: client.ApiClient) -> float:
     """Requests the API server has served so far (its apiserver_request_total counter)."""
-    text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False)[
-        0
-    ].data.decode()
+    method, url, headers, body, _ = api.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
+    text = api.call_api(method, url, header_params=headers, body=body).read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -337,6 +337,7 @@ def main() -> int:
     cluster = LocalCluster(WORK / "cluster")
     pool = HostPool(WORK / "hosts", network=2)
     operator = hosts_operator = None
+    kernels: Kernels | None = None
     report: dict[str, Any] = {"cores": cores}
     try:
         print("==> Starting the control plane, the ssh hosts and the operators...", flush=True)
@@ -418,7 +419,7 @@ def main() -> int:
             if "jupyter" not in skip:
                 print(f"==> {args.count} AsyncKernelManagers at once, our provisioner...", flush=True)
                 report["jupyter_ours"] = through_jupyter_client(
-                    Path(sys.executable), "rk_local", args.count, env, 400
+                    Path(sys.executable), "rk_local", args.count, env, 300
                 )
             if "gp" not in skip:
                 gp_python = gateway_provisioners_python()
@@ -429,24 +430,29 @@ def main() -> int:
                 }
                 for n in sorted({30, args.count}):
                     print(f"==> {n} AsyncKernelManagers at once, gateway_provisioners...", flush=True)
-                    report[f"jupyter_gp_{n}"] = through_jupyter_client(gp_python, "gp_ssh", n, gp_env, 400)
+                    report[f"jupyter_gp_{n}"] = through_jupyter_client(gp_python, "gp_ssh", n, gp_env, 240)
                     subprocess.run(["pkill", "-f", "ipykernel_launcher|launch_ipykernel"], check=False)
         if args.scale and "scale" not in skip:
             print(f"==> Scale: {args.scale} RemoteKernels, {args.scale_running} running...", flush=True)
             report["scale"] = scale(kernels, api, operator, "local", args.scale, args.scale_running)
     finally:
+        if kernels is not None:  # a part that failed may leave kernels: their operators stop them
+            with contextlib.suppress(Exception):
+                kernels.delete_all(timeout=120)
         for proc in (operator, hosts_operator):
             if proc is not None:
                 proc.stop()
         pool.stop()
         cluster.stop()
-    (WORK / "report.json").write_text(json.dumps(report, indent=2))
-    print_report(report)
+        (WORK / "report.json").write_text(json.dumps(report, indent=2))
+        print_report(report)  # what was measured, even when a later part failed
     return 0
 
 
 def print_report(r: dict[str, Any]) -> None:
     cores = r["cores"]
+    if "one_launch" not in r:
+        return
     one = r["one_launch"]
     print()
     print(

@@ -258,7 +258,11 @@ def measure(python: Path, kernel: str, runs: int, env: dict[str, str]) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--only", default="", help="measure only the rows whose kernel name contains this")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="measure only the rows whose kernel name contains one of these (comma-separated)",
+    )
     parser.add_argument("--no-server", action="store_true", help="skip the Jupyter Server table")
     args = parser.parse_args()
     # Stopped with SIGTERM, still run the clean-up below (cluster, sshd, engine, agent).
@@ -407,7 +411,7 @@ def main() -> int:
             (f"gateway_provisioners {GP_VERSION} YarnProvisioner, Spark (cluster)", gp_python, "gp_yarn"),
         ]
         for label, python, kernel in rows:
-            if args.only not in kernel:
+            if args.only and not any(word in kernel for word in args.only.split(",")):
                 continue
             row_env = dict(env)
             if python == gp_python:

@@ -66,7 +66,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     settings.watching.server_timeout = int(cfg.watch_server_timeout)
     settings.watching.client_timeout = int(cfg.watch_client_timeout)
     settings.watching.connect_timeout = 10
-    settings.posting.level = logging.INFO
+    # Phase changes post Events of their own (see _emitter); kopf turns only warnings and
+    # errors into Events too, not every log line (a burst of launches is not a burst of Events).
+    settings.posting.level = logging.WARNING
     # Following CRDs and namespaces needs cluster-wide rights; the namespaced modes have none,
     # so they serve what discovery shows at startup.
     settings.scanning.disabled = bool(cfg.watch_namespaces)

@@ -180,9 +180,10 @@ def ssh_home(pool: HostPool) -> Path:
 
 def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
     configs: dict[str, dict[str, object]] = {
-        "rk_local": {"backend": "ssh", "remote_hosts": ["localhost"]},
+        # Since profiles, the hosts are the administrator's: each row's profile names its own.
+        "rk_local": {"backend": "ssh", "backend_config": {"profileHosts": ["localhost"]}},
         "rk_hosts": {"backend": "ssh", "operator_class": "hosts"},
-        "rk_sshd": {"backend": "ssh", "remote_hosts": ["127.0.0.1"]},
+        "rk_sshd": {"backend": "ssh", "backend_config": {"profileHosts": ["127.0.0.1"]}},
         "rk_pod": {"backend": "kubernetes", "image_name": image},
         "rk_docker": {"backend": "docker", "image_name": image},
         "rk_swarm": {"backend": "dockerSwarm", "image_name": image},

@@ -345,6 +345,11 @@ class FakeResourceManager:
     def started_on(self) -> float:
         return self.started
 
+    def live_applications(self, types: Sequence[str]) -> dict[str, dict[str, Any]]:
+        self.calls.append(("list",))
+        live = ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED", "RUNNING")
+        return {i: a for i, a in self.apps.items() if a.get("state") in live}
+
     def kill(self, app_id: str, user: str) -> None:
         self.calls.append(("kill", app_id, user))
         self.apps[app_id]["state"] = "KILLED"
@@ -379,6 +384,25 @@ def test_a_plain_kernel_is_submitted_found_and_killed_once() -> None:
     asyncio.run(yarn.stop(ref, "uid"))  # idempotent: an ended application is not killed again
     assert [c for c in fake.calls if c[0] == "kill"] == [("kill", "application_1_0001", yarn.operator_user)]
     assert fake.calls[0] == ("new", yarn.operator_user)
+
+
+def test_twenty_kernels_on_one_resource_manager_cost_one_list() -> None:
+    """Each kernel used to ask the ResourceManager for its own report every second; the live
+    applications are listed once for all, and only one that ended is reported alone."""
+    fake = FakeResourceManager()
+    yarn = backend(fake)
+
+    async def run() -> list[str]:
+        refs = [await yarn.launch(plan(request())) for _ in range(20)]
+        fake.apps[refs[0]["applicationId"]]["state"] = "FINISHED"
+        fake.apps[refs[0]["applicationId"]]["finalStatus"] = "SUCCEEDED"
+        fake.calls.clear()
+        states = await asyncio.gather(*(yarn.status(ref) for ref in refs))
+        return [s.state for s in states]
+
+    states = asyncio.run(run())
+    assert states[0] == "succeeded" and set(states[1:]) == {"starting"}
+    assert fake.calls == [("list",)]
 
 
 def test_a_plain_kernel_needs_the_application_master_jar() -> None:

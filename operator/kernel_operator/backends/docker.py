@@ -28,6 +28,7 @@ from ..quantities import cpu_nanos, memory_bytes
 from ..settings import DockerSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan, kernel_image
+from .batching import Batcher
 from .blocking import BlockingPool
 
 KERNEL_ID_LABEL = "kernel-operator.io/kernel-id"
@@ -164,6 +165,7 @@ class DockerBackend:
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
         self._threads = BlockingPool(self.name, DOCKER_THREADS)
+        self._statuses: Batcher[str, str, BackendStatus] = Batcher(self._status_batch)
 
     def client(self) -> docker.DockerClient:
         with self._lock:
@@ -259,7 +261,28 @@ class DockerBackend:
             ) from err
 
     async def status(self, ref: BackendRef) -> BackendStatus:
-        return await self._threads.run(self._status, str(ref["id"]))
+        # Every kernel asking meanwhile is answered by one listing of the engine's containers.
+        return await self._statuses.ask(self.settings.host, str(ref["id"]))
+
+    async def _status_batch(self, host: str, ids: list[str]) -> list[BackendStatus]:
+        return await self._threads.run(self._statuses_of, ids)
+
+    def _statuses_of(self, ids: list[str]) -> list[BackendStatus]:
+        """One list call for the running ones; only a container that is not running is
+        inspected (for its exit code)."""
+        try:
+            listed = self.client().api.containers(all=True, filters={"label": UID_LABEL})
+        except (APIError, DockerException) as err:
+            raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
+        states = {str(c.get("Id")): str(c.get("State") or "") for c in listed}
+        answers = []
+        for container_id in ids:
+            state = next((v for k, v in states.items() if k.startswith(container_id)), None)
+            if state in ("running", "paused", "created", "restarting"):
+                answers.append(container_state({"State": {"Status": state}}))
+            else:
+                answers.append(self._status(container_id))
+        return answers
 
     def _status(self, container_id: str) -> BackendStatus:
         try:

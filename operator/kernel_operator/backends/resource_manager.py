@@ -21,6 +21,7 @@ from ..errors import BackendError, BackendUnavailable, SpecError
 # yarn-api-client logs a warning for every endpoint it finds down; our errors say it once.
 logging.getLogger("yarn_api_client").setLevel(logging.ERROR)
 
+LIVE_STATES = ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED", "RUNNING")
 FINAL_STATES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -110,6 +111,15 @@ class ResourceManagerClient:
                 raise
             return None
         return dict(data.get("app") or {}) or None
+
+    def live_applications(self, types: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The applications of ``types`` not yet finished, by id: one request for all of them."""
+        data = self._call(
+            "list applications",
+            "/ws/v1/cluster/apps",
+            params={"states": ",".join(LIVE_STATES), "applicationTypes": ",".join(types)},
+        )
+        return {str(a.get("id")): dict(a) for a in (data.get("apps") or {}).get("app") or []}
 
     def started_on(self) -> float:
         """When the active ResourceManager started (ms since the epoch)."""

@@ -38,6 +38,7 @@ from ..quantities import cpu_nanos, memory_bytes
 from ..settings import YarnSettings
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
+from .batching import Batcher
 from .blocking import BlockingPool
 from .resource_manager import FINAL_STATES, ResourceManagerClient, kerberos_auth
 
@@ -533,6 +534,9 @@ class YarnBackend:
         self._clients: dict[tuple[tuple[str, ...], bool], ResourceManagerClient] = {}
         self.operator_user = settings.user or _operator_user()
         self._threads = BlockingPool("yarn", YARN_THREADS)
+        self._statuses: Batcher[
+            tuple[tuple[str, ...], bool], BackendRef, BackendStatus | BackendUnavailable
+        ] = Batcher(self._status_batch)
 
     def client_for(self, ref: Mapping[str, Any]) -> ResourceManagerClient:
         key = (tuple(ref.get("endpoints") or ()), bool(ref.get("securityEnabled")))
@@ -659,7 +663,35 @@ class YarnBackend:
         return {**ref, "applicationId": str(found["id"])} if found else None
 
     async def status(self, ref: BackendRef) -> BackendStatus:
-        return await self._threads.run(self._status, ref)
+        # Every kernel of one ResourceManager asking meanwhile is answered by one list.
+        key = (tuple(ref.get("endpoints") or ()), bool(ref.get("securityEnabled")))
+        answer = await self._statuses.ask(key, ref)
+        if isinstance(answer, BackendUnavailable):
+            raise answer
+        return answer
+
+    async def _status_batch(
+        self, key: tuple[tuple[str, ...], bool], refs: list[BackendRef]
+    ) -> list[BackendStatus | BackendUnavailable]:
+        return await self._threads.run(self._statuses_of, refs)
+
+    def _statuses_of(self, refs: list[BackendRef]) -> list[BackendStatus | BackendUnavailable]:
+        """One list of the live applications; only one that is not live is reported alone."""
+        live = self.client_for(refs[0]).live_applications((APPLICATION_TYPE, "SPARK"))
+        now = time.time() * 1000
+        answers: list[BackendStatus | BackendUnavailable] = []
+        for ref in refs:
+            app = live.get(str(ref["applicationId"]))
+            if app is not None:
+                answers.append(
+                    application_state(app, now, float(ref.get("queueWait") or self.settings.queue_wait))
+                )
+                continue
+            try:
+                answers.append(self._status(ref))
+            except BackendUnavailable as err:
+                answers.append(err)
+        return answers
 
     def _status(self, ref: BackendRef) -> BackendStatus:
         app_id = str(ref["applicationId"])

@@ -276,6 +276,32 @@ class LocalCluster:
             raise
         return state
 
+    def restart(self, components: tuple[str, ...] = ("etcd", "apiserver"), timeout: float = 60.0) -> None:
+        """Kill ``components`` (SIGKILL, as a crash) and start them again on the same data and
+        ports; wait until the API server serves again. The other components stay up."""
+        state = self.load_state()
+        if state is None:
+            raise ClusterError(f"No cluster runs from {self.dir}.")
+        for name in components:
+            pid = state.pids.get(name)
+            if pid is not None:
+                _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            _alive(state.pids[n]) for n in components if n in state.pids
+        ):
+            time.sleep(0.05)
+        args = self._args(state)
+        for name in COMPONENTS:
+            if name not in components:
+                continue
+            state.pids[name] = self._spawn(name, args[name])
+            self._save_state(state)
+            if name == "etcd":
+                self._wait_port(state, state.etcd_port, deadline, name)
+            elif name == "apiserver":
+                self._wait_ready(state, deadline)
+
     def running(self) -> bool:
         state = self.load_state()
         return bool(state and any(_alive(pid) for pid in state.pids.values()))

@@ -291,3 +291,38 @@ def test_the_operator_killed_at_random_moments_during_concurrent_launches(
             lambda k=kernel_ids: not leftovers(k, api_client, namespace), timeout=30, what="nothing left"
         )  # type: ignore[misc]
     assert not slow_callbacks(proc.log()), slow_callbacks(proc.log())[:5]
+
+
+def test_etcd_and_the_api_server_restarted_during_launches(
+    faults_operator: tuple[OperatorProcess, AckProxy],
+    local_cluster: Any,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """The control plane crashes (etcd and the API server SIGKILLed) while kernels launch and
+    comes back on the same data: each kernel ends Running and runs code, or Failed with a
+    reason; deleting them all leaves nothing."""
+    proc, _ = faults_operator
+    names = {}
+    for _ in range(max(4, KERNELS // 2)):
+        name, kernel_id = make_kernel(namespace, custom, labels=LABELS, launchTimeoutSeconds=90)
+        names[name] = kernel_id
+    time.sleep(0.3)
+    local_cluster.restart(("etcd", "apiserver"))
+    for name in names:
+        obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=150)
+        status = obj["status"]
+        if status["phase"] == "Failed":
+            assert status.get("reason") and status.get("message"), status
+        else:
+            assert runs_code(api_client, namespace, obj), name
+    outcomes = [get(custom, namespace, n)["status"]["phase"] for n in names]  # type: ignore[index]
+    print(f"control plane restart: {outcomes.count('Running')}/{len(names)} Running")
+    for name in names:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    gone = list(names)
+    wait_for(lambda: all(get(custom, namespace, n) is None for n in gone), timeout=90, what="all deleted")
+    kernel_ids = list(names.values())
+    wait_for(lambda: not leftovers(kernel_ids, api_client, namespace), timeout=30, what="nothing left")
+    assert proc.proc is not None and proc.proc.poll() is None, "the operator died with the API server"

@@ -260,16 +260,9 @@ class LocalCluster:
         self.write_kubeconfig(self.admin_kubeconfig, "kubernetes-admin", ("system:masters",))
         self.write_kubeconfig(self.dir / "controller-manager.kubeconfig", "system:kube-controller-manager")
         self.write_kubeconfig(self.dir / "scheduler.kubeconfig", "system:kube-scheduler")
-        args = self._args(state)
         deadline = time.monotonic() + timeout
         try:
-            for name in COMPONENTS:
-                state.pids[name] = self._spawn(name, args[name])
-                self._save_state(state)
-                if name == "etcd":
-                    self._wait_port(state, state.etcd_port, deadline, name)
-                elif name == "apiserver":
-                    self._wait_ready(state, deadline)
+            self._launch(state, COMPONENTS, deadline)
             self._wait_default_service_account(state, deadline)
         except BaseException:
             self.stop()
@@ -291,10 +284,14 @@ class LocalCluster:
             _alive(state.pids[n]) for n in components if n in state.pids
         ):
             time.sleep(0.05)
+        for name in components:  # gone: start-up checks must not look for them
+            state.pids.pop(name, None)
+        self._launch(state, tuple(n for n in COMPONENTS if n in components), deadline)
+
+    def _launch(self, state: ClusterState, names: tuple[str, ...], deadline: float) -> None:
+        """Start ``names`` in order, each once the one before serves."""
         args = self._args(state)
-        for name in COMPONENTS:
-            if name not in components:
-                continue
+        for name in names:
             state.pids[name] = self._spawn(name, args[name])
             self._save_state(state)
             if name == "etcd":

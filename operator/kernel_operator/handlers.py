@@ -130,6 +130,11 @@ async def kernel(
     try:
         await lifecycle.run(stopped)
     except KubeError as err:
+        if err.status == 404:
+            # The RemoteKernel is gone (deleted while this daemon worked): stop what it started;
+            # retrying would only patch a missing object again.
+            await asyncio.shield(lifecycle.stop_after_deletion())
+            return
         raise kopf.TemporaryError(f"The Kubernetes API failed; retrying: {err}", delay=5) from err
     finally:
         if stopped.reason is not None and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:

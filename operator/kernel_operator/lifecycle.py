@@ -40,6 +40,13 @@ EXIT_RECHECKS = 30
 ACTIVITY_PATCH_SECONDS = 10.0  # lastActivity is written at most this often
 
 
+LOST_LAUNCH_SECONDS = 10.0  # how long after a launch began nothing found means nothing started
+
+
+class LaunchLost(Exception):
+    """The launch in status was never started (its operator stopped first)."""
+
+
 class StopFlag(Protocol):
     """kopf's DaemonStopped, as far as we use it."""
 
@@ -213,8 +220,17 @@ class KernelLifecycle:
     async def _drive(self, stopped: StopFlag) -> None:
         if self.phase in (None, "", Phase.PENDING.value) and not await self.launch(stopped):
             return
-        if self.phase == Phase.LAUNCHING.value and not await self.await_connection(stopped):
-            return
+        if self.phase == Phase.LAUNCHING.value:
+            try:
+                connected = await self.await_connection(stopped)
+            except LaunchLost as lost:
+                # The operator that began the launch stopped before it started anything: nothing
+                # will ever report, so launch again (a new token; the old one is void).
+                self.log.warning(str(lost))
+                self.emit("Normal", "Relaunching", str(lost))
+                connected = await self.launch(stopped, again=True) and await self.await_connection(stopped)
+            if not connected:
+                return
         if self.phase == Phase.RUNNING.value:
             await self.monitor(stopped)
 
@@ -240,8 +256,8 @@ class KernelLifecycle:
         self.log.info(message)
         await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
 
-    async def launch(self, stopped: StopFlag | None = None) -> bool:
-        if not self.phase:
+    async def launch(self, stopped: StopFlag | None = None, again: bool = False) -> bool:
+        if not self.phase and not again:
             await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         try:
             request = await self.request()
@@ -351,6 +367,11 @@ class KernelLifecycle:
                 if stopped:
                     return False
                 failure = await self._launch_failure()
+                if failure is None and self._launch_lost():
+                    raise LaunchLost(
+                        f"No launcher was found for this kernel {LOST_LAUNCH_SECONDS:g} s after an "
+                        "operator began its launch and stopped; launching it again."
+                    )
                 if failure is not None:
                     await self.stop_backend_quietly()
                     await self.set_phase(Phase.FAILED, failure[0], failure[1], launch=None)
@@ -366,6 +387,15 @@ class KernelLifecycle:
             self.ctx.listener.forget(self.uid)
             if not persisted.done():
                 persisted.cancel()
+
+    def _launch_lost(self) -> bool:
+        """A launch begun by another operator (not in flight here), with nothing recorded or
+        found on the backend long after it began: that operator stopped before starting it."""
+        launch = self.status.get("launch") or {}
+        if self.status.get("backendRef") or self.uid in self.ctx.launches or not launch.get("startedAt"):
+            return False
+        begun = (_utcnow() - _parse_time(launch["startedAt"])).total_seconds()
+        return begun > LOST_LAUNCH_SECONDS
 
     async def _find_unrecorded(self) -> BackendRef | None:
         """What a launch not recorded in status started, recorded once found."""
@@ -617,7 +647,12 @@ class KernelLifecycle:
         # The body kopf hands the delete handler may predate the launch's own patches: what
         # the API server holds now says what was started.
         fresh = await self.ctx.kube.read_remote_kernel_status(self.namespace, self.name)
-        if fresh is not None:
+        if fresh is None:  # gone already: stop what may have been started, write nothing
+            await self.stop_after_deletion()
+            await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
+            self._release_kernel_id()
+            return
+        if fresh:
             self.status = fresh
         if self.phase not in {p.value for p in TERMINAL}:
             await self.set_phase(Phase.TERMINATING, "Deleting", "The kernel is being deleted.")

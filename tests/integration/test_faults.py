@@ -173,6 +173,18 @@ def leftovers(kernel_ids: list[str], api_client: client.ApiClient, namespace: st
     return {k: v for k, v in {"processes": procs, "run dirs": dirs, "secrets": secrets}.items() if v}
 
 
+def delete_and_check_nothing_left(
+    custom: client.CustomObjectsApi, api_client: client.ApiClient, namespace: str, names: dict[str, str]
+) -> None:
+    """Delete the RemoteKernels ``names`` (name -> kernel id); wait until they are gone and
+    nothing of theirs is left."""
+    for name in names:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    wait_for(lambda: all(get(custom, namespace, n) is None for n in names), timeout=90, what="all deleted")
+    kernel_ids = list(names.values())
+    wait_for(lambda: not leftovers(kernel_ids, api_client, namespace), timeout=30, what="nothing left")
+
+
 def test_a_lost_acknowledgement_does_not_kill_the_running_kernel(
     faults_operator: tuple[OperatorProcess, AckProxy],
     api_client: client.ApiClient,
@@ -280,16 +292,7 @@ def test_the_operator_killed_at_random_moments_during_concurrent_launches(
         print(f"chaos round {round_ + 1}: {sorted(outcomes.values()).count('Running')}/{len(names)} Running")
         failed = {n: o for n, o in outcomes.items() if o != "Running"}
         assert not failed, f"round {round_ + 1}: {failed}"
-        for name in names:
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        gone = list(names)
-        wait_for(
-            lambda g=gone: all(get(custom, namespace, n) is None for n in g), timeout=90, what="all deleted"
-        )  # type: ignore[misc]
-        kernel_ids = list(names.values())
-        wait_for(
-            lambda k=kernel_ids: not leftovers(k, api_client, namespace), timeout=30, what="nothing left"
-        )  # type: ignore[misc]
+        delete_and_check_nothing_left(custom, api_client, namespace, dict(names))
     assert not slow_callbacks(proc.log()), slow_callbacks(proc.log())[:5]
 
 
@@ -319,10 +322,5 @@ def test_etcd_and_the_api_server_restarted_during_launches(
             assert runs_code(api_client, namespace, obj), name
     outcomes = [get(custom, namespace, n)["status"]["phase"] for n in names]  # type: ignore[index]
     print(f"control plane restart: {outcomes.count('Running')}/{len(names)} Running")
-    for name in names:
-        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    gone = list(names)
-    wait_for(lambda: all(get(custom, namespace, n) is None for n in gone), timeout=90, what="all deleted")
-    kernel_ids = list(names.values())
-    wait_for(lambda: not leftovers(kernel_ids, api_client, namespace), timeout=30, what="nothing left")
+    delete_and_check_nothing_left(custom, api_client, namespace, names)
     assert proc.proc is not None and proc.proc.poll() is None, "the operator died with the API server"

@@ -32,8 +32,9 @@ class FakeKube:
         self.owners: dict[str, Any] = {}
         self.profiles: dict[str, dict[str, Any]] = {"ssh-default": SSH_PROFILE}
         self.namespace_labels_: dict[str, dict[str, str]] = {"ns": {}}
-        # The status the API server holds, when a test says (None: as the body has it).
-        self.stored_status: dict[str, Any] | None = None
+        # The status the API server holds, when a test says ({}: nothing newer than the body;
+        # None: the RemoteKernel is gone).
+        self.stored_status: dict[str, Any] | None = {}
 
     async def read_profile(self, name: str) -> dict[str, Any] | None:
         return self.profiles.get(name)
@@ -286,6 +287,36 @@ async def test_a_launcher_that_dies_fails_the_launch_at_once() -> None:
     assert "stopped before it was ready" in kube.patches[-1]["message"]
 
 
+async def test_a_launch_its_operator_never_started_is_launched_again_after_a_restart() -> None:
+    """The operator wrote Launching and was killed before it started anything: the restarted
+    one finds nothing on the backend and, once the launch is old enough, launches again
+    instead of waiting out the launch timeout."""
+    backend = FakeBackend()  # find() finds nothing
+    ctx, kube, _ = context(backend)
+    now = dt.datetime.now(dt.timezone.utc)
+    long_ago = (now - dt.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    later = (now + dt.timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    b = body(
+        status={
+            "phase": "Launching",
+            "launch": {"tokenHash": "old", "startedAt": long_ago, "deadline": later},
+        }
+    )
+    emitted, emit = events()
+    stop = Stop()
+    task = asyncio.create_task(KernelLifecycle(ctx, b, emit, logging.getLogger("t")).run(stop))
+    for _ in range(100):
+        if backend.plans:
+            break
+        await asyncio.sleep(0.02)
+    stop.event.set()
+    await asyncio.wait_for(task, 5)
+    assert len(backend.plans) == 1  # launched again, once
+    assert "Relaunching" in [reason for _, reason, _ in emitted]
+    relaunch = [p for p in kube.patches if p.get("phase") == "Launching"]
+    assert relaunch and relaunch[0]["launch"]["tokenHash"] != "old"
+
+
 async def test_a_restarted_operator_resumes_a_launch_in_flight() -> None:
     backend = FakeBackend()
     ctx, kube, listener = context(backend)
@@ -341,6 +372,16 @@ async def test_delete_with_a_body_older_than_the_launch_stops_what_status_now_na
     kube.stored_status = {"phase": "Launching", "backend": "ssh", "backendRef": ref}
     await KernelLifecycle(ctx, stale, events()[1], logging.getLogger("t")).delete()
     assert backend.stopped == [ref]
+
+
+async def test_delete_of_a_remote_kernel_already_gone_stops_its_launch_and_writes_nothing() -> None:
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Launching", "backendRef": {"host": "h1", "pid": 8, "runDir": "/tmp/z"}})
+    kube.stored_status = None
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped == [b["status"]["backendRef"]]
+    assert kube.phases() == []
 
 
 async def test_delete_of_an_unknown_backend_still_removes_the_secret() -> None:

@@ -184,18 +184,7 @@ class SshBackend:
             pid, pgid = (
                 (int(words[0]), int(words[1])) if len(words) == 2 and "".join(words).isdigit() else (0, 0)
             )
-            ref: BackendRef = {
-                "host": host,
-                "port": port,
-                "login": login,
-                "pid": pid,
-                "pgid": pgid,
-                "runDir": run_dir,
-                "local": False,
-            }
-            if user:
-                ref["user"] = user
-            return ref
+            return _remote_ref(host, port, login, pid, pgid, run_dir, user)
         return None
 
     def is_local(self, host: str) -> bool:
@@ -284,18 +273,7 @@ class SshBackend:
             pid = int(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as err:
             raise BackendError(f"Host {host} did not report the launcher's pid: {out!r}") from err
-        ref: BackendRef = {
-            "host": host,
-            "port": port,
-            "login": login,
-            "pid": pid,
-            "pgid": pid,
-            "runDir": run_dir,
-            "local": False,
-        }
-        if user:
-            ref["user"] = user
-        return ref
+        return _remote_ref(host, port, login, pid, pid, run_dir, user)
 
     async def _launch_local(
         self, host: str, ip: str, plan: LaunchPlan, working_dir: str | None
@@ -613,6 +591,24 @@ async def _address_of(host: str) -> str:
     except OSError as err:
         raise BackendUnavailable(f"cannot resolve {host}: {err}") from err
     return str(infos[0][4][0])
+
+
+def _remote_ref(
+    host: str, port: int, login: str, pid: int, pgid: int, run_dir: str, user: str | None
+) -> BackendRef:
+    """What status records of a launcher started over ssh."""
+    ref: BackendRef = {
+        "host": host,
+        "port": port,
+        "login": login,
+        "pid": pid,
+        "pgid": pgid,
+        "runDir": run_dir,
+        "local": False,
+    }
+    if user:
+        ref["user"] = user
+    return ref
 
 
 def _complete(ref: BackendRef) -> bool:

@@ -430,7 +430,7 @@ def main() -> int:
                 }
                 for n in sorted({30, args.count}):
                     print(f"==> {n} AsyncKernelManagers at once, gateway_provisioners...", flush=True)
-                    report[f"jupyter_gp_{n}"] = through_jupyter_client(gp_python, "gp_ssh", n, gp_env, 240)
+                    report[f"jupyter_gp_{n}"] = through_jupyter_client(gp_python, "gp_ssh", n, gp_env, 150)
                     subprocess.run(["pkill", "-f", "ipykernel_launcher|launch_ipykernel"], check=False)
         if args.scale and "scale" not in skip:
             print(f"==> Scale: {args.scale} RemoteKernels, {args.scale_running} running...", flush=True)

@@ -199,6 +199,11 @@ def remote_find_command(run_dir: str, user: str | None = None) -> str:
     return as_user(user, script)
 
 
+def remote_log_tail_command(run_dir: str, user: str | None = None) -> str:
+    """Prints the end of the launcher's log in ``run_dir`` (nothing if there is none)."""
+    return as_user(user, f"tail -c 600 {shlex.quote(run_dir + '/launcher.log')} 2>/dev/null; true")
+
+
 def remote_signal_command(pid: int, signum: int, run_dir: str, user: str | None = None) -> str:
     """Send ``signum`` to one process of this kernel (checked to be ours); fails if it is gone."""
     script = (

@@ -21,7 +21,7 @@ from kernel_launchers.protocol import LaunchPayload
 
 from . import GROUP, KIND, UID_LABEL, VERSION, keys
 from .activity import IopubWatcher, is_idle
-from .backends import Backend, BackendRef, Backends, LaunchPlan, SignalingBackend
+from .backends import Backend, BackendRef, Backends, LaunchPlan, LoggingBackend, SignalingBackend
 from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
 from .kube import Kube, KubeError
@@ -426,16 +426,32 @@ class KernelLifecycle:
 
     async def _launch_timed_out(self) -> bool:
         timeout = self.spec.get("launchTimeoutSeconds") or self.ctx.settings.launch_timeout
+        said = await self._launcher_log()
         await self.stop_backend_quietly()
         await self.set_phase(
             Phase.FAILED,
             "LaunchTimeout",
             f"The kernel did not send its connection info within {timeout:g} s; the backend was "
             "stopped. Check the launcher's log on the backend, and that it can reach the "
-            f"operator at {self.ctx.response_address}.",
+            f"operator at {self.ctx.response_address}.{said}",
             launch=None,
         )
         return False
+
+    async def _launcher_log(self) -> str:
+        """ " Its log ends: ..." when the backend can tell (read before stopping removes it)."""
+        ref = self.status.get("backendRef")
+        try:
+            backend = self.backend()
+        except SpecError:
+            return ""
+        if not ref or not isinstance(backend, LoggingBackend):
+            return ""
+        try:
+            tail = (await backend.log_tail(ref, self.uid)).strip()
+        except BackendError:
+            return ""
+        return f" Its log ends: {tail}" if tail else ""
 
     async def persist_connection(self, payload: LaunchPayload) -> None:
         """Store the key in a Secret owned by the resource, the rest in status: then Running."""

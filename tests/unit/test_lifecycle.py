@@ -275,6 +275,22 @@ async def test_a_launch_that_never_reports_times_out_and_the_backend_is_stopped(
     assert listener.forgotten
 
 
+class TalkativeBackend(FakeBackend):
+    async def log_tail(self, ref: dict[str, Any], owner: str) -> str:
+        return "launcher ERROR the kernel did not listen\n"
+
+
+async def test_a_launch_timeout_quotes_the_end_of_the_launchers_log() -> None:
+    backend = TalkativeBackend()
+    ctx, kube, _ = context(backend)
+    await asyncio.wait_for(
+        KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t")).run(Stop()),
+        10,
+    )
+    assert kube.patches[-1]["reason"] == "LaunchTimeout"
+    assert kube.patches[-1]["message"].endswith("Its log ends: launcher ERROR the kernel did not listen")
+
+
 async def test_a_launcher_that_dies_fails_the_launch_at_once() -> None:
     backend = FakeBackend()
     backend.states = [BackendStatus("failed", "KernelFailed", "exit 3", 3)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import SpecError
 from ..kube import Kube
 from ..settings import OperatorSettings
-from .base import Backend, BackendRef, BackendStatus, LaunchPlan, SignalingBackend
+from .base import Backend, BackendRef, BackendStatus, LaunchPlan, LoggingBackend, SignalingBackend
 from .custom_resource import CustomResourceBackend, SparkApplicationBackend
 from .docker import DockerBackend
 from .docker_swarm import DockerSwarmBackend
@@ -17,7 +17,15 @@ from .kubernetes import KubernetesBackend
 from .ssh import SecretCredentials, SshBackend
 from .yarn import YarnBackend
 
-__all__ = ["Backend", "BackendRef", "BackendStatus", "Backends", "LaunchPlan", "SignalingBackend"]
+__all__ = [
+    "Backend",
+    "BackendRef",
+    "BackendStatus",
+    "Backends",
+    "LaunchPlan",
+    "LoggingBackend",
+    "SignalingBackend",
+]
 
 
 class Backends:

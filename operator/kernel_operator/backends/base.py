@@ -100,3 +100,14 @@ class SignalingBackend(Protocol):
         """Send ``signum`` to the kernel's process, only if it is RemoteKernel ``owner``'s (as
         ``Backend.stop``). Raises BackendError if it cannot."""
         ...
+
+
+@runtime_checkable
+class LoggingBackend(Protocol):
+    """A backend that can show the end of a launcher's log (quoted when a launch fails)."""
+
+    name: str
+
+    async def log_tail(self, ref: BackendRef, owner: str) -> str:
+        """The last lines the launcher of RemoteKernel ``owner`` wrote; "" if unknown."""
+        ...

@@ -43,6 +43,7 @@ from ..launch_command import (
     LAUNCHER_MODULE,
     launch_file,
     remote_find_command,
+    remote_log_tail_command,
     remote_signal_command,
     remote_start_command,
     remote_status_batch_command,
@@ -350,6 +351,22 @@ class SshBackend:
         host, port, login, user = key
         out = await self._run(host, port, login, remote_status_batch_command(items, user), user=user)
         return split_status_batch(out, len(items))
+
+    async def log_tail(self, ref: BackendRef, owner: str) -> str:
+        """The end of the launcher's log in its run directory (only a run directory of ``owner``)."""
+        run_dir = str(ref.get("runDir") or "")
+        if not _complete(ref) or not run_dir_is_for(run_dir, owner):
+            return ""
+        if ref.get("local"):
+            return _tail(Path(run_dir) / "launcher.log", 600)
+        with contextlib.suppress(BackendError):
+            return await self._run(
+                str(ref["host"]),
+                int(ref.get("port", 22)),
+                str(ref.get("login", self.settings.user)),
+                remote_log_tail_command(run_dir, ref.get("user")),
+            )
+        return ""
 
     # -- signals -----------------------------------------------------------------------------
     async def signal(self, ref: BackendRef, signum: int, owner: str) -> None:

@@ -9,6 +9,7 @@ import logging
 import socket
 from typing import Any
 
+import aiohttp
 import kopf
 
 from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
@@ -24,6 +25,8 @@ from .settings import OperatorSettings, operator_class_from_env
 from .status import Phase
 
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
+# Raised by the API client when the connection itself fails (not an API error): transient.
+CONNECTION_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
 OPERATOR_CLASS = operator_class_from_env()
 # Per class: kopf drops a finalizer of its own name from objects none of its handlers match,
 # so operators of two classes sharing one name would strip each other's before cleaning up.
@@ -129,6 +132,9 @@ async def kernel(
     lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
     try:
         await lifecycle.run(stopped)
+    except CONNECTION_ERRORS as err:
+        # The API server went away mid-request (restarting, say): soon, not in kopf's 60 s.
+        raise kopf.TemporaryError(f"The Kubernetes API cannot be reached; retrying: {err}", delay=2) from err
     except KubeError as err:
         if err.status == 404:
             # The RemoteKernel is gone (deleted while this daemon worked): stop what it started;
@@ -150,7 +156,7 @@ async def delete(
     lifecycle = KernelLifecycle(ctx, body, _emitter(body), logger)
     try:
         await lifecycle.delete(give_up=runtime.total_seconds() >= ctx.settings.stop_give_up)
-    except KubeError as err:
+    except (KubeError, *CONNECTION_ERRORS) as err:
         raise kopf.TemporaryError(f"Cleaning up failed; retrying: {err}", delay=2) from err
     except BackendError as err:
         raise kopf.TemporaryError(f"Stopping the kernel failed; retrying: {err}", delay=2) from err

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import docker
+import urllib3
 from docker.errors import APIError, ImageNotFound, NotFound
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -139,6 +140,8 @@ class NodeAgent:
                 self._renew_lease()
             except ApiException as err:
                 log.warning("Heartbeat failed: %s", err.reason)
+            except (urllib3.exceptions.HTTPError, OSError) as err:
+                log.warning("Heartbeat failed: %s", err)
 
     def _renew_lease(self) -> None:
         spec = {
@@ -174,6 +177,10 @@ class NodeAgent:
                         log.exception("Syncing pod %s/%s failed.", pod.metadata.namespace, pod.metadata.name)
             except ApiException as err:
                 log.warning("The pod watch failed (%s); watching again.", err.reason)
+                time.sleep(1)
+            except (urllib3.exceptions.HTTPError, OSError) as err:
+                # The API server went away (a restart, as a kubelet sees them): watch again.
+                log.warning("The pod watch was cut (%s); watching again.", err)
                 time.sleep(1)
             finally:
                 stream.stop()

@@ -34,6 +34,7 @@ import time
 import uuid
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -198,4 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             controller.reconcile_all()
         except ApiException as err:
             log.warning("Listing SparkApplications failed: %s", err.reason)
+        except (urllib3.exceptions.HTTPError, OSError) as err:  # the API server restarting
+            log.warning("The API server cannot be reached: %s", err)
         time.sleep(args.interval)

@@ -387,15 +387,16 @@ class Launcher:
                 if taken:
                     raise PortTaken(f"another process took port(s) {taken} before the kernel bound them")
                 raise RuntimeError(f"The kernel exited with code {self.kernel.returncode} during start-up.")
-            own = listening_ports(self.kernel.pid)
-            if own is not None:
-                if wanted <= own:
+            # A connect first (cheap); /proc only once something answers: its socket tables
+            # list every socket of the host, and a hundred launchers reading them every 50 ms
+            # cost more CPU than their kernels' start-up.
+            with socket.socket() as probe:
+                probe.settimeout(0.5)
+                answered = probe.connect_ex((host, info["shell_port"])) == 0
+            if answered:
+                own = listening_ports(self.kernel.pid)
+                if own is None or wanted <= own:  # no /proc: the answer is all we can tell
                     return
-            else:  # no /proc: that the shell port answers is all we can tell
-                with socket.socket() as probe:
-                    probe.settimeout(0.5)
-                    if probe.connect_ex((host, info["shell_port"])) == 0:
-                        return
             time.sleep(0.05)
         raise RuntimeError(f"The kernel did not listen on its ports within {timeout:.0f} s.")
 

@@ -74,6 +74,14 @@ class OperatorContext:
     kernel_ids: dict[str, str] = field(default_factory=dict)
     # Launches under way, by RemoteKernel uid (see KernelLifecycle.launch).
     launches: dict[str, asyncio.Future[BackendRef]] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def launch_slots(self) -> asyncio.Semaphore:
+        """At most RKO_MAX_CONCURRENT_LAUNCHES launches between Launching and their report."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_concurrent_launches)
+        return self._slots
 
     @property
     def public_key(self) -> bytes:
@@ -129,6 +137,7 @@ class KernelLifecycle:
         self.log = logger
         self._recorded_activity = 0.0
         self._request: KernelRequest | None = None
+        self._slot = False  # holds one of ctx.launch_slots
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -218,6 +227,27 @@ class KernelLifecycle:
             await self.expire(stopped)
 
     async def _drive(self, stopped: StopFlag) -> None:
+        try:
+            await self._drive_phases(stopped)
+        finally:
+            self._release_slot()
+
+    async def _take_slot(self) -> None:
+        slots = self.ctx.launch_slots
+        if slots.locked():
+            self.log.info(
+                f"{self.ctx.settings.max_concurrent_launches} launches are under way "
+                "(RKO_MAX_CONCURRENT_LAUNCHES); this one waits for a slot."
+            )
+        await slots.acquire()
+        self._slot = True
+
+    def _release_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.ctx.launch_slots.release()
+
+    async def _drive_phases(self, stopped: StopFlag) -> None:
         if self.phase in (None, "", Phase.PENDING.value) and not await self.launch(stopped):
             return
         if self.phase == Phase.LAUNCHING.value:
@@ -272,6 +302,11 @@ class KernelLifecycle:
                 f"Kernel id {request.kernel_id} is in use by another RemoteKernel; use a new kernel id.",
                 observedGeneration=self.generation,
             )
+            return False
+        if not self._slot:
+            await self._take_slot()  # the deadline counts from here
+        if stopped:
+            self._release_slot()
             return False
         token = protocol.new_token()
         now = _utcnow()
@@ -384,6 +419,7 @@ class KernelLifecycle:
             persisted.set_result(None)
             return True
         finally:
+            self._release_slot()  # reported, failed or given up: the next launch may start
             self.ctx.listener.forget(self.uid)
             if not persisted.done():
                 persisted.cancel()

@@ -165,6 +165,9 @@ class OperatorSettings:
     key_secret: str = "remote-kernel-operator-keys"
     watch_namespaces: tuple[str, ...] = ()
     launch_timeout: float = 30.0
+    # Launches between Launching and the kernel's report at once; more wait in Pending, so each
+    # launch runs at full speed and its timeout counts from when it really starts.
+    max_concurrent_launches: int = 16
     authorized_users: frozenset[str] = frozenset()
     unauthorized_users: frozenset[str] = frozenset({"root"})
     port_range: tuple[int, int] = (0, 0)
@@ -257,6 +260,7 @@ class OperatorSettings:
             key_secret=env.get("RKO_KEY_SECRET", "remote-kernel-operator-keys"),
             watch_namespaces=_list(env.get("RKO_WATCH_NAMESPACES", "")),
             launch_timeout=_number(env, "RKO_LAUNCH_TIMEOUT", 30.0, 1),
+            max_concurrent_launches=int(_number(env, "RKO_MAX_CONCURRENT_LAUNCHES", 16, 1)),
             authorized_users=frozenset(_list(env.get("RKO_AUTHORIZED_USERS", ""))),
             unauthorized_users=frozenset(_list(env.get("RKO_UNAUTHORIZED_USERS", "root"))),
             port_range=port_range,

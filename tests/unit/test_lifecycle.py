@@ -668,3 +668,20 @@ async def test_a_deletion_during_a_launch_stops_what_the_launch_starts_afterward
     assert len(backend.plans) == 1 and backend.stopped, "what the launch started was stopped"
     assert ctx.launches == {}
     assert not [p for p in kube.patches if "backendRef" in p and not p["backendRef"].get("stopped")]
+
+
+async def test_launches_beyond_the_limit_wait_in_pending_and_start_as_slots_free() -> None:
+    """With RKO_MAX_CONCURRENT_LAUNCHES=1 the second kernel waits until the first launch ends
+    (here: it times out), so each launch runs at full speed and its timeout counts from its start."""
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend, RKO_MAX_CONCURRENT_LAUNCHES="1")
+    first = KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t"))
+    second = KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t"))
+    tasks = [asyncio.create_task(first.run(Stop())), asyncio.create_task(second.run(Stop()))]
+    await asyncio.sleep(0.5)
+    assert len(backend.plans) == 1  # the second is still Pending
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert len(backend.plans) == 2
+    phases = kube.phases()
+    assert phases.index("Failed") < len(phases) - 1 - phases[::-1].index("Launching")
+    assert not ctx.launch_slots.locked()

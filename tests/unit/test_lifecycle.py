@@ -675,10 +675,11 @@ async def test_launches_beyond_the_limit_wait_in_pending_and_start_as_slots_free
     (here: it times out), so each launch runs at full speed and its timeout counts from its start."""
     backend = FakeBackend()
     ctx, kube, _ = context(backend, RKO_MAX_CONCURRENT_LAUNCHES="1")
-    first = KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t"))
-    second = KernelLifecycle(ctx, body(launchTimeoutSeconds=1), events()[1], logging.getLogger("t"))
+    # (Deadlines are written to the second: a 2 s timeout ends 1 to 2 s after the launch.)
+    first = KernelLifecycle(ctx, body(launchTimeoutSeconds=2), events()[1], logging.getLogger("t"))
+    second = KernelLifecycle(ctx, body(launchTimeoutSeconds=2), events()[1], logging.getLogger("t"))
     tasks = [asyncio.create_task(first.run(Stop())), asyncio.create_task(second.run(Stop()))]
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.3)
     assert len(backend.plans) == 1  # the second is still Pending
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert len(backend.plans) == 2

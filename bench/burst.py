@@ -327,7 +327,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=1000, help="RemoteKernels in the scale run (0: skip)")
     parser.add_argument("--scale-running", type=int, default=100)
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to skip: steps,burst,hosts,jupyter,gp,scale"
+        "--skip", default="", help="comma-separated parts to skip: steps,burst,hosts,direct,jupyter,gp,scale"
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -411,11 +411,16 @@ def main() -> int:
             report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
             report["burst_hosts"] = burst(kernels, "hosts", args.count, 600)
             kernels.create = orig  # type: ignore[method-assign]
-        if "jupyter" not in skip or "gp" not in skip:
+        if {"direct", "jupyter", "gp"} - skip:
             jupyter = kernelspecs(
                 Path(tempfile.mkdtemp(prefix="rko-burst-")), cluster.admin_kubeconfig, "unused:0"
             )
             env = {**os.environ, "JUPYTER_PATH": str(jupyter), "KERNEL_USERNAME": "alice"}
+            if "direct" not in skip:
+                print(f"==> {args.count} AsyncKernelManagers at once, direct local ipykernels...", flush=True)
+                report["jupyter_direct"] = through_jupyter_client(
+                    Path(sys.executable), "python3", args.count, env, 300
+                )
             if "jupyter" not in skip:
                 print(f"==> {args.count} AsyncKernelManagers at once, our provisioner...", flush=True)
                 report["jupyter_ours"] = through_jupyter_client(
@@ -493,11 +498,10 @@ def print_report(r: dict[str, Any]) -> None:
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for k, v in rows:
-            who = (
-                "remote-kernel-operator (ssh, localhost)"
-                if k == "jupyter_ours"
-                else "gateway_provisioners 0.5.0 (DistributedProvisioner, localhost)"
-            )
+            who = {
+                "jupyter_ours": "remote-kernel-operator (ssh, localhost)",
+                "jupyter_direct": "jupyter_client direct local launch",
+            }.get(k, "gateway_provisioners 0.5.0 (DistributedProvisioner, localhost)")
             if v.get("hung"):
                 print(f"| {who} | {v['count']} | - | - | yes | - | - | - | {v['left']} |")
             else:

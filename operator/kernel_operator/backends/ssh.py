@@ -333,10 +333,11 @@ class SshBackend:
             if text == "gone":
                 text += "\n" + _tail(Path(run_dir) / "launcher.log")
         else:
-            host = (str(ref["host"]), int(ref.get("port", 22)), str(ref.get("login", self.settings.user)))
             try:
                 # One command per host and user answers every kernel asking meanwhile.
-                text = await self._statuses.ask((*host, ref.get("user")), (pid, kernel_pid, run_dir))
+                text = await self._statuses.ask(
+                    (*self._host_of(ref), ref.get("user")), (pid, kernel_pid, run_dir)
+                )
             except BackendUnavailable:
                 raise
             except BackendError as err:
@@ -360,12 +361,7 @@ class SshBackend:
         if ref.get("local"):
             return _tail(Path(run_dir) / "launcher.log", 600)
         with contextlib.suppress(BackendError):
-            return await self._run(
-                str(ref["host"]),
-                int(ref.get("port", 22)),
-                str(ref.get("login", self.settings.user)),
-                remote_log_tail_command(run_dir, ref.get("user")),
-            )
+            return await self._run(*self._host_of(ref), remote_log_tail_command(run_dir, ref.get("user")))
         return ""
 
     # -- signals -----------------------------------------------------------------------------
@@ -388,12 +384,7 @@ class SshBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
             return
-        await self._run(
-            str(ref["host"]),
-            int(ref.get("port", 22)),
-            str(ref.get("login", self.settings.user)),
-            remote_signal_command(pid, signum, run_dir, ref.get("user")),
-        )
+        await self._run(*self._host_of(ref), remote_signal_command(pid, signum, run_dir, ref.get("user")))
 
     # -- stop --------------------------------------------------------------------------------
     async def stop(self, ref: BackendRef, owner: str) -> None:
@@ -414,12 +405,7 @@ class SshBackend:
             shutil.rmtree(run_dir, ignore_errors=True)
             return
         try:
-            await self._run(
-                str(ref["host"]),
-                int(ref.get("port", 22)),
-                str(ref.get("login", self.settings.user)),
-                remote_stop_command(pgid, run_dir, user=ref.get("user")),
-            )
+            await self._run(*self._host_of(ref), remote_stop_command(pgid, run_dir, user=ref.get("user")))
         except BackendUnavailable:
             raise
         except BackendError as err:
@@ -427,6 +413,10 @@ class SshBackend:
                 raise
 
     # -- ssh ---------------------------------------------------------------------------------
+    def _host_of(self, ref: BackendRef) -> tuple[str, int, str]:
+        """The host, ssh port and login a remote launch recorded."""
+        return str(ref["host"]), int(ref.get("port", 22)), str(ref.get("login", self.settings.user))
+
     async def _run(
         self,
         host: str,

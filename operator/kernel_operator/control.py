@@ -10,7 +10,7 @@ from typing import Any
 
 from kernel_launchers import protocol
 
-from .errors import BackendError, BackendUnavailable
+from .errors import BackendError, BackendUnavailable, ControlUnanswered
 
 
 async def send_control(
@@ -26,7 +26,10 @@ async def send_control(
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (OSError, asyncio.TimeoutError) as err:
-        raise BackendUnavailable(f"The launcher at {host}:{port} did not answer: {err}") from err
+        raise ControlUnanswered(
+            f"The launcher at {host}:{port} took the request but did not answer within {timeout:g} s "
+            f"({err or type(err).__name__}); it was not sent again, as it may have been carried out."
+        ) from err
     finally:
         writer.close()
     try:

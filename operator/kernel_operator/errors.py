@@ -30,5 +30,13 @@ class BackendUnavailable(BackendError):
         super().__init__(message, reason)
 
 
+class ControlUnanswered(BackendError):
+    """A control request reached the launcher, which did not answer: it may have been carried
+    out, so it must not be repeated another way (a signal delivered twice is two interrupts)."""
+
+    def __init__(self, message: str, reason: str = "ControlUnanswered") -> None:
+        super().__init__(message, reason)
+
+
 class SettingsError(OperatorError):
     """An RKO_* setting is malformed; the operator cannot start."""

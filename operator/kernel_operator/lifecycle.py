@@ -724,8 +724,8 @@ class KernelLifecycle:
         await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
         self._release_kernel_id()
 
-    async def send_signal(self, signum: int) -> dict[str, Any]:
-        """Forward a signal to the kernel through its launcher's control port."""
+    async def send_signal(self, signum: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Forward a signal to the kernel through its launcher's control port, at most once."""
         ref = self.status.get("backendRef") or {}
         connection = self.status.get("connection") or {}
         if self.phase != Phase.RUNNING.value or "controlPort" not in ref:
@@ -741,15 +741,16 @@ class KernelLifecycle:
                 int(ref["controlPort"]),
                 key,
                 {"request": "signal", "signum": signum},
+                timeout,
             )
         except BackendUnavailable as err:
-            # The launcher is gone but the kernel may not be: a backend that can reach the
-            # kernel's process another way (ssh to its host) delivers the signal itself.
+            # The launcher is unreachable (the request never left) but the kernel may live on:
+            # a backend that reaches its process another way (ssh to its host) signals it.
             backend = self.backend()
             if not isinstance(backend, SignalingBackend):
                 raise
             self.log.warning(
-                f"The launcher did not answer ({err}); signalling through the {backend.name} backend."
+                f"The launcher could not be reached ({err}); signalling through the {backend.name} backend."
             )
             await backend.signal(ref, signum, self.uid)
             return {"ok": True, "via": backend.name}

@@ -43,6 +43,18 @@ async def run_r(kc: Any, code: str) -> tuple[dict[str, Any], str]:
     return reply["content"], "".join(out)
 
 
+async def _idle_after(kc: Any, msg_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"].get("execution_state") == "idle"
+        ):
+            return
+
+
 async def test_an_r_kernel_runs_over_ssh_and_is_interrupted_by_a_signal(
     operator: OperatorProcess,
     sshd: Sshd,
@@ -72,8 +84,11 @@ async def test_an_r_kernel_runs_over_ssh_and_is_interrupted_by_a_signal(
             await asyncio.sleep(2)
             started = time.monotonic()
             await km.interrupt_kernel()
-            await _reply_to(kc, msg_id, timeout=20)
+            assert (await _reply_to(kc, msg_id, timeout=20))["content"]["status"] == "abort"
             assert time.monotonic() - started < 15
+            # After an interrupted reply IRkernel aborts whatever is already queued on the
+            # shell socket, so the next request goes only after its "idle" for this one.
+            await _idle_after(kc, msg_id, timeout=20)
             reply, out = await run_r(kc, "cat(x)")  # the session survives the interrupt
             assert out == "1 2 3"
     finally:

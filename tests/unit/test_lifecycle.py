@@ -15,7 +15,7 @@ from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 from kernel_operator import keys
 from kernel_operator.backends.base import BackendStatus, LaunchPlan
-from kernel_operator.errors import BackendError, BackendUnavailable, SpecError
+from kernel_operator.errors import BackendError, BackendUnavailable, ControlUnanswered, SpecError
 from kernel_operator.lifecycle import KernelLifecycle, OperatorContext
 from kernel_operator.settings import OperatorSettings
 
@@ -686,3 +686,26 @@ async def test_launches_beyond_the_limit_wait_in_pending_and_start_as_slots_free
     phases = kube.phases()
     assert phases.index("Failed") < len(phases) - 1 - phases[::-1].index("Launching")
     assert not ctx.launch_slots.locked()
+
+
+async def test_a_signal_the_launcher_took_but_did_not_answer_is_not_sent_again() -> None:
+    """A launcher that reads the request and never replies may have delivered it: the backend
+    must not deliver it a second time (two SIGINTs can end an R kernel between requests)."""
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    taken: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(await reader.readline())
+        await asyncio.sleep(10)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    b["status"]["backendRef"]["controlPort"] = server.sockets[0].getsockname()[1]
+    lifecycle = KernelLifecycle(ctx, b, events()[1], logging.getLogger("t"))
+    try:
+        with pytest.raises(ControlUnanswered, match="not sent again"):
+            await lifecycle.send_signal(2, timeout=0.3)
+    finally:
+        server.close()
+    assert len(taken) == 1 and backend.signals == []

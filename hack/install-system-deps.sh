@@ -11,6 +11,10 @@ declare -A packages=(
   [debootstrap]=debootstrap
   [mvn]=maven
   [javac]=openjdk-17-jdk-headless
+  # The test node: containerd and runc run its pods; the CNI plugins give them a network.
+  [containerd]=containerd
+  [runc]=runc
+  [/usr/lib/cni/bridge]=containernetworking-plugins
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")

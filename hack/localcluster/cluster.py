@@ -29,7 +29,12 @@ from . import pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO_ROOT / ".cache" / "cluster" / "current" / "kcluster"
-SERVICE_CIDR = "10.0.0.0/24"  # ClusterIPs are only allocated, never routed to, here.
+# In the range RFC 2544 sets aside for benchmarking networks (never anyone's real address), like
+# every address the suite owns. The "kubernetes" Service's IP (the first) is the one address a
+# test node routes to: its relay forwards it to the API server (see node.py); other ClusterIPs
+# are only allocated.
+SERVICE_CIDR = "198.18.30.0/24"
+SERVICE_IP = "198.18.30.1"
 COMPONENTS = ("etcd", "apiserver", "controller-manager", "scheduler")
 
 
@@ -136,7 +141,7 @@ class LocalCluster:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ),
-            ip_addresses=("127.0.0.1", "10.0.0.1"),
+            ip_addresses=("127.0.0.1", SERVICE_IP),
             server=True,
         )
         self._write(self._pki("apiserver.crt"), serving.cert_pem)
@@ -148,14 +153,17 @@ class LocalCluster:
     def _ca(self) -> pki.KeyPair:
         return pki.KeyPair(self._pki("ca.crt").read_bytes(), self._pki("ca.key").read_bytes())
 
-    def write_kubeconfig(self, path: Path, user: str, organizations: tuple[str, ...] = ()) -> Path:
-        """Write a kubeconfig for a client-certificate user (e.g. ``system:node:n1``)."""
+    def write_kubeconfig(
+        self, path: Path, user: str, organizations: tuple[str, ...] = (), server: str | None = None
+    ) -> Path:
+        """Write a kubeconfig for a client-certificate user (e.g. ``system:node:n1``); ``server``
+        replaces the API server's loopback address (a test node reaches it another way)."""
         state = self.load_state()
         if state is None:
             raise ClusterError(f"No cluster state in {self.dir}; start the cluster first.")
         ca = self._ca()
         client = pki.issue(ca, user, organizations=organizations, client=True)
-        doc = kubeconfig(state.server, ca.cert_pem, client, user)
+        doc = kubeconfig(server or state.server, ca.cert_pem, client, user)
         path.write_text(json.dumps(doc, indent=2))
         path.chmod(0o600)
         return path

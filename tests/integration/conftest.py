@@ -6,9 +6,11 @@ kube-controller-manager and kube-scheduler) and every test gets a fresh namespac
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,9 @@ from kubernetes.client.rest import ApiException
 from localcluster import ClusterError, LocalCluster, free_port
 from localcluster.docker import DockerEngine
 from localcluster.hosts import HostPool
+from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
-from tests.node_agent import node_agent_command
 from tests.profiles import ensure_profile
 
 _timings: dict[str, float] = {}
@@ -150,6 +152,7 @@ def operator(
     kubeconfig: Path,
     sshd: Sshd,
     docker_engine: DockerEngine,
+    node_network: KubeletNode,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """The operator, running against the local cluster with the admin's rights."""
@@ -159,8 +162,9 @@ def operator(
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
         env={
             "RKO_NAMESPACE": "rko-system",
-            # A fixed port, so a restarted operator is found by launchers already running.
-            "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+            # A fixed port, so a restarted operator is found by launchers already running; on
+            # the test node's gateway, which its pods reach (and this machine's kernels too).
+            "RKO_RESPONSE_BIND": f"{node_network.addresses.gateway}:{free_port()}",
             "RKO_MONITOR_INTERVAL": "0.5",
             "RKO_SSH_KEY_FILE": str(sshd.client_key),
             "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
@@ -251,54 +255,80 @@ def r_kernel_image(docker_engine: DockerEngine) -> str:
 
 
 @pytest.fixture(scope="session")
-def node_agent(
-    local_cluster: LocalCluster,
-    api_client: client.ApiClient,
-    docker_engine: DockerEngine,
-    tmp_path_factory: pytest.TempPathFactory,
+def node_network(
+    local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KubeletNode]:
+    """The test node's network namespace and addresses (plumbed before the operator starts,
+    which listens on its gateway); ``kube_node`` starts containerd and the kubelet in it."""
+    node = KubeletNode(tmp_path_factory.mktemp("node"), local_cluster, name="node-1", index=0)
+    node.plumb()
+    yield node
+    node.stop()
+    assert not node_leftovers(node), node_leftovers(node)
+
+
+def node_leftovers(node: KubeletNode) -> list[str]:
+    """What a stopped node may not leave: its namespace, veth, processes or cgroup folders."""
+    left = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    if node.netns in netns.split():
+        left.append(f"network namespace {node.netns}")
+    if Path(f"/sys/class/net/{node.veth}").exists():
+        left.append(f"interface {node.veth}")
+    left += [str(p) for p in Path("/sys/fs/cgroup").glob("*/k8s.io")]
+    left += [cmd for cmd in _command_lines() if str(node.root) in cmd]
+    return left
+
+
+def _command_lines() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.fixture(scope="session")
+def kube_node(
+    node_network: KubeletNode, docker_engine: DockerEngine, kernel_image: str, api_client: client.ApiClient
 ) -> Iterator[str]:
-    """A Ready node whose pods run as Docker containers, with a node's own credentials."""
-    import subprocess
-
-    import docker
-
-    name = "node-1"
-    work = tmp_path_factory.mktemp("node-agent")
-    node_kubeconfig = local_cluster.write_kubeconfig(
-        work / "kubeconfig", f"system:node:{name}", ("system:nodes",)
-    )
-    log = open(work / "agent.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        node_agent_command(node_kubeconfig, name, docker_engine.host),
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
+    """A real node (the upstream kubelet with containerd and runc) holding the kernel image."""
+    started = time.monotonic()
+    node_network.start(docker_engine.env)
+    _timings["node start (s)"] = time.monotonic() - started
+    started = time.monotonic()
+    node_network.import_images(kernel_image, docker_env=docker_engine.env)
+    _timings["kernel image import into the node (s)"] = time.monotonic() - started
+    yield node_network.name
+    # Pods still bound to the node (a failed test's) are stopped with it.
     core = client.CoreV1Api(api_client)
+    for pod in core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_network.name}").items:
+        with contextlib.suppress(ApiException):
+            core.delete_namespaced_pod(
+                pod.metadata.name, pod.metadata.namespace, body=client.V1DeleteOptions(grace_period_seconds=0)
+            )
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"the node agent exited; see {work / 'agent.log'}")
-        try:
-            node = core.read_node(name)
-        except ApiException:
-            return False
-        return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
-    wait_for(ready, what="the node agent's node to be Ready")
-    yield name
-    proc.terminate()
-    proc.wait(30)
-    left = docker.DockerClient(base_url=docker_engine.host).containers.list(ignore_removed=True, all=True)
-    assert not left, f"containers left after the session: {[c.name for c in left]}"
+@pytest.fixture(scope="session")
+def node_images(
+    kube_node: str, node_network: KubeletNode, docker_engine: DockerEngine
+) -> Callable[[str], str]:
+    """Import one more image from the suite's Docker engine into the node (once)."""
+    imported: set[str] = set()
+
+    def ensure(ref: str) -> str:
+        if ref not in imported:
+            node_network.import_images(ref, docker_env=docker_engine.env)
+            imported.add(ref)
+        return ref
+
+    return ensure
 
 
 @pytest.fixture(scope="session")
 def swarm(docker_engine: DockerEngine) -> Iterator[DockerEngine]:
     """Swarm mode on the suite's engine, advertised and listening on loopback only."""
-    import subprocess
 
     subprocess.run(
         ["docker", "swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"],

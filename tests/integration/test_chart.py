@@ -370,7 +370,7 @@ def installed(
     sshd: Sshd,
     kernel_image: str,
     operator_image: str,
-    node_agent: str,
+    kube_node: str,
 ) -> Iterator[Installed]:
     """The chart installed with the operator image; the operator pod runs through the node agent."""
     ensure_namespace(api_client, NAMESPACE)

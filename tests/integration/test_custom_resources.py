@@ -120,7 +120,7 @@ def spark_template(kernel_image: str) -> dict[str, Any]:
 async def test_code_runs_in_a_kernel_launched_through_a_custom_object(
     backend: str,
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     spark_operator: None,
     kernel_image: str,
     api_client: client.ApiClient,
@@ -179,7 +179,7 @@ async def test_code_runs_in_a_kernel_launched_through_a_custom_object(
 
 def test_a_spark_application_that_fails_submission_fails_the_kernel_within_seconds(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     spark_operator: None,
     kernel_image: str,
     custom: client.CustomObjectsApi,
@@ -207,7 +207,7 @@ def test_a_spark_application_that_fails_submission_fails_the_kernel_within_secon
 
 def test_deleting_the_remote_kernel_removes_its_custom_object_and_pods(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     spark_operator: None,
     kernel_image: str,
     api_client: client.ApiClient,

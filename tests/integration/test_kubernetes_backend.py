@@ -1,4 +1,4 @@
-"""The kubernetes backend on the real control plane, with pods run by the node agent in Docker."""
+"""The kubernetes backend on the real control plane, with pods run by a real kubelet (containerd)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
-from tests.node_agent import node_agent_command
 
 from .test_operator_ssh import (
     GROUP,
@@ -40,7 +40,7 @@ def read_pod(core: client.CoreV1Api, namespace: str, name: str) -> Any:
 
 def test_a_pod_kernel_runs_and_deleting_it_removes_the_pod(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     api_client: client.ApiClient,
     custom: client.CustomObjectsApi,
@@ -59,7 +59,7 @@ def test_a_pod_kernel_runs_and_deleting_it_removes_the_pod(
     assert status["phase"] == "Running", status
     launch_seconds = time.monotonic() - started
     pod = read_pod(core, namespace, name)
-    assert pod.spec.node_name == node_agent
+    assert pod.spec.node_name == kube_node
     assert pod.spec.restart_policy == "Never"
     assert pod.metadata.owner_references[0].kind == "RemoteKernel"
     assert pod.metadata.labels["kernel-operator.io/kernel-id"] == kernel_id
@@ -71,7 +71,7 @@ def test_a_pod_kernel_runs_and_deleting_it_removes_the_pod(
     assert not {"KUBECONFIG", "RKO_NAMESPACE", "RKO_RESPONSE_BIND", "PATH", "HOME"} & env_names
     token_var = next(e for e in kernel.env if e.name == "RKO_LAUNCH_TOKEN")
     assert token_var.value is None and token_var.value_from.secret_key_ref is not None  # not in the pod spec
-    assert status["connection"]["ip"] == "127.0.0.1"
+    assert status["connection"]["ip"] == pod.status.pod_ip  # the pod's own address, on the node
     print(f"pod kernel Running after {launch_seconds:.2f} s")
     delete_and_wait_gone(custom, namespace, name)
     wait_for(lambda: read_pod(core, namespace, name) is None, timeout=30, what="the kernel pod to be deleted")
@@ -80,7 +80,7 @@ def test_a_pod_kernel_runs_and_deleting_it_removes_the_pod(
 
 async def test_a_jupyter_client_runs_code_in_a_pod_kernel(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     api_client: client.ApiClient,
     tmp_path: Path,
@@ -113,7 +113,7 @@ async def test_a_jupyter_client_runs_code_in_a_pod_kernel(
 
 
 def test_an_image_that_is_not_present_fails_at_once(
-    operator: OperatorProcess, node_agent: str, custom: client.CustomObjectsApi, namespace: str
+    operator: OperatorProcess, kube_node: str, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     started = time.monotonic()
     name, _ = make_kernel(
@@ -127,7 +127,7 @@ def test_an_image_that_is_not_present_fails_at_once(
 
 def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     custom: client.CustomObjectsApi,
     namespace: str,
@@ -147,7 +147,7 @@ def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
 
 def test_a_pod_deleted_behind_the_operators_back_fails_the_kernel(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     api_client: client.ApiClient,
     custom: client.CustomObjectsApi,
@@ -164,7 +164,7 @@ def test_a_pod_deleted_behind_the_operators_back_fails_the_kernel(
 
 def test_an_evicted_pod_fails_the_kernel(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     api_client: client.ApiClient,
     custom: client.CustomObjectsApi,
@@ -200,7 +200,7 @@ def test_root_is_refused_for_pod_kernels(
 
 def test_a_namespace_per_kernel_is_made_bound_and_deleted(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     kernel_image: str,
     api_client: client.ApiClient,
     custom: client.CustomObjectsApi,
@@ -247,64 +247,36 @@ def test_a_namespace_per_kernel_is_made_bound_and_deleted(
 
 def test_a_lost_node_fails_its_kernels(
     operator: OperatorProcess,
+    kube_node: str,
     local_cluster: Any,
     docker_engine: Any,
     kernel_image: str,
     api_client: client.ApiClient,
     custom: client.CustomObjectsApi,
     namespace: str,
-    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    import subprocess
-
-    import docker
-
-    from tests.helpers import REPO_ROOT
-
     core = client.CoreV1Api(api_client)
-    node = "node-doomed"
-    node_kubeconfig = local_cluster.write_kubeconfig(
-        tmp_path / "kc", f"system:node:{node}", ("system:nodes",)
-    )
-    agent = subprocess.Popen(
-        node_agent_command(node_kubeconfig, node, docker_engine.host),
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    doomed = KubeletNode(tmp_path_factory.mktemp("doomed"), local_cluster, name="node-doomed", index=1)
+    doomed.plumb()
     try:
-        wait_for(lambda: _ready(core, node), what=f"node {node} to be Ready")
-        template = {"spec": {"nodeSelector": {"kubernetes.io/hostname": node}}}
+        doomed.start(docker_engine.env)
+        doomed.import_images(kernel_image, docker_env=docker_engine.env)
+        template = {"spec": {"nodeSelector": {"kubernetes.io/hostname": doomed.name}}}
         name, _ = make_kernel(
             namespace, custom, backend="kubernetes", image=kernel_image, kubernetes={"podTemplate": template}
         )
         wait_phase(custom, namespace, name, "Running", timeout=90)
-        assert read_pod(core, namespace, name).spec.node_name == node
-        agent.kill()  # the node dies without a word
-        agent.wait()
-        core.delete_node(node)  # and is removed from the cluster
+        assert read_pod(core, namespace, name).spec.node_name == doomed.name
+        doomed.set_kubelet(False)  # the kubelet dies without a word; its containers go on
+        core.delete_node(doomed.name)  # and the node is removed from the cluster
         started = time.monotonic()
         status = wait_phase(custom, namespace, name, "Failed", "Succeeded", timeout=30)["status"]
         assert status["reason"] == "NodeLost", status
         assert time.monotonic() - started < 10
     finally:
-        if agent.poll() is None:
-            agent.kill()
-        # What a dead node leaves behind: its container and its pod.
-        engine = docker.DockerClient(base_url=docker_engine.host)
-        for container in engine.containers.list(
-            ignore_removed=True, all=True, filters={"name": f"k8s_{namespace}_"}
-        ):
-            container.remove(force=True)
+        doomed.stop()  # what a dead node leaves behind: its pod, which no kubelet confirms gone
         for pod in core.list_namespaced_pod(namespace).items:
             core.delete_namespaced_pod(
                 pod.metadata.name, namespace, body=client.V1DeleteOptions(grace_period_seconds=0)
             )
-
-
-def _ready(core: client.CoreV1Api, node: str) -> bool:
-    try:
-        conditions = core.read_node(node).status.conditions or []
-    except ApiException:
-        return False
-    return any(c.type == "Ready" and c.status == "True" for c in conditions)

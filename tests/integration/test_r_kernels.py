@@ -98,7 +98,7 @@ async def test_an_r_kernel_runs_over_ssh_and_is_interrupted_by_a_signal(
 
 async def test_an_r_kernel_runs_in_a_pod_from_the_r_image(
     operator: OperatorProcess,
-    node_agent: str,
+    kube_node: str,
     r_kernel_image: str,
     custom: client.CustomObjectsApi,
     tmp_path: Path,

@@ -313,7 +313,7 @@ def test_a_tenant_may_name_only_itself_or_the_users_rbac_lets_it_act_for(
 
 
 def test_a_tenants_kernel_pod_is_where_and_what_its_profile_says_whatever_it_asks(
-    tenant: Tenant, api_client: client.ApiClient, node_agent: str, kernel_image: str
+    tenant: Tenant, api_client: client.ApiClient, kube_node: str, kernel_image: str
 ) -> None:
     ensure_profile(api_client, {"backend": "kubernetes", "image": kernel_image}, name="tenant-pods")
     before = {p.metadata.name for p in pods(api_client, "kube-system")}
@@ -366,7 +366,7 @@ def test_a_tenants_kernel_pod_is_where_and_what_its_profile_says_whatever_it_ask
 
 
 def test_a_profile_whose_pod_the_api_server_refuses_fails_with_the_api_servers_reason(
-    tenant: Tenant, api_client: client.ApiClient, node_agent: str, kernel_image: str
+    tenant: Tenant, api_client: client.ApiClient, kube_node: str, kernel_image: str
 ) -> None:
     # An administrator's privileged profile, used in a namespace that enforces "restricted":
     # the operator lets the profile through, the API server's Pod Security admission does not.
@@ -490,7 +490,7 @@ async def test_another_users_kernel_id_cannot_be_used_to_reach_their_kernel(
 
 
 def test_a_tampered_backend_ref_makes_the_operator_delete_nothing_else(
-    tenant: Tenant, api_client: client.ApiClient, node_agent: str, kernel_image: str
+    tenant: Tenant, api_client: client.ApiClient, kube_node: str, kernel_image: str
 ) -> None:
     """Who can write status (not a tenant: shown above) still cannot aim the operator's stop at
     another object: it acts only on what carries the RemoteKernel's uid."""

@@ -212,6 +212,9 @@ class LocalCluster:
                 f"--service-account-signing-key-file={p('sa.key')}",
                 # The endpoints of the "kubernetes" Service may not be a loopback address.
                 "--endpoint-reconciler-type=none",
+                # A node's own address, never its name: nothing here resolves names, and a
+                # lookup would leave the machine.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
             ],
             "controller-manager": [

@@ -1,8 +1,8 @@
 """The Helm chart: lint and render, then install it into the real control plane (RBAC on).
 
 The installed operator runs twice over: as the chart's Deployment, in its image, in a pod the
-node agent runs (with the pod's own ServiceAccount token, a read-only root filesystem, no
-capabilities); and as a process holding a token of the chart's ServiceAccount, restarted once
+real kubelet runs (with the pod's own ServiceAccount token, a read-only root filesystem, no
+capabilities, probes run by the kubelet); and as a process holding a token of the chart's ServiceAccount, restarted once
 per RBAC rule with that rule removed, to show that every rule is needed. Both serve their own
 operator class, so the session's operator and they never touch each other's kernels.
 """
@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 import yaml
 from kubernetes import client
@@ -27,6 +26,7 @@ from kubernetes.client.rest import ApiException
 
 from localcluster import free_port
 from localcluster.docker import DockerEngine
+from localcluster.node import KubeletNode, NodeAddresses
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 
@@ -38,6 +38,7 @@ KUBE_VERSION = "1.37.0"
 NAMESPACE = "rko-chart"
 RELEASE = "rko"
 FULLNAME = "rko-remote-kernel-operator"
+GATEWAY = NodeAddresses.for_index(0).gateway  # the session's test node (node_network)
 SSH_SECRET = "rko-ssh"
 # Words in a log that mean a right was missing: the API's 403 (its reason, "Forbidden", which
 # every such error carries: a bare "403" also matches log timestamps and kernel ids), and kopf's
@@ -112,7 +113,8 @@ def of_kind(docs: list[dict[str, Any]], *kinds: str) -> list[dict[str, Any]]:
 
 def container_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     (deployment,) = of_kind(docs, "Deployment")
-    return {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if "value" in e}  # not POD_IP, from the downward API
 
 
 # -- static checks -----------------------------------------------------------------------------
@@ -357,8 +359,17 @@ def ssh_secret(core: client.CoreV1Api, namespace: str, sshd: Sshd) -> None:
 
 
 @pytest.fixture(scope="module")
-def operator_image(docker_engine: DockerEngine) -> str:
-    return docker_engine.build_operator_image()
+def operator_image(docker_engine: DockerEngine, node_images: Callable[[str], str]) -> str:
+    return node_images(docker_engine.build_operator_image())  # built, then copied into the node
+
+
+@pytest.fixture(scope="module")
+def chart_sshd(node_network: KubeletNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """An sshd on the test node's gateway: the machine as the operator's pod sees it."""
+    server = Sshd(tmp_path_factory.mktemp("chart-sshd"), host=node_network.addresses.gateway)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +378,13 @@ def installed(
     kubeconfig: Path,
     crd: None,
     api_client: client.ApiClient,
-    sshd: Sshd,
+    chart_sshd: Sshd,
     kernel_image: str,
     operator_image: str,
     kube_node: str,
 ) -> Iterator[Installed]:
-    """The chart installed with the operator image; the operator pod runs through the node agent."""
+    """The chart installed with the operator image; the operator pod runs on the real node."""
+    sshd = chart_sshd
     ensure_namespace(api_client, NAMESPACE)
     ssh_secret(client.CoreV1Api(api_client), NAMESPACE, sshd)
     response_port, probe_port = free_port(), free_port()
@@ -383,11 +395,10 @@ def installed(
         f"image.tag={tag}",
         f"kernels.image={kernel_image}",
         f"responseListener.port={response_port}",
-        # No cluster DNS here: launchers (on the host network, like the operator's pod) dial
-        # loopback instead of the Service's name.
-        f"responseListener.address=127.0.0.1:{response_port}",
+        # No cluster DNS here: launchers dial the operator pod's own address.
+        f"responseListener.address=$(POD_IP):{response_port}",
         f"probes.port={probe_port}",
-        "ssh.hosts={127.0.0.1}",
+        f"ssh.hosts={{{sshd.host}}}",
         f"ssh.port={sshd.port}",
         "ssh.user=root",
         f"ssh.python={sys.executable}",
@@ -402,20 +413,35 @@ def installed(
         run_helm(helm, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", kubeconfig=kubeconfig)
 
 
-def operator_container(engine: DockerEngine) -> Any:
-    """The Docker container the node agent runs for the chart's operator pod, once it runs."""
-    docker_client = docker.DockerClient(base_url=engine.host)
-    for container in docker_client.containers.list(
-        ignore_removed=True, filters={"label": "io.kubernetes.pod.name"}
-    ):
-        if container.labels["io.kubernetes.pod.name"].startswith(f"{FULLNAME}-"):
-            return container
+def operator_pod(core: client.CoreV1Api) -> Any:
+    """The chart's operator pod once the kubelet reports it Ready (its readiness probe passed)."""
+    for pod in core.list_namespaced_pod(
+        NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+    ).items:
+        conditions = {c.type: c.status for c in pod.status.conditions or []}
+        if pod.status.phase == "Running" and conditions.get("Ready") == "True":
+            return pod
     return None
 
 
-def healthy(port: int) -> bool:
+def operator_process() -> int | None:
+    """The machine's pid of the operator running in the chart's pod (found by its settings)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"remote-kernel-operator" not in (entry / "cmdline").read_bytes():
+                continue
+            if b"RKO_OPERATOR_CLASS=chart\0" in (entry / "environ").read_bytes() + b"\0":
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def healthy(host: str, port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as response:
             return response.status == 200
     except OSError:
         return False
@@ -433,26 +459,37 @@ async def run_code(km: Any, code: str) -> str:
 
 async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
     installed: Installed,
-    docker_engine: DockerEngine,
+    chart_sshd: Sshd,
     api_client: client.ApiClient,
     kubeconfig: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    container = wait_for(
-        lambda: operator_container(docker_engine), timeout=60, what="the operator's pod to run"
-    )
+    core = client.CoreV1Api(api_client)
+    # Ready is the kubelet's verdict from the chart's readiness probe (kopf's /healthz).
+    pod = wait_for(lambda: operator_pod(core), timeout=90, what="the operator's pod to be Ready")
+
+    def logs() -> str:
+        return str(core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE))  # through the kubelet
+
     wait_for(
-        lambda: "The operator is ready" in container.logs().decode(errors="replace"),
-        timeout=60,
-        what="the operator in its pod to be ready",
+        lambda: "The operator is ready" in logs(), timeout=60, what="the operator in its pod to be ready"
     )
-    attrs = container.attrs
-    assert attrs["Config"]["User"] == "10001:10001"
-    assert attrs["HostConfig"]["ReadonlyRootfs"] is True
-    assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
-    # What both probes ask: kopf's liveness endpoint (up a moment after the startup handler).
-    wait_for(lambda: healthy(installed.probe_port), timeout=20, what="the operator's /healthz to answer 200")
+    # What the container runtime made of the securityContext, read from the process itself.
+    pid = operator_process()
+    assert pid is not None
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    assert status["Uid"].split()[:2] == ["10001", "10001"] and status["Gid"].split()[0] == "10001"
+    assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
+    root_mount = next(
+        line.split()
+        for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        if line.split()[4] == "/"
+    )
+    assert "ro" in root_mount[5].split(","), root_mount
+    assert healthy(pod.status.pod_ip, installed.probe_port)
     pod_dir, ssh_dir = tmp_path / "pod", tmp_path / "ssh"
     for path in (pod_dir, ssh_dir):
         path.mkdir()
@@ -464,7 +501,7 @@ async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
     finally:
         await km.shutdown_kernel()
     km = await start_remote_kernel(
-        ssh_dir, kubeconfig, NAMESPACE, monkeypatch, operator_class="chart", remote_hosts=["127.0.0.1"]
+        ssh_dir, kubeconfig, NAMESPACE, monkeypatch, operator_class="chart", remote_hosts=[chart_sshd.host]
     )
     try:
         assert await run_code(km, "print(6 * 7)") == "42"
@@ -476,8 +513,8 @@ async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
         timeout=30,
         what="the chart's kernels to be gone",
     )
-    logs = container.logs().decode(errors="replace")
-    assert not denied_lines(logs), logs[-3000:]
+    text = logs()
+    assert not denied_lines(text), text[-3000:]
 
 
 # -- every rule is needed ------------------------------------------------------------------------
@@ -517,8 +554,9 @@ def process_env(installed_docs: list[dict[str, Any]], operator_class: str) -> di
     port = free_port()
     env.update(
         RKO_OPERATOR_CLASS=operator_class,
-        RKO_RESPONSE_BIND=f"127.0.0.1:{port}",
-        RKO_RESPONSE_ADDRESS=f"127.0.0.1:{port}",
+        # The node's gateway: this machine's address that the node's pods reach.
+        RKO_RESPONSE_BIND=f"{GATEWAY}:{port}",
+        RKO_RESPONSE_ADDRESS=f"{GATEWAY}:{port}",
         RKO_LIVENESS_ENDPOINT="",
     )
     return env
@@ -546,7 +584,7 @@ def scenario(
             labels=labels,
             backend="ssh",
             username="alice",
-            ssh={"hosts": ["127.0.0.1"]},
+            ssh={"hosts": [GATEWAY]},
             namespaceSelector=only_here,
         )[0],
     ]
@@ -782,8 +820,8 @@ def test_uninstall_leaves_nothing_but_the_crd(
             ),
         ]:
             found += [f"{kind} {item.metadata.name}" for item in listing.items]
-        if operator_container(docker_engine) is not None:
-            found.append("the operator's container")
+        if operator_process() is not None:
+            found.append("the operator's process")
         return found
 
     wait_for(lambda: not left(), timeout=60, what=f"the release's objects to be gone (left: {left()})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ async def test_an_r_kernel_runs_over_ssh_and_is_interrupted_by_a_signal(
 
 async def test_an_r_kernel_runs_in_a_pod_from_the_r_image(
     operator: OperatorProcess,
-    kube_node: str,
+    node_images: Callable[[str], str],
     r_kernel_image: str,
     custom: client.CustomObjectsApi,
     tmp_path: Path,
@@ -106,7 +107,8 @@ async def test_an_r_kernel_runs_in_a_pod_from_the_r_image(
     namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    profile = ensure_profile(custom.api_client, {"backend": "kubernetes", "image": r_kernel_image})
+    image = node_images(r_kernel_image)  # copied into the node's containerd
+    profile = ensure_profile(custom.api_client, {"backend": "kubernetes", "image": image})
     km = await start_r_kernel(tmp_path, kubeconfig, namespace, monkeypatch, "--profile", profile)
     try:
         async with ready_client(km) as kc:

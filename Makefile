@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench chaos test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin node-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench chaos test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
@@ -33,6 +33,9 @@ venv: $(STAMP)
 
 cluster-bin:
 	@bash hack/cluster/build.sh
+
+node-bin:
+	@bash hack/node/build.sh
 
 cluster: cluster-bin venv
 	@$(VPY) -m localcluster up
@@ -71,7 +74,7 @@ demo: cluster-bin venv
 run: venv
 	@$(VPY) -m kernel_operator
 
-bench: cluster-bin venv
+bench: cluster-bin node-bin venv
 	@bash hack/install-system-deps.sh
 	@$(VPY) bench/launch_latency.py
 	@$(VPY) bench/burst.py
@@ -90,12 +93,12 @@ lint: venv
 test-unit: venv
 	@$(VENV)/bin/pytest -q tests/unit
 
-test-integration: cluster-bin venv
+test-integration: cluster-bin node-bin venv
 	@$(VENV)/bin/pytest -q tests/integration
 
 # What CI runs (.ci/run): system packages, builds (the control plane, the kernel image: long
 # steps with their own progress, outside pytest's per-test timeout), lint, then every test.
-test: cluster-bin helm venv
+test: cluster-bin node-bin helm venv
 	@bash hack/install-system-deps.sh
 	@$(MAKE) --no-print-directory images yarn
 	@$(MAKE) --no-print-directory lint

@@ -38,11 +38,11 @@ from localcluster.cluster import REPO_ROOT
 from localcluster.crds import install_crds
 from localcluster.docker import DockerEngine
 from localcluster.hosts import PYTHON_MOUNT, HostPool
+from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
 from localcluster.yarn import MiniYarn, operator_env, spark_home, spark_opts
 
 sys.path.insert(0, str(REPO_ROOT))
-from tests.node_agent import node_agent_command
 from tests.profiles import kernelspec_config
 from tests.spark_operator import CRD as SPARK_CRD
 from tests.spark_operator import controller_command as spark_controller_command
@@ -266,14 +266,14 @@ def main() -> int:
     )
     parser.add_argument("--no-server", action="store_true", help="skip the Jupyter Server table")
     args = parser.parse_args()
-    # Stopped with SIGTERM, still run the clean-up below (cluster, sshd, engine, agent).
+    # Stopped with SIGTERM, still run the clean-up below (cluster, sshd, engine, node).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     WORK.mkdir(parents=True, exist_ok=True)
     gp_python = gateway_provisioners_python()
     cluster = LocalCluster(WORK / "cluster")
     sshd = Sshd(WORK / "sshd")
     engine = DockerEngine()
-    agent: subprocess.Popen[bytes] | None = None
+    node = KubeletNode(WORK / "node", cluster, name="bench-node", index=1)  # apart from the tests' (0)
     spark_controller: subprocess.Popen[bytes] | None = None
     operator: OperatorProcess | None = None
     hosts_operator: OperatorProcess | None = None
@@ -290,6 +290,7 @@ def main() -> int:
         sshd.start()
         engine.start()
         pool.start()
+        node.plumb()
         known_hosts = WORK / "hosts" / "known_hosts"
         known_hosts.write_text(pool.known_hosts())
         addresses = [host.address for host in pool.hosts.values()]
@@ -301,15 +302,9 @@ def main() -> int:
             check=False,
         )
         image = engine.build_kernel_image()
-        node_kubeconfig = cluster.write_kubeconfig(
-            WORK / "node.kubeconfig", "system:node:bench-node", ("system:nodes",)
-        )
-        agent = subprocess.Popen(
-            node_agent_command(node_kubeconfig, "bench-node", engine.host),
-            cwd=REPO_ROOT,
-            stdout=open(WORK / "node-agent.log", "ab"),  # noqa: SIM115 - handed to the child
-            stderr=subprocess.STDOUT,
-        )
+        # A real node (the kubelet with containerd) runs the pod rows' kernels.
+        node.start(engine.env)
+        node.import_images(image, docker_env=engine.env)
         api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
         install_crds(api)
         client.ApiextensionsV1Api(api).create_custom_resource_definition(
@@ -336,7 +331,8 @@ def main() -> int:
             kubeconfig=cluster.admin_kubeconfig,
             log_path=WORK / "operator.log",
             env={
-                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+                # The node's gateway: its pods reach it, and so do this machine's kernels.
+                "RKO_RESPONSE_BIND": f"{node.addresses.gateway}:{free_port()}",
                 "RKO_SSH_LOCAL_HOSTS": "localhost",
                 "RKO_SSH_KEY_FILE": str(sshd.client_key),
                 "RKO_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
@@ -382,7 +378,7 @@ def main() -> int:
             ("remote-kernel-operator, ssh backend, via sshd", Path(sys.executable), "rk_sshd"),
             ("remote-kernel-operator, ssh backend, 3 hosts round-robin", Path(sys.executable), "rk_hosts"),
             (
-                "remote-kernel-operator, kubernetes backend (pod via node agent)",
+                "remote-kernel-operator, kubernetes backend (pod on a real kubelet)",
                 Path(sys.executable),
                 "rk_pod",
             ),
@@ -456,10 +452,10 @@ def main() -> int:
                 proc.stop()
         yarn.stop()
         pool.stop()
-        for child in (agent, spark_controller):
-            if child is not None:
-                child.terminate()
-                child.wait(30)
+        if spark_controller is not None:
+            spark_controller.terminate()
+            spark_controller.wait(30)
+        node.stop()
         # Every kernel container gone (a Swarm task's is removed a moment after its service)
         # before leaving Swarm mode, which would strand it.
         deadline = time.monotonic() + 30

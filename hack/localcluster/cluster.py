@@ -231,7 +231,7 @@ class LocalCluster:
                 f"--cluster-signing-key-file={p('ca.key')}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--leader-elect=false",
-                # Fast enough to notice a vanished node agent within seconds in tests.
+                # Fast enough to notice a vanished node within seconds in tests.
                 "--node-monitor-grace-period=20s",
                 "--profiling=false",
             ],

@@ -1,7 +1,7 @@
 """The sparkApplication and customResource backends on the local control plane.
 
 spark-operator is stood in for by tests/spark_operator (why: see its controller's docstring):
-it turns SparkApplications into driver pods, which the node agent runs in our kernel image, so
+it turns SparkApplications into driver pods, which the real kubelet runs in our kernel image, so
 the kernel really starts. The generic customResource backend is shown with the same kind, as
 the seed's CustomResourceProvisioner was used: a SparkApplication written as a template.
 """

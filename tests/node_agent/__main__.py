@@ -1,3 +1,0 @@
-from .agent import main
-
-main()

@@ -6,10 +6,11 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/hack
 
-.PHONY: help venv cluster-bin node-bin cluster cluster-down cluster-status images operator-image helm yarn chart demo run bench chaos test test-unit test-integration lint clean
+.PHONY: help venv cluster-bin node-bin node node-down cluster demo-kubernetes cluster-down cluster-status images operator-image helm yarn chart demo run bench chaos test test-unit test-integration lint clean
 
 help:
 	@echo "make demo          local control plane + operator + a kernel running code, then clean up"
+	@echo "make demo-kubernetes  the same with the kernel in a pod on a real local node (kubelet + containerd)"
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
 	@echo "make bench         launch latency (p50/p95), bursts, scale and launch steps against the alternatives"
 	@echo "make chaos         the fault suite at full size: the operator killed during 50 launches, five rounds"
@@ -20,6 +21,7 @@ help:
 	@echo "make test          install what the tests need and run every test (what CI runs)"
 	@echo "make cluster       build (once) and start a local Kubernetes control plane"
 	@echo "make cluster-down  stop it"
+	@echo "make node          add a real node (kubelet + containerd, images copied in) to it; make node-down"
 	@echo "make lint          ruff and mypy --strict"
 
 $(STAMP): pyproject.toml
@@ -41,7 +43,15 @@ cluster: cluster-bin venv
 	@$(VPY) -m localcluster up
 
 cluster-down: venv
+	@$(VPY) -m localcluster node-down
 	@$(VPY) -m localcluster down
+
+node: cluster node-bin
+	@bash hack/install-system-deps.sh
+	@$(VPY) -m localcluster node-up
+
+node-down: venv
+	@$(VPY) -m localcluster node-down
 
 cluster-status: venv
 	@$(VPY) -m localcluster status
@@ -70,6 +80,11 @@ chart: helm
 
 demo: cluster-bin venv
 	@$(VPY) hack/demo.py
+
+# The same with the kernel in a pod, on a real node (kubelet + containerd) started for it.
+demo-kubernetes: cluster-bin node-bin venv
+	@bash hack/install-system-deps.sh
+	@$(VPY) hack/demo.py --backend kubernetes
 
 run: venv
 	@$(VPY) -m kernel_operator

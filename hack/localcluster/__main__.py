@@ -1,4 +1,6 @@
-"""Command line: ``python -m localcluster up|down|status [--dir DIR]`` (run from hack/)."""
+"""Command line: ``python -m localcluster up|down|status|node-up|node-down [--dir DIR]`` (run
+from hack/). ``node-up`` adds a real node (kubelet + containerd) to the running cluster, holding
+the kernel and operator images; ``node-down`` removes it."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ DEFAULT_DIR = Path(os.environ.get("RKO_CLUSTER_DIR", REPO_ROOT / ".cache" / "clu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localcluster", description=__doc__)
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "node-up", "node-down"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state folder")
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.dir)
+    if args.action in ("node-up", "node-down"):
+        return node_command(cluster, args.action)
     if args.action == "up":
         if cluster.running():
             print(f"A cluster is already running from {cluster.dir}.")
@@ -46,6 +50,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("not running")
     return 3
+
+
+def node_command(cluster: LocalCluster, action: str) -> int:
+    from .docker import DockerEngine
+    from .node import KubeletNode, NodeError
+
+    root = cluster.dir.parent / "node"
+    if action == "node-down":
+        stopped = KubeletNode.stop_saved(root, cluster)
+        print(f"The node in {root} is stopped." if stopped else "No node is running.")
+        return 0
+    if not cluster.running():
+        print("error: start the cluster first (make cluster).", file=sys.stderr)
+        return 1
+    KubeletNode.stop_saved(root, cluster)  # one node at a time
+    engine = DockerEngine()
+    engine.start()
+    node = KubeletNode(root, cluster, name="node-1", index=3)  # apart from tests, bench, demo
+    node.plumb()
+    try:
+        node.start(engine.env)
+        images = (engine.build_kernel_image(), engine.build_operator_image())
+        node.import_images(*images, docker_env=engine.env)
+    except NodeError as err:
+        node.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    node.save_state()
+    print(f"Node {node.name} is Ready at {node.addresses.node_ip}, holding {', '.join(images)}.")
+    print(f"Its pods get addresses in {node.addresses.pod_subnet}; an operator on this machine")
+    print(f"reaches them, and they reach it, at {node.addresses.gateway} (RKO_RESPONSE_BIND).")
+    print(f"Logs are in {node.log_dir}; remove it with `make node-down`.")
+    return 0
 
 
 if __name__ == "__main__":

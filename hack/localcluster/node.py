@@ -489,6 +489,9 @@ class KubeletNode:
         if self.relay is not None and self.relay.poll() is None:
             self.relay.terminate()
             self.relay.wait(10)
+        self._remove()
+
+    def _remove(self) -> None:
         ip("netns", "del", self.netns, check=False)
         ip("link", "del", self.veth, check=False)
         _remove_cgroups()
@@ -496,6 +499,42 @@ class KubeletNode:
             with contextlib.suppress(OSError):
                 Path(target).rmdir()
         self.made_mount_points.clear()
+
+    # -- a node that outlives the command that started it (``make node``) ---------------------
+    def save_state(self) -> None:
+        assert self.proc is not None
+        state = {
+            "name": self.name,
+            "index": self.index,
+            "unshare_pid": self.proc.pid,
+            "relay_pid": self.relay.pid if self.relay is not None else None,
+            "made_mount_points": self.made_mount_points,
+        }
+        (self.root / "state.json").write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def stop_saved(cls, root: Path, cluster: LocalCluster, grace: float = 15.0) -> bool:
+        """Stop a node another process started and saved; False if there was none."""
+        path = root / "state.json"
+        if not path.exists():
+            return False
+        state = json.loads(path.read_text())
+        node = cls(root, cluster, name=state["name"], index=state["index"])
+        node.made_mount_points = list(state["made_mount_points"])
+        unshare = int(state["unshare_pid"])
+        children = Path(f"/proc/{unshare}/task/{unshare}/children")
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            os.kill(int(children.read_text().split()[0]), signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while Path(f"/proc/{unshare}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in (unshare, state.get("relay_pid")):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGTERM)
+        node._remove()
+        path.unlink()
+        return True
 
 
 def _sysctl_path(name: str) -> str:

@@ -265,9 +265,16 @@ class KernelLifecycle:
             await self.monitor(stopped)
 
     def time_to_live(self) -> float | None:
-        """Seconds a finished RemoteKernel is kept: its spec's, else the operator's default."""
+        """Seconds a finished RemoteKernel is kept: its spec's, else the operator's default.
+
+        The operator's setting is the administrator's ceiling: a tenant may ask for less (its
+        own object, which it may delete anyway), never for more, so finished kernels cannot be
+        made to pile up past the cluster's policy."""
         ttl = self.spec.get("ttlSecondsAfterFinished")
-        return float(ttl) if ttl is not None else self.ctx.settings.ttl_after_finished
+        ceiling = self.ctx.settings.ttl_after_finished
+        if ttl is None:
+            return ceiling
+        return float(ttl) if ceiling is None else min(float(ttl), ceiling)
 
     async def expire(self, stopped: StopFlag) -> None:
         """Delete the finished RemoteKernel once its time to live has passed (if it has one)."""

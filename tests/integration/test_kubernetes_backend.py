@@ -121,7 +121,9 @@ def test_an_image_that_is_not_present_fails_at_once(
     )
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
     assert status["phase"] == "Failed" and status["reason"] == "ImagePullFailed", status
-    assert "no-such-image:1" in status["message"]
+    # The real kubelet's words: the waiting reason, then containerd's own error.
+    assert "ErrImagePull: failed to pull and unpack image" in status["message"], status["message"]
+    assert "docker.io/library/no-such-image:1" in status["message"]
     assert time.monotonic() - started < 20  # not the 120 s launch timeout
 
 
@@ -142,7 +144,8 @@ def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
     )
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
     assert status["phase"] == "Failed", status
-    assert "exited with code" in status["message"]
+    # What the kubelet reports for a container that exits 1: terminated, reason Error.
+    assert "the kernel container exited with code 1 (Error)" in status["message"], status["message"]
 
 
 def test_a_pod_deleted_behind_the_operators_back_fails_the_kernel(

@@ -709,3 +709,23 @@ async def test_a_signal_the_launcher_took_but_did_not_answer_is_not_sent_again()
     finally:
         server.close()
     assert len(taken) == 1 and backend.signals == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "asked", "kept"),
+    [
+        (None, None, None),  # neither: kept until deleted
+        ("60", None, 60.0),  # the administrator's default
+        (None, 5, 5.0),  # the tenant's, with no policy
+        ("60", 5, 5.0),  # shorter than the policy: the tenant's own object
+        ("60", 10**9, 60.0),  # a tenant asking to outlive the policy gets the policy
+    ],
+)
+def test_a_tenant_cannot_keep_a_finished_kernel_past_the_administrators_ttl(
+    setting: str | None, asked: int | None, kept: float | None
+) -> None:
+    env = {"RKO_TTL_SECONDS_AFTER_FINISHED": setting} if setting else {}
+    ctx, _, _ = context(FakeBackend(), **env)
+    spec = {"ttlSecondsAfterFinished": asked} if asked is not None else {}
+    lifecycle = KernelLifecycle(ctx, body(**spec), events()[1], logging.getLogger("t"))
+    assert lifecycle.time_to_live() == kept

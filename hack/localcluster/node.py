@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ FIXED_PATHS = {
     "netns": "/run/netns",
     "pod-logs": "/var/log/pods",
 }
+# Shared by every node on the machine (nodes may overlap: the lost-node test starts a second).
+MOUNT_POINTS_MADE = Path("/run/rko-node-mount-points")
 CGROUP_PARENT = "k8s.io"  # containerd's folder in every cgroup hierarchy (left empty; removed)
 
 
@@ -231,7 +233,6 @@ class KubeletNode:
     index: int = 0
     proc: subprocess.Popen[bytes] | None = None
     relay: subprocess.Popen[bytes] | None = None
-    made_mount_points: list[str] = field(default_factory=list)
 
     @property
     def addresses(self) -> NodeAddresses:
@@ -297,7 +298,7 @@ class KubeletNode:
                 if target.startswith("/proc/"):
                     raise NodeError(f"{target} does not exist on this machine's kernel.")
                 Path(target).mkdir(parents=True)
-                self.made_mount_points.append(target)
+                _record_mount_point(target)
         self._start_relay()
         log = open(self.log_dir / "init.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
@@ -495,10 +496,11 @@ class KubeletNode:
         ip("netns", "del", self.netns, check=False)
         ip("link", "del", self.veth, check=False)
         _remove_cgroups()
-        for target in reversed(self.made_mount_points):
-            with contextlib.suppress(OSError):
-                Path(target).rmdir()
-        self.made_mount_points.clear()
+        # A mount point is shared by every node on the machine: removing it under a running
+        # node would detach that node's bind mount, and its kubelet would then write to the
+        # machine's own /var/lib/kubelet. The last node out removes them.
+        if not _other_nodes(self.netns):
+            _remove_mount_points()
 
     # -- a node that outlives the command that started it (``make node``) ---------------------
     def save_state(self) -> None:
@@ -508,7 +510,6 @@ class KubeletNode:
             "index": self.index,
             "unshare_pid": self.proc.pid,
             "relay_pid": self.relay.pid if self.relay is not None else None,
-            "made_mount_points": self.made_mount_points,
         }
         (self.root / "state.json").write_text(json.dumps(state, indent=2))
 
@@ -520,7 +521,6 @@ class KubeletNode:
             return False
         state = json.loads(path.read_text())
         node = cls(root, cluster, name=state["name"], index=state["index"])
-        node.made_mount_points = list(state["made_mount_points"])
         unshare = int(state["unshare_pid"])
         children = Path(f"/proc/{unshare}/task/{unshare}/children")
         with contextlib.suppress(OSError, ValueError, ProcessLookupError):
@@ -535,6 +535,27 @@ class KubeletNode:
         node._remove()
         path.unlink()
         return True
+
+
+def _record_mount_point(target: str) -> None:
+    """Note an (empty) mount point a node made on the machine, for the last node to remove."""
+    made = set(MOUNT_POINTS_MADE.read_text().split()) if MOUNT_POINTS_MADE.exists() else set()
+    MOUNT_POINTS_MADE.write_text("\n".join(sorted(made | {target})) + "\n")
+
+
+def _remove_mount_points() -> None:
+    if not MOUNT_POINTS_MADE.exists():
+        return
+    for target in sorted(MOUNT_POINTS_MADE.read_text().split(), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            Path(target).rmdir()  # empty on the machine: the nodes' files were in their folders
+    MOUNT_POINTS_MADE.unlink()
+
+
+def _other_nodes(own: str) -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    names = [line.split()[0] for line in listing.splitlines() if line.split()]
+    return [n for n in names if n.startswith("rko-node") and n != own]
 
 
 def _sysctl_path(name: str) -> str:

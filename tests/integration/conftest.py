@@ -23,7 +23,7 @@ from kubernetes.client.rest import ApiException
 from localcluster import ClusterError, LocalCluster, free_port
 from localcluster.docker import DockerEngine
 from localcluster.hosts import HostPool
-from localcluster.node import KubeletNode
+from localcluster.node import FIXED_PATHS, KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 from tests.profiles import ensure_profile
@@ -260,11 +260,14 @@ def node_network(
 ) -> Iterator[KubeletNode]:
     """The test node's network namespace and addresses (plumbed before the operator starts,
     which listens on its gateway); ``kube_node`` starts containerd and the kubelet in it."""
+    before = {path for path in FIXED_PATHS.values() if Path(path).exists()}
     node = KubeletNode(tmp_path_factory.mktemp("node"), local_cluster, name="node-1", index=0)
     node.plumb()
     yield node
     node.stop()
     assert not node_leftovers(node), node_leftovers(node)
+    # The fixed host paths were the node's folder inside it: on the machine, nothing new.
+    assert {path for path in FIXED_PATHS.values() if Path(path).exists()} == before
 
 
 def node_leftovers(node: KubeletNode) -> list[str]:

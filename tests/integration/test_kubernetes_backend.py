@@ -127,6 +127,33 @@ def test_an_image_that_is_not_present_fails_at_once(
     assert time.monotonic() - started < 20  # not the 120 s launch timeout
 
 
+def test_a_container_the_kubelet_cannot_configure_fails_at_once(
+    operator: OperatorProcess,
+    kube_node: str,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    # The profile's pod template names a Secret that does not exist: the kubelet refuses to make
+    # the container (CreateContainerConfigError) and keeps retrying; the kernel fails at once.
+    template = {
+        "spec": {"containers": [{"name": "kernel", "envFrom": [{"secretRef": {"name": "no-such-secret"}}]}]}
+    }
+    started = time.monotonic()
+    name, _ = make_kernel(
+        namespace,
+        custom,
+        backend="kubernetes",
+        image=kernel_image,
+        kubernetes={"podTemplate": template},
+        launchTimeoutSeconds=120,
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ContainerCreateFailed", status
+    assert 'CreateContainerConfigError: secret "no-such-secret" not found' in status["message"], status
+    assert time.monotonic() - started < 30  # not the 120 s launch timeout
+
+
 def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
     operator: OperatorProcess,
     kube_node: str,
@@ -144,8 +171,9 @@ def test_a_kernel_that_crashes_in_its_pod_fails_with_the_exit_code(
     )
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=60)["status"]
     assert status["phase"] == "Failed", status
-    # What the kubelet reports for a container that exits 1: terminated, reason Error.
-    assert "the kernel container exited with code 1 (Error)" in status["message"], status["message"]
+    # The launcher's own code for a kernel that did not start (EXIT_LAUNCH_FAILED), as the
+    # kubelet reports a container that exits non-zero: terminated, reason Error.
+    assert "the kernel container exited with code 3 (Error)" in status["message"], status["message"]
 
 
 def test_a_pod_deleted_behind_the_operators_back_fails_the_kernel(

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import stat
@@ -332,7 +331,7 @@ class Launcher:
     def __init__(self, args: LauncherArgs) -> None:
         self.args = args
         self.kernel: subprocess.Popen[bytes] | None = None
-        self.control_key = secrets.token_bytes(32)
+        self.control_key = os.urandom(32)
         self.control_socket: socket.socket | None = None
         self.control_port = 0
         self.seen_nonces: dict[str, float] = {}
@@ -345,7 +344,7 @@ class Launcher:
         ensure_private_dir(args.run_dir)
         bind_ip = args.ip
         ports = free_ports(bind_ip if bind_ip else "0.0.0.0", 5, args.port_range)
-        key = secrets.token_hex(32)
+        key = os.urandom(32).hex()
         curve = curve_keys(args.transport_encryption, args.kernel_language)
         info = build_connection_file(bind_ip, ports, key, curve)
         connection_file = args.run_dir / "kernel.json"
@@ -367,6 +366,8 @@ class Launcher:
             stdin=subprocess.DEVNULL,
         )
         log.info("Started kernel %s as pid %d.", args.kernel_id, self.kernel.pid)
+        # Sealing the report needs cryptography: load it while the kernel starts, not before.
+        threading.Thread(target=protocol.preload_crypto, name="preload", daemon=True).start()
         return info
 
     def wait_kernel_listening(self, info: dict[str, Any], timeout: float = 60.0) -> None:

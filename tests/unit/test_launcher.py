@@ -144,3 +144,18 @@ def test_a_port_taken_before_the_kernel_binds_it_is_not_mistaken_for_the_kernel(
         if launcher.kernel is not None and launcher.kernel.poll() is None:
             launcher.kernel.kill()
             launcher.kernel.wait()
+
+
+def test_the_launcher_starts_without_loading_cryptography() -> None:
+    """cryptography (~30 ms to import) is loaded while the kernel starts, not before it: the
+    launcher's own imports are on every launch's critical path."""
+    import subprocess
+    import sys
+
+    code = "import sys, kernel_launchers.python_launcher; print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'secrets'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from kernel_launchers import protocol
+
+    protocol.preload_crypto()
+    assert "cryptography.hazmat.primitives.ciphers.aead" in sys.modules

@@ -277,7 +277,10 @@ class DockerBackend:
         states = {str(c.get("Id")): str(c.get("State") or "") for c in listed}
         answers = []
         for container_id in ids:
-            state = next((v for k, v in states.items() if k.startswith(container_id)), None)
+            # Records hold the full id; a short one (an older record) is matched by prefix.
+            state = states.get(container_id)
+            if state is None and len(container_id) < 64:
+                state = next((v for k, v in states.items() if k.startswith(container_id)), None)
             if state in ("running", "paused", "created", "restarting"):
                 answers.append(container_state({"State": {"Status": state}}))
             else:

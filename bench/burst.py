@@ -45,7 +45,9 @@ from launch_latency import gateway_provisioners_python, kernels_left, kernelspec
 from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
 from localcluster.crds import apply_profile, install_crds
+from localcluster.docker import DockerEngine
 from localcluster.hosts import PYTHON_MOUNT, HostPool
+from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess
 
 WORK = REPO_ROOT / ".cache" / "bench-burst"
@@ -327,7 +329,9 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=1000, help="RemoteKernels in the scale run (0: skip)")
     parser.add_argument("--scale-running", type=int, default=100)
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to skip: steps,burst,hosts,direct,jupyter,gp,scale"
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: steps,burst,hosts,pods,direct,jupyter,gp,scale",
     )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -336,7 +340,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     cluster = LocalCluster(WORK / "cluster")
     pool = HostPool(WORK / "hosts", network=2)
-    operator = hosts_operator = None
+    operator = hosts_operator = pods_operator = None
+    node = KubeletNode(WORK / "node", cluster, name="burst-node", index=4)  # apart from the others
     kernels: Kernels | None = None
     report: dict[str, Any] = {"cores": cores}
     try:
@@ -411,6 +416,32 @@ def main() -> int:
             report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
             report["burst_hosts"] = burst(kernels, "hosts", args.count, 600)
             kernels.create = orig  # type: ignore[method-assign]
+        if "pods" not in skip:
+            engine = DockerEngine()
+            engine.start()
+            image = engine.build_kernel_image()
+            node.plumb()
+            node.start(engine.env)
+            node.import_images(image, docker_env=engine.env)
+            apply_profile(api, "pods", {"backend": "kubernetes", "image": image})
+            pods_operator = OperatorProcess(
+                kubeconfig=cluster.admin_kubeconfig,
+                log_path=WORK / "pods-operator.log",
+                # On the node's gateway, which its pods reach.
+                env={
+                    "RKO_OPERATOR_CLASS": "pods",
+                    "RKO_RESPONSE_BIND": f"{node.addresses.gateway}:{free_port()}",
+                },
+            )
+            pods_operator.start()
+            print(f"==> Burst: {args.count} RemoteKernels at once as pods on one real node...", flush=True)
+            labels = {"kernel-operator.io/operator-class": "pods"}
+            orig = kernels.create
+            kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
+            pcpu, _ = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
+            report["one_launch_pods_cpu_p50"] = statistics.median(pcpu)
+            report["burst_pods"] = burst(kernels, "pods", args.count, 900)
+            kernels.create = orig  # type: ignore[method-assign]
         if {"direct", "jupyter", "gp"} - skip:
             jupyter = kernelspecs(
                 Path(tempfile.mkdtemp(prefix="rko-burst-")), cluster.admin_kubeconfig, "unused:0"
@@ -444,9 +475,10 @@ def main() -> int:
         if kernels is not None:  # a part that failed may leave kernels: their operators stop them
             with contextlib.suppress(Exception):
                 kernels.delete_all(timeout=120)
-        for proc in (operator, hosts_operator):
+        for proc in (operator, hosts_operator, pods_operator):
             if proc is not None:
                 proc.stop()
+        node.stop()
         pool.stop()
         cluster.stop()
         (WORK / "report.json").write_text(json.dumps(report, indent=2))
@@ -472,15 +504,16 @@ def print_report(r: dict[str, Any]) -> None:
             print(f"| {k} | {v:.3f} | {v - prev:.3f} |")
             prev = v
     for key, label, cpu_key in (
-        ("burst_local", "localhost", None),
-        ("burst_hosts", "3 ssh hosts", "one_launch_hosts_cpu_p50"),
+        ("burst_local", "ssh backend, localhost", None),
+        ("burst_hosts", "ssh backend, 3 ssh hosts", "one_launch_hosts_cpu_p50"),
+        ("burst_pods", "kubernetes backend, pods on one real node", "one_launch_pods_cpu_p50"),
     ):
         if key not in r:
             continue
         b = r[key]
         cpu_one = r[cpu_key] if cpu_key else one["cpu_p50"]
         limit = b["count"] * cpu_one / cores
-        print(f"\nBurst, {b['count']} RemoteKernels created at once, ssh backend, {label}:")
+        print(f"\nBurst, {b['count']} RemoteKernels created at once, {label}:")
         print(
             "| Running | failed | all settled (s) | CPU-bound limit (s) | ratio | machine CPU-s | left running |"
         )

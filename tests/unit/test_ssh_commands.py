@@ -286,3 +286,32 @@ def test_one_batched_status_command_answers_as_one_command_per_kernel_would(tmp_
         for proc in (running, orphan_kernel):
             proc.kill()
             proc.wait()
+
+
+async def test_a_relaunch_clears_what_an_earlier_attempt_of_the_same_launch_left(tmp_path: Path) -> None:
+    """The launch started, then its status write failed (the API server went down): the retry
+    finds the run directory. Ours (our user, private) is cleared, its launcher stopped; a
+    directory anyone else could have made is left, so the launch fails with a clear reason."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from kernel_operator.backends.ssh import _clear_earlier_attempt
+
+    run_dir = tmp_path / "rko-run"
+    run_dir.mkdir(mode=0o700)
+    earlier = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(run_dir)], start_new_session=True
+    )
+    try:
+        await _clear_earlier_attempt(run_dir)
+        assert not run_dir.exists()
+        assert await asyncio.to_thread(earlier.wait, 10) is not None
+    finally:
+        if earlier.poll() is None:
+            earlier.kill()
+    foreign = tmp_path / "rko-foreign"
+    foreign.mkdir(mode=0o755)
+    foreign.chmod(0o755)
+    await _clear_earlier_attempt(foreign)
+    assert foreign.exists()

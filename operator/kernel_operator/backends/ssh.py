@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -282,6 +283,7 @@ class SshBackend:
         python = str(plan.request.backend_config.get("python") or self.settings.python or sys.executable)
         run_dir = plan.run_dir
         path = Path(run_dir)
+        await _clear_earlier_attempt(path)
         try:
             path.mkdir(mode=0o700)  # not exist_ok: anything already there was not made by us
         except OSError as err:
@@ -716,6 +718,29 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
+
+
+async def _clear_earlier_attempt(path: Path) -> None:
+    """Stop and remove what an earlier attempt of this same launch left in its run directory
+    (the operator's status write failed after it started, e.g. while the API server was down).
+
+    Only a real directory owned by the operator's own user and private to it counts as ours:
+    anything else stays, and making the directory then fails with a clear reason."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        return
+    groups = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _is_ours(int(entry.name), str(path)):
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(int(entry.name)))
+    for pgid in groups - {os.getpgid(0)}:  # never the operator's own group
+        await _stop_local_group(pgid)
+    log.warning("Removed the run directory %s an earlier attempt of this launch left.", path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 async def _stop_local_group(pgid: int, grace: float = 3.0) -> None:

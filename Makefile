@@ -93,6 +93,7 @@ bench: cluster-bin node-bin venv
 	@bash hack/install-system-deps.sh
 	@$(VPY) bench/launch_latency.py
 	@$(VPY) bench/burst.py
+	@$(VPY) bench/pool_latency.py
 
 # The full fault round (CI runs a smaller one within make test): 50 kernels, five kills.
 chaos: cluster-bin helm venv

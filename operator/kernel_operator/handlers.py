@@ -21,6 +21,9 @@ from .errors import BackendError, SpecError
 from .kube import Kube, KubeError
 from .lifecycle import KernelLifecycle, Logger, OperatorContext
 from .listener import ResponseListener
+from .pool_controller import PoolController
+from .pool_registry import PoolRegistry
+from .pools import POOL_PLURAL, seal_key
 from .settings import OperatorSettings, operator_class_from_env
 from .status import Phase
 
@@ -96,6 +99,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
         listener=listener,
         private_key=private_key,
         response_address=cfg.response_address or _advertised(host, port),
+        pools=PoolRegistry(seal_key(private_key)),
     )
     # Rebuild bookkeeping (least-connection counts, kernel ids in use) from the kernels alive,
     # oldest first, so the first holder of a kernel id keeps it.
@@ -178,3 +182,25 @@ async def signal(body: kopf.Body, new: Any, memo: kopf.Memo, logger: Logger, **_
         logger.warning(f"Signal {text} could not be delivered: {err}")
         return
     logger.info(f"Signal {text} was delivered to the kernel: {reply}.")
+
+
+@kopf.daemon(GROUP, VERSION, POOL_PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)
+async def pool(
+    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: Logger, **_: Any
+) -> None:
+    """Keep a RemoteKernelPool full. Deleting the pool deletes its members by their owner
+    reference (the garbage collector): unclaimed ones are stopped by their finalizers; claimed
+    ones belong to their claimers already."""
+    controller = PoolController(memo["ctx"], body, _emitter(body), logger, OPERATOR_CLASS)
+    try:
+        await controller.run(stopped)
+    except CONNECTION_ERRORS as err:
+        raise kopf.TemporaryError(f"The Kubernetes API cannot be reached; retrying: {err}", delay=2) from err
+    except KubeError as err:
+        raise kopf.TemporaryError(f"The Kubernetes API failed; retrying: {err}", delay=5) from err
+
+
+@kopf.on.field(GROUP, VERSION, POOL_PLURAL, labels=MINE, field="spec")
+async def pool_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A scale or a template change: the pool's daemon acts at once, not at its next round."""
+    memo["ctx"].pools.wake(str(body["metadata"]["uid"]))

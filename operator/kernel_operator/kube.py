@@ -17,9 +17,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import GROUP, PLURAL, UID_LABEL, VERSION
 from .errors import OperatorError
+from .pools import POOL_PLURAL
 from .profiles import PROFILE_PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class KubeError(OperatorError):
@@ -359,3 +361,55 @@ class Kube:
         except ApiException as err:
             raise _error("Listing RemoteKernels", err) from err
         return [item for result in results for item in result.get("items", [])]
+
+    async def read_remote_kernel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The whole RemoteKernel as the API server has it now; None if it is gone."""
+        try:
+            return dict(
+                await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading RemoteKernel {namespace}/{name}", err) from err
+
+    async def create_remote_kernel(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(
+                await self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            )
+        except ApiException as err:
+            raise _error(f"Creating RemoteKernel {namespace}/{body['metadata']['name']}", err) from err
+
+    async def swap_label(
+        self, namespace: str, name: str, label: str, expected: str, value: str
+    ) -> dict[str, Any] | None:
+        """Set ``label`` to ``value`` only if it is ``expected`` now (a JSON patch ``test``, which
+        the API server applies atomically): the object patched, or None if the label differs or
+        the object is gone. Two callers never both win."""
+        path = "/metadata/labels/" + label.replace("~", "~0").replace("/", "~1")
+        patch = [
+            {"op": "test", "path": path, "value": expected},
+            {"op": "replace", "path": path, "value": value},
+        ]
+        try:
+            return dict(
+                await self.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, patch, _content_type=JSON_PATCH
+                )
+            )
+        except ApiException as err:
+            # A failed test is 422 (or 500 from older servers, with the test's message); gone is 404.
+            if err.status in (404, 409, 422) or (err.status == 500 and "test" in str(err.body)):
+                return None
+            raise _error(f"Claiming RemoteKernel {namespace}/{name}", err) from err
+
+    # -- pools ---------------------------------------------------------------------------------
+    async def patch_pool_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            await self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, POOL_PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise _error(f"Patching the status of RemoteKernelPool {namespace}/{name}", err) from err

@@ -22,11 +22,14 @@ from kernel_launchers.protocol import LaunchPayload
 from . import GROUP, KIND, UID_LABEL, VERSION, keys
 from .activity import IopubWatcher, is_idle
 from .backends import Backend, BackendRef, Backends, LaunchPlan, LoggingBackend, SignalingBackend
+from .claim import Claim, Claimed, pooled_secret_name
 from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
 from .kube import Kube, KubeError
 from .launch_command import run_dir_for
 from .listener import ResponseListener
+from .pool_registry import PoolRegistry
+from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member
 from .profiles import Profile, namespace_selected, pick_profile
 from .settings import OperatorSettings
 from .spec import KernelRequest, build_request
@@ -69,6 +72,8 @@ class OperatorContext:
     listener: ResponseListener
     private_key: bytes
     response_address: str
+    # Pools and their ready members (seal key set at start-up from the private key).
+    pools: PoolRegistry = field(default_factory=lambda: PoolRegistry(b""))
     # Kernel ids in use, to the uid of the RemoteKernel that holds each: a second RemoteKernel
     # with the same kernel id (another tenant's, say) fails instead of touching the first's.
     kernel_ids: dict[str, str] = field(default_factory=dict)
@@ -109,6 +114,25 @@ def _ready_changed_at(status: Mapping[str, Any]) -> str | None:
     return None
 
 
+async def resolve_profile(kube: Kube, requested: str, namespace: str) -> Profile:
+    """The profile named (or the default one), checked to serve ``namespace``."""
+    if requested:
+        found = await kube.read_profile(requested)
+        objects = [found] if found is not None else []
+    else:
+        objects = await kube.list_profiles()
+    profile = Profile.from_object(pick_profile(requested, objects))
+    if profile.namespace_selector is not None:
+        labels = await kube.namespace_labels(namespace) or {}
+        if not namespace_selected(profile.namespace_selector, labels):
+            raise SpecError(
+                f"Profile {profile.name} does not serve namespace {namespace} (its "
+                "namespaceSelector does not match the namespace's labels); choose another profile.",
+                reason="ProfileNotAllowed",
+            )
+    return profile
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -133,6 +157,10 @@ class KernelLifecycle:
         self.generation: int = int(meta.get("generation", 1))
         self.spec: Mapping[str, Any] = body.get("spec") or {}
         self.status: dict[str, Any] = dict(body.get("status") or {})
+        self.body = body  # kopf's body is a live view: labels read from it are current
+        # A member of a warm pool: created and sealed by the operator (see pools.py).
+        self.member = bool(ctx.pools.seal_key) and is_sealed_member(ctx.pools.seal_key, body)
+        self.pool_uid = str((meta.get("labels") or {}).get(POOL_UID_LABEL) or "") if self.member else ""
         self.emit = emit
         self.log = logger
         self._recorded_activity = 0.0
@@ -171,9 +199,35 @@ class KernelLifecycle:
         if phase in TERMINAL:
             self._release_kernel_id()
             self.ctx.launches.pop(self.uid, None)
+        if self.member:
+            self.ctx.pools.wake(self.pool_uid)
         warning = phase is Phase.FAILED
         self.emit("Warning" if warning else "Normal", reason, message)
         (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
+
+    def secret_location(self) -> tuple[str, str]:
+        """Where this kernel's connection Secret is: beside it, or for a pool member not yet
+        claimed, in the operator's own namespace (out of every tenant's reach)."""
+        if self.member:
+            return self.ctx.settings.namespace, pooled_secret_name(self.uid)
+        return self.namespace, secret_name(self.name)
+
+    def handed_over(self) -> bool:
+        """A pool member claimed by a RemoteKernel, which owns its backend now."""
+        if not self.member:
+            return False
+        claim = str(((self.body.get("metadata") or {}).get("labels") or {}).get(CLAIM_LABEL) or "")
+        return self.uid in self.ctx.pools.handed_over or claim not in ("", FREE, VOID)
+
+    def launch_id(self) -> str:
+        """The id the kernel's launcher knows its launch by: this RemoteKernel's uid, or for a
+        kernel claimed from a pool, the member's (verified against the claim's seal)."""
+        record = self.status.get("pool")
+        if record:
+            member = claim_verified(self.ctx.pools.seal_key, self.uid, record)
+            if member:
+                return member
+        return self.ctx.pools.in_flight.get(self.uid, self.uid)
 
     def _kernel_id(self) -> str:
         return protocol.canonical_kernel_id(str(self.spec["kernelId"]))
@@ -184,30 +238,20 @@ class KernelLifecycle:
 
     async def profile(self) -> Profile:
         """The profile this kernel runs under, checked to serve the kernel's namespace."""
-        requested = str(self.spec.get("profile") or "")
-        kube = self.ctx.kube
-        if requested:
-            found = await kube.read_profile(requested)
-            objects = [found] if found is not None else []
-        else:
-            objects = await kube.list_profiles()
-        profile = Profile.from_object(pick_profile(requested, objects))
-        if profile.namespace_selector is not None:
-            labels = await kube.namespace_labels(self.namespace) or {}
-            if not namespace_selected(profile.namespace_selector, labels):
-                raise SpecError(
-                    f"Profile {profile.name} does not serve namespace {self.namespace} (its "
-                    "namespaceSelector does not match the namespace's labels); choose another profile.",
-                    reason="ProfileNotAllowed",
-                )
-        return profile
+        return await resolve_profile(self.ctx.kube, str(self.spec.get("profile") or ""), self.namespace)
 
     async def request(self) -> KernelRequest:
         """The checked request: the spec under its profile (read once per lifecycle)."""
         if self._request is None:
             profile = await self.profile()
             self._request = build_request(
-                self.namespace, self.name, self.uid, self.spec, profile, self.ctx.settings
+                self.namespace,
+                self.name,
+                self.uid,
+                self.spec,
+                profile,
+                self.ctx.settings,
+                pool_member=self.member,
             )
         return self._request
 
@@ -294,7 +338,7 @@ class KernelLifecycle:
         await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
 
     async def launch(self, stopped: StopFlag | None = None, again: bool = False) -> bool:
-        if not self.phase and not again:
+        if not self.phase and not again and not self.ctx.pools.in_namespace(self.namespace):
             await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         try:
             request = await self.request()
@@ -310,6 +354,14 @@ class KernelLifecycle:
                 observedGeneration=self.generation,
             )
             return False
+        if not again and not self.member and self.spec.get("usePool", True) is not False:
+            if await self.claim_from_pool(request, stopped):
+                return True  # Running already: the monitor follows
+            if stopped:
+                return False
+        if not self.phase and not again:
+            # After the claim: a claimed kernel goes to Running in one write.
+            await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         if not self._slot:
             await self._take_slot()  # the deadline counts from here
         if stopped:
@@ -361,6 +413,72 @@ class KernelLifecycle:
         await self.patch({"backendRef": ref, "launchedAt": now_iso()})
         self.log.info(f"The {backend.name} backend started the launcher: {ref}.")
         return True
+
+    async def claim_from_pool(self, request: KernelRequest, stopped: StopFlag | None) -> bool:
+        """Take a ready kernel from a pool that fits, bind it to this kernel's user, and record
+        it: True once Running. False when no pool fits or none had a kernel (start cold)."""
+        pools = self.ctx.pools
+        claim = Claim(
+            self.ctx.kube, pools, self.ctx.private_key, self.ctx.settings.namespace, self.log.warning
+        )
+        try:
+            claimed = await claim.run(self.namespace, self.uid, request)
+        except KubeError as err:
+            self.log.warning(f"Could not claim a pooled kernel; starting cold: {err}")
+            pools.in_flight.pop(self.uid, None)
+            return False
+        if claimed is None:
+            return False
+        # Registered like a launch: a deletion from here on waits for it and stops it.
+        done: asyncio.Future[BackendRef] = asyncio.get_running_loop().create_future()
+        done.set_result(claimed.backend_ref)
+        self.ctx.launches[self.uid] = done
+        if stopped:
+            await self.stop_backend_quietly()
+            return False
+        await self._record_claim(claimed)
+        pools.in_flight.pop(self.uid, None)
+        pools.handed_over.add(claimed.member_uid)
+        entry = pools.pools.get(claimed.pool_uid)
+        if entry is not None:
+            entry.handed_over.add(claimed.member_uid)
+            entry.claims += 1
+            entry.wake.set()
+        # The member object has done its work; its lifecycle leaves the backend to us.
+        with contextlib.suppress(KubeError):
+            await self.ctx.kube.delete_remote_kernel(self.namespace, claimed.member)
+        return True
+
+    async def _record_claim(self, claimed: Claimed) -> None:
+        secret = secret_name(self.name)
+        labels = {"kernel-operator.io/kernel-id": self._kernel_id(), UID_LABEL: self.uid}
+        if not await self.ctx.kube.create_secret(
+            self.namespace, secret, claimed.secret, labels, self.owner_reference()
+        ):
+            await self.ctx.kube.replace_secret_data(self.namespace, secret, claimed.secret)
+        connection = dict(claimed.connection)
+        connection["secretRef"] = {"name": secret, "key": "key"}
+        now = now_iso()
+        await self.set_phase(
+            Phase.RUNNING,
+            "ClaimedFromPool",
+            f"The kernel was claimed from pool {claimed.pool} (kernel {claimed.member}, ready at "
+            f"{connection.get('ip')}) and bound to user {self.spec.get('username')}.",
+            profile=claimed.profile,
+            backend=claimed.backend,
+            backendRef=claimed.backend_ref,
+            connection=connection,
+            launchedAt=now,
+            readyAt=now,
+            launch={"tokenHash": claimed.token_hash, "acceptedAt": now},
+            pool={
+                "name": claimed.pool,
+                "member": claimed.member,
+                "memberUid": claimed.member_uid,
+                "seal": claimed.seal,
+            },
+            observedGeneration=self.generation,
+        )
 
     async def await_connection(self, stopped: StopFlag) -> bool:
         launch = self.status.get("launch") or {}
@@ -500,7 +618,7 @@ class KernelLifecycle:
         """Store the key in a Secret owned by the resource, the rest in status: then Running."""
         connection = payload["connection"]
         control_key = protocol.decode_key(payload["control_key"])
-        secret = secret_name(self.name)
+        secret_namespace, secret = self.secret_location()
         data = {
             "key": connection["key"].encode(),
             # Bound to this RemoteKernel: it opens for no other, whatever its kernel id.
@@ -510,10 +628,11 @@ class KernelLifecycle:
             data["curve-publickey"] = connection["curve_publickey"].encode()
             data["curve-secretkey"] = connection.get("curve_secretkey", "").encode()
         labels = {"kernel-operator.io/kernel-id": payload["kernel_id"], UID_LABEL: self.uid}
-        if not await self.ctx.kube.create_secret(
-            self.namespace, secret, data, labels, self.owner_reference()
-        ):
-            await self.ctx.kube.replace_secret_data(self.namespace, secret, data)
+        # A member's Secret is in another namespace than its RemoteKernel: no owner reference
+        # can cross that; its lifecycle deletes it (see delete).
+        owner = None if self.member else self.owner_reference()
+        if not await self.ctx.kube.create_secret(secret_namespace, secret, data, labels, owner):
+            await self.ctx.kube.replace_secret_data(secret_namespace, secret, data)
         ref: BackendRef = dict(self.status.get("backendRef") or {})
         if not ref:
             # Launched by an operator stopped before it recorded the launch: found on the
@@ -540,23 +659,30 @@ class KernelLifecycle:
         backend = self.backend()
         ref = self.status.get("backendRef") or {}
         wake = asyncio.Event()
-        secret = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
+        secret = await self.ctx.kube.read_secret(*self.secret_location()) or {}
+        launch_id = self.launch_id()
         # The launcher's exit notice (signed with its control key) makes us look at once;
         # polling stays as the fallback.
         if secret.get("control-key.sealed"):
             with contextlib.suppress(keys.KeyError_):
                 control_key = keys.unseal(self.ctx.private_key, self.uid, secret["control-key.sealed"])
-                self.ctx.listener.watch_exit(self.uid, control_key, wake.set)
+                self.ctx.listener.watch_exit(launch_id, control_key, wake.set)
         accepted = (self.status.get("launch") or {}).get("tokenHash")
         if accepted:
             pid = ref.get("pid")
-            self.ctx.listener.answered(self.uid, str(accepted), int(pid) if pid else None)
-        watcher = self._watch_activity(secret)
+            self.ctx.listener.answered(launch_id, str(accepted), int(pid) if pid else None)
+        # A pool member idles by design (the pool retires it by age); a claimed kernel is followed.
+        watcher = None if self.member else self._watch_activity(secret)
+        if self.member and not self.handed_over() and secret:
+            await self.ctx.pools.member_ready(self.pool_uid, self.uid, self.name, secret)
         try:
             await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
-            self.ctx.listener.unwatch_exit(self.uid)
-            self.ctx.listener.forget_answered(self.uid)
+            if self.member:
+                self.ctx.pools.member_gone(self.pool_uid, self.uid)
+            # Only this kernel's own watch: a claimer may watch the same launch id by now.
+            self.ctx.listener.unwatch_exit(launch_id, wake.set)
+            self.ctx.listener.forget_answered(launch_id)
             if watcher is not None:
                 await watcher.stop()
 
@@ -661,6 +787,8 @@ class KernelLifecycle:
 
     # -- stopping and signals ------------------------------------------------------------------
     async def stop_backend(self) -> None:
+        if self.handed_over():
+            return  # its claimer owns the backend now
         ref = self.status.get("backendRef")
         in_flight = self.ctx.launches.pop(self.uid, None)
         if not ref and in_flight is not None:
@@ -673,8 +801,9 @@ class KernelLifecycle:
             ref = await backend.find(await self.request())
         if not ref or ref.get("stopped"):
             return
-        # What status names is acted on only where it carries this kernel's uid (see Backend.stop).
-        await backend.stop(ref, self.uid)
+        # What status names is acted on only where it carries this kernel's uid (see Backend.stop),
+        # or for a claimed kernel, the pool member's whose backend it took over.
+        await backend.stop(ref, self.launch_id())
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
@@ -705,12 +834,14 @@ class KernelLifecycle:
         """
         # The body kopf hands the delete handler may predate the launch's own patches: what
         # the API server holds now says what was started.
-        fresh = await self.ctx.kube.read_remote_kernel_status(self.namespace, self.name)
-        if fresh is None:  # gone already: stop what may have been started, write nothing
+        obj = await self.ctx.kube.read_remote_kernel(self.namespace, self.name)
+        if obj is None:  # gone already: stop what may have been started, write nothing
             await self.stop_after_deletion()
-            await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
+            await self.ctx.kube.delete_secret(*self.secret_location())
             self._release_kernel_id()
             return
+        self.body = obj
+        fresh = dict(obj.get("status") or {})
         if fresh:
             self.status = fresh
         if self.phase not in {p.value for p in TERMINAL}:
@@ -728,7 +859,7 @@ class KernelLifecycle:
             )
             self.emit("Warning", "StopAbandoned", message)
             self.log.error(message)
-        await self.ctx.kube.delete_secret(self.namespace, secret_name(self.name))
+        await self.ctx.kube.delete_secret(*self.secret_location())
         self._release_kernel_id()
 
     async def send_signal(self, signum: int, timeout: float = 5.0) -> dict[str, Any]:
@@ -737,7 +868,7 @@ class KernelLifecycle:
         connection = self.status.get("connection") or {}
         if self.phase != Phase.RUNNING.value or "controlPort" not in ref:
             raise BackendError(f"The kernel is {self.phase or 'not started'}; it cannot take signals.")
-        data = await self.ctx.kube.read_secret(self.namespace, secret_name(self.name)) or {}
+        data = await self.ctx.kube.read_secret(*self.secret_location()) or {}
         sealed = data.get("control-key.sealed")
         if not sealed:
             raise BackendError("The kernel's control key is missing from its Secret.")

@@ -83,8 +83,12 @@ class ResponseListener:
         that the kernel exited."""
         self._exit_watchers[kernel_id] = (control_key, wake)
 
-    def unwatch_exit(self, kernel_id: str) -> None:
-        self._exit_watchers.pop(kernel_id, None)
+    def unwatch_exit(self, kernel_id: str, wake: Callable[[], None] | None = None) -> None:
+        """Stop watching ``kernel_id`` (only if ``wake`` is still its callback, when given: the
+        launch of a claimed pool member is watched by its member first, then its claimer)."""
+        watcher = self._exit_watchers.get(kernel_id)
+        if watcher is not None and (wake is None or watcher[1] == wake):
+            del self._exit_watchers[kernel_id]
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._handle, host, port, limit=protocol.MAX_FRAME)

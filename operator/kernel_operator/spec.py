@@ -32,6 +32,8 @@ BACKENDS = (
 LAUNCHER_LANGUAGES = ("python", "r")  # kernels the launcher starts: ipykernel, IRkernel
 # Set by the operator from the spec; a user value that disagrees is an error, not an override.
 RESERVED_ENV = ("KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE")
+# The username of pool members that serve every user: their identity is bound at claim.
+POOL_USERNAME = "system:kernel-operator:pool"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A POSIX account name as useradd accepts it: what a kernel may run as when impersonating.
 _ACCOUNT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
@@ -282,8 +284,12 @@ def build_request(
     spec: Mapping[str, Any],
     profile: Profile,
     settings: OperatorSettings,
+    pool_member: bool = False,
 ) -> KernelRequest:
-    """Check ``spec`` against the schema's intent, its profile and the operator's policy."""
+    """Check ``spec`` against the schema's intent, its profile and the operator's policy.
+
+    ``pool_member``: the spec is a sealed pool member's (the operator's own), whose placeholder
+    user is checked at claim, as the claimer."""
     try:
         kernel_id = canonical_kernel_id(str(spec.get("kernelId", "")))
     except ProtocolError as err:
@@ -291,7 +297,8 @@ def build_request(
     username = str(spec.get("username") or "")
     if not username:
         raise SpecError("spec.username is required: it is KERNEL_USERNAME, checked before launch.")
-    check_user(username, settings, profile)
+    if not (pool_member and username == POOL_USERNAME):
+        check_user(username, settings, profile)
     kernel = spec.get("kernel") or {}
     language = str(kernel.get("language") or "python").lower()
     if language not in LAUNCHER_LANGUAGES:

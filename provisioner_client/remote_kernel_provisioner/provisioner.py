@@ -127,6 +127,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         None, allow_none=True, config=True, help="Python kernel class (KERNEL_CLASS_NAME)."
     )
     delete_failed = Bool(True, config=True, help="Delete a RemoteKernel that failed to launch.")
+    use_pool = Bool(
+        True,
+        config=True,
+        help="Take a ready kernel from a RemoteKernelPool that fits (kubectl get rkpool), when there is "
+        "one; false always launches a new kernel.",
+    )
     poll_interval = Float(
         0.1, config=True, help="Seconds between polls while waiting for the kernel to exit."
     )
@@ -234,6 +240,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             backend_config=blocks,
             labels=kernel_labels(self.operator_class, self.server_name, self._kernel_name()),
             owner_references=pod_owner(self.owner_pod_name, self.owner_pod_uid),
+            use_pool=self.use_pool,
         )
 
     def _kernel_name(self) -> str:

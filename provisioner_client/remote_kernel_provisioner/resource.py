@@ -99,6 +99,7 @@ def build_remote_kernel(
     backend_config: Mapping[str, Any] | None = None,
     labels: Mapping[str, str] | None = None,
     owner_references: Sequence[Mapping[str, Any]] = (),
+    use_pool: bool = True,
 ) -> dict[str, Any]:
     """The RemoteKernel this provisioner creates for one kernel: only what a tenant may ask for.
 
@@ -127,6 +128,8 @@ def build_remote_kernel(
         spec["portRange"] = port_range
     if transport_encryption:
         spec["transportEncryption"] = transport_encryption
+    if not use_pool:
+        spec["usePool"] = False
     for block, fields in (backend_config or {}).items():
         spec[block] = dict(fields)
     metadata: dict[str, Any] = {

@@ -115,6 +115,7 @@ def crd(api_client: client.ApiClient) -> None:
         try:
             custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernels")
             custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernelprofiles")
+            custom.list_cluster_custom_object("kernel-operator.io", "v1alpha1", "remotekernelpools")
         except ApiException as err:
             assert err.status in (404, 429, 503), err
             return False

@@ -701,6 +701,71 @@ def test_the_chart_ships_the_tenant_roles_it_claims(helm: Path) -> None:  # noqa
     roles = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out.stdout) if d}
     edit = roles[f"{CHART_RELEASE}-remote-kernel-operator-tenant-edit"]
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
-    (rule,) = edit["rules"]
+    rule, pools = edit["rules"]
     assert rule["resources"] == ["remotekernels"] and "remotekernels/status" not in json.dumps(roles)
     assert set(rule["verbs"]) == {"create", "get", "list", "watch", "delete", "patch"}
+    # Pools: editors read them; only namespace admins make and scale them.
+    assert pools["resources"] == ["remotekernelpools"] and set(pools["verbs"]) == {"get", "list", "watch"}
+    pool_admin = roles[f"{CHART_RELEASE}-remote-kernel-operator-pool-admin"]
+    assert pool_admin["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert "remotekernelpools/status" not in json.dumps(pool_admin)
+
+
+def test_a_tenant_makes_pools_only_with_a_namespace_admins_rights_and_only_for_itself(
+    tenant: Tenant, api_client: client.ApiClient
+) -> None:
+    pool = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RemoteKernelPool",
+        "metadata": {"name": "mine"},
+        "spec": {"replicas": 0, "profile": "tenant-pods"},
+    }
+    pools = "remotekernelpools"
+    with pytest.raises(ApiException) as err:
+        tenant.custom.create_namespaced_custom_object(
+            GROUP, VERSION, tenant.namespace, pools, pool, dry_run="All"
+        )
+    assert err.value.status == 403  # editors read pools; they do not make them
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    rbac.create_namespaced_role_binding(
+        tenant.namespace,
+        {
+            "metadata": {"name": "jupyter-pool-admin"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{CHART_RELEASE}-remote-kernel-operator-pool-admin",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": TENANT_SA, "namespace": tenant.namespace}],
+        },
+    )
+    try:
+
+        def create_pool(body: dict[str, Any]) -> Any:
+            return tenant.custom.create_namespaced_custom_object(
+                GROUP, VERSION, tenant.namespace, pools, body, dry_run="All"
+            )
+
+        def allowed() -> bool:
+            try:
+                create_pool(pool)
+            except ApiException as e:
+                assert e.status == 403, e
+                return False
+            return True
+
+        wait_for(allowed, timeout=30, what="the pool-admin role to take effect")
+        # A pool of someone else's kernels (impersonating profiles need one) is refused like a
+        # RemoteKernel naming someone else.
+        with pytest.raises(ApiException) as err:
+            create_pool({**pool, "spec": {**pool["spec"], "username": "someone-else"}})
+        assert err.value.status == 403 and "act-as" in err.value.body
+        create_pool({**pool, "spec": {**pool["spec"], "username": tenant.username}})
+        # The pool's status (its counts) stays the operator's.
+        with pytest.raises(ApiException) as err:
+            tenant.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, tenant.namespace, pools, "mine", {"status": {"ready": 99}}
+            )
+        assert err.value.status in (403, 404)
+    finally:
+        rbac.delete_namespaced_role_binding("jupyter-pool-admin", tenant.namespace)

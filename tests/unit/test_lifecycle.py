@@ -51,6 +51,11 @@ class FakeKube:
     async def read_remote_kernel_status(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.stored_status
 
+    async def read_remote_kernel(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.stored_status is None:
+            return None
+        return {"metadata": {"namespace": namespace, "name": name}, "status": self.stored_status}
+
     async def create_secret(self, namespace, name, data, labels=None, owner=None) -> bool:  # type: ignore[no-untyped-def]
         if name in self.secrets:
             return False
@@ -130,7 +135,7 @@ class FakeListener:
     def watch_exit(self, kernel_id: str, key: bytes, wake: Any) -> None:
         self.watchers[kernel_id] = wake
 
-    def unwatch_exit(self, kernel_id: str) -> None:
+    def unwatch_exit(self, kernel_id: str, wake: Any = None) -> None:
         self.watchers.pop(kernel_id, None)
 
     def answered(self, launch_id: str, token_hash: str, launcher_pid: int | None = None) -> None:

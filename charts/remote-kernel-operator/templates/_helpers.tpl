@@ -84,14 +84,15 @@ objects it makes for them. Used by the ClusterRole (every namespace) and by each
 namespaced modes) alike, so the two can never differ.
 */}}
 {{- define "rko.applicationRules" -}}
-# kopf watches RemoteKernels, patches their finalizer and annotations; idle culling and the
-# time to live delete; a deletion reads the status the API server holds now.
+# kopf watches RemoteKernels and RemoteKernelPools, patches their finalizers and annotations;
+# idle culling and the time to live delete; a deletion reads the status the API server holds
+# now; pools create their kernels, and a claim swaps a pooled kernel's claim label.
 - apiGroups: [kernel-operator.io]
-  resources: [remotekernels]
-  verbs: [get, list, watch, patch, delete]
-# The phase, connection info and lastActivity.
+  resources: [remotekernels, remotekernelpools]
+  verbs: [get, list, watch, create, patch, delete]
+# The phase, connection info and lastActivity; a pool's counts.
 - apiGroups: [kernel-operator.io]
-  resources: [remotekernels/status]
+  resources: [remotekernels/status, remotekernelpools/status]
   verbs: [patch]
 # The kubernetes backend's kernel pods, followed by one watch (not one read per kernel).
 - apiGroups: [""]

@@ -1,0 +1,256 @@
+"""``make bench``: warm pools against cold starts and a direct local launch, in one run.
+
+Rows (ssh backend, host localhost: the operator starts launchers on this machine):
+- RemoteKernel created -> Running (seen by a watch), claimed from a pool vs a cold start;
+- jupyter_client start_kernel -> first execute_reply of ``1+1``: direct local launch (ipykernel's
+  own kernelspec), our provisioner cold (use_pool false), our provisioner with a warm pool;
+- refill: REFILL kernels claimed at once, and the time until the pool is full again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from kubernetes import client, config, watch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
+from localcluster import LocalCluster, free_port
+from localcluster.cluster import REPO_ROOT
+from localcluster.crds import install_crds
+from localcluster.servers import OperatorProcess
+
+sys.path.insert(0, str(REPO_ROOT))
+from tests.profiles import ensure_profile
+
+WORK = REPO_ROOT / ".cache" / "bench-pools"
+GROUP, VERSION = "kernel-operator.io", "v1alpha1"
+NAMESPACE = "default"
+PROFILE = "bench-pool"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def row(name: str, values: list[float]) -> str:
+    return (
+        f"| {name} | {len(values)} | {statistics.median(values) * 1000:.0f} | "
+        f"{pct(values, 0.95) * 1000:.0f} | {pct(values, 0.99) * 1000:.0f} |"
+    )
+
+
+def pool_ready(custom: client.CustomObjectsApi, count: int, timeout: float = 120) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        status = (
+            custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench").get(
+                "status"
+            )
+            or {}
+        )
+        if status.get("ready") == count:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise RuntimeError(f"the pool did not get {count} ready kernels in {timeout} s")
+
+
+def create_and_wait_running(custom: client.CustomObjectsApi, use_pool: bool) -> tuple[float, bool]:
+    kernel_id = str(uuid.uuid4())
+    name = f"k-{kernel_id}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RemoteKernel",
+        "metadata": {"name": name},
+        "spec": {"kernelId": kernel_id, "username": "bench", "profile": PROFILE, "usePool": use_pool},
+    }
+    w = watch.Watch()
+    started = time.perf_counter()
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels", body)
+    pooled = False
+    for event in w.stream(
+        custom.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        NAMESPACE,
+        "remotekernels",
+        field_selector=f"metadata.name={name}",
+        resource_version=created["metadata"]["resourceVersion"],
+        timeout_seconds=60,
+    ):
+        status = event["object"].get("status") or {}
+        if status.get("phase") in ("Running", "Failed"):
+            elapsed = time.perf_counter() - started
+            pooled = bool(status.get("pool"))
+            if status["phase"] != "Running":
+                raise RuntimeError(f"kernel failed: {status}")
+            break
+    w.stop()
+    custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels", name)
+    return elapsed, pooled
+
+
+async def first_reply(kernel_name: str, env: dict[str, str]) -> float:
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name=kernel_name)
+    started = time.perf_counter()
+    await km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        reply = await kc.execute_interactive("1+1", timeout=60, output_hook=lambda m: None)
+        elapsed = time.perf_counter() - started
+        assert reply["content"]["status"] == "ok", reply
+    finally:
+        kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+    return elapsed
+
+
+def kernelspec(root: Path, name: str, kubeconfig: Path, use_pool: bool) -> None:
+    spec_dir = root / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    config_ = {
+        "namespace": NAMESPACE,
+        "kubeconfig": str(kubeconfig),
+        "profile": PROFILE,
+        "use_pool": use_pool,
+    }
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python", "-m", "kernel_launchers.python_launcher"],
+                "display_name": name,
+                "language": "python",
+                "metadata": {"kernel_provisioner": {"provisioner_name": "remote-kernel", "config": config_}},
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("RKO_BENCH_RUNS", "20")))
+    parser.add_argument("--refill", type=int, default=20)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(WORK / "cluster")
+    cluster.start()
+    operator = None
+    try:
+        api = config.new_client_from_config(config_file=str(cluster.admin_kubeconfig))
+        install_crds(api)
+        custom = client.CustomObjectsApi(api)
+        ensure_profile(api, {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}, name=PROFILE)
+        operator = OperatorProcess(
+            kubeconfig=cluster.admin_kubeconfig,
+            log_path=WORK / "operator.log",
+            env={
+                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+                "RKO_SSH_LOCAL_HOSTS": "localhost",
+                "RKO_SSH_HOSTS": "localhost",
+                "RKO_NAMESPACE": NAMESPACE,
+            },
+        )
+        operator.start()
+        pool = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RemoteKernelPool",
+            "metadata": {"name": "bench"},
+            "spec": {"profile": PROFILE, "replicas": args.refill, "maxAgeSeconds": 0},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", pool)
+        pool_ready(custom, args.refill)
+        claimed: list[float] = []
+        cold: list[float] = []
+        for _ in range(args.runs):
+            elapsed, pooled = create_and_wait_running(custom, use_pool=True)
+            assert pooled, "a claim started cold: the pool was empty"
+            claimed.append(elapsed)
+            pool_ready(custom, args.refill)
+        for _ in range(max(5, args.runs // 4)):
+            cold.append(create_and_wait_running(custom, use_pool=False)[0])
+        # Refill: claim a whole pool at once.
+        names = []
+        for _ in range(args.refill):
+            kid = str(uuid.uuid4())
+            names.append(f"k-{kid}")
+            custom.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                NAMESPACE,
+                "remotekernels",
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "RemoteKernel",
+                    "metadata": {"name": f"k-{kid}"},
+                    "spec": {"kernelId": kid, "username": "bench", "profile": PROFILE},
+                },
+            )
+        started = time.monotonic()
+        time.sleep(0.5)
+        refill = pool_ready(custom, args.refill, timeout=300) + 0.5
+        for name in names:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels", name)
+        del started
+        # Through jupyter_client: direct, cold through the provisioner, claimed through it.
+        root = Path(tempfile.mkdtemp(prefix="rko-bench-pools-"))
+        kernelspec(root, "remote-cold", cluster.admin_kubeconfig, use_pool=False)
+        kernelspec(root, "remote-pooled", cluster.admin_kubeconfig, use_pool=True)
+        os.environ["JUPYTER_PATH"] = str(root)
+        env = {**os.environ, "KERNEL_USERNAME": "bench"}
+        direct, remote_cold, remote_pooled = [], [], []
+        runs = max(5, args.runs // 2)
+        for _ in range(runs):
+            direct.append(asyncio.run(first_reply("python3", env)))
+            remote_cold.append(asyncio.run(first_reply("remote-cold", env)))
+            pool_ready(custom, args.refill)
+            remote_pooled.append(asyncio.run(first_reply("remote-pooled", env)))
+        print()
+        print("| row | runs | p50 ms | p95 ms | p99 ms |")
+        print("| --- | --- | --- | --- | --- |")
+        print(row("RemoteKernel created -> Running, claimed from a pool", claimed))
+        print(row("RemoteKernel created -> Running, cold start (usePool false)", cold))
+        print(row("start_kernel -> first reply, direct local launch", direct))
+        print(row("start_kernel -> first reply, provisioner, cold", remote_cold))
+        print(row("start_kernel -> first reply, provisioner, warm pool", remote_pooled))
+        ratio = statistics.median(remote_pooled) / statistics.median(direct)
+        print(f"\nwarm pool vs direct local launch (p50): {ratio:.2f}x")
+        print(
+            f"refill: {args.refill} kernels claimed at once, pool full again after {refill:.1f} s "
+            f"({args.refill / refill:.1f} kernels/s)"
+        )
+    finally:
+        if operator is not None:
+            try:
+                custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench"
+                )
+                deadline = time.monotonic() + 60
+                while (
+                    time.monotonic() < deadline
+                    and custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels")[
+                        "items"
+                    ]
+                ):
+                    time.sleep(0.3)
+            except Exception as err:
+                print(f"cleanup: {err}", file=sys.stderr)
+            operator.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

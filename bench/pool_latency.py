@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config, watch
 
@@ -48,6 +49,11 @@ def row(name: str, values: list[float]) -> str:
         f"| {name} | {len(values)} | {statistics.median(values) * 1000:.0f} | "
         f"{pct(values, 0.95) * 1000:.0f} | {pct(values, 0.99) * 1000:.0f} |"
     )
+
+
+def pool_status(custom: client.CustomObjectsApi) -> dict[str, Any]:
+    obj = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench")
+    return dict(obj.get("status") or {})
 
 
 def pool_ready(custom: client.CustomObjectsApi, count: int, timeout: float = 120) -> float:
@@ -183,6 +189,7 @@ def main() -> None:
         for _ in range(max(5, args.runs // 4)):
             cold.append(create_and_wait_running(custom, use_pool=False)[0])
         # Refill: claim a whole pool at once.
+        before = int(pool_status(custom).get("claimed") or 0)
         names = []
         for _ in range(args.refill):
             kid = str(uuid.uuid4())
@@ -200,11 +207,14 @@ def main() -> None:
                 },
             )
         started = time.monotonic()
-        time.sleep(0.5)
-        refill = pool_ready(custom, args.refill, timeout=300) + 0.5
+        while int(pool_status(custom).get("claimed") or 0) < before + args.refill:
+            if time.monotonic() - started > 120:
+                raise RuntimeError("the claims were not all counted")
+            time.sleep(0.05)
+        pool_ready(custom, args.refill, timeout=300)
+        refill = time.monotonic() - started
         for name in names:
             custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels", name)
-        del started
         # Through jupyter_client: direct, cold through the provisioner, claimed through it.
         root = Path(tempfile.mkdtemp(prefix="rko-bench-pools-"))
         kernelspec(root, "remote-cold", cluster.admin_kubeconfig, use_pool=False)

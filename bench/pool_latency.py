@@ -15,6 +15,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.profiles import ensure_profile
 
 WORK = REPO_ROOT / ".cache" / "bench-pools"
+SERVER_MEASURE = Path(__file__).with_name("jupyter_server_latency.py")
 GROUP, VERSION = "kernel-operator.io", "v1alpha1"
 NAMESPACE = "default"
 PROFILE = "bench-pool"
@@ -228,6 +230,13 @@ def main() -> None:
             remote_cold.append(asyncio.run(first_reply("remote-cold", env)))
             pool_ready(custom, args.refill)
             remote_pooled.append(asyncio.run(first_reply("remote-pooled", env)))
+        # Through Jupyter Server: REST create -> first execute_reply over its websocket.
+        server = subprocess.run(
+            [sys.executable, str(SERVER_MEASURE), "--kernel=python3", "--kernel=remote-cold",
+             "--kernel=remote-pooled", "--runs", str(runs)],
+            env=env, check=True, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        through_server = json.loads(server.stdout.strip().splitlines()[-1])
         print()
         print("| row | runs | p50 ms | p95 ms | p99 ms |")
         print("| --- | --- | --- | --- | --- |")
@@ -236,8 +245,15 @@ def main() -> None:
         print(row("start_kernel -> first reply, direct local launch", direct))
         print(row("start_kernel -> first reply, provisioner, cold", remote_cold))
         print(row("start_kernel -> first reply, provisioner, warm pool", remote_pooled))
+        print(row("Jupyter Server REST + websocket, local ipykernel", through_server["python3"]))
+        print(row("Jupyter Server REST + websocket, provisioner, cold", through_server["remote-cold"]))
+        print(row("Jupyter Server REST + websocket, provisioner, warm pool", through_server["remote-pooled"]))
         ratio = statistics.median(remote_pooled) / statistics.median(direct)
         print(f"\nwarm pool vs direct local launch (p50): {ratio:.2f}x")
+        server_ratio = statistics.median(through_server["remote-pooled"]) / statistics.median(
+            through_server["python3"]
+        )
+        print(f"through Jupyter Server, warm pool vs local ipykernel (p50): {server_ratio:.2f}x")
         print(
             f"refill: {args.refill} kernels claimed at once, pool full again after {refill:.1f} s "
             f"({args.refill / refill:.1f} kernels/s)"

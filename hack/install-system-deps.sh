@@ -15,6 +15,9 @@ declare -A packages=(
   [containerd]=containerd
   [runc]=runc
   [/usr/lib/cni/bridge]=containernetworking-plugins
+  # JupyterLab in a real browser: Debian's headless Chromium and its WebDriver.
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "$cmd" ]] || need+=("${packages[$cmd]}")

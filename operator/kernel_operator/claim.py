@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,17 @@ class Claim:
         self.secret_namespace = secret_namespace  # where members' Secrets live (the operator's)
         self.log = log
 
-    async def run(self, namespace: str, uid: str, request: KernelRequest) -> Claimed | None:
-        """A bound member for the claimer ``uid``, or None (no pool fits, or none is ready)."""
+    async def run(
+        self,
+        namespace: str,
+        uid: str,
+        request: KernelRequest,
+        write_secret: Callable[[dict[str, bytes]], Awaitable[None]],
+    ) -> Claimed | None:
+        """A bound member for the claimer ``uid``, or None (no pool fits, or none is ready).
+
+        ``write_secret`` stores the claimer's connection Secret; it runs while the kernel binds."""
+        self.write_secret = write_secret
         pools = fitting_pools(self.registry, namespace, request)
         if not pools:
             return None
@@ -138,18 +147,23 @@ class Claim:
         code = binding_code(
             request.language, late_env(request, entry.member_request), request.env.get("KERNEL_WORKING_DIR")
         )
-        await execute_silently(
-            str(connection["ip"]),
-            int(connection["shellPort"]),
-            data["key"],
-            code,
-            BIND_TIMEOUT,
-            data.get("curve-publickey"),
-            data.get("curve-secretkey"),
-        )
         control_key = keys.unseal(self.private_key, member_uid, data["control-key.sealed"])
         secret = dict(data)
         secret["control-key.sealed"] = keys.seal(self.private_key, uid, control_key)
+        # Both round trips at once: the claimer's Secret is useless to anyone until its status
+        # names it (and a failed binding leaves it to be overwritten by the cold launch).
+        await asyncio.gather(
+            execute_silently(
+                str(connection["ip"]),
+                int(connection["shellPort"]),
+                data["key"],
+                code,
+                BIND_TIMEOUT,
+                data.get("curve-publickey"),
+                data.get("curve-secretkey"),
+            ),
+            self.write_secret(secret),
+        )
         return Claimed(
             pool=entry.spec.name,
             pool_uid=entry.spec.uid,

@@ -413,3 +413,19 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise _error(f"Patching the status of RemoteKernelPool {namespace}/{name}", err) from err
+
+    async def set_owner(self, namespace: str, name: str, owner: dict[str, Any]) -> None:
+        """Make ``owner`` the RemoteKernel's only owner (a claimed pool member passes from its
+        pool to its claimer, and what it owns goes with the claimer)."""
+        try:
+            await self.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"metadata": {"ownerReferences": [owner]}},
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as err:
+            raise _error(f"Handing RemoteKernel {namespace}/{name} over", err) from err

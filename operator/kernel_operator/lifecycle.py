@@ -30,6 +30,7 @@ from .launch_command import run_dir_for
 from .listener import ResponseListener
 from .pool_registry import PoolRegistry
 from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member
+from .profile_cache import ProfileCache, ProfileSource
 from .profiles import Profile, namespace_selected, pick_profile
 from .settings import OperatorSettings
 from .spec import KernelRequest, build_request
@@ -80,6 +81,14 @@ class OperatorContext:
     # Launches under way, by RemoteKernel uid (see KernelLifecycle.launch).
     launches: dict[str, asyncio.Future[BackendRef]] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
+    _profiles: ProfileCache | None = None
+
+    @property
+    def profiles(self) -> ProfileCache:
+        """Profiles and namespace labels, cached for RKO_PROFILE_CACHE_SECONDS."""
+        if self._profiles is None:
+            self._profiles = ProfileCache(self.kube, self.settings.profile_cache_seconds)
+        return self._profiles
 
     @property
     def launch_slots(self) -> asyncio.Semaphore:
@@ -114,7 +123,7 @@ def _ready_changed_at(status: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def resolve_profile(kube: Kube, requested: str, namespace: str) -> Profile:
+async def resolve_profile(kube: ProfileSource, requested: str, namespace: str) -> Profile:
     """The profile named (or the default one), checked to serve ``namespace``."""
     if requested:
         found = await kube.read_profile(requested)
@@ -238,7 +247,7 @@ class KernelLifecycle:
 
     async def profile(self) -> Profile:
         """The profile this kernel runs under, checked to serve the kernel's namespace."""
-        return await resolve_profile(self.ctx.kube, str(self.spec.get("profile") or ""), self.namespace)
+        return await resolve_profile(self.ctx.profiles, str(self.spec.get("profile") or ""), self.namespace)
 
     async def request(self) -> KernelRequest:
         """The checked request: the spec under its profile (read once per lifecycle)."""
@@ -422,7 +431,7 @@ class KernelLifecycle:
             self.ctx.kube, pools, self.ctx.private_key, self.ctx.settings.namespace, self.log.warning
         )
         try:
-            claimed = await claim.run(self.namespace, self.uid, request)
+            claimed = await claim.run(self.namespace, self.uid, request, self._write_claimed_secret)
         except KubeError as err:
             self.log.warning(f"Could not claim a pooled kernel; starting cold: {err}")
             pools.in_flight.pop(self.uid, None)
@@ -444,18 +453,26 @@ class KernelLifecycle:
             entry.handed_over.add(claimed.member_uid)
             entry.claims += 1
             entry.wake.set()
-        # The member object has done its work; its lifecycle leaves the backend to us.
-        with contextlib.suppress(KubeError):
-            await self.ctx.kube.delete_remote_kernel(self.namespace, claimed.member)
+        # The member object stays, owned by this kernel now: what it owns (a pod, a Spark
+        # application) is garbage-collected with this kernel, never with the pool. Its own
+        # lifecycle leaves the backend alone from here on.
+        owner = {**self.owner_reference(), "blockOwnerDeletion": False}
+        try:
+            await self.ctx.kube.set_owner(self.namespace, claimed.member, owner)
+        except KubeError as err:
+            self.log.warning(f"Could not make this kernel the owner of pooled kernel {claimed.member}: {err}")
         return True
 
-    async def _record_claim(self, claimed: Claimed) -> None:
+    async def _write_claimed_secret(self, data: dict[str, bytes]) -> None:
         secret = secret_name(self.name)
         labels = {"kernel-operator.io/kernel-id": self._kernel_id(), UID_LABEL: self.uid}
         if not await self.ctx.kube.create_secret(
-            self.namespace, secret, claimed.secret, labels, self.owner_reference()
+            self.namespace, secret, data, labels, self.owner_reference()
         ):
-            await self.ctx.kube.replace_secret_data(self.namespace, secret, claimed.secret)
+            await self.ctx.kube.replace_secret_data(self.namespace, secret, data)
+
+    async def _record_claim(self, claimed: Claimed) -> None:
+        secret = secret_name(self.name)
         connection = dict(claimed.connection)
         connection["secretRef"] = {"name": secret, "key": "key"}
         now = now_iso()
@@ -738,6 +755,9 @@ class KernelLifecycle:
         unreachable_since: float | None = None
         loop = asyncio.get_running_loop()
         while not stopped:
+            if self.handed_over():
+                self.log.info("The kernel was claimed from its pool; its claimer follows it now.")
+                return
             interval = EXIT_RECHECK_SECONDS if quick_checks else self.ctx.settings.monitor_interval
             waiters = {
                 asyncio.ensure_future(stopped.wait(interval)),

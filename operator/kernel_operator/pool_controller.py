@@ -1,5 +1,5 @@
-"""Keeps one RemoteKernelPool full: creates members, retires old or surplus ones, removes the
-objects of claimed ones, backs off when members fail, and writes the pool's status.
+"""Keeps one RemoteKernelPool full: creates members, retires old, surplus or orphaned ones,
+backs off when members fail, and writes the pool's status.
 
 No kopf here: the handler passes a stop flag and an event callback. Each round reads the
 members from the API server and applies ``pools.plan_pool``; claims and members' phase changes
@@ -119,9 +119,6 @@ class PoolController:
         elif plan.ready:
             self.failures = 0
         await asyncio.gather(*(self._retire(spec, m, n) for m in members for n in [m.name] if n in retire))
-        for name in plan.remove:
-            with contextlib.suppress(KubeError):
-                await self.ctx.kube.delete_remote_kernel(spec.namespace, name)
         create = plan.create + sum(1 for m in members if m.name in stale and m.name not in plan.retire)
         waiting = self.refill_after - time.monotonic()
         # A bound on what this pool may have created and not yet counted (objects labelled as
@@ -175,7 +172,7 @@ class PoolController:
 
     async def _profile(self, spec: PoolSpec) -> Profile:
         # The same resolution a RemoteKernel of this namespace gets (its selector included).
-        return await resolve_profile(self.ctx.kube, spec.profile, spec.namespace)
+        return await resolve_profile(self.ctx.profiles, spec.profile, spec.namespace)
 
     async def _handed_over(self, spec: PoolSpec, members: list[Member], entry: PoolEntry) -> set[str]:
         """Claimed members whose claimer recorded the claim (checked on the API server for the

@@ -327,7 +327,6 @@ def _parse(text: str) -> dt.datetime | None:
 class PoolPlan:
     create: int
     retire: tuple[str, ...]  # free members to stop and delete (too old, surplus, ended)
-    remove: tuple[str, ...]  # claimed members whose hand-over is done: delete, do not stop
     failed: tuple[Member, ...]  # members that ended before a claim (why the pool is degraded)
     ready: int
     launching: int
@@ -343,11 +342,11 @@ def plan_pool(
 ) -> PoolPlan:
     """What to do so ``replicas`` unclaimed members are live, none older than ``max_age``.
 
-    ``handed_over`` holds the uids of members whose claimer recorded the claim (their claimer
-    owns the backend now). A member claimed longer than ``orphan_after`` seconds ago by a
-    RemoteKernel that did not record it is retired (its claimer died mid-claim)."""
+    ``handed_over`` holds the uids of members whose claimer recorded the claim: they belong to
+    their claimer now (its owner reference) and the pool leaves them alone. A member claimed
+    longer than ``orphan_after`` seconds ago by a RemoteKernel that did not record it is retired
+    (its claimer died mid-claim)."""
     retire: list[str] = []
-    remove: list[str] = []
     failed: list[Member] = []
     live: list[Member] = []
     for member in members:
@@ -355,8 +354,8 @@ def plan_pool(
             retire.append(member.name)
         elif not member.free:
             if member.uid in handed_over:
-                remove.append(member.name)
-            elif (now - member.created).total_seconds() > orphan_after and member.ready_at is not None:
+                continue
+            if (now - member.created).total_seconds() > orphan_after and member.ready_at is not None:
                 retire.append(member.name)
         elif member.ended:
             failed.append(member)
@@ -376,7 +375,6 @@ def plan_pool(
     return PoolPlan(
         create=max(0, replicas - len(live)),
         retire=tuple(retire),
-        remove=tuple(remove),
         failed=tuple(failed),
         ready=ready,
         launching=len(live) - ready,

@@ -189,6 +189,7 @@ class OperatorSettings:
     stop_give_up: float = 600.0
     track_activity: bool = True
     ttl_after_finished: float | None = None  # finished RemoteKernels are kept unless set
+    profile_cache_seconds: float = 1.0  # profiles and namespace labels are re-read after this
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     yarn: YarnSettings = field(default_factory=YarnSettings)
@@ -285,6 +286,7 @@ class OperatorSettings:
                 else None
             ),
             stop_give_up=_number(env, "RKO_STOP_GIVE_UP_SECONDS", 600.0, 0),
+            profile_cache_seconds=_number(env, "RKO_PROFILE_CACHE_SECONDS", 1.0, 0),
             track_activity=_flag(env, "RKO_TRACK_ACTIVITY", True),
             ssh=ssh,
             docker=DockerSettings(

@@ -131,6 +131,7 @@ def test_the_chart_lints_and_carries_the_crd_from_its_single_source(helm: Path) 
         assert "0 chart(s) failed" in result.stdout, result.stdout
     sources = sorted((REPO_ROOT / "crds").glob("*.yaml"))
     assert [s.name for s in sources] == [
+        "remotekernelpools.kernel-operator.io.yaml",
         "remotekernelprofiles.kernel-operator.io.yaml",
         "remotekernels.kernel-operator.io.yaml",
     ]

@@ -67,6 +67,8 @@ class JupyterServer:
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     proc: subprocess.Popen[bytes] | None = None
+    app: str = "jupyter_server"  # or "jupyterlab": the same server with the Lab front end
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -85,7 +87,7 @@ class JupyterServer:
             [
                 sys.executable,
                 "-m",
-                "jupyter_server",
+                self.app,
                 f"--ServerApp.port={self.port}",
                 "--ServerApp.port_retries=0",
                 "--ServerApp.ip=127.0.0.1",
@@ -93,6 +95,7 @@ class JupyterServer:
                 f"--ServerApp.root_dir={self.root}",
                 f"--IdentityProvider.token={self.token}",
                 "--allow-root",  # the suite runs as root (network namespaces, sshd)
+                *self.extra_args,
             ],
             env=self.env,
             stdout=log,

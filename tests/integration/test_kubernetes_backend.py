@@ -311,3 +311,47 @@ def test_a_lost_node_fails_its_kernels(
             core.delete_namespaced_pod(
                 pod.metadata.name, namespace, body=client.V1DeleteOptions(grace_period_seconds=0)
             )
+
+
+def test_a_pod_kernel_is_claimed_from_a_pool_and_its_pod_goes_with_the_claimer(
+    operator: OperatorProcess,
+    kube_node: str,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    from tests.profiles import ensure_profile
+
+    from .test_pools import claimer, connect, make_pool, members, run, wait_ready
+
+    ensure_profile(api_client, {"backend": "kubernetes", "image": kernel_image}, name="pool-pods")
+    make_pool(custom, namespace, profile="pool-pods", replicas=1)
+    wait_ready(custom, namespace, 1)
+    name, kernel_id = claimer(
+        custom, namespace, profile="pool-pods", env={"KERNEL_TEAM": "blue", "KERNEL_WORKING_DIR": "/tmp"}
+    )
+    obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=30)
+    assert obj["status"]["reason"] == "ClaimedFromPool", obj["status"]
+    member_name = obj["status"]["pool"]["member"]
+    core = client.CoreV1Api(api_client)
+    pod = read_pod(core, namespace, member_name)
+    assert pod is not None and obj["status"]["connection"]["ip"] == pod.status.pod_ip
+    kc = connect(api_client, namespace, obj)
+    try:
+        said = run(
+            kc,
+            "import os; print(os.environ['KERNEL_USERNAME'], os.environ['KERNEL_ID'], "
+            "os.environ['KERNEL_TEAM'], os.getcwd())",
+        )
+    finally:
+        kc.stop_channels()
+    assert said.split() == ["alice", kernel_id, "blue", "/tmp"], said
+    # The pod is owned by the member, the member by the claimer: the pool's refill or deletion
+    # never touches it; deleting the claimer removes it.
+    (member,) = [m for m in members(custom, namespace) if m["metadata"]["name"] == member_name]
+    assert [o["name"] for o in member["metadata"]["ownerReferences"]] == [name]
+    wait_ready(custom, namespace, 1)
+    delete_and_wait_gone(custom, namespace, name)
+    wait_for(lambda: read_pod(core, namespace, member_name) is None, timeout=30, what="the claimed pod to go")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "remotekernelpools", "warm")

@@ -165,10 +165,11 @@ def test_a_claim_takes_a_ready_kernel_binds_its_user_and_the_pool_refills(
     finally:
         kc.stop_channels()
     assert said.split() == ["alice", kernel_id, "blue", "/tmp"], said
-    # The member object goes; the pool refills behind the claim and counts it.
-    wait_for(
-        lambda: status["pool"]["memberUid"] not in {m["metadata"]["uid"] for m in members(custom, namespace)}
-    )
+    # The member passes from the pool to its claimer (what it owns goes with the claimer); the
+    # pool refills behind the claim and counts it.
+    (member,) = [m for m in members(custom, namespace) if m["metadata"]["uid"] == status["pool"]["memberUid"]]
+    assert [o["uid"] for o in member["metadata"]["ownerReferences"]] == [obj["metadata"]["uid"]]
+    assert member["metadata"]["labels"]["kernel-operator.io/claim"] == obj["metadata"]["uid"]
     refilled = wait_ready(custom, namespace, 2)
     assert refilled["claimed"] == 1 and refilled["selector"].startswith("kernel-operator.io/pool-uid=")
     assert status["pool"]["memberUid"] not in free_members(custom, namespace)  # single use
@@ -179,6 +180,11 @@ def test_a_claim_takes_a_ready_kernel_binds_its_user_and_the_pool_refills(
         lambda: not [c for c in launcher_processes() if status["backendRef"].get("runDir", "@") in c],
         timeout=15,
         what="the claimed kernel's launcher to stop",
+    )
+    wait_for(
+        lambda: get(custom, namespace, member["metadata"]["name"]) is None,
+        timeout=30,
+        what="the claimed member object to go with its claimer",
     )
     delete_pool(custom, namespace)
 
@@ -263,10 +269,16 @@ def test_deleting_a_pool_stops_its_unclaimed_kernels_and_leaves_claimed_ones(
         m["status"]["backendRef"]["runDir"]
         for m in members(custom, namespace)
         if m.get("status", {}).get("backendRef")
+        and m["metadata"]["labels"]["kernel-operator.io/claim"] == "free"
     ]
     assert len(run_dirs) == 2
     delete_pool(custom, namespace)
-    wait_for(lambda: not members(custom, namespace), timeout=30, what="the pool's kernels to go")
+    claimed_uid = obj["status"]["pool"]["memberUid"]
+    wait_for(
+        lambda: [m["metadata"]["uid"] for m in members(custom, namespace)] == [claimed_uid],
+        timeout=30,
+        what="the pool's unclaimed kernels to go (the claimed one stays, its claimer's)",
+    )
     wait_for(
         lambda: not [c for c in launcher_processes() for d in run_dirs if d in c],
         timeout=15,

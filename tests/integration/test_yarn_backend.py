@@ -25,6 +25,8 @@ from tests.helpers import wait_for
 from .conftest import delete_remote_kernels, ensure_namespace, launcher_processes
 from .test_operator_ssh import (
     GROUP,
+    PLURAL,
+    VERSION,
     _reply_to,
     delete_and_wait_gone,
     get,
@@ -353,3 +355,91 @@ def test_a_node_label_reaches_yarn(
     ]
     print(f"node label: {failed['status']['reason']}: {failed['status']['message'][:300]}")
     delete_and_wait_gone(custom, namespace, name)
+
+
+def test_a_spark_kernel_claimed_from_a_pool_has_spark_ready_at_once(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """Impersonation is on (the kernel runs as its user), so the pool is alice's own; its
+    kernels start Spark eagerly, and a claim has spark and sc at hand."""
+    import uuid
+
+    from tests.profiles import ensure_profile
+
+    from .test_pools import connect, run
+
+    profile = ensure_profile(api_client, {"backend": "yarn", "yarn": {"spark": True}}, name="pool-spark")
+    memory = {"driverMemory": "512m", "executorMemory": "512m"}
+    labels = {"kernel-operator.io/operator-class": CLASS}
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "remotekernelpools",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RemoteKernelPool",
+            "metadata": {"name": "spark", "labels": labels},
+            "spec": {
+                "profile": profile,
+                "replicas": 1,
+                "username": "alice",
+                "template": {"yarn": memory, "launchTimeoutSeconds": 180},
+            },
+        },
+    )
+    wait_for(
+        lambda: (
+            (
+                custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, "remotekernelpools", "spark"
+                ).get("status")
+                or {}
+            ).get("ready")
+            == 1
+        ),
+        timeout=180,
+        what="a pooled Spark kernel to be ready",
+    )
+    kernel_id = str(uuid.uuid4())
+    name = f"k-{kernel_id}"
+    started = time.monotonic()
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RemoteKernel",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"kernelId": kernel_id, "username": "alice", "profile": profile, "yarn": memory},
+        },
+    )
+    obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=60)
+    running = time.monotonic() - started
+    assert obj["status"]["reason"] == "ClaimedFromPool", obj["status"]
+    kc = connect(api_client, namespace, obj)
+    try:
+        counted = time.monotonic()
+        assert run(kc, "print(spark.range(1000).count())").strip() == "1000"
+        first_job = time.monotonic() - counted
+        assert run(
+            kc, "import os; print(os.environ['KERNEL_ID'], os.environ['KERNEL_USERNAME'])"
+        ).split() == [
+            kernel_id,
+            "alice",
+        ]
+    finally:
+        kc.stop_channels()
+    print(
+        f"pooled Spark kernel: Running {running:.2f} s after its creation; first spark.range count {first_job:.2f} s"
+    )
+    app = mini_yarn.application(obj["status"]["backendRef"]["applicationId"])
+    assert app["applicationType"] == "SPARK" and app["user"] == "alice"
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "remotekernelpools", "spark")
+    delete_and_wait_gone(custom, namespace, name, timeout=60)

@@ -155,12 +155,12 @@ def test_the_plan_fills_the_pool_retires_old_surplus_and_ended_kernels() -> None
     assert plan_pool(2, 100, [_member("v", claim=VOID)], NOW).retire == ("v",)
 
 
-def test_the_plan_removes_handed_over_kernels_and_retires_orphaned_claims_only() -> None:
-    handed = _member("h", claim="claimer-1")
+def test_the_plan_leaves_handed_over_kernels_and_retires_orphaned_claims_only() -> None:
+    handed = _member("h", claim="claimer-1", age=1000)
     orphan = _member("o", claim="claimer-2", age=120)
     fresh = _member("n", claim="claimer-3", age=5)
     plan = plan_pool(1, 100, [handed, orphan, fresh], NOW, frozenset({"uid-h"}))
-    assert plan.remove == ("h",) and plan.retire == ("o",) and plan.create == 1
+    assert plan.retire == ("o",) and plan.create == 1 and plan.ready == 0
 
 
 def test_backoff_grows_and_is_capped() -> None:

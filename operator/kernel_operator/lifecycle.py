@@ -427,6 +427,7 @@ class KernelLifecycle:
         """Take a ready kernel from a pool that fits, bind it to this kernel's user, and record
         it: True once Running. False when no pool fits or none had a kernel (start cold)."""
         pools = self.ctx.pools
+        began = time.monotonic()
         claim = Claim(
             self.ctx.kube, pools, self.ctx.private_key, self.ctx.settings.namespace, self.log.warning
         )
@@ -445,7 +446,12 @@ class KernelLifecycle:
         if stopped:
             await self.stop_backend_quietly()
             return False
+        bound = time.monotonic()
         await self._record_claim(claimed)
+        self.log.info(
+            f"Claimed pooled kernel {claimed.member} from pool {claimed.pool}: taken and bound in "
+            f"{(bound - began) * 1000:.0f} ms, recorded {(time.monotonic() - bound) * 1000:.0f} ms later."
+        )
         pools.in_flight.pop(self.uid, None)
         pools.handed_over.add(claimed.member_uid)
         entry = pools.pools.get(claimed.pool_uid)

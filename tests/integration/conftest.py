@@ -29,6 +29,7 @@ from tests.helpers import REPO_ROOT, wait_for
 from tests.profiles import ensure_profile
 
 _timings: dict[str, float] = {}
+_notes: list[str] = []  # printed after the run, e.g. where a screenshot is
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +94,9 @@ def ensure_namespace(api_client: client.ApiClient, name: str) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for what, value in _timings.items():
-        terminalreporter.write_line(f"{what}: {value:.1f}")
+        terminalreporter.write_line(f"{what}: {value:.2f}")
+    for note in _notes:
+        terminalreporter.write_line(note)
 
 
 CRD_FILE = REPO_ROOT / "crds" / "remotekernels.kernel-operator.io.yaml"

@@ -28,6 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from localcluster.servers import OperatorProcess
 from remote_kernel_provisioner.cli import main as spec_cli
 
+from .conftest import _notes, _timings
 from .test_jupyter import JupyterServer
 from .test_operator_ssh import GROUP, PLURAL, VERSION
 from .test_pools import make_pool, wait_ready
@@ -133,6 +134,7 @@ def test_a_notebook_in_jupyterlab_runs_a_cell_on_a_pooled_kernel(
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "jupyterlab-warm-pool.png"
     try:
+        opened = time.monotonic()
         driver.get(f"{lab.url}/lab/tree/warm.ipynb?token={lab.token}")
         wait = WebDriverWait(driver, 90)
         editor = wait.until(
@@ -142,6 +144,7 @@ def test_a_notebook_in_jupyterlab_runs_a_cell_on_a_pooled_kernel(
         wait.until(
             lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
         )
+        open_to_idle = time.monotonic() - opened
         editor.click()
         editor.send_keys("import os; print(os.environ['KERNEL_USERNAME'], 6 * 7)")
         clicked = time.monotonic()
@@ -156,6 +159,9 @@ def test_a_notebook_in_jupyterlab_runs_a_cell_on_a_pooled_kernel(
         driver.save_screenshot(str(shot))
         driver.quit()
     print(f"JupyterLab click-to-output on a pooled kernel: {click_to_output:.3f} s; screenshot: {shot}")
+    _timings["JupyterLab, pooled kernel: notebook opened -> kernel idle (s)"] = open_to_idle
+    _timings["JupyterLab, pooled kernel: Shift+Enter -> output on the page (s)"] = click_to_output
+    _notes.append(f"JupyterLab screenshot (kept out of git): {shot}")
     kernels: list[dict[str, Any]] = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
         "items"
     ]

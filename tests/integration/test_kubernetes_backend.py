@@ -335,8 +335,10 @@ def test_a_pod_kernel_is_claimed_from_a_pool_and_its_pod_goes_with_the_claimer(
     assert obj["status"]["reason"] == "ClaimedFromPool", obj["status"]
     member_name = obj["status"]["pool"]["member"]
     core = client.CoreV1Api(api_client)
-    pod = read_pod(core, namespace, member_name)
+    pod_name = obj["status"]["backendRef"]["name"]
+    pod = read_pod(core, namespace, pod_name)
     assert pod is not None and obj["status"]["connection"]["ip"] == pod.status.pod_ip
+    assert [o.name for o in pod.metadata.owner_references] == [member_name]
     kc = connect(api_client, namespace, obj)
     try:
         said = run(
@@ -353,5 +355,5 @@ def test_a_pod_kernel_is_claimed_from_a_pool_and_its_pod_goes_with_the_claimer(
     assert [o["name"] for o in member["metadata"]["ownerReferences"]] == [name]
     wait_ready(custom, namespace, 1)
     delete_and_wait_gone(custom, namespace, name)
-    wait_for(lambda: read_pod(core, namespace, member_name) is None, timeout=30, what="the claimed pod to go")
+    wait_for(lambda: read_pod(core, namespace, pod_name) is None, timeout=30, what="the claimed pod to go")
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "remotekernelpools", "warm")

@@ -421,3 +421,25 @@ def test_kubectl_scale_resizes_a_pool(
     wait_for(lambda: not members(custom, namespace), timeout=30, what="the pool to scale to nothing")
     assert pool_status(custom, namespace)["replicas"] == 0
     delete_pool(custom, namespace)
+
+
+def test_an_r_kernel_from_a_pool_takes_its_users_identity(
+    pool_profile: str, api_client: client.ApiClient, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    make_pool(custom, namespace, name="warm-r", replicas=1, template={"kernel": {"language": "r"}})
+    wait_ready(custom, namespace, 1, name="warm-r")
+    name, kernel_id = claimer(
+        custom, namespace, kernel={"language": "r"}, env={"TEAM_NAME": "green", "KERNEL_WORKING_DIR": "/tmp"}
+    )
+    obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=30)
+    assert obj["status"]["reason"] == "ClaimedFromPool", obj["status"]
+    kc = connect(api_client, namespace, obj)
+    try:
+        said = run(
+            kc,
+            'cat(Sys.getenv("KERNEL_USERNAME"), Sys.getenv("KERNEL_ID"), Sys.getenv("TEAM_NAME"), getwd())',
+        )
+    finally:
+        kc.stop_channels()
+    assert said.split() == ["alice", kernel_id, "green", "/tmp"], said
+    delete_pool(custom, namespace, "warm-r")

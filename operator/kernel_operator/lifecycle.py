@@ -29,10 +29,11 @@ from .kube import Kube, KubeError
 from .launch_command import run_dir_for
 from .listener import ResponseListener
 from .pool_registry import PoolRegistry
-from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member
+from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member, warmup_code
 from .profile_cache import ProfileCache, ProfileSource
 from .profiles import Profile, namespace_selected, pick_profile
 from .settings import OperatorSettings
+from .shell import execute_silently
 from .spec import KernelRequest, build_request
 from .status import TERMINAL, Phase, connection_status, now_iso, phase_patch, secret_name
 
@@ -175,6 +176,7 @@ class KernelLifecycle:
         self._recorded_activity = 0.0
         self._request: KernelRequest | None = None
         self._slot = False  # holds one of ctx.launch_slots
+        self.pool_failure = ""  # a pool member that never answered
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -696,11 +698,14 @@ class KernelLifecycle:
             self.ctx.listener.answered(launch_id, str(accepted), int(pid) if pid else None)
         # A pool member idles by design (the pool retires it by age); a claimed kernel is followed.
         watcher = None if self.member else self._watch_activity(secret)
+        pooling = None
         if self.member and not self.handed_over() and secret:
-            await self.ctx.pools.member_ready(self.pool_uid, self.uid, self.name, secret)
+            pooling = asyncio.ensure_future(self._pool_when_answering(secret, wake))
         try:
             await self._watch_backend(backend, ref, stopped, wake, watcher)
         finally:
+            if pooling is not None:
+                pooling.cancel()
             if self.member:
                 self.ctx.pools.member_gone(self.pool_uid, self.uid)
             # Only this kernel's own watch: a claimer may watch the same launch id by now.
@@ -708,6 +713,31 @@ class KernelLifecycle:
             self.ctx.listener.forget_answered(launch_id)
             if watcher is not None:
                 await watcher.stop()
+
+    async def _pool_when_answering(self, secret: dict[str, bytes], wake: asyncio.Event) -> None:
+        """Offer a pool member for claims once its kernel answers a request, not merely listens:
+        a kernel still running its start-up code (Spark started eagerly, say) is not ready."""
+        connection = self.status.get("connection") or {}
+        timeout = float(self.spec.get("launchTimeoutSeconds") or self.ctx.settings.launch_timeout)
+        try:
+            await execute_silently(
+                str(connection.get("ip")),
+                int(connection.get("shellPort") or 0),
+                secret["key"],
+                warmup_code(str((self.spec.get("kernel") or {}).get("language") or "python")),
+                max(timeout, 30.0),
+                secret.get("curve-publickey"),
+                secret.get("curve-secretkey"),
+            )
+        except BackendError as err:
+            self.pool_failure = f"The pooled kernel never answered a request: {err}"
+            self.log.warning(self.pool_failure)
+            wake.set()  # the monitor fails it, and the pool replaces it
+            return
+        if not self.status.get("pooledAt"):
+            await self.patch({"pooledAt": now_iso()})
+        self.ctx.pools.wake(self.pool_uid)
+        await self.ctx.pools.member_ready(self.pool_uid, self.uid, self.name, secret)
 
     def _watch_activity(self, data: Mapping[str, bytes]) -> IopubWatcher | None:
         """Follow the kernel's iopub (for lastActivity and idle culling), if it can be reached."""
@@ -763,6 +793,10 @@ class KernelLifecycle:
         while not stopped:
             if self.handed_over():
                 self.log.info("The kernel was claimed from its pool; its claimer follows it now.")
+                return
+            if self.pool_failure:
+                await self.stop_backend_quietly()
+                await self.set_phase(Phase.FAILED, "PooledKernelUnresponsive", self.pool_failure)
                 return
             interval = EXIT_RECHECK_SECONDS if quick_checks else self.ctx.settings.monitor_interval
             waiters = {

@@ -280,6 +280,7 @@ class Member:
     phase: str
     created: dt.datetime
     ready_at: dt.datetime | None
+    pooled: bool  # answered a request: claimable (see status.pooledAt)
     reason: str
     message: str
 
@@ -295,6 +296,7 @@ class Member:
             phase=str(status.get("phase") or ""),
             created=_parse(str(meta.get("creationTimestamp") or "")) or _epoch(),
             ready_at=_parse(str(ready)) if ready else None,
+            pooled=bool(status.get("pooledAt")),
             reason=str(status.get("reason") or ""),
             message=str(status.get("message") or ""),
         )
@@ -305,7 +307,7 @@ class Member:
 
     @property
     def ready(self) -> bool:
-        return self.free and self.phase == "Running"
+        return self.free and self.phase == "Running" and self.pooled
 
     @property
     def ended(self) -> bool:
@@ -407,3 +409,11 @@ def binding_code(language: str, env: Mapping[str, str], cwd: str | None) -> str:
             "if (nzchar(e$cwd)) setwd(e$cwd); invisible(NULL)})"
         )
     raise SpecError(f"Kernels in {language!r} cannot take an identity late; they are not pooled.")
+
+
+def warmup_code(language: str) -> str:
+    """The silent cell that tells a pooled kernel is ready: for Python it also runs one tiny Spark
+    job where the kernel has Spark, so a claimer's first job does not wait for executors."""
+    if language == "python":
+        return "try:\n    spark.range(1).count()\nexcept NameError:\n    pass\n"
+    return ""

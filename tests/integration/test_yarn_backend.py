@@ -22,7 +22,7 @@ from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
-from .conftest import delete_remote_kernels, ensure_namespace, launcher_processes
+from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -436,9 +436,8 @@ def test_a_spark_kernel_claimed_from_a_pool_has_spark_ready_at_once(
         ]
     finally:
         kc.stop_channels()
-    print(
-        f"pooled Spark kernel: Running {running:.2f} s after its creation; first spark.range count {first_job:.2f} s"
-    )
+    _timings["pooled Spark-on-YARN kernel: RemoteKernel created -> Running (s)"] = running
+    _timings["pooled Spark-on-YARN kernel: first spark.range(1000).count() (s)"] = first_job
     app = mini_yarn.application(obj["status"]["backendRef"]["applicationId"])
     assert app["applicationType"] == "SPARK" and app["user"] == "alice"
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "remotekernelpools", "spark")

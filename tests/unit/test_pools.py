@@ -132,7 +132,7 @@ def _member(
     name: str, claim: str = FREE, phase: str = "Running", age: float = 10, ready: bool = True
 ) -> Member:
     created = NOW - dt.timedelta(seconds=age)
-    return Member(name, f"uid-{name}", claim, phase, created, created if ready else None, "", "")
+    return Member(name, f"uid-{name}", claim, phase, created, created if ready else None, ready, "", "")
 
 
 def test_the_plan_fills_the_pool_retires_old_surplus_and_ended_kernels() -> None:
@@ -340,7 +340,8 @@ async def test_the_controller_fills_a_pool_once_and_counts_ready_kernels() -> No
         await controller.reconcile(entry)
     assert kube.created == 2 and kube.pool_status["launching"] == 2
     for obj in kube.kernels.values():
-        obj["status"] = {"phase": "Running", "readyAt": obj["metadata"]["creationTimestamp"]}
+        stamp = obj["metadata"]["creationTimestamp"]
+        obj["status"] = {"phase": "Running", "readyAt": stamp, "pooledAt": stamp}
     await controller.reconcile(entry)
     assert kube.created == 2 and kube.pool_status["ready"] == 2
     assert kube.pool_status["selector"] == "kernel-operator.io/pool-uid=pool-1"
@@ -382,3 +383,28 @@ async def test_an_invalid_pool_creates_nothing_and_says_why() -> None:
     await controller.reconcile(entry)
     assert kube.created == 0 and entry.member_request is None
     assert kube.pool_status["conditions"][0]["reason"] == "ProfileNotFound"
+
+
+def test_a_running_member_that_has_not_answered_yet_is_launching_not_ready() -> None:
+    starting = _member("s", phase="Running", ready=False)  # e.g. Spark still starting eagerly
+    plan = plan_pool(1, 100, [starting], NOW)
+    assert (plan.ready, plan.launching, plan.create) == (0, 1, 0)
+
+
+def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
+    from kernel_operator.pools import warmup_code
+
+    code = warmup_code("python")
+    ran: list[int] = []
+
+    class Spark:
+        def range(self, n: int) -> Any:
+            ran.append(n)
+            return self
+
+        def count(self) -> int:
+            return 1
+
+    exec(code, {"spark": Spark()})
+    exec(code, {})  # no Spark: nothing happens, nothing fails
+    assert ran == [1] and warmup_code("r") == ""

@@ -1,7 +1,8 @@
 """``make bench``: warm pools against cold starts and a direct local launch, in one run.
 
 Rows (ssh backend, host localhost: the operator starts launchers on this machine):
-- RemoteKernel created -> Running (seen by a watch), claimed from a pool vs a cold start;
+- RemoteKernel created -> Running (seen by a watch), claimed from a pool (each claim on a quiet
+  machine: after the refill, ``--settle`` seconds) vs a cold start;
 - jupyter_client start_kernel -> first execute_reply of ``1+1``: direct local launch (ipykernel's
   own kernelspec), our provisioner cold (use_pool false), our provisioner with a warm pool;
 - refill: REFILL kernels claimed at once, and the time until the pool is full again.
@@ -108,7 +109,10 @@ def create_and_wait_running(custom: client.CustomObjectsApi, use_pool: bool) -> 
     return elapsed, pooled
 
 
-async def first_reply(kernel_name: str, env: dict[str, str]) -> float:
+async def first_reply(kernel_name: str, env: dict[str, str], wait_for_ready: bool = True) -> float:
+    """start_kernel -> the first execute_reply of ``1+1``; with ``wait_for_ready`` as
+    bench/measure.py does (jupyter_client's wait_for_ready ends by draining iopub for 0.2 s, a
+    fixed cost in every row), else the request sent at once and its reply awaited."""
     from jupyter_client.manager import AsyncKernelManager
 
     km = AsyncKernelManager(kernel_name=kernel_name)
@@ -117,8 +121,13 @@ async def first_reply(kernel_name: str, env: dict[str, str]) -> float:
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=60)
-        reply = await kc.execute_interactive("1+1", timeout=60, output_hook=lambda m: None)
+        if wait_for_ready:
+            await kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute("1+1")
+        while True:
+            reply = await kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
         elapsed = time.perf_counter() - started
         assert reply["content"]["status"] == "ok", reply
     finally:
@@ -152,6 +161,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=int(os.environ.get("RKO_BENCH_RUNS", "20")))
     parser.add_argument("--refill", type=int, default=20)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds between a refill and the next claim (a quiet machine)",
+    )
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(WORK / "cluster")
@@ -188,6 +203,7 @@ def main() -> None:
             assert pooled, "a claim started cold: the pool was empty"
             claimed.append(elapsed)
             pool_ready(custom, args.refill)
+            time.sleep(args.settle)  # the refill's launch and the last kernel's stop are done
         for _ in range(max(5, args.runs // 4)):
             cold.append(create_and_wait_running(custom, use_pool=False)[0])
         # Refill: claim a whole pool at once.
@@ -224,12 +240,16 @@ def main() -> None:
         os.environ["JUPYTER_PATH"] = str(root)
         env = {**os.environ, "KERNEL_USERNAME": "bench"}
         direct, remote_cold, remote_pooled = [], [], []
+        direct_now, pooled_now = [], []
         runs = max(5, args.runs // 2)
         for _ in range(runs):
             direct.append(asyncio.run(first_reply("python3", env)))
             remote_cold.append(asyncio.run(first_reply("remote-cold", env)))
             pool_ready(custom, args.refill)
             remote_pooled.append(asyncio.run(first_reply("remote-pooled", env)))
+            direct_now.append(asyncio.run(first_reply("python3", env, wait_for_ready=False)))
+            pool_ready(custom, args.refill)
+            pooled_now.append(asyncio.run(first_reply("remote-pooled", env, wait_for_ready=False)))
         # Through Jupyter Server: REST create -> first execute_reply over its websocket.
         server = subprocess.run(
             [sys.executable, str(SERVER_MEASURE), "--kernel=python3", "--kernel=remote-cold",
@@ -245,11 +265,16 @@ def main() -> None:
         print(row("start_kernel -> first reply, direct local launch", direct))
         print(row("start_kernel -> first reply, provisioner, cold", remote_cold))
         print(row("start_kernel -> first reply, provisioner, warm pool", remote_pooled))
+        print(row("start_kernel -> execute at once -> reply, direct local launch", direct_now))
+        print(row("start_kernel -> execute at once -> reply, provisioner, warm pool", pooled_now))
         print(row("Jupyter Server REST + websocket, local ipykernel", through_server["python3"]))
         print(row("Jupyter Server REST + websocket, provisioner, cold", through_server["remote-cold"]))
         print(row("Jupyter Server REST + websocket, provisioner, warm pool", through_server["remote-pooled"]))
         ratio = statistics.median(remote_pooled) / statistics.median(direct)
-        print(f"\nwarm pool vs direct local launch (p50): {ratio:.2f}x")
+        print(
+            f"\nwarm pool vs direct local launch (p50): {ratio:.2f}x with wait_for_ready, "
+            f"{statistics.median(pooled_now) / statistics.median(direct_now):.2f}x executing at once"
+        )
         server_ratio = statistics.median(through_server["remote-pooled"]) / statistics.median(
             through_server["python3"]
         )

@@ -18,7 +18,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default
 
-from .cluster import RemoteKernels
+from .cluster import AlreadyExists, RemoteKernels
 from .resource import (
     SIGNAL_ANNOTATION,
     build_remote_kernel,
@@ -251,18 +251,21 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         kernels = await self._api()
         body = self._body()
-        # A restart reuses the kernel id: the previous resource must be gone first.
-        existing = await kernels.get(self.name)
-        if existing is not None:
-            if not _deleting(existing):
+        try:
+            created = await kernels.create(body)
+        except AlreadyExists:
+            # A restart reuses the kernel id: the previous resource must be gone first; a
+            # running one of this user is attached to (a restarted server's kernel).
+            existing = await kernels.get(self.name)
+            if existing is not None and not _deleting(existing):
                 return await self._attach(existing)
             await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
-        await kernels.create(body)
+            created = await kernels.create(body)
         self._created = True
         timeout = (self.launch_timeout or 30.0) + 15.0  # the operator times out first, with a reason
         self.log.info("Created RemoteKernel %s/%s; waiting for it to run.", self.namespace, self.name)
         try:
-            obj = await kernels.watch_until(self.name, _settled, timeout)
+            obj = await kernels.watch_until(self.name, _settled, timeout, start=created)
         except TimeoutError as err:
             await self._discard()
             raise TimeoutError(

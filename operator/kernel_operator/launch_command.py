@@ -108,7 +108,10 @@ def remote_start_command(
     The launch file (token and environment, see ``launch_file``) arrives on the command's
     stdin and is written into a run directory made for this launch alone: ``mkdir`` without
     ``-p`` fails on anything already there (a planted directory or symlink), and the file is
-    0600. With ``user``, everything runs as that account, with its own HOME.
+    0600. An earlier attempt of this same launch (its status write failed, say) is stopped and
+    its directory removed first, but only a real directory owned by this account, mode 0700:
+    anything else stays, and ``mkdir`` refuses it. With ``user``, everything runs as that
+    account, with its own HOME.
     """
     q = shlex.quote
     path = f"{run_dir}/{LAUNCH_FILE}"
@@ -122,11 +125,25 @@ def remote_start_command(
     # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
     # and the launch file must be read from ours first.
     script = (
-        f"{login}umask 077 && mkdir -m 700 -- {q(run_dir)} && cat > {q(path)} && {cd}"
+        f"{login}{_clear_earlier_attempt(run_dir)}umask 077 && mkdir -m 700 -- {q(run_dir)} && cat > {q(path)} && {cd}"
         f"{{ setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
         "echo $!; }"
     )
     return as_user(user, script)
+
+
+def _clear_earlier_attempt(run_dir: str) -> str:
+    """Shell steps: if ``run_dir`` is an earlier attempt's (a directory, not a link, owned by
+    us, 0700), kill the process groups that name it (never this shell's own) and remove it."""
+    d = shlex.quote(run_dir)
+    return (
+        f'if [ ! -L {d} ] && [ -d {d} ] && [ -O {d} ] && [ "$(stat -c %a -- {d})" = 700 ]; then '
+        "me=$(ps -o pgid= -p $$ | tr -d ' '); "
+        "for x in /proc/[0-9]*; do p=${x#/proc/}; "
+        f"if {_is_ours('p', run_dir)}; then g=$(ps -o pgid= -p $p | tr -d ' '); "
+        '[ -n "$g" ] && [ "$g" != "$me" ] && kill -KILL -"$g" 2>/dev/null; fi; done; '
+        f"rm -rf -- {d}; fi; "
+    )
 
 
 def _is_ours(pid_var: str, run_dir: str) -> str:

@@ -315,3 +315,37 @@ async def test_a_relaunch_clears_what_an_earlier_attempt_of_the_same_launch_left
     foreign.chmod(0o755)
     await _clear_earlier_attempt(foreign)
     assert foreign.exists()
+
+
+def test_a_relaunch_stops_an_earlier_attempt_and_makes_the_run_directory_again(tmp_path: Path) -> None:
+    """The remote twin of the local relaunch: the first attempt started, its status write
+    failed, and the same launch runs again on the same host."""
+    run_dir = tmp_path / "rko-k"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "launch.json").write_text("old")
+    earlier = subprocess.Popen(["sh", "-c", "sleep 60", str(run_dir)], start_new_session=True)
+    stranger = subprocess.Popen(["sh", "-c", "sleep 60", str(tmp_path / "rko-other")], start_new_session=True)
+    try:
+        command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+        done = subprocess.run(
+            ["/bin/sh", "-c", command], input="new", capture_output=True, text=True, timeout=20
+        )
+        assert done.returncode == 0, done.stderr
+        assert earlier.wait(10) == -9  # killed with its group
+        assert stranger.poll() is None  # another kernel's process is not touched
+        assert (run_dir / "launch.json").read_text() == "new"
+    finally:
+        for proc in (earlier, stranger):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_run_directory_that_is_not_private_is_not_cleared(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rko-k"
+    run_dir.mkdir(mode=0o755)
+    run_dir.chmod(0o755)
+    (run_dir / "keep").write_text("x")
+    command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+    done = subprocess.run(["/bin/sh", "-c", command], input="x", capture_output=True, text=True, timeout=20)
+    assert done.returncode != 0 and "File exists" in done.stderr
+    assert (run_dir / "keep").exists()

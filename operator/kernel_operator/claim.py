@@ -45,6 +45,7 @@ class Claimed:
     secret: dict[str, bytes]  # the claimer's Secret's data (control key sealed for the claimer)
     seal: str
     waited: float
+    took: str = ""  # where the time went, for the log
 
 
 def fitting_pools(registry: PoolRegistry, namespace: str, request: KernelRequest) -> list[PoolEntry]:
@@ -69,6 +70,7 @@ class Claim:
         self.private_key = private_key
         self.secret_namespace = secret_namespace  # where members' Secrets live (the operator's)
         self.log = log
+        self.swap_seconds = 0.0
 
     async def run(
         self,
@@ -112,7 +114,9 @@ class Claim:
         while entry.ready:
             member_uid, name = entry.ready.popitem(last=False)
             self.registry.in_flight[uid] = member_uid
+            asked = time.monotonic()
             obj = await self.kube.swap_label(namespace, name, CLAIM_LABEL, FREE, uid)
+            self.swap_seconds = time.monotonic() - asked
             if obj is None:  # claimed by another, or gone: the next one
                 self.registry.in_flight.pop(uid, None)
                 continue
@@ -152,6 +156,7 @@ class Claim:
         secret["control-key.sealed"] = keys.seal(self.private_key, uid, control_key)
         # Both round trips at once: the claimer's Secret is useless to anyone until its status
         # names it (and a failed binding leaves it to be overwritten by the cold launch).
+        bound = time.monotonic()
         await asyncio.gather(
             execute_silently(
                 str(connection["ip"]),
@@ -177,6 +182,10 @@ class Claim:
             secret=secret,
             seal=claim_seal(self.registry.seal_key, uid, member_uid),
             waited=time.monotonic() - started,
+            took=(
+                f"swap {self.swap_seconds * 1000:.0f} ms, bind and Secret "
+                f"{(time.monotonic() - bound) * 1000:.0f} ms"
+            ),
         )
 
 

@@ -27,8 +27,9 @@ def launcher_args(
         request.uid,
         "--response-address",
         response_address,
-        "--public-key",
-        encode_key(public_key),
+        # One argument: a key's URL-safe base64 may begin with "-", which argparse would take
+        # for an option ("--public-key: expected one argument", every launch of that operator).
+        f"--public-key={encode_key(public_key)}",
         "--port-range",
         request.port_range_text,
         "--transport-encryption",

@@ -177,6 +177,7 @@ class KernelLifecycle:
         self._request: KernelRequest | None = None
         self._slot = False  # holds one of ctx.launch_slots
         self.pool_failure = ""  # a pool member that never answered
+        self.created = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -451,8 +452,10 @@ class KernelLifecycle:
         bound = time.monotonic()
         await self._record_claim(claimed)
         self.log.info(
-            f"Claimed pooled kernel {claimed.member} from pool {claimed.pool}: taken and bound in "
-            f"{(bound - began) * 1000:.0f} ms, recorded {(time.monotonic() - bound) * 1000:.0f} ms later."
+            f"Claimed pooled kernel {claimed.member} from pool {claimed.pool}: checked in "
+            f"{(began - self.created) * 1000:.0f} ms, taken and bound in "
+            f"{(bound - began) * 1000:.0f} ms ({claimed.took}), recorded "
+            f"{(time.monotonic() - bound) * 1000:.0f} ms later."
         )
         pools.in_flight.pop(self.uid, None)
         pools.handed_over.add(claimed.member_uid)

@@ -125,3 +125,16 @@ def test_bad_port_ranges_are_refused(text: str) -> None:
 def test_free_ports_lie_in_the_range_and_are_distinct() -> None:
     ports = free_ports("127.0.0.1", 5, (45000, 46000))
     assert len(set(ports)) == 5 and all(45000 <= p <= 46000 for p in ports)
+
+
+def test_a_public_key_whose_text_begins_with_a_dash_reaches_the_launcher() -> None:
+    """A CI run's operator key encoded to "-..." and every launch failed with argparse's
+    "argument --public-key: expected one argument"."""
+    from kernel_launchers.protocol import encode_key
+    from kernel_launchers.python_launcher import parse_args
+
+    key = next(bytes([i]) * 32 for i in range(256) if encode_key(bytes([i]) * 32).startswith("-"))
+    args = launcher_args(_request(), "10.0.0.1:8877", key, "0.0.0.0", "/tmp/rko-x")
+    args[args.index("--launch-id") + 1] = str(uuid.uuid4())  # a real uid, as the operator passes
+    parsed = parse_args([*args, "--token", "t"])
+    assert encode_key(key).startswith("-") and parsed.public_key == key

@@ -268,8 +268,10 @@ class KernelLifecycle:
         return self._request
 
     def backend(self) -> Backend:
-        """The backend this kernel was launched on (recorded by the operator in status)."""
-        return self.ctx.backends.get(str(self.status.get("backend") or ""))
+        """The backend this kernel was launched on (recorded by the operator in status), or
+        that a claim under way in this operator took over."""
+        name = self.status.get("backend") or self.ctx.pools.in_flight_backend.get(self.uid, "")
+        return self.ctx.backends.get(str(name))
 
     # -- the phases ----------------------------------------------------------------------------
     async def run(self, stopped: StopFlag) -> None:
@@ -442,12 +444,17 @@ class KernelLifecycle:
             return False
         if claimed is None:
             return False
+        # Known here before it is recorded: a stop from now on (this daemon's, or the delete
+        # handler's) reaches the right backend.
+        pools.in_flight_backend[self.uid] = claimed.backend
         # Registered like a launch: a deletion from here on waits for it and stops it.
         done: asyncio.Future[BackendRef] = asyncio.get_running_loop().create_future()
         done.set_result(claimed.backend_ref)
         self.ctx.launches[self.uid] = done
-        if stopped:
+        if stopped:  # deleted during the claim: stop the kernel it took
             await self.stop_backend_quietly()
+            pools.in_flight.pop(self.uid, None)
+            pools.in_flight_backend.pop(self.uid, None)
             return False
         bound = time.monotonic()
         await self._record_claim(claimed)
@@ -458,6 +465,7 @@ class KernelLifecycle:
             f"{(time.monotonic() - bound) * 1000:.0f} ms later."
         )
         pools.in_flight.pop(self.uid, None)
+        pools.in_flight_backend.pop(self.uid, None)
         pools.handed_over.add(claimed.member_uid)
         entry = pools.pools.get(claimed.pool_uid)
         if entry is not None:

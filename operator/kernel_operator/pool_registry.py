@@ -36,6 +36,8 @@ class PoolRegistry:
     handed_over: set[str] = field(default_factory=set)
     # Claims under way: claimer uid -> member uid (whose labels the backend's objects carry).
     in_flight: dict[str, str] = field(default_factory=dict)
+    # ... and the backend each such claim took over (so a deletion meanwhile stops it there).
+    in_flight_backend: dict[str, str] = field(default_factory=dict)
     # The connection Secret's data of each ready member, by member uid (saves a read at claim).
     secrets: dict[str, dict[str, bytes]] = field(default_factory=dict)
 

@@ -4,7 +4,6 @@ operator restart with a pool, and what a tenant may not do with them."""
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 import uuid
@@ -21,6 +20,7 @@ from tests.helpers import wait_for
 from tests.profiles import ensure_profile
 
 from .conftest import launcher_processes
+from .test_faults import connection_of
 from .test_operator_ssh import GROUP, PLURAL, VERSION, get, wait_phase
 
 pytestmark = pytest.mark.integration
@@ -95,23 +95,8 @@ def claimer(
 
 
 def connect(api_client: client.ApiClient, namespace: str, obj: dict[str, Any]) -> BlockingKernelClient:
-    status = obj["status"]
-    conn = status["connection"]
-    secret = client.CoreV1Api(api_client).read_namespaced_secret(conn["secretRef"]["name"], namespace)
     kc = BlockingKernelClient()
-    kc.load_connection_info(
-        {
-            "ip": conn["ip"],
-            "transport": conn["transport"],
-            "signature_scheme": conn["signatureScheme"],
-            "key": base64.b64decode(secret.data["key"]).decode(),
-            "shell_port": conn["shellPort"],
-            "iopub_port": conn["iopubPort"],
-            "stdin_port": conn["stdinPort"],
-            "control_port": conn["controlPort"],
-            "hb_port": conn["hbPort"],
-        }
-    )
+    kc.load_connection_info(connection_of(api_client, namespace, obj))
     kc.start_channels()
     kc.wait_for_ready(timeout=20)
     return kc

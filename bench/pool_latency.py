@@ -33,6 +33,7 @@ from localcluster.crds import install_crds
 from localcluster.servers import OperatorProcess
 
 sys.path.insert(0, str(REPO_ROOT))
+from measure import one  # bench/measure.py: every launch row is timed the same way
 from tests.profiles import ensure_profile
 
 WORK = REPO_ROOT / ".cache" / "bench-pools"
@@ -110,30 +111,8 @@ def create_and_wait_running(custom: client.CustomObjectsApi, use_pool: bool) -> 
 
 
 async def first_reply(kernel_name: str, env: dict[str, str], wait_for_ready: bool = True) -> float:
-    """start_kernel -> the first execute_reply of ``1+1``; with ``wait_for_ready`` as
-    bench/measure.py does (jupyter_client's wait_for_ready ends by draining iopub for 0.2 s, a
-    fixed cost in every row), else the request sent at once and its reply awaited."""
-    from jupyter_client.manager import AsyncKernelManager
-
-    km = AsyncKernelManager(kernel_name=kernel_name)
-    started = time.perf_counter()
-    await km.start_kernel(env=env)
-    kc = km.client()
-    kc.start_channels()
-    try:
-        if wait_for_ready:
-            await kc.wait_for_ready(timeout=60)
-        msg_id = kc.execute("1+1")
-        while True:
-            reply = await kc.get_shell_msg(timeout=60)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        elapsed = time.perf_counter() - started
-        assert reply["content"]["status"] == "ok", reply
-    finally:
-        kc.stop_channels()
-    await km.shutdown_kernel(now=True)
-    return elapsed
+    """start_kernel -> the first execute_reply of ``1+1``, measured as bench/measure.py does."""
+    return (await one(kernel_name, env, wait_for_ready))[0]
 
 
 def kernelspec(root: Path, name: str, kubeconfig: Path, use_pool: bool) -> None:

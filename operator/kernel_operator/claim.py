@@ -44,7 +44,6 @@ class Claimed:
     token_hash: str
     secret: dict[str, bytes]  # the claimer's Secret's data (control key sealed for the claimer)
     seal: str
-    waited: float
     took: str = ""  # where the time went, for the log
 
 
@@ -88,7 +87,7 @@ class Claim:
             return None
         started = time.monotonic()
         for entry in pools:
-            claimed = await self._take_and_bind(entry, namespace, uid, request, started)
+            claimed = await self._take_and_bind(entry, namespace, uid, request)
             if claimed is not None:
                 return claimed
         for entry in pools:
@@ -103,13 +102,13 @@ class Claim:
                 async with entry.changed:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(entry.changed.wait(), deadline - time.monotonic())
-                claimed = await self._take_and_bind(entry, namespace, uid, request, started)
+                claimed = await self._take_and_bind(entry, namespace, uid, request)
                 if claimed is not None:
                     return claimed
         return None
 
     async def _take_and_bind(
-        self, entry: PoolEntry, namespace: str, uid: str, request: KernelRequest, started: float
+        self, entry: PoolEntry, namespace: str, uid: str, request: KernelRequest
     ) -> Claimed | None:
         while entry.ready:
             member_uid, name = entry.ready.popitem(last=False)
@@ -121,7 +120,7 @@ class Claim:
                 self.registry.in_flight.pop(uid, None)
                 continue
             try:
-                return await self._bind(entry, obj, uid, request, started)
+                return await self._bind(entry, obj, uid, request)
             except (BackendError, keys.KeyError_, KeyError, ValueError) as err:
                 self.log(
                     f"Claiming pooled kernel {name} failed; it is retired and this kernel starts cold: {err}"
@@ -134,7 +133,7 @@ class Claim:
         return None
 
     async def _bind(
-        self, entry: PoolEntry, obj: Mapping[str, Any], uid: str, request: KernelRequest, started: float
+        self, entry: PoolEntry, obj: Mapping[str, Any], uid: str, request: KernelRequest
     ) -> Claimed:
         meta = obj["metadata"]
         status = obj.get("status") or {}
@@ -181,7 +180,6 @@ class Claim:
             token_hash=str((status.get("launch") or {}).get("tokenHash") or ""),
             secret=secret,
             seal=claim_seal(self.registry.seal_key, uid, member_uid),
-            waited=time.monotonic() - started,
             took=(
                 f"swap {self.swap_seconds * 1000:.0f} ms, bind and Secret "
                 f"{(time.monotonic() - bound) * 1000:.0f} ms"

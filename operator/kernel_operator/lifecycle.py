@@ -469,7 +469,6 @@ class KernelLifecycle:
         pools.handed_over.add(claimed.member_uid)
         entry = pools.pools.get(claimed.pool_uid)
         if entry is not None:
-            entry.handed_over.add(claimed.member_uid)
             entry.claims += 1
             entry.wake.set()
         # The member object stays, owned by this kernel now: what it owns (a pod, a Spark

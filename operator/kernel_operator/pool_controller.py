@@ -177,7 +177,7 @@ class PoolController:
     async def _handed_over(self, spec: PoolSpec, members: list[Member], entry: PoolEntry) -> set[str]:
         """Claimed members whose claimer recorded the claim (checked on the API server for the
         ones this operator did not claim itself, e.g. before a restart)."""
-        known = set(entry.handed_over) | (self.ctx.pools.handed_over & {m.uid for m in members})
+        known = self.ctx.pools.handed_over & {m.uid for m in members}
         unknown = [m for m in members if not m.free and m.claim != VOID and m.uid not in known]
         if not unknown:
             return known

@@ -23,7 +23,6 @@ class PoolEntry:
     # Members ready to be claimed, oldest first: uid -> name.
     ready: OrderedDict[str, str] = field(default_factory=OrderedDict)
     claims: int = 0  # claims not yet counted in the pool's status
-    handed_over: set[str] = field(default_factory=set)  # member uids their claimer recorded
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)  # a member became ready
 

@@ -98,6 +98,26 @@ def listening_ports(pid: int) -> set[int] | None:
     return ports
 
 
+def held(ports: set[int]) -> set[int]:
+    """Those of ``ports`` some socket of this network namespace holds now (any state but
+    TIME_WAIT), read from /proc without binding anything: a probe bind could itself take a
+    port from a kernel still starting. Empty where /proc does not tell."""
+    found: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/self/net/{table}") as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] != "06":  # 06: TIME_WAIT
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                if port in ports:
+                    found.add(port)
+    return found
+
+
 def in_use(ip: str, ports: list[int]) -> list[int]:
     """Those of ``ports`` another socket holds on ``ip`` right now."""
     taken = []

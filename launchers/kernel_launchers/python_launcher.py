@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .ports import PortRangeError, bind_free_port, free_ports, in_use, listening_ports, parse_port_range
+from .ports import PortRangeError, bind_free_port, free_ports, held, in_use, listening_ports, parse_port_range
 
 log = logging.getLogger("kernel_launchers")
 
@@ -235,6 +235,11 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 PORT_ATTEMPTS = 3
 
 
+# How long a kernel may take to listen on its ports before they are checked for another
+# process holding them (start-up binds all five within milliseconds of each other).
+PARTIAL_BIND_SECONDS = 2.0
+
+
 class PortTaken(RuntimeError):
     """A port chosen for the kernel was taken by another process before the kernel bound it."""
 
@@ -381,6 +386,7 @@ class Launcher:
         deadline = time.monotonic() + timeout
         host = "127.0.0.1" if info["ip"] in ("0.0.0.0", "") else info["ip"]
         wanted = {info[name] for name in PORT_NAMES}
+        started = checked = time.monotonic()
         while time.monotonic() < deadline:
             assert self.kernel is not None
             if self.kernel.poll() is not None:
@@ -398,8 +404,26 @@ class Launcher:
                 own = listening_ports(self.kernel.pid)
                 if own is None or wanted <= own:  # no /proc: the answer is all we can tell
                     return
+            now = time.monotonic()
+            if now - started > PARTIAL_BIND_SECONDS and now - checked >= 0.5:
+                checked = now
+                self._stop_if_a_port_was_taken(wanted)
             time.sleep(0.05)
         raise RuntimeError(f"The kernel did not listen on its ports within {timeout:.0f} s.")
+
+    def _stop_if_a_port_was_taken(self, wanted: set[int]) -> None:
+        """A kernel that lost a port to another process may not exit (ipykernel's threads keep
+        it alive when its heartbeat or iopub port is taken): stop it, raise PortTaken."""
+        assert self.kernel is not None
+        holding = held(wanted)
+        own = listening_ports(self.kernel.pid)  # after: a port the kernel binds meanwhile is its own
+        if own is None:
+            return
+        taken = holding - own
+        if taken:
+            self.kernel.kill()
+            self.kernel.wait(10)
+            raise PortTaken(f"another process holds port(s) {sorted(taken)}; the kernel could not bind them")
 
     def start_listening_kernel(self) -> dict[str, Any]:
         """Start the kernel and wait until it listens; on other ports if one was taken."""

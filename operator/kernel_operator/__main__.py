@@ -1,4 +1,4 @@
-"""``remote-kernel-operator`` / ``python -m kernel_operator``: run the operator."""
+"""``remote-kernel-operator`` / ``python -m kernel_operator``: run one replica of the operator."""
 
 from __future__ import annotations
 
@@ -27,40 +27,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--liveness",
         default=os.environ.get("RKO_LIVENESS_ENDPOINT"),
-        help="e.g. http://0.0.0.0:8080/healthz",
-    )
-    parser.add_argument(
-        "--peering",
-        default=os.environ.get("RKO_PEERING"),
-        help="a KopfPeering name for several replicas",
+        help="kopf's own liveness endpoint, e.g. http://0.0.0.0:8080/healthz (the leader only; "
+        "RKO_HTTP_BIND serves probes and metrics on every replica)",
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers
+    from .log_format import use_json_logs
     from .settings import OperatorSettings
 
     if args.namespace:
         # One source for the handlers too: they read the settings from the environment.
         os.environ["RKO_WATCH_NAMESPACES"] = ",".join(args.namespace)
-    namespaces = list(OperatorSettings.from_env().watch_namespaces)
+    cfg = OperatorSettings.from_env()
     kopf.configure(verbose=args.verbose)
+    if cfg.log_format == "json":
+        use_json_logs()
     # The API client logs whole response bodies at DEBUG, Secrets included: never let it.
     logging.getLogger("kubernetes_asyncio").setLevel(logging.INFO)
     slow_ms = float(os.environ.get("RKO_LOOP_SLOW_CALLBACK_MS") or 0)
-    asyncio.run(
-        _watched(
-            kopf.operator(
-                clusterwide=not namespaces,
-                namespaces=namespaces,
-                liveness_endpoint=args.liveness,
-                standalone=not args.peering,
-                peering_name=args.peering,  # naming one makes peering mandatory
-            ),
-            slow_ms,
-        ),
-        debug=slow_ms > 0,
-    )
+    asyncio.run(_watched(_replica(cfg, args.liveness, handlers), slow_ms), debug=slow_ms > 0)
     return 0
+
+
+async def _replica(cfg: Any, liveness: str | None, handlers: Any) -> None:
+    from .runtime import run_replica, start_replica
+
+    replica = await start_replica(cfg, handlers.class_selector(handlers.OPERATOR_CLASS), handlers.KOPF_PREFIX)
+    namespaces = list(cfg.watch_namespaces)
+
+    async def operator(stop: asyncio.Event) -> None:
+        await kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+            standalone=True,  # one replica leads at a time (the Lease); kopf's peering is not used
+            memo=kopf.Memo(ctx=replica.ctx),
+            stop_flag=stop,
+        )
+
+    await run_replica(replica, operator)
 
 
 async def _watched(operator: Coroutine[Any, Any, None], slow_ms: float) -> None:

@@ -70,6 +70,8 @@ class Claim:
         self.secret_namespace = secret_namespace  # where members' Secrets live (the operator's)
         self.log = log
         self.swap_seconds = 0.0
+        self.tried: list[str] = []  # the fitting pools, by name (for the claims metric)
+        self.failed = False  # a member was taken but could not be bound
 
     async def run(
         self,
@@ -85,6 +87,7 @@ class Claim:
         pools = fitting_pools(self.registry, namespace, request)
         if not pools:
             return None
+        self.tried = [entry.spec.name for entry in pools]
         started = time.monotonic()
         for entry in pools:
             claimed = await self._take_and_bind(entry, namespace, uid, request)
@@ -126,6 +129,7 @@ class Claim:
                     f"Claiming pooled kernel {name} failed; it is retired and this kernel starts cold: {err}"
                 )
                 self.registry.in_flight.pop(uid, None)
+                self.failed = True
                 with contextlib.suppress(Exception):
                     await self.kube.swap_label(namespace, name, CLAIM_LABEL, uid, VOID)
                 entry.wake.set()

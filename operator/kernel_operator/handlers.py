@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import socket
 from typing import Any
 
 import aiohttp
@@ -16,15 +15,12 @@ from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
 
 from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys
 from .activity import raise_open_file_limit
-from .backends import Backends
 from .errors import BackendError, SpecError
-from .kube import Kube, KubeError
+from .kube import KubeError
 from .lifecycle import KernelLifecycle, Logger, OperatorContext
-from .listener import ResponseListener
 from .pool_controller import PoolController
-from .pool_registry import PoolRegistry
-from .pools import POOL_PLURAL, seal_key
-from .settings import OperatorSettings, operator_class_from_env
+from .pools import POOL_PLURAL
+from .settings import operator_class_from_env
 from .status import Phase
 
 SIGNAL_ANNOTATION = f"{GROUP}/signal"
@@ -51,16 +47,12 @@ def class_selector(operator_class: str) -> str:
     return f"{CLASS_LABEL}={operator_class}" if operator_class else f"!{CLASS_LABEL}"
 
 
-def _advertised(bind_host: str, port: int) -> str:
-    host = bind_host
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostbyname(socket.gethostname())
-    return f"{host}:{port}"
-
-
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
-    cfg = OperatorSettings.from_env()
+    """This replica leads now: configure kopf, and rebuild the bookkeeping from the kernels
+    alive. The key, the listener and the backends were started with the replica (runtime.py)."""
+    ctx: OperatorContext = memo["ctx"]
+    cfg = ctx.settings
     settings.persistence.finalizer = FINALIZER
     # kopf keeps its state under a prefix of its own: it ignores every annotation under that
     # prefix when it compares versions, and our users' annotations (signal requests) must count.
@@ -79,28 +71,13 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     # so they serve what discovery shows at startup.
     settings.scanning.disabled = bool(cfg.watch_namespaces)
     open_files = raise_open_file_limit()[0]  # each kernel followed for activity costs descriptors
-    kube = await Kube.connect()
     try:
-        private_key = await keys.load_or_create(kube, cfg.namespace, cfg.key_secret)
-        alive = await kube.list_remote_kernels(class_selector(OPERATOR_CLASS), cfg.watch_namespaces)
+        alive = await ctx.kube.list_remote_kernels(class_selector(OPERATOR_CLASS), cfg.watch_namespaces)
     except KubeError as err:
-        await kube.close()
         # E.g. 429 while a just-installed CRD's storage initializes: retry soon, not in 60 s.
         # A 403 may be fixed by an RBAC change, so it is retried too, but less often.
         delay = 10 if err.status == 403 else 2
         raise kopf.TemporaryError(f"The operator cannot start yet: {err}", delay=delay) from err
-    listener = ResponseListener(private_key)
-    host, port = await listener.start(*cfg.response_bind)
-    backends = Backends(cfg, kube)
-    ctx = OperatorContext(
-        settings=cfg,
-        kube=kube,
-        backends=backends,
-        listener=listener,
-        private_key=private_key,
-        response_address=cfg.response_address or _advertised(host, port),
-        pools=PoolRegistry(seal_key(private_key)),
-    )
     # Rebuild bookkeeping (least-connection counts, kernel ids in use) from the kernels alive,
     # oldest first, so the first holder of a kernel id keeps it.
     for item in sorted(alive, key=lambda i: str(i["metadata"].get("creationTimestamp", ""))):
@@ -112,21 +89,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
         ref = status.get("backendRef")
         if ref:
             with contextlib.suppress(SpecError):
-                backends.get(str(status.get("backend") or "")).adopt(ref)
-    memo["ctx"] = ctx
+                ctx.backends.get(str(status.get("backend") or "")).adopt(ref)
     logger.info(
         f"The operator is ready: launchers report to {ctx.response_address}; key "
         f"{keys.fingerprint(ctx.public_key)} from Secret {cfg.namespace}/{cfg.key_secret}; "
         f"up to {open_files} open files."
     )
-
-
-@kopf.on.cleanup()
-async def stop(memo: kopf.Memo, **_: Any) -> None:
-    ctx: OperatorContext | None = memo.get("ctx")
-    if ctx is not None:
-        await ctx.listener.stop()
-        await ctx.kube.close()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)

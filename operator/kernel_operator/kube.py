@@ -7,6 +7,7 @@ replace this class, never the library beneath it.
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import json
 from collections.abc import AsyncIterator
@@ -17,10 +18,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import GROUP, PLURAL, UID_LABEL, VERSION
 from .errors import OperatorError
+from .leadership import LeaseConflict
 from .pools import POOL_PLURAL
 from .profiles import PROFILE_PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
+LEASES = ("coordination.k8s.io", "v1", "leases")
 JSON_PATCH = "application/json-patch+json"
 
 
@@ -429,3 +432,66 @@ class Kube:
             )
         except ApiException as err:
             raise _error(f"Handing RemoteKernel {namespace}/{name} over", err) from err
+
+    # -- leases (leader election) --------------------------------------------------------------
+    # Through the generic API, in plain dicts like every other object here.
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(
+                await self.custom.get_namespaced_custom_object(*LEASES[:2], namespace, LEASES[2], name)
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _error(f"Reading Lease {namespace}/{name}", err) from err
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(
+                await self.custom.create_namespaced_custom_object(*LEASES[:2], namespace, LEASES[2], body)
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise LeaseConflict(f"Lease {namespace}/{body['metadata']['name']} exists already.") from err
+            raise _error(f"Creating Lease {namespace}/{body['metadata']['name']}", err) from err
+
+    async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Write ``body`` whole; a 409 (its resourceVersion is stale) is a LeaseConflict."""
+        try:
+            return dict(
+                await self.custom.replace_namespaced_custom_object(
+                    *LEASES[:2], namespace, LEASES[2], name, body
+                )
+            )
+        except ApiException as err:
+            if err.status == 409:
+                raise LeaseConflict(f"Lease {namespace}/{name} was written by another replica.") from err
+            raise _error(f"Writing Lease {namespace}/{name}", err) from err
+
+    # -- events (posted directly where kopf is not running: a standby replica) -----------------
+    async def post_event(
+        self, involved: dict[str, Any], type_: str, reason: str, message: str, component: str
+    ) -> None:
+        meta = involved["metadata"]
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": involved.get("kind", "RemoteKernel"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as err:
+            raise _error(f"Posting an Event on {meta['namespace']}/{meta['name']}", err) from err

@@ -27,7 +27,9 @@ from .control import send_control
 from .errors import BackendError, BackendUnavailable, SpecError
 from .kube import Kube, KubeError
 from .launch_command import run_dir_for
-from .listener import ResponseListener
+from .listener import Refused, ResponseListener
+from .log_format import KernelLogger
+from .metrics import Metrics
 from .pool_registry import PoolRegistry
 from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member, warmup_code
 from .profile_cache import ProfileCache, ProfileSource
@@ -46,6 +48,7 @@ ACTIVITY_PATCH_SECONDS = 10.0  # lastActivity is written at most this often
 
 
 LOST_LAUNCH_SECONDS = 10.0  # how long after a launch began nothing found means nothing started
+CLAIMED_REASON = "ClaimedFromPool"  # the reason of a Running reached by a claim
 
 
 class LaunchLost(Exception):
@@ -81,6 +84,9 @@ class OperatorContext:
     kernel_ids: dict[str, str] = field(default_factory=dict)
     # Launches under way, by RemoteKernel uid (see KernelLifecycle.launch).
     launches: dict[str, asyncio.Future[BackendRef]] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    # Stops under way, by RemoteKernel uid (see KernelLifecycle.stop_backend).
+    stopping: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _profiles: ProfileCache | None = None
 
@@ -172,14 +178,27 @@ class KernelLifecycle:
         self.member = bool(ctx.pools.seal_key) and is_sealed_member(ctx.pools.seal_key, body)
         self.pool_uid = str((meta.get("labels") or {}).get(POOL_UID_LABEL) or "") if self.member else ""
         self.emit = emit
-        self.log = logger
+        self.log: Logger = KernelLogger(logger, self._log_fields)
         self._recorded_activity = 0.0
         self._request: KernelRequest | None = None
         self._slot = False  # holds one of ctx.launch_slots
         self.pool_failure = ""  # a pool member that never answered
         self.created = time.monotonic()
+        # Seen from its creation (no phase yet): the launch is timed from here, else from the
+        # object's creationTimestamp (whole seconds).
+        self._seen_from_creation = not self.status.get("phase")
 
     # -- helpers -------------------------------------------------------------------------------
+    def _log_fields(self) -> dict[str, str]:
+        return {
+            "uid": self.uid,
+            "namespace": self.namespace,
+            "name": self.name,
+            "kernel_id": str(self.spec.get("kernelId") or ""),
+            "backend": str(self.status.get("backend") or ""),
+            "phase": str(self.status.get("phase") or ""),
+        }
+
     @property
     def phase(self) -> str | None:
         return self.status.get("phase")
@@ -203,11 +222,13 @@ class KernelLifecycle:
                 self.status[key] = value
 
     async def set_phase(self, phase: Phase, reason: str, message: str, **extra: Any) -> None:
-        patch = phase_patch(self.status, phase, reason, message, now_iso())
+        before = self.phase
+        patch = phase_patch(self.status, phase, reason, message, now_iso(), self.generation)
         if phase in TERMINAL:
             patch["finishedAt"] = now_iso()
         patch.update(extra)
         await self.patch(patch)
+        self._count_phase(before, phase, reason)
         if phase in TERMINAL:
             self._release_kernel_id()
             self.ctx.launches.pop(self.uid, None)
@@ -216,6 +237,27 @@ class KernelLifecycle:
         warning = phase is Phase.FAILED
         self.emit("Warning" if warning else "Normal", reason, message)
         (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
+
+    def _count_phase(self, before: str | None, phase: Phase, reason: str) -> None:
+        """The metrics of a phase change: kernels by phase; a launch's outcome and duration."""
+        metrics = self.ctx.metrics
+        backend = str(self.status.get("backend") or "")
+        metrics.kernels.set(self.uid, phase.value, backend)
+        if before not in (None, "", Phase.PENDING.value, Phase.LAUNCHING.value):
+            return
+        profile = str(self.status.get("profile") or self.spec.get("profile") or "")
+        if phase is Phase.RUNNING:
+            outcome = "claimed" if reason == CLAIMED_REASON else "running"
+            metrics.launches.labels(backend, profile, outcome).inc()
+            metrics.launch_duration.labels(backend).observe(self._since_request())
+        elif phase is Phase.FAILED:
+            metrics.launches.labels(backend, profile, "failed").inc()
+
+    def _since_request(self) -> float:
+        if self._seen_from_creation:
+            return time.monotonic() - self.created
+        created = (self.body.get("metadata") or {}).get("creationTimestamp")
+        return max(0.0, (_utcnow() - _parse_time(str(created))).total_seconds()) if created else 0.0
 
     def secret_location(self) -> tuple[str, str]:
         """Where this kernel's connection Secret is: beside it, or for a pool member not yet
@@ -443,7 +485,11 @@ class KernelLifecycle:
             pools.in_flight.pop(self.uid, None)
             return False
         if claimed is None:
+            if claim.tried:
+                outcome = "failed" if claim.failed else "empty"
+                self.ctx.metrics.pool_claims.labels(self.namespace, claim.tried[0], outcome).inc()
             return False
+        self.ctx.metrics.pool_claims.labels(self.namespace, claimed.pool, "claimed").inc()
         # Known here before it is recorded: a stop from now on (this daemon's, or the delete
         # handler's) reaches the right backend.
         pools.in_flight_backend[self.uid] = claimed.backend
@@ -496,7 +542,7 @@ class KernelLifecycle:
         now = now_iso()
         await self.set_phase(
             Phase.RUNNING,
-            "ClaimedFromPool",
+            CLAIMED_REASON,
             f"The kernel was claimed from pool {claimed.pool} (kernel {claimed.member}, ready at "
             f"{connection.get('ip')}) and bound to user {self.spec.get('username')}.",
             profile=claimed.profile,
@@ -537,9 +583,10 @@ class KernelLifecycle:
             if recorded and int(recorded) != payload["pid"]:
                 # Another launcher with this launch's token (an attempt on a host that failed,
                 # then came back): refused, so it stops its kernel; the recorded one answers.
-                raise protocol.ProtocolError(
+                raise Refused(
                     f"The report comes from launcher pid {payload['pid']} on {payload['hostname']}, "
-                    f"not from the launcher recorded (pid {recorded})."
+                    f"not from the launcher recorded (pid {recorded}).",
+                    "other_launcher",
                 )
             if not received.done():
                 received.set_result(payload)
@@ -561,6 +608,8 @@ class KernelLifecycle:
                     break
                 if stopped:
                     return False
+                if self._accepted_by_a_peer(token_hash):
+                    return True
                 failure = await self._launch_failure()
                 if failure is None and self._launch_lost():
                     raise LaunchLost(
@@ -583,6 +632,20 @@ class KernelLifecycle:
             self.ctx.listener.forget(self.uid)
             if not persisted.done():
                 persisted.cancel()
+
+    def _accepted_by_a_peer(self, token_hash: str) -> bool:
+        """Whether another replica took this launch's report (see peer_reports.py): the live
+        body is Running for this very launch. Then this replica follows it from there."""
+        live = dict(self.body.get("status") or {})
+        if (
+            live.get("phase") != Phase.RUNNING.value
+            or (live.get("launch") or {}).get("tokenHash") != token_hash
+        ):
+            return False
+        self.status = live
+        self.ctx.metrics.kernels.set(self.uid, Phase.RUNNING.value, str(live.get("backend") or ""))
+        self.log.info("Another replica took the launcher's report; following the Running kernel.")
+        return True
 
     def _launch_lost(self) -> bool:
         """A launch begun by another operator (not in flight here), with nothing recorded or
@@ -783,6 +846,7 @@ class KernelLifecycle:
         )
         await self.patch({"lastActivity": now_iso(_from_timestamp(watcher.last_activity))})
         self.emit("Normal", "IdleCulled", message)
+        self.ctx.metrics.culls.labels(str(self.status.get("backend") or "")).inc()
         self.log.info(message)
         await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
         return True
@@ -857,6 +921,16 @@ class KernelLifecycle:
 
     # -- stopping and signals ------------------------------------------------------------------
     async def stop_backend(self) -> None:
+        """Stop what the kernel runs on its backend. The finalizer and the daemon both stop a
+        kernel being deleted, at once: the second waits for the first's stop, not a stop of its own."""
+        under_way = self.ctx.stopping.get(self.uid)
+        if under_way is None:
+            under_way = asyncio.ensure_future(self._stop_backend())
+            self.ctx.stopping[self.uid] = under_way
+            under_way.add_done_callback(lambda _: self.ctx.stopping.pop(self.uid, None))
+        await asyncio.shield(under_way)
+
+    async def _stop_backend(self) -> None:
         if self.handed_over():
             return  # its claimer owns the backend now
         ref = self.status.get("backendRef")
@@ -873,7 +947,14 @@ class KernelLifecycle:
             return
         # What status names is acted on only where it carries this kernel's uid (see Backend.stop),
         # or for a claimed kernel, the pool member's whose backend it took over.
-        await backend.stop(ref, self.launch_id())
+        began = time.monotonic()
+        try:
+            await backend.stop(ref, self.launch_id())
+        except BackendError:
+            self.ctx.metrics.stops.labels(backend.name, "failed").inc()
+            raise
+        self.ctx.metrics.stops.labels(backend.name, "stopped").inc()
+        self.ctx.metrics.stop_duration.labels(backend.name).observe(time.monotonic() - began)
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
@@ -909,6 +990,7 @@ class KernelLifecycle:
             await self.stop_after_deletion()
             await self.ctx.kube.delete_secret(*self.secret_location())
             self._release_kernel_id()
+            self.ctx.metrics.kernels.forget(self.uid)
             return
         self.body = obj
         fresh = dict(obj.get("status") or {})
@@ -931,6 +1013,7 @@ class KernelLifecycle:
             self.log.error(message)
         await self.ctx.kube.delete_secret(*self.secret_location())
         self._release_kernel_id()
+        self.ctx.metrics.kernels.forget(self.uid)
 
     async def send_signal(self, signum: int, timeout: float = 5.0) -> dict[str, Any]:
         """Forward a signal to the kernel through its launcher's control port, at most once."""

@@ -31,12 +31,24 @@ from kernel_launchers.protocol import LaunchPayload, ProtocolError
 
 log = logging.getLogger(__name__)
 OnLaunch = Callable[[LaunchPayload], Awaitable[None]]
+# For a launch nobody here awaits: True once the report was checked and persisted elsewhere
+# (see peer_reports.py), False when no such launch is waiting anywhere.
+OnUnawaited = Callable[[str, LaunchPayload], Awaitable[bool]]
+OnRejected = Callable[[str], None]
 READ_DEADLINE = 5.0  # for a whole frame: launchers send theirs at once
 MAX_CONNECTIONS = 256
 
 
 class _Empty(Exception):
     """The peer closed before sending a byte."""
+
+
+class Refused(ProtocolError):
+    """A well-formed report refused, with the cause counted in the metrics."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -46,8 +58,17 @@ class _Pending:
 
 
 class ResponseListener:
-    def __init__(self, private_key: bytes, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        private_key: bytes,
+        max_connections: int = MAX_CONNECTIONS,
+        on_rejected: OnRejected | None = None,
+    ) -> None:
         self._private_key = private_key
+        self.on_rejected = on_rejected or (lambda cause: None)
+        # Set once the operator can look launches up on the API server (see peer_reports.py).
+        self.on_unawaited: OnUnawaited | None = None
+        self.serving = False
         self._pending: dict[str, _Pending] = {}
         self._exit_watchers: dict[str, tuple[bytes, Callable[[], None]]] = {}
         # Launches accepted, by launch id: the token hash and the launcher's pid (when known),
@@ -64,6 +85,10 @@ class ResponseListener:
     def expect(self, kernel_id: str, token_hash: str, on_launch: OnLaunch) -> None:
         """Accept one launch response for ``kernel_id`` whose token hashes to ``token_hash``."""
         self._pending[kernel_id] = _Pending(token_hash, on_launch)
+
+    def awaits(self, launch_id: str) -> bool:
+        """Whether a launch of that id is awaited here."""
+        return launch_id in self._pending
 
     def forget(self, kernel_id: str) -> None:
         self._pending.pop(kernel_id, None)
@@ -90,13 +115,19 @@ class ResponseListener:
         if watcher is not None and (wake is None or watcher[1] == wake):
             del self._exit_watchers[kernel_id]
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=protocol.MAX_FRAME)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
+        """Serve on ``host:port``. With ``reuse_port``, replicas on one host share the port and
+        the kernel spreads connections among those alive (as a Service does among pods)."""
+        self._server = await asyncio.start_server(
+            self._handle, host, port, limit=protocol.MAX_FRAME, reuse_port=reuse_port or None
+        )
+        self.serving = True
         sockname = self._server.sockets[0].getsockname()
         log.info("The response listener serves on %s:%d.", sockname[0], sockname[1])
         return str(sockname[0]), int(sockname[1])
 
     async def stop(self) -> None:
+        self.serving = False
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -106,6 +137,7 @@ class ResponseListener:
         if self.active >= self.max_connections:
             # Full: close without reading. A launcher retries with backoff; a flood costs nothing.
             self.refused_busy += 1
+            self.on_rejected("busy")
             writer.transport.abort()
             return
         self.active += 1
@@ -118,10 +150,12 @@ class ResponseListener:
             log.debug("A connection from %s closed without sending anything.", peer)
         except (ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as err:
             self.rejected += 1
+            self.on_rejected(_cause(err))
             reason = "the message was truncated" if isinstance(err, asyncio.IncompleteReadError) else str(err)
             log.warning("Rejected a launch response from %s: %s", peer, reason or type(err).__name__)
         except Exception:  # the listener must outlive any single bad connection
             self.rejected += 1
+            self.on_rejected("error")
             log.exception("A launch response from %s could not be processed.", peer)
         finally:
             self.active -= 1
@@ -161,12 +195,11 @@ class ResponseListener:
                 self.repeated += 1
                 log.info("Acknowledged again the connection info of kernel %s (accepted before).", kernel_id)
                 return
-            raise ProtocolError(
-                f"No launch is pending for kernel {kernel_id} (unknown, or from a launch that was replaced)."
-            )
+            await self._accept_unawaited(kernel_id, message)
+            return
         payload = protocol.open_launch_payload(message, self._private_key)
         if not hmac.compare_digest(protocol.token_hash(payload["token"]), pending.token_hash):
-            raise ProtocolError(f"The launch token for kernel {kernel_id} does not match.")
+            raise Refused(f"The launch token for kernel {kernel_id} does not match.", "bad_token")
         # Single use: claim it before awaiting, so a concurrent duplicate finds nothing.
         if self._pending.get(kernel_id) is not pending:
             raise ProtocolError(f"The launch for kernel {kernel_id} was answered concurrently.")
@@ -180,6 +213,25 @@ class ResponseListener:
         self._answered[kernel_id] = (pending.token_hash, payload["pid"])
         log.info("Accepted the connection info of kernel %s.", kernel_id)
 
+    async def _accept_unawaited(self, launch_id: str, message: bytes) -> None:
+        """A report for a launch this replica does not await: another replica's, or one begun
+        before this operator started. Persisted through ``on_unawaited`` if that finds the
+        launch waiting (checked there against the token it recorded)."""
+        unknown = Refused(
+            f"No launch is pending for kernel {launch_id} (unknown, or from a launch that was replaced).",
+            "unknown_launch",
+        )
+        if self.on_unawaited is None:
+            raise unknown
+        payload = protocol.open_launch_payload(message, self._private_key)  # sealed for our key
+        if not await self.on_unawaited(launch_id, payload):
+            raise unknown
+        self.accepted += 1
+        self._answered[launch_id] = (protocol.token_hash(payload["token"]), payload["pid"])
+        log.info(
+            "Accepted the connection info of kernel %s for a launch this replica did not await.", launch_id
+        )
+
     def _is_repeat(self, launch_id: str, message: bytes) -> bool:
         """Whether ``message`` repeats launch ``launch_id``, already accepted, with its token."""
         answered = self._answered.get(launch_id)
@@ -190,3 +242,14 @@ class ResponseListener:
         if not hmac.compare_digest(protocol.token_hash(payload["token"]), token_hash):
             return False
         return launcher_pid is None or payload["pid"] == launcher_pid
+
+
+def _cause(err: BaseException) -> str:
+    """The metrics' name for why a connection was turned away."""
+    if isinstance(err, Refused):
+        return err.cause
+    if isinstance(err, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(err, (ProtocolError, asyncio.IncompleteReadError)):
+        return "bad_frame"
+    return "error"

@@ -19,6 +19,7 @@ from .claim import pooled_secret_name
 from .errors import SpecError
 from .kube import KubeError
 from .lifecycle import Emit, Logger, OperatorContext, StopFlag, resolve_profile
+from .metrics import forget_pool
 from .pool_registry import PoolEntry
 from .pools import (
     CLAIM_LABEL,
@@ -72,6 +73,8 @@ class PoolController:
                     waiter.cancel()
         finally:
             self.ctx.pools.unregister(uid)
+            meta = self.body["metadata"]
+            forget_pool(self.ctx.metrics, str(meta["namespace"]), str(meta["name"]))
 
     def _valid_shape(self) -> bool:
         try:
@@ -255,6 +258,10 @@ class PoolController:
                 "conditions": conditions,
             }
         status["observedGeneration"] = spec.generation
+        gauge = self.ctx.metrics.pool_members
+        for state in ("ready", "launching"):
+            gauge.labels(spec.namespace, spec.name, state).set(int(status[state]))
+        gauge.labels(spec.namespace, spec.name, "desired").set(replicas if invalid is None else 0)
         claims = entry.claims
         status["claimed"] = int(self.status.get("claimed") or 0) + claims
         if {k: self.status.get(k) for k in status} == status:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{name}={raw!r} is not a boolean (true or false).")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(allowed)}.")
+    return raw
 
 
 def _address(value: str, name: str) -> tuple[str, int]:
@@ -175,6 +183,7 @@ class OperatorSettings:
     transport_encryption: str = "disabled"
     response_bind: tuple[str, int] = ("0.0.0.0", 8877)
     response_address: str = ""
+    response_reuse_port: bool = False  # replicas on one host share the listener's port
     monitor_interval: float = 1.0
     watch_server_timeout: float = 60.0
     watch_client_timeout: float = 90.0
@@ -190,6 +199,18 @@ class OperatorSettings:
     track_activity: bool = True
     ttl_after_finished: float | None = None  # finished RemoteKernels are kept unless set
     profile_cache_seconds: float = 1.0  # profiles and namespace labels are re-read after this
+    # Several replicas: one leads (holds the Lease), the others stand by (see leadership.py).
+    leader_election: bool = False
+    lease_name: str = "remote-kernel-operator-leader"
+    lease_duration: float = 10.0
+    lease_renew_deadline: float = 7.0
+    lease_retry_period: float = 1.0
+    identity: str = ""  # this replica's name in the Lease: its pod's name
+    # After a stop signal: how long a replica keeps taking launch reports for kernels still
+    # Launching (its launchers know its address), once it no longer leads.
+    drain_seconds: float = 20.0
+    http_bind: tuple[str, int] | None = None  # probes and /metrics; off unless set
+    log_format: str = "text"
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
     yarn: YarnSettings = field(default_factory=YarnSettings)
@@ -269,6 +290,7 @@ class OperatorSettings:
             transport_encryption=encryption,
             response_bind=_address(env.get("RKO_RESPONSE_BIND", "0.0.0.0:8877"), "RKO_RESPONSE_BIND"),
             response_address=env.get("RKO_RESPONSE_ADDRESS", ""),
+            response_reuse_port=_flag(env, "RKO_RESPONSE_REUSE_PORT", False),
             monitor_interval=_number(env, "RKO_MONITOR_INTERVAL", 1.0, 0.05),
             watch_server_timeout=_number(env, "RKO_WATCH_SERVER_TIMEOUT", 60.0, 1),
             watch_client_timeout=_number(env, "RKO_WATCH_CLIENT_TIMEOUT", 90.0, 1),
@@ -288,6 +310,24 @@ class OperatorSettings:
             stop_give_up=_number(env, "RKO_STOP_GIVE_UP_SECONDS", 600.0, 0),
             profile_cache_seconds=_number(env, "RKO_PROFILE_CACHE_SECONDS", 1.0, 0),
             track_activity=_flag(env, "RKO_TRACK_ACTIVITY", True),
+            leader_election=_flag(env, "RKO_LEADER_ELECTION", False),
+            lease_name=env.get("RKO_LEADER_LEASE", "")
+            or "remote-kernel-operator-leader"
+            + (f"-{env['RKO_OPERATOR_CLASS']}" if env.get("RKO_OPERATOR_CLASS") else ""),
+            lease_duration=_number(env, "RKO_LEASE_DURATION_SECONDS", 10.0, 1),
+            lease_renew_deadline=_number(env, "RKO_LEASE_RENEW_DEADLINE_SECONDS", 7.0, 0.5),
+            lease_retry_period=_number(env, "RKO_LEASE_RETRY_SECONDS", 1.0, 0.1),
+            identity=env.get("RKO_POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+            # A lone replica restarted in place must free its port at once: no drain by default.
+            drain_seconds=_number(
+                env, "RKO_DRAIN_SECONDS", 20.0 if _flag(env, "RKO_LEADER_ELECTION", False) else 0.0, 0
+            ),
+            http_bind=(
+                _address(env["RKO_HTTP_BIND"], "RKO_HTTP_BIND")
+                if env.get("RKO_HTTP_BIND", "").strip()
+                else None
+            ),
+            log_format=_choice(env, "RKO_LOG_FORMAT", "text", ("text", "json")),
             ssh=ssh,
             docker=DockerSettings(
                 host=env.get("RKO_DOCKER_HOST") or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",

@@ -34,8 +34,10 @@ def set_condition(
     reason: str,
     message: str,
     now: str,
+    generation: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The condition list with one condition set; its transition time moves only on change."""
+    """The condition list with one condition set; its transition time moves only on change.
+    ``generation`` is the spec generation the condition was computed from (observedGeneration)."""
     result: list[dict[str, Any]] = []
     found = False
     for existing in conditions or []:
@@ -49,6 +51,7 @@ def set_condition(
                     "reason": reason,
                     "message": message,
                     "lastTransitionTime": now if changed else existing.get("lastTransitionTime", now),
+                    **({"observedGeneration": generation} if generation is not None else {}),
                 }
             )
         else:
@@ -61,21 +64,32 @@ def set_condition(
                 "reason": reason,
                 "message": message,
                 "lastTransitionTime": now,
+                **({"observedGeneration": generation} if generation is not None else {}),
             }
         )
     return result
 
 
 def phase_patch(
-    status: Mapping[str, Any], phase: Phase, reason: str, message: str, now: str
+    status: Mapping[str, Any],
+    phase: Phase,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """A status merge patch moving to ``phase``, with the Ready condition to match."""
+    """A status merge patch moving to ``phase``, with the Ready condition to match, and
+    ``phaseSince`` (the printer column's age of the phase) moved only when the phase changes."""
     ready = "True" if phase is Phase.RUNNING else "False"
+    since = status.get("phaseSince") if status.get("phase") == phase.value else None
     return {
         "phase": phase.value,
+        "phaseSince": since or now,
         "reason": reason,
         "message": message,
-        "conditions": set_condition(status.get("conditions"), "Ready", ready, reason, message, now),
+        "conditions": set_condition(
+            status.get("conditions"), "Ready", ready, reason, message, now, generation
+        ),
     }
 
 

@@ -159,3 +159,37 @@ def test_the_launcher_starts_without_loading_cryptography() -> None:
 
     protocol.preload_crypto()
     assert "cryptography.hazmat.primitives.ciphers.aead" in sys.modules
+
+
+@pytest.mark.parametrize("port_name", ["hb_port", "iopub_port"])
+def test_a_kernel_that_lost_a_port_and_hangs_is_stopped_and_started_again(tmp_path, port_name) -> None:  # type: ignore[no-untyped-def]
+    """ipykernel does not exit when its heartbeat or iopub port is taken (its threads keep it
+    alive while its shell port answers): the launcher must not wait 60 s for it."""
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from kernel_launchers.ports import free_ports
+    from kernel_launchers.python_launcher import Launcher, PortTaken
+
+    launcher = Launcher(parse_args([*BASE, "--run-dir", str(tmp_path)], {"RKO_LAUNCH_TOKEN": "t"}))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        info = build_connection_file("127.0.0.1", free_ports("127.0.0.1", 5, (0, 0)), "k", None)
+        info[port_name] = holder.getsockname()[1]
+        connection_file = tmp_path / "kernel.json"
+        connection_file.write_text(json.dumps(info))
+        launcher.kernel = subprocess.Popen(
+            kernel_command(connection_file, None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        began = time.monotonic()
+        try:
+            with pytest.raises(PortTaken, match=str(info[port_name])):
+                launcher.wait_kernel_listening(info, timeout=30)
+        finally:
+            if launcher.kernel.poll() is None:
+                launcher.kernel.kill()
+        assert time.monotonic() - began < 15
+        assert launcher.kernel.poll() is not None  # stopped, not left behind

@@ -17,6 +17,6 @@ ENV PATH=/opt/operator/bin:/usr/local/bin:/usr/bin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 USER 10001:10001
-# 8877: the response listener launchers report to; 8080: kopf's liveness endpoint.
+# 8877: the response listener launchers report to; 8080: probes and metrics (RKO_HTTP_BIND).
 EXPOSE 8877 8080
 ENTRYPOINT ["remote-kernel-operator"]

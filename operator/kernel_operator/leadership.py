@@ -213,31 +213,36 @@ class LeaderElector:
         return {"spec": {"holderIdentity": holder, "renewTime": renewed}}
 
     async def keep(self, on_lost: Callable[[str], None]) -> None:
-        """Renew until cancelled; call ``on_lost`` (once) when the Lease was not renewed within
-        the renew deadline, or another replica holds it."""
-        watchdog = asyncio.ensure_future(self._watchdog(on_lost))
+        """Renew until cancelled; call ``on_lost`` once, and return, when the Lease was not
+        renewed within the renew deadline or another replica holds it."""
+        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        tasks = [asyncio.ensure_future(self._renew(lost)), asyncio.ensure_future(self._watchdog(lost))]
         try:
-            while True:
-                await asyncio.sleep(self.timings.retry_period)
-                try:
-                    if not await self.try_once():
-                        on_lost(f"another replica ({record_of(self._lease_seen())[0]}) holds the Lease")
-                        return
-                except Exception as err:  # the watchdog fences if this goes on past the deadline
-                    self.log(f"Renewing the leader Lease failed; trying again: {err!r}")
+            reason = await asyncio.shield(lost)
         finally:
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
+        self.is_leader = False
+        on_lost(reason)
 
-    async def _watchdog(self, on_lost: Callable[[str], None]) -> None:
+    async def _renew(self, lost: asyncio.Future[str]) -> None:
+        while not lost.done():
+            await asyncio.sleep(self.timings.retry_period)
+            try:
+                if not await self.try_once() and not lost.done():
+                    lost.set_result(f"another replica ({record_of(self._lease_seen())[0]}) holds the Lease")
+            except Exception as err:  # the watchdog fences if this goes on past the deadline
+                self.log(f"Renewing the leader Lease failed; trying again: {err!r}")
+
+    async def _watchdog(self, lost: asyncio.Future[str]) -> None:
         # Independent of the renewal calls: a request that hangs must not hold fencing back.
-        while True:
+        while not lost.done():
             await asyncio.sleep(min(0.5, self.timings.retry_period / 2))
             late = self.clock() - self._renewed_at
-            if late > self.timings.renew_deadline:
-                on_lost(
+            if late > self.timings.renew_deadline and not lost.done():
+                lost.set_result(
                     f"the Lease was not renewed for {late:.1f} s (renew deadline {self.timings.renew_deadline:g} s)"
                 )
-                return
 
     async def release(self) -> None:
         """Give the Lease up (on a clean stop), so a standby takes over at once."""

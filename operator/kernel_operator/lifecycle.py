@@ -30,6 +30,7 @@ from .launch_command import run_dir_for
 from .listener import Refused, ResponseListener
 from .log_format import KernelLogger
 from .metrics import Metrics
+from .next_steps import with_next_step
 from .pool_registry import PoolRegistry
 from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member, warmup_code
 from .profile_cache import ProfileCache, ProfileSource
@@ -235,7 +236,11 @@ class KernelLifecycle:
         if self.member:
             self.ctx.pools.wake(self.pool_uid)
         warning = phase is Phase.FAILED
-        self.emit("Warning" if warning else "Normal", reason, message)
+        self.emit(
+            "Warning" if warning else "Normal",
+            reason,
+            with_next_step(reason, message) if warning else message,
+        )
         (self.log.warning if warning else self.log.info)(f"{phase.value}: {message}")
 
     def _count_phase(self, before: str | None, phase: Phase, reason: str) -> None:
@@ -487,9 +492,9 @@ class KernelLifecycle:
         if claimed is None:
             if claim.tried:
                 outcome = "failed" if claim.failed else "empty"
-                self.ctx.metrics.pool_claims.labels(self.namespace, claim.tried[0], outcome).inc()
+                self.ctx.metrics.pool_claims.labels(self.namespace, outcome).inc()
             return False
-        self.ctx.metrics.pool_claims.labels(self.namespace, claimed.pool, "claimed").inc()
+        self.ctx.metrics.pool_claims.labels(self.namespace, "claimed").inc()
         # Known here before it is recorded: a stop from now on (this daemon's, or the delete
         # handler's) reaches the right backend.
         pools.in_flight_backend[self.uid] = claimed.backend
@@ -1009,7 +1014,7 @@ class KernelLifecycle:
                 f"Gave up stopping the kernel after RKO_STOP_GIVE_UP_SECONDS; its processes may be "
                 f"left on the backend ({ref}): {err}"
             )
-            self.emit("Warning", "StopAbandoned", message)
+            self.emit("Warning", "StopAbandoned", with_next_step("StopAbandoned", message))
             self.log.error(message)
         await self.ctx.kube.delete_secret(*self.secret_location())
         self._release_kernel_id()

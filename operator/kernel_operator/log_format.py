@@ -40,19 +40,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class KernelLogger(logging.LoggerAdapter[Any]):
-    """Wraps the logger a handler is given with the kernel's own fields, read at each call
-    (the phase changes as the kernel goes)."""
+    """The logger a handler is given, with the kernel's own fields added at each call (the
+    phase changes as the kernel goes). An adapter given is unwrapped and its extra fields kept
+    (kopf's carry the object reference its Events are posted with): a plain LoggerAdapter would
+    replace ours with its own."""
 
     def __init__(
         self, inner: logging.Logger | logging.LoggerAdapter[Any], fields: Callable[[], dict[str, str]]
     ) -> None:
-        super().__init__(inner, {})  # an adapter wraps an adapter fine
+        if isinstance(inner, logging.LoggerAdapter):
+            super().__init__(inner.logger, dict(inner.extra or {}))
+        else:
+            super().__init__(inner, {})
         self.fields = fields
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        extra = dict(kwargs.get("extra") or {})
-        extra["rko"] = self.fields()
-        kwargs["extra"] = extra
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {}), "rko": self.fields()}
         return msg, kwargs
 
 

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 PREFIX = "rko"
 DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Why the listener turned a connection away (the label's whole vocabulary).
-REJECTION_CAUSES = ("busy", "unknown_launch", "bad_token", "bad_frame", "timeout", "error")
+REJECTION_CAUSES = ("busy", "unknown_launch", "bad_token", "other_launcher", "bad_frame", "timeout", "error")
 
 
 class KernelPhases(Collector):
@@ -106,7 +106,7 @@ class Metrics:
         )
         self.reports = Counter(
             f"{PREFIX}_listener_reports",
-            "Launch reports accepted, by how (awaited here, for a launch another replica awaits, a repeat).",
+            "Launch reports taken for a launch another replica awaited (how: for_another_replica).",
             ["how"],
             registry=r,
         )
@@ -116,10 +116,11 @@ class Metrics:
             ["namespace", "pool", "state"],
             registry=r,
         )
+        # No pool label: tenants make and delete pools, and a counter's series outlive them.
         self.pool_claims = Counter(
             f"{PREFIX}_pool_claims",
-            "Claims on pools, by namespace, pool and outcome (claimed, empty, failed).",
-            ["namespace", "pool", "outcome"],
+            "Claims on pools, by namespace and outcome (claimed, empty, failed).",
+            ["namespace", "outcome"],
             registry=r,
         )
         self.leader = Gauge(

@@ -36,6 +36,9 @@ from .listener import Refused
 from .status import Phase
 
 LIST_CACHE_SECONDS = 1.0  # a burst of reports after a failover shares one list
+# A list younger than this is never refreshed: anyone may seal a report for a made-up launch id
+# (the key is public), and such reports must not turn into a list each on the API server.
+MIN_LIST_AGE = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +58,10 @@ class PeerReports:
 
     async def _kernels(self, fresh: bool) -> dict[str, dict[str, Any]]:
         """The class's RemoteKernels by uid: listed at most once a LIST_CACHE_SECONDS."""
-        if not fresh and self._listed and time.monotonic() - self._listed[0] < LIST_CACHE_SECONDS:
-            return self._listed[1]
+        if self._listed:
+            age = time.monotonic() - self._listed[0]
+            if age < MIN_LIST_AGE or (not fresh and age < LIST_CACHE_SECONDS):
+                return self._listed[1]
         if self._listing is None:
             self._listing = asyncio.ensure_future(self._list())
         listing = self._listing

@@ -20,6 +20,7 @@ from .errors import SpecError
 from .kube import KubeError
 from .lifecycle import Emit, Logger, OperatorContext, StopFlag, resolve_profile
 from .metrics import forget_pool
+from .next_steps import with_next_step
 from .pool_registry import PoolEntry
 from .pools import (
     CLAIM_LABEL,
@@ -139,7 +140,11 @@ class PoolController:
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 self.last_error = str(errors[0])
-                self.emit("Warning", "CreateFailed", f"Could not create pooled kernels: {errors[0]}")
+                self.emit(
+                    "Warning",
+                    "CreateFailed",
+                    with_next_step("CreateFailed", f"Could not create pooled kernels: {errors[0]}"),
+                )
             made = count - len(errors)
             if made:
                 self.log.info(f"Creating {made} kernels to refill pool {spec.name} ({plan.ready} ready).")
@@ -231,7 +236,7 @@ class PoolController:
             conditions = set_condition(conditions, "Ready", "False", invalid.reason, str(invalid), now)
             status: dict[str, Any] = {"replicas": 0, "ready": 0, "launching": 0, "conditions": conditions}
             if self.status.get("conditions") != conditions:
-                self.emit("Warning", invalid.reason, str(invalid))
+                self.emit("Warning", invalid.reason, with_next_step(invalid.reason, str(invalid)))
         else:
             full = plan.ready >= replicas
             if replicas < spec.replicas:

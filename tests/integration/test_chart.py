@@ -9,7 +9,11 @@ operator class, so the session's operator and they never touch each other's kern
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +35,17 @@ from localcluster.servers import OperatorProcess, Sshd
 from tests.helpers import REPO_ROOT, wait_for
 
 from .conftest import ensure_namespace
-from .test_operator_ssh import GROUP, PLURAL, VERSION, get, make_kernel, ready_client, start_remote_kernel
+from .test_faults import delete_and_check_nothing_left, runs_code
+from .test_operator_ssh import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    get,
+    make_kernel,
+    ready_client,
+    start_remote_kernel,
+    wait_phase,
+)
 
 CHART = REPO_ROOT / "charts" / "remote-kernel-operator"
 KUBE_VERSION = "1.37.0"
@@ -68,9 +82,7 @@ def helm() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def run_helm(
-    helm: Path, *args: str, kubeconfig: Path | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
+def helm_env(kubeconfig: Path | None = None) -> dict[str, str]:
     home = REPO_ROOT / ".cache" / "helm" / "home"
     env = {
         "PATH": "/usr/bin:/bin",
@@ -82,6 +94,13 @@ def run_helm(
     }
     if kubeconfig is not None:
         env["KUBECONFIG"] = str(kubeconfig)
+    return env
+
+
+def run_helm(
+    helm: Path, *args: str, kubeconfig: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = helm_env(kubeconfig)
     result = subprocess.run([str(helm), *args], env=env, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         pytest.fail(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -155,6 +174,7 @@ def test_the_rbac_is_narrow_and_split_into_framework_and_application(helm: Path)
         ("ClusterRole", f"{FULLNAME}-tenant-view"),
         ("ClusterRole", f"{FULLNAME}-profile-viewer"),
         ("ClusterRole", f"{FULLNAME}-pool-admin"),  # aggregated into admin: pools
+        ("Role", f"{FULLNAME}-leader-election"),  # its one Lease, in its own namespace
     }
     bound = {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding", "RoleBinding")}
     tenants = {f"{FULLNAME}-{n}" for n in ("tenant-edit", "tenant-view", "profile-viewer", "pool-admin")}
@@ -169,7 +189,11 @@ def test_the_rbac_is_narrow_and_split_into_framework_and_application(helm: Path)
                 assert not {"list", "watch"} & set(rule["verbs"]), rule
     # Serving other namespaces only, the operator may read just its two Secrets in its own.
     docs = render(helm, "watchNamespaces={team-a}", "kernels.checkNodes=false", "ssh.secretName=creds")
-    own = [r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] == NAMESPACE]
+    own = [
+        r
+        for r in of_kind(docs, "Role")
+        if r["metadata"]["namespace"] == NAMESPACE and not r["metadata"]["name"].endswith("-leader-election")
+    ]
     assert [r["rules"] for r in own] == [
         [
             {
@@ -213,11 +237,12 @@ def test_the_single_namespace_mode_reads_only_profiles_and_its_namespace_cluster
     assert env["RKO_CHECK_NODES"] == "false"
 
 
-def test_the_deployment_is_hardened_and_never_runs_two_operators(helm: Path) -> None:
+def test_the_deployment_is_hardened_and_runs_one_leader_among_its_replicas(helm: Path) -> None:
     docs = render(helm, "ssh.hosts={h1,h2}", "ssh.secretName=creds", "extraEnv.RKO_MONITOR_INTERVAL=2")
     (deployment,) = of_kind(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -225,13 +250,71 @@ def test_the_deployment_is_hardened_and_never_runs_two_operators(helm: Path) -> 
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["port"] == "health"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert pod["terminationGracePeriodSeconds"] == 40  # drainSeconds and the handlers' time
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     env = container_env(docs)
     assert env["RKO_SSH_HOSTS"] == "h1,h2" and env["RKO_SSH_SECRET"] == "creds"
     assert env["RKO_MONITOR_INTERVAL"] == "2"
     assert env["RKO_RESPONSE_ADDRESS"] == f"{FULLNAME}.{NAMESPACE}.svc:8877"
+    assert env["RKO_LEADER_ELECTION"] == "true" and env["RKO_LEADER_LEASE"] == f"{FULLNAME}-leader"
+    assert env["RKO_HTTP_BIND"] == "0.0.0.0:8080" and "RKO_LIVENESS_ENDPOINT" not in env
+    names = {e["name"]: e for e in container["env"]}
+    assert names["RKO_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     (service,) = of_kind(docs, "Service")
-    assert service["spec"]["ports"][0]["port"] == 8877
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("response", 8877),
+        ("metrics", 8080),
+    ]
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    (lease_role,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert lease_role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "update"],
+            "resourceNames": [f"{FULLNAME}-leader"],
+        }
+    ]
+    (lease,) = of_kind(docs, "Lease")  # Helm's: removed on uninstall
+    assert lease["metadata"]["name"] == f"{FULLNAME}-leader" and "holderIdentity" not in lease["spec"]
+    assert not of_kind(docs, "ServiceMonitor")  # no Prometheus Operator here
+
+
+def test_without_leader_election_one_replica_is_replaced_with_recreate(helm: Path) -> None:
+    docs = render(helm, "leaderElection.enabled=false")
+    (deployment,) = of_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert not of_kind(docs, "PodDisruptionBudget")
+    assert not [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert container_env(docs)["RKO_LEADER_ELECTION"] == "false"
+
+
+def test_a_service_monitor_and_the_dashboard_where_asked_for(helm: Path) -> None:
+    sets = set_args(["metrics.dashboardConfigMap.enabled=true", "logFormat=json"])
+    out = run_helm(
+        helm,
+        "template",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+        "--api-versions",
+        "monitoring.coreos.com/v1/ServiceMonitor",
+        *sets,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    (dashboard,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (CHART / "dashboards" / "remote-kernel-operator.json").read_text()
+    assert json.loads(dashboard["data"]["remote-kernel-operator.json"]) == json.loads(shipped)
+    assert container_env(docs)["RKO_LOG_FORMAT"] == "json"
 
 
 @pytest.mark.parametrize(
@@ -418,19 +501,65 @@ def installed(
         run_helm(helm, "uninstall", RELEASE, "-n", NAMESPACE, "--wait", kubeconfig=kubeconfig)
 
 
-def operator_pod(core: client.CoreV1Api) -> Any:
-    """The chart's operator pod once the kubelet reports it Ready (its readiness probe passed)."""
+LEASE = f"{FULLNAME}-leader"
+
+
+def lease_holder(api_client: client.ApiClient) -> str:
+    try:
+        lease = client.CoordinationV1Api(api_client).read_namespaced_lease(LEASE, NAMESPACE)
+    except ApiException as err:
+        if err.status == 404:
+            return ""
+        raise
+    return str(lease.spec.holder_identity or "")
+
+
+def ready_pods(core: client.CoreV1Api) -> list[Any]:
+    """The chart's operator pods the kubelet reports Ready (their readiness probe passed)."""
+    found = []
     for pod in core.list_namespaced_pod(
         NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
     ).items:
         conditions = {c.type: c.status for c in pod.status.conditions or []}
-        if pod.status.phase == "Running" and conditions.get("Ready") == "True":
-            return pod
-    return None
+        if (
+            pod.status.phase == "Running"
+            and conditions.get("Ready") == "True"
+            and not pod.metadata.deletion_timestamp
+        ):
+            found.append(pod)
+    return found
 
 
-def operator_process() -> int | None:
-    """The machine's pid of the operator running in the chart's pod (found by its settings)."""
+def wait_both_ready(core: client.CoreV1Api, timeout: float = 120) -> None:
+    """Both replicas Ready; else fail with what the pods say (phase, conditions, log tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(ready_pods(core)) == 2:
+            return
+        time.sleep(0.5)
+    said = []
+    for pod in core.list_namespaced_pod(
+        NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+    ).items:
+        try:
+            tail = core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE, tail_lines=15)
+        except ApiException as err:
+            tail = f"(no log: {err.reason})"
+        said.append(
+            f"{pod.metadata.name} {pod.status.phase} {pod.status.conditions} {pod.status.container_statuses}\n{tail}"
+        )
+    pytest.fail("the operator's two pods did not become Ready:\n" + "\n".join(said))
+
+
+def leader_pod(core: client.CoreV1Api, api_client: client.ApiClient) -> Any:
+    """The Ready operator pod that holds the leader Lease, once there is one."""
+    holder = lease_holder(api_client)
+    return next((pod for pod in ready_pods(core) if pod.metadata.name == holder), None)
+
+
+def operator_processes() -> list[int]:
+    """The machine's pids of the operators running in the chart's pods (found by their settings)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -438,9 +567,43 @@ def operator_process() -> int | None:
             if b"remote-kernel-operator" not in (entry / "cmdline").read_bytes():
                 continue
             if b"RKO_OPERATOR_CLASS=chart\0" in (entry / "environ").read_bytes() + b"\0":
-                return int(entry.name)
+                found.append(int(entry.name))
         except OSError:
             continue
+    return found
+
+
+def process_of_pod(pod_name: str) -> int | None:
+    """The operator process whose RKO_POD_NAME is ``pod_name``."""
+    for pid in operator_processes():
+        try:
+            if f"RKO_POD_NAME={pod_name}\0".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def assert_hardened(pid: int) -> None:
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    assert status["Uid"].split()[:2] == ["10001", "10001"] and status["Gid"].split()[0] == "10001"
+    assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
+    root_mount = next(
+        line.split()
+        for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        if line.split()[4] == "/"
+    )
+    assert "ro" in root_mount[5].split(","), root_mount
+
+
+def metric(host: str, port: int, name: str) -> float | None:
+    """One unlabelled sample of a replica's /metrics."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
     return None
 
 
@@ -471,8 +634,11 @@ async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     core = client.CoreV1Api(api_client)
-    # Ready is the kubelet's verdict from the chart's readiness probe (kopf's /healthz).
-    pod = wait_for(lambda: operator_pod(core), timeout=90, what="the operator's pod to be Ready")
+    # Ready is the kubelet's verdict from the chart's readiness probe (/readyz): both replicas.
+    wait_both_ready(core)
+    pod = wait_for(
+        lambda: leader_pod(core, api_client), timeout=60, what="a leader among the operator's pods"
+    )
 
     def logs() -> str:
         return str(core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE))  # through the kubelet
@@ -480,21 +646,15 @@ async def test_the_charts_operator_pod_runs_pod_and_ssh_kernels_without_a_403(
     wait_for(
         lambda: "The operator is ready" in logs(), timeout=60, what="the operator in its pod to be ready"
     )
-    # What the container runtime made of the securityContext, read from the process itself.
-    pid = operator_process()
-    assert pid is not None
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-    )
-    assert status["Uid"].split()[:2] == ["10001", "10001"] and status["Gid"].split()[0] == "10001"
-    assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
-    root_mount = next(
-        line.split()
-        for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
-        if line.split()[4] == "/"
-    )
-    assert "ro" in root_mount[5].split(","), root_mount
+    # What the container runtime made of the securityContext, read from each process itself.
+    pids = operator_processes()
+    assert len(pids) == 2, pids
+    for pid in pids:
+        assert_hardened(pid)
     assert healthy(pod.status.pod_ip, installed.probe_port)
+    standby = next(p for p in ready_pods(core) if p.metadata.name != pod.metadata.name)
+    assert metric(pod.status.pod_ip, installed.probe_port, "rko_leader") == 1.0
+    assert metric(standby.status.pod_ip, installed.probe_port, "rko_leader") == 0.0
     pod_dir, ssh_dir = tmp_path / "pod", tmp_path / "ssh"
     for path in (pod_dir, ssh_dir):
         path.mkdir()
@@ -562,7 +722,8 @@ def process_env(installed_docs: list[dict[str, Any]], operator_class: str) -> di
         # The node's gateway: this machine's address that the node's pods reach.
         RKO_RESPONSE_BIND=f"{GATEWAY}:{port}",
         RKO_RESPONSE_ADDRESS=f"{GATEWAY}:{port}",
-        RKO_LIVENESS_ENDPOINT="",
+        RKO_HTTP_BIND="",
+        RKO_DRAIN_SECONDS="0",  # stopped and started once per rule: nothing to wait for
     )
     return env
 
@@ -626,6 +787,7 @@ def scenario(
 
 def clean_up(custom: client.CustomObjectsApi, proc: OperatorProcess, labels: dict[str, str]) -> None:
     """With every right back, the operator finishes what a missing right left undone."""
+    free_the_lease(custom.api_client)
     proc.start()
     selector = ",".join(f"{k}={v}" for k, v in labels.items())
     for item in custom.list_namespaced_custom_object(
@@ -665,9 +827,15 @@ def test_every_rule_is_needed(
     proc = OperatorProcess(
         sa_kubeconfig, tmp_path / "operator.log", process_env(installed.docs, "chart-rules")
     )
+    # The process leads on the release's own Lease (the one its rights name): the release's
+    # pods stand aside meanwhile.
+    apps = client.AppsV1Api(api_client)
+    apps.patch_namespaced_deployment_scale(FULLNAME, NAMESPACE, {"spec": {"replicas": 0}})
+    wait_for(lambda: not operator_processes(), timeout=90, what="the release's operator pods to stop")
 
     def run() -> str:
         offset = len(proc.log())
+        free_the_lease(api_client)
         proc.start(wait_ready=False)
         try:
             return scenario(custom, proc, offset, labels)
@@ -695,11 +863,22 @@ def test_every_rule_is_needed(
             finally:
                 replace_role(rbac, name, namespace, live)
             clean_up(custom, proc, labels)
+    apps.patch_namespaced_deployment_scale(FULLNAME, NAMESPACE, {"spec": {"replicas": 2}})
+    core = client.CoreV1Api(api_client)
+    wait_for(lambda: len(ready_pods(core)) == 2, timeout=120, what="the release's operator pods back")
     for rule, broke in results.items():
         print(f"without {rule}: {broke[:160]}")
     unneeded = [rule for rule, broke in results.items() if not broke]
     assert not unneeded, f"rules nothing needed: {unneeded}"
     assert len(results) >= 9, results
+
+
+def free_the_lease(api_client: client.ApiClient) -> None:
+    """Empty the release's Lease's holder (as a clean stop leaves it), so the next one leads."""
+    coordination = client.CoordinationV1Api(api_client)
+    lease = coordination.read_namespaced_lease(LEASE, NAMESPACE)
+    lease.spec.holder_identity = None
+    coordination.replace_namespaced_lease(LEASE, NAMESPACE, lease)
 
 
 def replace_role(
@@ -713,6 +892,165 @@ def replace_role(
         rbac.replace_cluster_role(name, body)
     else:
         rbac.replace_namespaced_role(name, namespace, body)
+
+
+# -- several replicas: failover and a rolling upgrade -------------------------------------------
+
+CHART_LABELS = {f"{GROUP}/operator-class": "chart"}
+ONLY_HERE = {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+
+
+def chart_kernels(custom: client.CustomObjectsApi, ssh: int, pods: int) -> dict[str, str]:
+    """RemoteKernels for the chart's operator: ``ssh`` on the test node's gateway, ``pods`` in pods."""
+    made = [
+        make_kernel(
+            NAMESPACE,
+            custom,
+            labels=CHART_LABELS,
+            backend="ssh",
+            username="alice",
+            ssh={"hosts": [GATEWAY]},
+            namespaceSelector=ONLY_HERE,
+            launchTimeoutSeconds=120,
+        )
+        for _ in range(ssh)
+    ]
+    made += [
+        make_kernel(
+            NAMESPACE,
+            custom,
+            labels=CHART_LABELS,
+            backend="kubernetes",
+            username="alice",
+            namespaceSelector=ONLY_HERE,
+            launchTimeoutSeconds=120,
+        )
+        for _ in range(pods)
+    ]
+    return dict(made)
+
+
+def all_running_and_answering(
+    custom: client.CustomObjectsApi, api_client: client.ApiClient, names: dict[str, str]
+) -> None:
+    for name in names:
+        obj = wait_phase(custom, NAMESPACE, name, "Running", "Failed", timeout=180)
+        assert obj["status"]["phase"] == "Running", (name, obj["status"])
+        assert runs_code(api_client, NAMESPACE, obj), name
+
+
+def delete_and_check_nothing_left_here(
+    custom: client.CustomObjectsApi, api_client: client.ApiClient, names: dict[str, str]
+) -> None:
+    delete_and_check_nothing_left(custom, api_client, NAMESPACE, names)
+    core = client.CoreV1Api(api_client)
+    wait_for(
+        lambda: (
+            not [
+                p.metadata.name
+                for p in core.list_namespaced_pod(NAMESPACE).items
+                if any(k in p.metadata.name for k in names.values())
+            ]
+        ),
+        timeout=60,
+        what="the kernels' pods to be gone",
+    )
+
+
+def test_the_leader_pod_killed_during_concurrent_launches_loses_no_kernel(
+    installed: Installed, api_client: client.ApiClient, custom: client.CustomObjectsApi
+) -> None:
+    """The leading replica's process SIGKILLed while 20 kernels launch (15 over ssh, 5 in
+    pods): every kernel ends Running and runs code, a leader acts again within 15 s, and
+    deleting them leaves nothing."""
+    core = client.CoreV1Api(api_client)
+    wait_both_ready(core)
+    leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
+    names = chart_kernels(custom, ssh=15, pods=5)
+    wait_for(
+        lambda: any(
+            ((get(custom, NAMESPACE, n) or {}).get("status") or {}).get("phase") == "Launching" for n in names
+        ),
+        timeout=60,
+        what="launches under way",
+    )
+    pid = process_of_pod(leader.metadata.name)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    # Only a leader's handlers write a new kernel's first status: that write is a leader acting.
+    probe = chart_kernels(custom, ssh=1, pods=0)
+    (probe_name,) = probe
+    wait_for(
+        lambda: ((get(custom, NAMESPACE, probe_name) or {}).get("status") or {}).get("phase"),
+        timeout=60,
+        interval=0.05,
+        what="a leader's first status write after the kill",
+    )
+    acted = time.monotonic() - killed
+    names.update(probe)
+    all_running_and_answering(custom, api_client, names)
+    holder = lease_holder(api_client)
+    print(
+        f"chart: leader pod's process killed during 20 launches; a leader ({holder}, "
+        f"{'the restarted container' if holder == leader.metadata.name else 'the standby'}) "
+        f"wrote status {acted:.1f} s after the kill"
+    )
+    assert acted <= 15, acted
+    delete_and_check_nothing_left_here(custom, api_client, names)
+
+
+def test_a_rolling_upgrade_loses_no_kernel_and_launches_during_it_succeed(
+    helm: Path,
+    installed: Installed,
+    kubeconfig: Path,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    docker_engine: DockerEngine,
+    operator_image: str,
+    node_images: Callable[[str], str],
+) -> None:
+    """``helm upgrade`` to another image tag while kernels run and others launch: both pods are
+    replaced one by one, no kernel is lost or fails, and the Lease moves to a new pod."""
+    core = client.CoreV1Api(api_client)
+    wait_both_ready(core)
+    before = {p.metadata.name for p in ready_pods(core)}
+    repository, _ = operator_image.split(":")
+    upgraded = f"{repository}:upgrade"
+    subprocess.run(["docker", "tag", operator_image, upgraded], env=docker_engine.env, check=True)
+    node_images(upgraded)
+    running = chart_kernels(custom, ssh=4, pods=2)
+    all_running_and_answering(custom, api_client, running)
+    sets = set_args([*installed.values, "image.tag=upgrade"])
+    upgrade = subprocess.Popen(
+        [str(helm), "upgrade", RELEASE, str(CHART), "-n", NAMESPACE, *sets, "--wait", "--timeout", "5m"],
+        env=helm_env(kubeconfig),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    during: dict[str, str] = {}
+    began = time.monotonic()
+    while upgrade.poll() is None and time.monotonic() - began < 300:
+        during.update(chart_kernels(custom, ssh=1, pods=0))  # a launch every couple of seconds
+        time.sleep(2)
+    output = upgrade.communicate(timeout=60)[0]
+    assert upgrade.returncode == 0, output
+    after = {p.metadata.name for p in ready_pods(core)}
+    assert len(after) == 2 and not before & after, (before, after)
+    wait_for(lambda: lease_holder(api_client) in after, timeout=30, what="a new pod to lead")
+    for pod in core.list_namespaced_pod(
+        NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+    ).items:
+        if pod.metadata.name in after:
+            assert pod.spec.containers[0].image.endswith(":upgrade")
+    all_running_and_answering(custom, api_client, running)
+    all_running_and_answering(custom, api_client, during)
+    print(
+        f"chart: rolling upgrade with {len(running)} kernels running and {len(during)} launched during it: none lost"
+    )
+    assert len(during) >= 3, during
+    delete_and_check_nothing_left_here(custom, api_client, {**running, **during})
 
 
 # -- single-namespace mode and uninstall -------------------------------------------------------
@@ -825,8 +1163,11 @@ def test_uninstall_leaves_nothing_but_the_crd(
             ),
         ]:
             found += [f"{kind} {item.metadata.name}" for item in listing.items]
-        if operator_process() is not None:
-            found.append("the operator's process")
+        if operator_processes():
+            found.append("the operator's processes")
+        with contextlib.suppress(ApiException):
+            client.CoordinationV1Api(api_client).read_namespaced_lease(LEASE, NAMESPACE)
+            found.append(f"Lease {LEASE}")
         return found
 
     wait_for(lambda: not left(), timeout=60, what=f"the release's objects to be gone (left: {left()})")

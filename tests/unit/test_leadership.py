@@ -1,0 +1,201 @@
+"""Leader election's decisions and loop, against a Lease store at our own seam, with a clock
+the tests move; and the peer-report path's limits on what a report may cost or do."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from kernel_launchers import protocol
+from kernel_operator.leadership import (
+    LeaderElector,
+    LeaseConflict,
+    LeaseTimings,
+    lease_body,
+    may_take,
+    released_body,
+)
+from kernel_operator.listener import Refused
+from kernel_operator.peer_reports import PeerReports
+
+from .test_lifecycle import FakeBackend, context
+
+NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
+TIMINGS = LeaseTimings(10, 7, 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Store:
+    """A Lease store with the API server's optimistic concurrency (resourceVersion)."""
+
+    def __init__(self) -> None:
+        self.lease: dict[str, Any] | None = None
+        self.version = 0
+        self.fail: Exception | None = None
+        self.writes = 0
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.fail:
+            raise self.fail
+        return copy.deepcopy(self.lease)
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.lease is not None:
+            raise LeaseConflict("exists")
+        return self._store(body)
+
+    async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.fail:
+            raise self.fail
+        assert self.lease is not None
+        if body["metadata"].get("resourceVersion") != self.lease["metadata"]["resourceVersion"]:
+            raise LeaseConflict("stale")
+        return self._store(body)
+
+    def _store(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        self.writes += 1
+        self.lease = copy.deepcopy(body)
+        self.lease["metadata"]["resourceVersion"] = str(self.version)
+        return copy.deepcopy(self.lease)
+
+
+def elector(store: Store, identity: str, clock: Clock) -> LeaderElector:
+    return LeaderElector(store, "ns", "lease", identity, TIMINGS, lambda _: None, clock)
+
+
+def test_timings_that_cannot_fence_are_refused() -> None:
+    with pytest.raises(ValueError, match="give up before a standby"):
+        LeaseTimings(duration=10, renew_deadline=10, retry_period=1)
+
+
+def test_who_may_take_a_lease() -> None:
+    held = lease_body(None, "lease", "a", NOW, TIMINGS)
+    assert may_take(None, "b", 0, 10)
+    assert may_take(held, "a", 0, 10)  # its own (a restarted container of the same pod)
+    assert not may_take(held, "b", 9.9, 10)
+    assert may_take(held, "b", 10.1, 10)
+    assert may_take(released_body({**held, "metadata": {"name": "lease"}}, NOW), "b", 0, 10)
+    longer = {**held, "spec": {**held["spec"], "leaseDurationSeconds": 3600}}
+    assert not may_take(longer, "b", 60, 10)  # the holder's declared duration counts
+
+
+async def test_one_leader_among_racing_replicas_and_a_standby_waits_for_the_lapse() -> None:
+    store, clock = Store(), Clock()
+    a, b = elector(store, "a", clock), elector(store, "b", clock)
+    results = await asyncio.gather(a.try_once(), b.try_once())
+    assert sorted(results) == [False, True]
+    leader, standby = (a, b) if results[0] else (b, a)
+    clock.now += 9
+    assert not await standby.try_once()
+    assert await leader.try_once()  # renewed: the record changed, the standby's wait restarts
+    clock.now += 9
+    assert not await standby.try_once()  # it sees the renewal now: its 10 s start again
+    clock.now += 9.5
+    assert not await standby.try_once()
+    clock.now += 1  # 10.5 s without a change, by the standby's own clock
+    assert await standby.try_once()
+    assert store.lease is not None and store.lease["spec"]["holderIdentity"] == standby.identity
+    assert store.lease["spec"]["leaseTransitions"] == 1
+    assert not await leader.try_once() and not leader.is_leader
+
+
+async def test_a_leader_that_cannot_renew_is_fenced_before_the_lease_lapses() -> None:
+    store, clock = Store(), Clock()
+    a = elector(store, "a", clock)
+    assert await a.try_once()
+    store.fail = ConnectionResetError("the API server is gone")  # not an API error
+    lost: list[tuple[str, float]] = []
+    keeping = asyncio.ensure_future(a.keep(lambda reason: lost.append((reason, clock.now))))
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        clock.now += 0.25
+    await asyncio.wait_for(keeping, 5)
+    ((reason, at),) = lost
+    assert "not renewed" in reason and not a.is_leader
+    assert at - 100.0 < TIMINGS.duration  # fenced before any standby could take over
+
+
+async def test_a_clean_stop_releases_the_lease_for_the_standby_at_once() -> None:
+    store, clock = Store(), Clock()
+    a, b = elector(store, "a", clock), elector(store, "b", clock)
+    assert await a.try_once()
+    assert not await b.try_once()
+    await a.release()
+    assert store.lease is not None and store.lease["spec"]["holderIdentity"] == ""
+    assert await b.try_once()  # no wait for the lapse
+
+
+async def test_a_restarted_replica_of_the_same_identity_leads_again_at_once() -> None:
+    store, clock = Store(), Clock()
+    assert await elector(store, "pod-1", clock).try_once()
+    assert await elector(store, "pod-1", clock).try_once()  # a new process, the same pod
+
+
+# -- reports a replica does not await ------------------------------------------------------------
+
+
+class ListingKube:
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+        self.lists = 0
+
+    async def list_remote_kernels(
+        self, selector: str = "", namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        self.lists += 1
+        await asyncio.sleep(0)
+        return self.items
+
+
+def payload(launch_id: str, token: str, pid: int = 7) -> Any:
+    return {"launch_id": launch_id, "token": token, "pid": pid, "kernel_id": "k"}
+
+
+async def test_reports_for_made_up_launches_cost_at_most_two_lists_a_second() -> None:
+    """Anyone may seal a report (the key is public): a flood of made-up launch ids must not
+    become a flood of lists on the API server."""
+    ctx, _, _ = context(FakeBackend())
+    kube = ListingKube([])
+    ctx.kube = kube  # type: ignore[assignment]
+    reports = PeerReports(ctx, "", "test", lambda _: False)
+    results = await asyncio.gather(*(reports(f"uid-{i}", payload(f"uid-{i}", "t")) for i in range(200)))
+    assert not any(results)
+    assert kube.lists <= 2
+
+
+async def test_a_report_is_taken_only_for_a_launching_kernel_with_its_recorded_token() -> None:
+    ctx, _, _ = context(FakeBackend())
+    recorded = protocol.new_token()
+    kernel = {
+        "metadata": {"uid": "u1", "namespace": "ns", "name": "k1"},
+        "spec": {"kernelId": "6c9c8d0e-1111-2222-3333-444455556666"},
+        "status": {"phase": "Running", "launch": {"tokenHash": protocol.token_hash(recorded)}},
+    }
+    kube = ListingKube([kernel])
+    ctx.kube = kube  # type: ignore[assignment]
+    reports = PeerReports(ctx, "", "test", lambda _: False)
+    assert not await reports("u1", payload("u1", recorded))  # Running already: not a launch
+    kernel["status"]["phase"] = "Launching"
+    reports._listed = None
+    with pytest.raises(Refused) as refused:
+        await reports("u1", payload("u1", protocol.new_token()))
+    assert refused.value.cause == "bad_token"
+    kernel["status"]["backendRef"] = {"pid": 99}
+    with pytest.raises(Refused) as other:
+        await reports("u1", payload("u1", recorded, pid=7))
+    assert other.value.cause == "other_launcher"
+    assert not await PeerReports(ctx, "", "test", lambda _: True)(
+        "u1", payload("u1", recorded)
+    )  # awaited here

@@ -48,7 +48,7 @@ LANGUAGES = ("python", "r")
 @dataclass(frozen=True)
 class LauncherArgs:
     kernel_id: str
-    response_address: tuple[str, int]
+    response_address: tuple[str, int]  # the first of response_addresses
     public_key: bytes
     token: str
     port_range: tuple[int, int]
@@ -63,6 +63,8 @@ class LauncherArgs:
     exit_with_parent: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)  # from the launch file, for the kernel
     launch_id: str = ""  # what the operator knows this launch by (its RemoteKernel's uid)
+    # Every replica of the operator the launcher may report to, the launching one first.
+    response_addresses: tuple[tuple[str, int], ...] = ()
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -73,7 +75,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     parser.add_argument(
         "--launch-id", default=None, help="the launch the operator waits for (default: the kernel id)"
     )
-    parser.add_argument("--response-address", required=True, help="HOST:PORT of the operator")
+    parser.add_argument(
+        "--response-address",
+        required=True,
+        help="HOST:PORT of the operator; several, comma-separated, are tried in turn (its replicas)",
+    )
     parser.add_argument("--public-key", required=True, help="the operator's public key")
     parser.add_argument("--token", default=env.get("RKO_LAUNCH_TOKEN"), help="single-use token")
     parser.add_argument("--token-file", default=None, help="read the token from this file, then delete it")
@@ -112,9 +118,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         port_range = parse_port_range(ns.port_range)
     except (protocol.ProtocolError, PortRangeError) as err:
         parser.error(str(err))
-    host, sep, port = ns.response_address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        parser.error(f"--response-address {ns.response_address!r} is not HOST:PORT.")
+    addresses = []
+    for item in ns.response_address.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            parser.error(f"--response-address {ns.response_address!r} is not HOST:PORT[,HOST:PORT...].")
+        addresses.append((host.strip("[]"), int(port)))
     extra_env: dict[str, str] = {}
     if ns.token_file:
         try:
@@ -135,7 +144,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     run_dir = Path(ns.run_dir or f"/tmp/rko-{kernel_id}")
     return LauncherArgs(
         kernel_id=kernel_id,
-        response_address=(host.strip("[]"), int(port)),
+        response_address=addresses[0],
+        response_addresses=tuple(addresses),
         public_key=public_key,
         token=ns.token,
         port_range=port_range,
@@ -483,9 +493,14 @@ class Launcher:
         frame = protocol.seal_launch_payload(payload, self.args.public_key)
         deadline = time.monotonic() + self.args.response_retry_seconds
         delay = 0.1
+        addresses = self.args.response_addresses or (self.args.response_address,)
+        attempt = 0
         while True:
+            # The launching replica first; on a failure the next (a standby, after a failover).
+            address = addresses[attempt % len(addresses)]
+            attempt += 1
             try:
-                with socket.create_connection(self.args.response_address, timeout=10) as conn:
+                with socket.create_connection(address, timeout=10) as conn:
                     conn.sendall(frame)
                     conn.shutdown(socket.SHUT_WR)
                     if conn.recv(16).startswith(b"OK"):
@@ -496,9 +511,15 @@ class Launcher:
                 reason = str(err)
             if time.monotonic() + delay > deadline:
                 raise RuntimeError(f"Could not deliver the connection info: {reason}.")
-            log.warning("Could not deliver the connection info (%s); retrying in %.1f s.", reason, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            log.warning(
+                "Could not deliver the connection info to %s:%d (%s); retrying in %.1f s.",
+                *address,
+                reason,
+                delay,
+            )
+            if attempt % len(addresses) == 0:  # every address tried once: back off
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- control -------------------------------------------------------------------------
     def _serve_control(self) -> None:
@@ -633,15 +654,17 @@ class Launcher:
 
     def notify_exit(self) -> None:
         """Tell the operator to look now (best effort: it also polls)."""
-        try:
-            with socket.create_connection(self.args.response_address, timeout=2) as conn:
-                conn.sendall(
-                    protocol.exit_notice(self.args.launch_id or self.args.kernel_id, self.control_key)
-                )
-                conn.shutdown(socket.SHUT_WR)
-                conn.recv(16)
-        except OSError as err:
-            log.info("Could not tell the operator about the exit (%s); it will notice by polling.", err)
+        notice = protocol.exit_notice(self.args.launch_id or self.args.kernel_id, self.control_key)
+        for address in self.args.response_addresses or (self.args.response_address,):
+            try:
+                with socket.create_connection(address, timeout=2) as conn:
+                    conn.sendall(notice)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(16)
+                return
+            except OSError as err:
+                log.info("Could not tell the operator at %s:%d about the exit (%s).", *address, err)
+        log.info("No replica of the operator took the exit notice; it will notice by polling.")
 
     def write_exit_status(self, code: int, message: str) -> None:
         """Leave the exit code where a backend that cannot wait on us can read it."""

@@ -468,6 +468,20 @@ class Kube:
                 raise LeaseConflict(f"Lease {namespace}/{name} was written by another replica.") from err
             raise _error(f"Writing Lease {namespace}/{name}", err) from err
 
+    # -- endpoint slices (the other replicas' addresses) ----------------------------------------
+    async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        try:
+            found = await self.custom.list_namespaced_custom_object(
+                "discovery.k8s.io",
+                "v1",
+                namespace,
+                "endpointslices",
+                label_selector=f"kubernetes.io/service-name={service}",
+            )
+        except ApiException as err:
+            raise _error(f"Listing the EndpointSlices of Service {namespace}/{service}", err) from err
+        return list(found.get("items", []))
+
     # -- events (posted directly where kopf is not running: a standby replica) -----------------
     async def post_event(
         self, involved: dict[str, Any], type_: str, reason: str, message: str, component: str

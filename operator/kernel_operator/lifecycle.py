@@ -31,6 +31,7 @@ from .listener import Refused, ResponseListener
 from .log_format import KernelLogger
 from .metrics import Metrics
 from .next_steps import with_next_step
+from .peers import PeerAddresses
 from .pool_registry import PoolRegistry
 from .pools import CLAIM_LABEL, FREE, POOL_UID_LABEL, VOID, claim_verified, is_sealed_member, warmup_code
 from .profile_cache import ProfileCache, ProfileSource
@@ -86,6 +87,8 @@ class OperatorContext:
     # Launches under way, by RemoteKernel uid (see KernelLifecycle.launch).
     launches: dict[str, asyncio.Future[BackendRef]] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    # This replica's address and its peers' for launches (None: this replica's alone).
+    peers: PeerAddresses | None = None
     # Stops under way, by RemoteKernel uid (see KernelLifecycle.stop_backend).
     stopping: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
@@ -104,6 +107,10 @@ class OperatorContext:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.max_concurrent_launches)
         return self._slots
+
+    async def report_addresses(self) -> str:
+        """Where a launch's launcher reports: this replica, then its ready peers."""
+        return await self.peers.addresses() if self.peers is not None else self.response_address
 
     @property
     def public_key(self) -> bytes:
@@ -446,7 +453,7 @@ class KernelLifecycle:
         )
         plan = LaunchPlan(
             request=request,
-            response_address=self.ctx.response_address,
+            response_address=await self.ctx.report_addresses(),
             public_key=self.ctx.public_key,
             token=token,
             run_dir=run_dir_for(request.kernel_id, self.uid),

@@ -38,6 +38,7 @@ from .lifecycle import OperatorContext
 from .listener import ResponseListener
 from .metrics import Metrics
 from .peer_reports import PeerReports
+from .peers import PeerAddresses
 from .pool_registry import PoolRegistry
 from .pools import seal_key
 from .settings import OperatorSettings
@@ -105,6 +106,8 @@ async def start_replica(cfg: OperatorSettings, selector: str, component: str) ->
         metrics=metrics,
     )
     listener.on_unawaited = PeerReports(ctx, selector, component, listener.awaits)
+    if cfg.peer_service:
+        ctx.peers = PeerAddresses(kube, ctx.response_address, cfg.namespace, cfg.peer_service, "response")
     elector = None
     if timings is not None:
         elector = LeaderElector(

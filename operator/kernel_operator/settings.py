@@ -184,6 +184,8 @@ class OperatorSettings:
     response_bind: tuple[str, int] = ("0.0.0.0", 8877)
     response_address: str = ""
     response_reuse_port: bool = False  # replicas on one host share the listener's port
+    # The Service in front of the replicas: launches also name its other ready endpoints.
+    peer_service: str = ""
     monitor_interval: float = 1.0
     watch_server_timeout: float = 60.0
     watch_client_timeout: float = 90.0
@@ -291,6 +293,7 @@ class OperatorSettings:
             response_bind=_address(env.get("RKO_RESPONSE_BIND", "0.0.0.0:8877"), "RKO_RESPONSE_BIND"),
             response_address=env.get("RKO_RESPONSE_ADDRESS", ""),
             response_reuse_port=_flag(env, "RKO_RESPONSE_REUSE_PORT", False),
+            peer_service=env.get("RKO_PEER_SERVICE", ""),
             monitor_interval=_number(env, "RKO_MONITOR_INTERVAL", 1.0, 0.05),
             watch_server_timeout=_number(env, "RKO_WATCH_SERVER_TIMEOUT", 60.0, 1),
             watch_client_timeout=_number(env, "RKO_WATCH_CLIENT_TIMEOUT", 90.0, 1),

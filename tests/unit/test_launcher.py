@@ -193,3 +193,50 @@ def test_a_kernel_that_lost_a_port_and_hangs_is_stopped_and_started_again(tmp_pa
                 launcher.kernel.kill()
         assert time.monotonic() - began < 15
         assert launcher.kernel.poll() is not None  # stopped, not left behind
+
+
+def test_several_response_addresses_are_tried_in_turn(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The launching replica first; when it is gone, the next replica takes the report."""
+    import socket
+    import threading
+
+    from kernel_launchers.python_launcher import Launcher
+
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there: a lost replica
+    alive = socket.socket()
+    alive.bind(("127.0.0.1", 0))
+    alive.listen()
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = alive.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            got.append(data)
+            conn.sendall(b"OK\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    addresses = f"127.0.0.1:{dead_port},127.0.0.1:{alive.getsockname()[1]}"
+    args = parse_args(
+        [*BASE[:2], "--response-address", addresses, *BASE[4:], "--run-dir", str(tmp_path)],
+        {"RKO_LAUNCH_TOKEN": "t"},
+    )
+    assert args.response_address == ("127.0.0.1", dead_port) and len(args.response_addresses) == 2
+    launcher = Launcher(args)
+    payload = {"kernel_id": args.kernel_id, "launch_id": args.kernel_id, "token": "t"}
+    launcher.send_home(payload)  # type: ignore[arg-type]
+    alive.close()
+    assert got and got[0]
+
+
+def test_a_malformed_address_in_the_list_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(
+            [*BASE[:2], "--response-address", "10.0.0.1:8877,nohostport", *BASE[4:]],
+            {"RKO_LAUNCH_TOKEN": "t"},
+        )

@@ -199,3 +199,49 @@ async def test_a_report_is_taken_only_for_a_launching_kernel_with_its_recorded_t
     assert not await PeerReports(ctx, "", "test", lambda _: True)(
         "u1", payload("u1", recorded)
     )  # awaited here
+
+
+# -- where launchers report ----------------------------------------------------------------------
+
+
+def test_launchers_get_this_replica_first_then_its_ready_peers() -> None:
+    from kernel_operator.peers import ready_addresses, report_addresses
+
+    slices = [
+        {
+            "ports": [{"name": "response", "port": 8877}, {"name": "metrics", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": False}},  # not ready: left out
+                {"addresses": ["fd00::4"], "conditions": {}},
+            ],
+        },
+        {"ports": [{"name": "metrics", "port": 8080}], "endpoints": [{"addresses": ["10.0.0.9"]}]},
+    ]
+    peers = ready_addresses(slices, "response")
+    assert peers == ["10.0.0.2:8877", "[fd00::4]:8877"]
+    assert report_addresses("10.0.0.2:8877", peers) == "10.0.0.2:8877,[fd00::4]:8877"
+
+
+async def test_peer_addresses_are_read_at_most_every_few_seconds_and_a_failure_keeps_launching() -> None:
+    from kernel_operator.peers import PeerAddresses
+
+    class Slices:
+        def __init__(self) -> None:
+            self.reads = 0
+            self.fail = False
+
+        async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+            self.reads += 1
+            if self.fail:
+                raise RuntimeError("forbidden")
+            return [{"ports": [{"name": "response", "port": 1}], "endpoints": [{"addresses": ["10.0.0.5"]}]}]
+
+    source = Slices()
+    peers = PeerAddresses(source, "10.0.0.1:1", "ns", "svc", "response")
+    assert [await peers.addresses() for _ in range(20)] == ["10.0.0.1:1,10.0.0.5:1"] * 20
+    assert source.reads == 1
+    source.fail = True
+    peers._read_at = float("-inf")
+    assert await peers.addresses() == "10.0.0.1:1,10.0.0.5:1"  # the last known
+    assert await PeerAddresses(source, "10.0.0.1:1", "ns", "", "response").addresses() == "10.0.0.1:1"

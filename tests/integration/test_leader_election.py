@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import json
 import re
 import socket
 import threading
@@ -425,6 +426,7 @@ def test_a_standby_refuses_a_report_whose_token_is_not_the_recorded_one(
             ),
         ),
     )
+    replicas.base_env["RKO_LOG_FORMAT"] = "json"  # and its logs are searchable JSON lines
     replicas.start("b")
     assert scrape(replicas.http["b"])["rko_leader"] == 0.0
     name, kernel_id = make_kernel(namespace, custom, labels=LABELS)
@@ -475,7 +477,11 @@ def test_a_standby_refuses_a_report_whose_token_is_not_the_recorded_one(
     assert (
         total(scrape_samples(replicas.http["b"]), "rko_listener_rejections_total", cause="bad_token") == 1.0
     )
-    assert "does not match the one recorded" in replicas.procs["b"].log()
+    lines = [json.loads(line) for line in replicas.procs["b"].log().splitlines() if line.startswith("{")]
+    assert lines and all(
+        set(line) >= {"time", "level", "message", "uid", "kernel_id", "phase"} for line in lines
+    )
+    assert any("does not match the one recorded" in line["message"] for line in lines)
     # Nothing was launched for it: let the deletion find nothing to stop.
     custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, PLURAL, name, {"status": {"phase": "Failed", "launch": None}}

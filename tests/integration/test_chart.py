@@ -36,6 +36,7 @@ from tests.helpers import REPO_ROOT, wait_for
 
 from .conftest import ensure_namespace
 from .test_faults import delete_and_check_nothing_left, runs_code
+from .test_leader_election import seconds_to_first_status, wait_some_launching
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -969,27 +970,13 @@ def test_the_leader_pod_killed_during_concurrent_launches_loses_no_kernel(
     wait_both_ready(core)
     leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
     names = chart_kernels(custom, ssh=15, pods=5)
-    wait_for(
-        lambda: any(
-            ((get(custom, NAMESPACE, n) or {}).get("status") or {}).get("phase") == "Launching" for n in names
-        ),
-        timeout=60,
-        what="launches under way",
-    )
+    wait_some_launching(custom, NAMESPACE, names)
     pid = process_of_pod(leader.metadata.name)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    # Only a leader's handlers write a new kernel's first status: that write is a leader acting.
     probe = chart_kernels(custom, ssh=1, pods=0)
-    (probe_name,) = probe
-    wait_for(
-        lambda: ((get(custom, NAMESPACE, probe_name) or {}).get("status") or {}).get("phase"),
-        timeout=60,
-        interval=0.05,
-        what="a leader's first status write after the kill",
-    )
-    acted = time.monotonic() - killed
+    acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), killed)
     names.update(probe)
     all_running_and_answering(custom, api_client, names)
     holder = lease_holder(api_client)

@@ -1034,25 +1034,11 @@ def test_the_leaders_node_lost_during_concurrent_launches_loses_no_kernel(
         )
         wait_both_ready(core)
         names = chart_kernels(custom, ssh=20, pods=0)  # launchers on this machine: they outlive the node
-        wait_for(
-            lambda: any(
-                ((get(custom, NAMESPACE, n) or {}).get("status") or {}).get("phase") == "Launching"
-                for n in names
-            ),
-            timeout=60,
-            what="launches under way",
-        )
+        wait_some_launching(custom, NAMESPACE, names)
         doomed.stop()
         lost = time.monotonic()
         probe = chart_kernels(custom, ssh=1, pods=0)
-        (probe_name,) = probe
-        wait_for(
-            lambda: ((get(custom, NAMESPACE, probe_name) or {}).get("status") or {}).get("phase"),
-            timeout=60,
-            interval=0.05,
-            what="the new leader's first status write",
-        )
-        acted = time.monotonic() - lost
+        acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), lost)
         names.update(probe)
         all_running_and_answering(custom, api_client, names)
         print(

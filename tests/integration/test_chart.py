@@ -113,10 +113,12 @@ def set_args(values: list[str] | tuple[str, ...]) -> list[str]:
     return [arg for value in values for arg in ("--set", value)]
 
 
-def render(helm: Path, *values: str) -> list[dict[str, Any]]:
+def render(helm: Path, *values: str, api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The chart rendered with ``values``, on a cluster that serves ``api_versions`` too."""
     sets = set_args(values)
+    extra = [arg for version in api_versions for arg in ("--api-versions", version)]
     out = run_helm(
-        helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION, *sets
+        helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSION, *extra, *sets
     )
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
@@ -296,21 +298,12 @@ def test_without_leader_election_one_replica_is_replaced_with_recreate(helm: Pat
 
 
 def test_a_service_monitor_and_the_dashboard_where_asked_for(helm: Path) -> None:
-    sets = set_args(["metrics.dashboardConfigMap.enabled=true", "logFormat=json"])
-    out = run_helm(
+    docs = render(
         helm,
-        "template",
-        RELEASE,
-        str(CHART),
-        "-n",
-        NAMESPACE,
-        "--kube-version",
-        KUBE_VERSION,
-        "--api-versions",
-        "monitoring.coreos.com/v1/ServiceMonitor",
-        *sets,
-    ).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
+        "metrics.dashboardConfigMap.enabled=true",
+        "logFormat=json",
+        api_versions=("monitoring.coreos.com/v1/ServiceMonitor",),
+    )
     (monitor,) = of_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     (dashboard,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]

@@ -272,6 +272,9 @@ class KubeletNode:
         # other nodes): nothing from a pod can reach any other address.
         ip("route", "add", SUITE_RANGE, "via", a.gateway, netns=self.netns)
         ip("route", "add", a.pod_subnet, "via", a.node_ip, "dev", self.veth)
+        # On the machine, the suite's range ends here: an address of a node that is gone (a
+        # lost-node test's) fails at once instead of following the default route off the machine.
+        ip("route", "replace", "unreachable", SUITE_RANGE)
 
     def cleanup_stale(self) -> None:
         """Remove what an interrupted run of this node left: its processes and namespace."""
@@ -501,6 +504,7 @@ class KubeletNode:
         # machine's own /var/lib/kubelet. The last node out removes them.
         if not _other_nodes(self.netns):
             _remove_mount_points()
+            ip("route", "del", "unreachable", SUITE_RANGE, check=False)
 
     # -- a node that outlives the command that started it (``make node``) ---------------------
     def save_state(self) -> None:

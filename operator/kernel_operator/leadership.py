@@ -162,7 +162,12 @@ class LeaderElector:
         return now - self._seen_at
 
     async def try_once(self) -> bool:
-        """One attempt to take or renew the Lease: whether this replica holds it now."""
+        """One attempt to take or renew the Lease: whether this replica holds it now. Each call
+        has a deadline: a request that hangs (a connection gone quiet) must not hold a standby
+        back for good, nor keep a leader from noticing it cannot renew."""
+        return await asyncio.wait_for(self._try_once(), self.timings.renew_deadline / 2)
+
+    async def _try_once(self) -> bool:
         sent = self.clock()
         lease = await self.store.read_lease(self.namespace, self.name)
         if not may_take(lease, self.identity, self._unchanged_for(lease), self.timings.duration):

@@ -479,7 +479,9 @@ class KernelLifecycle:
             self.log.info(f"The kernel was deleted during its launch; stopped what was started: {ref}.")
             return False
         await self.patch({"backendRef": ref, "launchedAt": now_iso()})
-        self.log.info(f"The {backend.name} backend started the launcher: {ref}.")
+        self.log.info(
+            f"The {backend.name} backend started the launcher: {ref}; it reports to {plan.response_address}."
+        )
         return True
 
     async def claim_from_pool(self, request: KernelRequest, stopped: StopFlag | None) -> bool:

@@ -283,6 +283,10 @@ def node_leftovers(node: KubeletNode) -> list[str]:
     if Path(f"/sys/class/net/{node.veth}").exists():
         left.append(f"interface {node.veth}")
     left += [str(p) for p in Path("/sys/fs/cgroup").glob("*/k8s.io")]
+    routes = subprocess.run(
+        ["ip", "route", "show", "type", "unreachable"], capture_output=True, text=True
+    ).stdout
+    left += [f"route {line.strip()}" for line in routes.splitlines() if "198.18." in line]
     left += [cmd for cmd in _command_lines() if str(node.root) in cmd]
     return left
 

@@ -826,8 +826,19 @@ def test_every_rule_is_needed(
     # The process leads on the release's own Lease (the one its rights name): the release's
     # pods stand aside meanwhile.
     apps = client.AppsV1Api(api_client)
+    core = client.CoreV1Api(api_client)
+    wait_both_ready(core)  # none still starting (it could take the Lease after the scale-down)
     apps.patch_namespaced_deployment_scale(FULLNAME, NAMESPACE, {"spec": {"replicas": 0}})
-    wait_for(lambda: not operator_processes(), timeout=90, what="the release's operator pods to stop")
+    wait_for(
+        lambda: (
+            not operator_processes()
+            and not core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+            ).items
+        ),
+        timeout=120,
+        what="the release's operator pods to be gone",
+    )
 
     def run() -> str:
         offset = len(proc.log())
@@ -860,8 +871,7 @@ def test_every_rule_is_needed(
                 replace_role(rbac, name, namespace, live)
             clean_up(custom, proc, labels)
     apps.patch_namespaced_deployment_scale(FULLNAME, NAMESPACE, {"spec": {"replicas": 2}})
-    core = client.CoreV1Api(api_client)
-    wait_for(lambda: len(ready_pods(core)) == 2, timeout=120, what="the release's operator pods back")
+    wait_both_ready(core)
     for rule, broke in results.items():
         print(f"without {rule}: {broke[:160]}")
     unneeded = [rule for rule, broke in results.items() if not broke]
@@ -931,7 +941,7 @@ def all_running_and_answering(
 ) -> None:
     for name in names:
         obj = wait_phase(custom, NAMESPACE, name, "Running", "Failed", timeout=180)
-        assert obj["status"]["phase"] == "Running", (name, obj["status"])
+        assert obj["status"]["phase"] == "Running", f"{name}: {obj['status'].get('message')}"
         assert runs_code(api_client, NAMESPACE, obj), name
 
 
@@ -1020,11 +1030,21 @@ def test_the_leaders_node_lost_during_concurrent_launches_loses_no_kernel(
                 break
         assert moved is not None, "no replica was scheduled to the new node"
         core.delete_namespaced_pod(first.metadata.name, NAMESPACE)  # SIGTERM: it hands the Lease over
-        wait_for(
-            lambda: lease_holder(api_client) == moved.metadata.name,
-            timeout=60,
-            what="the moved replica to lead",
-        )
+        deadline = time.monotonic() + 60
+        while lease_holder(api_client) != moved.metadata.name and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if lease_holder(api_client) != moved.metadata.name:
+            pods = [
+                (p.metadata.name, p.spec.node_name, p.status.phase)
+                for p in core.list_namespaced_pod(
+                    NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+                ).items
+            ]
+            tail = core.read_namespaced_pod_log(moved.metadata.name, NAMESPACE, tail_lines=30)
+            pytest.fail(
+                f"the moved replica {moved.metadata.name} does not lead; {lease_holder(api_client)!r} does; "
+                f"pods {pods}; its log:\n{tail}"
+            )
         wait_both_ready(core)
         names = chart_kernels(custom, ssh=20, pods=0)  # launchers on this machine: they outlive the node
         wait_some_launching(custom, NAMESPACE, names)

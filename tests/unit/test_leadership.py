@@ -245,3 +245,23 @@ async def test_peer_addresses_are_read_at_most_every_few_seconds_and_a_failure_k
     peers._read_at = float("-inf")
     assert await peers.addresses() == "10.0.0.1:1,10.0.0.5:1"  # the last known
     assert await PeerAddresses(source, "10.0.0.1:1", "ns", "", "response").addresses() == "10.0.0.1:1"
+
+
+async def test_a_lease_request_that_hangs_is_given_up_and_tried_again() -> None:
+    """A connection gone quiet must not hold a standby back for good."""
+
+    class Hanging(Store):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hang = True
+
+        async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+            if self.hang:
+                self.hang = False
+                await asyncio.sleep(3600)
+            return await super().read_lease(namespace, name)
+
+    store, clock = Hanging(), Clock()
+    quick = LeaderElector(store, "ns", "lease", "a", LeaseTimings(1.0, 0.4, 0.1), lambda _: None, clock)
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(quick.acquire(stop), 5)

@@ -15,6 +15,7 @@ import time
 from typing import Any, Protocol
 
 REFRESH_SECONDS = 5.0
+ALONE_REFRESH_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +33,9 @@ def ready_addresses(slices: list[dict[str, Any]], port_name: str) -> list[str]:
         if not ports:
             continue
         for endpoint in piece.get("endpoints") or []:
-            if (endpoint.get("conditions") or {}).get("ready") is False:
+            conditions = endpoint.get("conditions") or {}
+            # Serving: ready, or draining after a stop signal (it still takes reports).
+            if conditions.get("serving", conditions.get("ready")) is False:
                 continue
             for address in endpoint.get("addresses") or []:
                 host = f"[{address}]" if ":" in str(address) else str(address)
@@ -61,11 +64,13 @@ class PeerAddresses:
     async def addresses(self) -> str:
         if not self.service:
             return self.own
-        if time.monotonic() - self._read_at >= REFRESH_SECONDS:
+        # Alone (a peer may be a moment from ready): look again soon, not in REFRESH_SECONDS.
+        wait = REFRESH_SECONDS if self._peers else ALONE_REFRESH_SECONDS
+        if time.monotonic() - self._read_at >= wait:
             self._read_at = time.monotonic()
             try:
                 slices = await self.kube.list_endpoint_slices(self.namespace, self.service)
-                self._peers = ready_addresses(slices, self.port_name)
+                self._peers = [a for a in ready_addresses(slices, self.port_name) if a != self.own]
             except Exception as err:
                 if not self._warned:
                     log.warning(f"Cannot read the replicas of Service {self.namespace}/{self.service}: {err}")

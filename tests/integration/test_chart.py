@@ -1047,6 +1047,23 @@ def test_the_leaders_node_lost_during_concurrent_launches_loses_no_kernel(
         assert leader.spec.node_name == doomed.name, "the new node's replica never led"
         moved = leader
         wait_both_ready(core)
+        # Both replicas in the Service's EndpointSlices: each launch names them both.
+        discovery = client.DiscoveryV1Api(api_client)
+        wait_for(
+            lambda: (
+                sum(
+                    1
+                    for piece in discovery.list_namespaced_endpoint_slice(
+                        NAMESPACE, label_selector=f"kubernetes.io/service-name={FULLNAME}"
+                    ).items
+                    for endpoint in piece.endpoints or []
+                    if endpoint.conditions and endpoint.conditions.ready
+                )
+                == 2
+            ),
+            timeout=30,
+            what="both replicas in the Service's endpoints",
+        )
         names = chart_kernels(custom, ssh=20, pods=0)  # launchers on this machine: they outlive the node
         wait_some_launching(custom, NAMESPACE, names)
         doomed.stop()

@@ -10,6 +10,7 @@ REFRESH_SECONDS); any of them takes the report (see peer_reports.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Protocol
@@ -60,19 +61,30 @@ class PeerAddresses:
         self._peers: list[str] = []
         self._read_at = float("-inf")
         self._warned = False
+        self._reading: asyncio.Future[None] | None = None
 
     async def addresses(self) -> str:
         if not self.service:
             return self.own
         # Alone (a peer may be a moment from ready): look again soon, not in REFRESH_SECONDS.
         wait = REFRESH_SECONDS if self._peers else ALONE_REFRESH_SECONDS
-        if time.monotonic() - self._read_at >= wait:
+        if self._reading is None and time.monotonic() - self._read_at >= wait:
             self._read_at = time.monotonic()
-            try:
-                slices = await self.kube.list_endpoint_slices(self.namespace, self.service)
-                self._peers = [a for a in ready_addresses(slices, self.port_name) if a != self.own]
-            except Exception as err:
-                if not self._warned:
-                    log.warning(f"Cannot read the replicas of Service {self.namespace}/{self.service}: {err}")
-                    self._warned = True
+            self._reading = asyncio.ensure_future(self._read())
+        if self._reading is not None:
+            # Every launch of a burst waits for the one read under way: returning the old (at
+            # first, empty) list meanwhile gave the burst's launchers this replica alone.
+            reading = self._reading
+            await asyncio.shield(reading)
+            if self._reading is reading:
+                self._reading = None
         return report_addresses(self.own, self._peers)
+
+    async def _read(self) -> None:
+        try:
+            slices = await self.kube.list_endpoint_slices(self.namespace, self.service)
+            self._peers = [a for a in ready_addresses(slices, self.port_name) if a != self.own]
+        except Exception as err:
+            if not self._warned:
+                log.warning(f"Cannot read the replicas of Service {self.namespace}/{self.service}: {err}")
+                self._warned = True

@@ -265,3 +265,24 @@ async def test_a_lease_request_that_hangs_is_given_up_and_tried_again() -> None:
     quick = LeaderElector(store, "ns", "lease", "a", LeaseTimings(1.0, 0.4, 0.1), lambda _: None, clock)
     stop = asyncio.Event()
     assert await asyncio.wait_for(quick.acquire(stop), 5)
+
+
+async def test_a_burst_of_launches_waits_for_the_one_read_of_the_peers() -> None:
+    """Twenty launches at once: every one names the peers, none only this replica (the first
+    version returned the empty list to all but the launch that started the read)."""
+    from kernel_operator.peers import PeerAddresses
+
+    class SlowSlices:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        async def list_endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+            self.reads += 1
+            await asyncio.sleep(0.05)
+            return [{"ports": [{"name": "response", "port": 1}], "endpoints": [{"addresses": ["10.0.0.5"]}]}]
+
+    source = SlowSlices()
+    peers = PeerAddresses(source, "10.0.0.1:1", "ns", "svc", "response")
+    given = await asyncio.gather(*(peers.addresses() for _ in range(20)))
+    assert given == ["10.0.0.1:1,10.0.0.5:1"] * 20
+    assert source.reads == 1

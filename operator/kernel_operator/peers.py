@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 REFRESH_SECONDS = 5.0
 ALONE_REFRESH_SECONDS = 1.0
+READ_TIMEOUT = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +83,10 @@ class PeerAddresses:
 
     async def _read(self) -> None:
         try:
-            slices = await self.kube.list_endpoint_slices(self.namespace, self.service)
+            # Bounded: a burst of launches waits on this read.
+            slices = await asyncio.wait_for(
+                self.kube.list_endpoint_slices(self.namespace, self.service), READ_TIMEOUT
+            )
             self._peers = [a for a in ready_addresses(slices, self.port_name) if a != self.own]
         except Exception as err:
             if not self._warned:

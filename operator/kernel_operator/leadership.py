@@ -148,7 +148,6 @@ class LeaderElector:
         self.clock = clock
         self.labels = labels or {}
         self.is_leader = False
-        self.became_leader_at: float | None = None
         self._seen: tuple[str, str] | None = None
         self._seen_at = 0.0
         self._renewed_at = 0.0  # when the last successful renewal was *sent* (conservative)
@@ -188,7 +187,6 @@ class LeaderElector:
         self._renewed_at = sent
         if not self.is_leader:
             self.is_leader = True
-            self.became_leader_at = self.clock()
             previous = holder_of(lease)
             self.log(
                 f"This replica ({self.identity}) leads now: it holds Lease {self.namespace}/{self.name}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -156,8 +155,3 @@ def forget_pool(metrics: Metrics, namespace: str, pool: str) -> None:
     for state in ("ready", "launching", "desired"):
         with contextlib.suppress(KeyError):
             metrics.pool_members.remove(namespace, pool, state)
-
-
-def labels_of(value: Any) -> str:
-    """A label value: empty text for what is unknown (never None)."""
-    return str(value or "")

@@ -54,7 +54,7 @@ class Replica:
     ctx: OperatorContext
     http: HttpServer | None
     elector: LeaderElector | None
-    component: str
+    selector: str  # the RemoteKernels of this operator class
 
     @property
     def role(self) -> str:
@@ -119,7 +119,7 @@ async def start_replica(cfg: OperatorSettings, selector: str, component: str) ->
             log.info,
             labels={"app.kubernetes.io/name": "remote-kernel-operator"},
         )
-    replica = Replica(ctx, None, elector, component)
+    replica = Replica(ctx, None, elector, selector)
     if cfg.http_bind is not None:
         replica.http = HttpServer(metrics, lambda: listener.serving, lambda: replica.role)
         await replica.http.start(*cfg.http_bind)
@@ -173,10 +173,9 @@ async def drain(replica: Replica) -> None:
     deadline = time.monotonic() + ctx.settings.drain_seconds
     if ctx.settings.drain_seconds <= 0 or not ctx.listener.serving:
         return
-    selector = getattr(ctx.listener.on_unawaited, "selector", "")
     while time.monotonic() < deadline:
         try:
-            kernels = await ctx.kube.list_remote_kernels(selector, ctx.settings.watch_namespaces)
+            kernels = await ctx.kube.list_remote_kernels(replica.selector, ctx.settings.watch_namespaces)
         except KubeError:
             kernels = []
         launching = [k for k in kernels if (k.get("status") or {}).get("phase") == Phase.LAUNCHING.value]

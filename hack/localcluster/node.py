@@ -479,6 +479,15 @@ class KubeletNode:
         """Stop the kubelet (the node is lost: its containers go on) or start it again."""
         os.kill(self.init_pid, signal.SIGUSR2 if running else signal.SIGUSR1)
 
+    def lose(self) -> None:
+        """The node lost at once, as to a power cut: its PID namespace's init is SIGKILLed, so
+        the kernel kills every process of the node (kubelet, containerd, every container: none
+        gets a signal it can handle), then its network goes."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(NodeError, ProcessLookupError, OSError):
+                os.kill(self.init_pid, signal.SIGKILL)
+        self.stop(grace=5.0)
+
     # -- stop ----------------------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
         """Stop everything of the node and remove it: processes, mounts, namespace, cgroups."""

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import stat
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,17 @@ EXIT_LAUNCH_FAILED = 3  # the kernel could not be started or its info not delive
 CONTROL_CONNECTIONS = 8  # control requests served at once
 CONTROL_DEADLINE = 5.0  # seconds for a whole control request, however slowly it arrives
 ENCRYPTION_POLICIES = ("disabled", "auto", "required")
-LANGUAGES = ("python", "r")
+LANGUAGES = ("python", "r", "scala")
+# Start-up time allowed before the kernel listens: a JVM with Spark takes seconds, not ms.
+LISTEN_TIMEOUT = {"python": 60.0, "r": 60.0, "scala": 180.0}
+KERNEL_NAMES = {"r": "IRkernel", "scala": "Apache Toree"}
+TOREE_MAIN = "org.apache.toree.Main"
+# Toree 0.5 reads its jar's classes by reflection, which Java 17 refuses without this.
+TOREE_JAVA_OPTIONS = "--add-opens=java.base/java.util.jar=ALL-UNNAMED"
+
+
+class LaunchRefused(RuntimeError):
+    """The operator answered ``NO``: the kernel must not run."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     parser.add_argument(
         "--spark-context-initialization-mode",
         "--RemoteProcessProxy.spark-context-initialization-mode",
-        default="none",
+        default=env.get("KERNEL_SPARK_INIT_MODE") or None,
+        type=str.lower,
         choices=("lazy", "eager", "none"),
+        help="Spark in the kernel: Python kernels default to none, Scala (Toree) kernels to lazy",
     )
     parser.add_argument(
         "--exit-with-parent",
@@ -154,7 +170,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         ip=ns.ip,
         run_dir=run_dir,
         response_retry_seconds=ns.response_retry_seconds,
-        spark_context_initialization_mode=ns.spark_context_initialization_mode,
+        spark_context_initialization_mode=ns.spark_context_initialization_mode
+        or ("lazy" if ns.kernel_language == "scala" else "none"),
         kernel_language=ns.kernel_language,
         r_executable=ns.r_executable,
         exit_with_parent=ns.exit_with_parent,
@@ -170,7 +187,7 @@ def read_line(conn: socket.socket, limit: int, deadline: float) -> bytes:
     while b"\n" not in data and len(data) < limit:
         remaining = end - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("the control request did not arrive in time")
+            raise TimeoutError("the peer sent no whole line in time")
         conn.settimeout(remaining)
         chunk = conn.recv(min(4096, limit - len(data)))
         if not chunk:
@@ -224,8 +241,8 @@ def curve_keys(policy: str, language: str = "python") -> tuple[str, str] | None:
     if language != "python":
         if policy == "required":
             raise RuntimeError(
-                "transport_encryption='required', but IRkernel does not support CurveZMQ; use "
-                "'auto' or 'disabled' for R kernels."
+                f"transport_encryption='required', but {KERNEL_NAMES[language]} does not support "
+                f"CurveZMQ; use 'auto' or 'disabled' for {language.capitalize()} kernels."
             )
         return None  # 'auto': this kernel cannot, so it runs unencrypted
     import zmq
@@ -314,14 +331,81 @@ _rko_threading.Thread(target=_rko_start_spark, name="spark-init", daemon=True).s
 }
 
 
+class KernelNotInstalled(RuntimeError):
+    """What the kernel needs is not on this host; the message says what to install or set."""
+
+
+Finder = Callable[[str], "importlib.machinery.ModuleSpec | None"]
+
+
+def spark_home(environ: dict[str, str], find: Finder = importlib.util.find_spec) -> Path:
+    """SPARK_HOME, else the Spark that PyPI's pyspark carries (bin/spark-submit and its jars)."""
+    if environ.get("SPARK_HOME"):
+        return Path(environ["SPARK_HOME"])
+    found = find("pyspark")
+    if found is None or not found.submodule_search_locations:
+        raise KernelNotInstalled(
+            "Scala kernels need Spark: set SPARK_HOME (the profile's env.values) or install pyspark "
+            "beside the launcher."
+        )
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def toree_assembly(environ: dict[str, str], find: Finder = importlib.util.find_spec) -> Path:
+    """TOREE_ASSEMBLY, else the jar PyPI's toree package carries (toree/lib)."""
+    if environ.get("TOREE_ASSEMBLY"):
+        return Path(environ["TOREE_ASSEMBLY"])
+    found = find("toree")
+    jars = (
+        sorted(Path(next(iter(found.submodule_search_locations))).glob("lib/toree-assembly-*.jar"))
+        if found is not None and found.submodule_search_locations
+        else []
+    )
+    if not jars:
+        raise KernelNotInstalled(
+            "Scala kernels need Apache Toree: set TOREE_ASSEMBLY to its assembly jar or install the "
+            "toree package (PyPI) beside the launcher."
+        )
+    return jars[-1]
+
+
+def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str]) -> list[str]:
+    """Apache Toree on the connection file, through spark-submit (as Toree's own run.sh does).
+
+    SPARK_OPTS (the administrator's, from the profile) come first; the main class, the jar and
+    Toree's options are the launcher's. Spark starts ``lazy`` (on first use of ``sc``/``spark``)
+    unless ``eager`` is asked for (``none``: no Spark context).
+    """
+    home, jar = spark_home(environ), toree_assembly(environ)
+    return [
+        str(home / "bin" / "spark-submit"),
+        "--name",
+        "Apache Toree",
+        *shlex.split(environ.get("SPARK_OPTS", "")),
+        "--driver-java-options",
+        TOREE_JAVA_OPTIONS,
+        "--class",
+        TOREE_MAIN,
+        str(jar),
+        "--profile",
+        str(connection_file),
+        "--spark-context-initialization-mode",
+        spark_init if spark_init in ("lazy", "eager", "none") else "lazy",
+    ]
+
+
 def kernel_command(
     connection_file: Path,
     kernel_class_name: str | None,
     language: str = "python",
     r_executable: str = "R",
     spark_init: str = "none",
+    environ: dict[str, str] | None = None,
 ) -> list[str]:
-    """The command that starts the kernel (ipykernel, or IRkernel for R) on the connection file."""
+    """The command that starts the kernel (ipykernel, IRkernel for R, Toree for Scala) on the
+    connection file."""
+    if language == "scala":
+        return toree_command(connection_file, spark_init, dict(os.environ if environ is None else environ))
     if language == "r":
         return [
             r_executable,
@@ -376,6 +460,7 @@ class Launcher:
                 args.kernel_language,
                 args.r_executable,
                 args.spark_context_initialization_mode,
+                env,
             ),
             env=env,
             stdin=subprocess.DEVNULL,
@@ -440,7 +525,7 @@ class Launcher:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             info = self.start_kernel()
             try:
-                self.wait_kernel_listening(info)
+                self.wait_kernel_listening(info, LISTEN_TIMEOUT[self.args.kernel_language])
                 log.info("The kernel listens on its ports.")
                 return info
             except PortTaken as err:
@@ -503,10 +588,16 @@ class Launcher:
                 with socket.create_connection(address, timeout=10) as conn:
                     conn.sendall(frame)
                     conn.shutdown(socket.SHUT_WR)
-                    if conn.recv(16).startswith(b"OK"):
-                        log.info("The operator accepted the connection info.")
-                        return
-                    reason = "the operator did not accept it yet"
+                    answer = read_line(conn, 64, 10)
+                if answer.startswith(b"OK"):
+                    log.info("The operator accepted the connection info.")
+                    return
+                if answer.startswith(b"NO"):
+                    # Final: this launch was replaced, stopped or deleted. Retrying would keep an
+                    # unowned kernel running until the deadline.
+                    cause = answer[2:].strip().decode("ascii", "replace") or "refused"
+                    raise LaunchRefused(f"The operator refused this launch for good ({cause}).")
+                reason = "the operator did not accept it yet"
             except OSError as err:
                 reason = str(err)
             if time.monotonic() + delay > deadline:

@@ -601,6 +601,7 @@ class KernelLifecycle:
                     f"The report comes from launcher pid {payload['pid']} on {payload['hostname']}, "
                     f"not from the launcher recorded (pid {recorded}).",
                     "other_launcher",
+                    final=True,
                 )
             if not received.done():
                 received.set_result(payload)

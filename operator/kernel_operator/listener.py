@@ -10,6 +10,13 @@ token comes back, and nothing else happens, so an acknowledgement lost on the wa
 make the launcher give up and stop a kernel that is Running. Anything else is logged and
 dropped; the listener keeps serving.
 
+A refusal is either for now (the launcher retries: e.g. its launching replica may be starting
+up) or final, answered ``NO <cause>``: the report belongs to a launch that was replaced, stopped
+or deleted, so its launcher stops its kernel at once instead of retrying until its own deadline
+(an orphan of a relaunch would otherwise run, unowned, for minutes). Only a verdict that cannot
+change is final: a token other than the one this replica awaits (only the leader awaits, and it
+recorded that token), or what a read of the RemoteKernel begun after the report arrived shows.
+
 Under abuse it holds: at most ``max_connections`` are served at once (more are closed at once,
 without reading), and a connection must deliver its whole frame within ``READ_DEADLINE``
 seconds, however slowly it trickles bytes. Exit notices count only when signed with the
@@ -44,11 +51,13 @@ class _Empty(Exception):
 
 
 class Refused(ProtocolError):
-    """A well-formed report refused, with the cause counted in the metrics."""
+    """A well-formed report refused, with the cause counted in the metrics. ``final``: the
+    launcher is told ``NO`` and stops its kernel (see the module's docstring)."""
 
-    def __init__(self, message: str, cause: str) -> None:
+    def __init__(self, message: str, cause: str, final: bool = False) -> None:
         super().__init__(message)
         self.cause = cause
+        self.final = final
 
 
 @dataclass
@@ -152,6 +161,9 @@ class ResponseListener:
             self.rejected += 1
             self.on_rejected(_cause(err))
             reason = "the message was truncated" if isinstance(err, asyncio.IncompleteReadError) else str(err)
+            if isinstance(err, Refused) and err.final:
+                await _say_no(writer, err.cause)
+                reason += " The launcher was told to stop its kernel."
             log.warning("Rejected a launch response from %s: %s", peer, reason or type(err).__name__)
         except Exception:  # the listener must outlive any single bad connection
             self.rejected += 1
@@ -199,7 +211,13 @@ class ResponseListener:
             return
         payload = protocol.open_launch_payload(message, self._private_key)
         if not hmac.compare_digest(protocol.token_hash(payload["token"]), pending.token_hash):
-            raise Refused(f"The launch token for kernel {kernel_id} does not match.", "bad_token")
+            # Only the leader awaits launches, and it recorded this token: another is an earlier
+            # attempt's (relaunched since) or forged.
+            raise Refused(
+                f"The launch token for kernel {kernel_id} is not the one of its current launch.",
+                "bad_token",
+                final=True,
+            )
         # Single use: claim it before awaiting, so a concurrent duplicate finds nothing.
         if self._pending.get(kernel_id) is not pending:
             raise ProtocolError(f"The launch for kernel {kernel_id} was answered concurrently.")
@@ -242,6 +260,12 @@ class ResponseListener:
         if not hmac.compare_digest(protocol.token_hash(payload["token"]), token_hash):
             return False
         return launcher_pid is None or payload["pid"] == launcher_pid
+
+
+async def _say_no(writer: asyncio.StreamWriter, cause: str) -> None:
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        writer.write(f"NO {cause}\n".encode())
+        await asyncio.wait_for(writer.drain(), 2)
 
 
 def _cause(err: BaseException) -> str:

@@ -105,7 +105,8 @@ class Metrics:
         )
         self.reports = Counter(
             f"{PREFIX}_listener_reports",
-            "Launch reports taken for a launch another replica awaited (how: for_another_replica).",
+            "Launch reports taken for a launch another replica awaited (how: for_another_replica), or "
+            "acknowledged again for a kernel taken before (how: repeat).",
             ["how"],
             registry=r,
         )

@@ -14,8 +14,14 @@ the report is taken only if
 
 It is then persisted exactly as the launching replica would (the Secret, then status Running);
 that replica, if it still lives, sees the Running status and follows the kernel from there.
-Reports for launches unknown here are refused, and the launcher retries: its launching replica
-may be starting up.
+A repeat of a report already taken (Running with that token, from that launcher: its
+acknowledgement was lost) is acknowledged again and nothing else happens.
+
+A report is refused for good (the launcher stops its kernel) only when a list begun after the
+report arrived shows its launch is not the current one: no such RemoteKernel (deleted), another
+token (relaunched since), another launcher, or a kernel stopping or finished. A cached list
+never refuses for good: it may predate the very status write that recorded the launch. Anything
+else (not yet Launching, the API server unreachable) is refused for now; the launcher retries.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kernel_launchers import protocol
@@ -42,6 +49,65 @@ MIN_LIST_AGE = 0.5
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with a report, judged from one read of its RemoteKernel."""
+
+    take: bool = False  # persist it (the launch is Launching with this token)
+    again: bool = False  # acknowledge it again (taken before), nothing else
+    refusal: Refused | None = None  # refuse it, for good if the read came after it arrived
+
+
+WAIT = Verdict()  # not decidable yet: refuse for now, the launcher retries
+
+
+def judge(launch_id: str, body: dict[str, Any] | None, payload: LaunchPayload) -> Verdict:
+    """The verdict on ``payload`` given the RemoteKernel ``body`` its launch id names."""
+    if body is None:
+        return Verdict(
+            refusal=Refused(
+                f"No RemoteKernel has the launch id {launch_id} (deleted, or not this operator's).",
+                "unknown_launch",
+                final=True,
+            )
+        )
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase not in (Phase.LAUNCHING.value, Phase.RUNNING.value):
+        if phase in (Phase.TERMINATING.value, Phase.SUCCEEDED.value, Phase.FAILED.value):
+            return Verdict(
+                refusal=Refused(
+                    f"Kernel {launch_id} is {phase}: its launch is over.", "unknown_launch", final=True
+                )
+            )
+        return WAIT  # Pending: a launch is about to be recorded
+    recorded = str((status.get("launch") or {}).get("tokenHash") or "")
+    if not recorded:
+        return WAIT
+    if not hmac.compare_digest(protocol.token_hash(payload["token"]), recorded):
+        return Verdict(
+            refusal=Refused(
+                f"The launch token for kernel {launch_id} is not the one its current launch recorded "
+                "(a launch replaced since, or a forged report).",
+                "bad_token",
+                final=True,
+            )
+        )
+    pid = (status.get("backendRef") or {}).get("pid")
+    if pid and int(pid) != payload["pid"]:
+        return Verdict(
+            refusal=Refused(
+                f"The report for kernel {launch_id} comes from launcher pid {payload['pid']}, not from the "
+                f"launcher recorded (pid {pid}).",
+                "other_launcher",
+                final=True,
+            )
+        )
+    if phase == Phase.RUNNING.value:
+        return Verdict(again=True)
+    return Verdict(take=True)
+
+
 class PeerReports:
     """The listener's ``on_unawaited``: find the launch on the API server, check, persist."""
 
@@ -52,58 +118,61 @@ class PeerReports:
         self.selector = selector
         self.component = component
         self.mine = mine  # whether this replica awaits the launch itself (then it persists)
+        # The last list: when it began (monotonic), and the kernels by uid.
         self._listed: tuple[float, dict[str, dict[str, Any]]] | None = None
-        self._listing: asyncio.Future[dict[str, dict[str, Any]]] | None = None
+        self._listing: asyncio.Future[None] | None = None
         self._events: set[asyncio.Future[None]] = set()
 
-    async def _kernels(self, fresh: bool) -> dict[str, dict[str, Any]]:
-        """The class's RemoteKernels by uid: listed at most once a LIST_CACHE_SECONDS."""
-        if self._listed:
-            age = time.monotonic() - self._listed[0]
-            if age < MIN_LIST_AGE or (not fresh and age < LIST_CACHE_SECONDS):
-                return self._listed[1]
-        if self._listing is None:
-            self._listing = asyncio.ensure_future(self._list())
-        listing = self._listing
-        try:
-            return await asyncio.shield(listing)
-        finally:
-            if self._listing is listing and listing.done():
-                self._listing = None
+    async def _kernels(self, since: float | None = None) -> dict[str, dict[str, Any]]:
+        """The class's RemoteKernels by uid, from a list begun at ``since`` or later; with no
+        ``since``, from one at most LIST_CACHE_SECONDS old. Lists begin MIN_LIST_AGE apart at
+        the least, and every caller waiting meanwhile shares the next one."""
+        while True:
+            if self._listed:
+                began, found = self._listed
+                if (began >= since) if since is not None else (time.monotonic() - began < LIST_CACHE_SECONDS):
+                    return found
+            if self._listing is None:
+                self._listing = asyncio.ensure_future(self._list())
+            listing = self._listing
+            try:
+                await asyncio.shield(listing)
+            finally:
+                if self._listing is listing and listing.done():
+                    self._listing = None
 
-    async def _list(self) -> dict[str, dict[str, Any]]:
+    async def _list(self) -> None:
+        if self._listed:
+            await asyncio.sleep(MIN_LIST_AGE - (time.monotonic() - self._listed[0]))
+        began = time.monotonic()
         items = await self.ctx.kube.list_remote_kernels(self.selector, self.ctx.settings.watch_namespaces)
-        found = {str(item["metadata"]["uid"]): item for item in items}
-        self._listed = (time.monotonic(), found)
-        return found
+        self._listed = (began, {str(item["metadata"]["uid"]): item for item in items})
 
     async def __call__(self, launch_id: str, payload: LaunchPayload) -> bool:
+        arrived = time.monotonic()
         if self.mine(launch_id):
             return False  # awaited here after all (registered meanwhile): the launcher retries
         try:
-            body = (await self._kernels(fresh=False)).get(launch_id)
-            if body is None or (body.get("status") or {}).get("phase") != Phase.LAUNCHING.value:
-                body = (await self._kernels(fresh=True)).get(launch_id)
+            body = (await self._kernels()).get(launch_id)
+            verdict = judge(launch_id, body, payload)
+            if not (verdict.take or verdict.again):
+                # Refusals, and launches not decidable yet, are judged again on a read that
+                # began after the report came: a cached list may predate its launch's record.
+                body = (await self._kernels(since=arrived)).get(launch_id)
+                verdict = judge(launch_id, body, payload)
         except KubeError as err:
             log.warning(
                 "Cannot look up the launch a report names (%s); the launcher retries: %s", launch_id, err
             )
             return False
-        status = (body or {}).get("status") or {}
-        if body is None or status.get("phase") != Phase.LAUNCHING.value:
+        if verdict.refusal is not None:
+            raise verdict.refusal
+        if verdict.again:
+            self.ctx.metrics.reports.labels("repeat").inc()
+            log.info("Acknowledged again the report of launch %s (its kernel is Running).", launch_id)
+            return True
+        if not verdict.take or body is None:
             return False
-        recorded = str((status.get("launch") or {}).get("tokenHash") or "")
-        if not recorded or not hmac.compare_digest(protocol.token_hash(payload["token"]), recorded):
-            raise Refused(
-                f"The launch token for kernel {launch_id} does not match the one recorded.", "bad_token"
-            )
-        pid = (status.get("backendRef") or {}).get("pid")
-        if pid and int(pid) != payload["pid"]:
-            raise Refused(
-                f"The report for kernel {launch_id} comes from launcher pid {payload['pid']}, not from the "
-                f"launcher recorded (pid {pid}).",
-                "other_launcher",
-            )
         meta = body["metadata"]
         logger = logging.LoggerAdapter(
             log, {"k8s_ref": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]}}

@@ -1,4 +1,4 @@
-"""The Python launcher's arguments and builders (no kernel is started here)."""
+"""The Python launcher's arguments and builders, and how it treats a kernel it starts."""
 
 from __future__ import annotations
 
@@ -240,3 +240,115 @@ def test_a_malformed_address_in_the_list_is_refused() -> None:
             [*BASE[:2], "--response-address", "10.0.0.1:8877,nohostport", *BASE[4:]],
             {"RKO_LAUNCH_TOKEN": "t"},
         )
+
+
+def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An orphan of a relaunch (its launch replaced) is told ``NO``: it stops its kernel now,
+    not after retrying until its own deadline, and tries no other replica."""
+    import socket
+    import threading
+    import time
+
+    from kernel_launchers.python_launcher import EXIT_LAUNCH_FAILED, Launcher
+
+    operator = socket.socket()
+    operator.bind(("127.0.0.1", 0))
+    operator.listen()
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()  # a second replica: must not be asked
+    other.settimeout(0.1)
+    connections: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = operator.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                connections.append(data)
+                conn.sendall(b"NO bad_token\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    addresses = f"127.0.0.1:{operator.getsockname()[1]},127.0.0.1:{other.getsockname()[1]}"
+    public = protocol.encode_key(protocol.public_key_of(protocol.new_private_key()))
+    args = parse_args(
+        [*BASE[:2], "--response-address", addresses, "--public-key", public, "--run-dir", str(tmp_path)],
+        {"RKO_LAUNCH_TOKEN": "t"},
+    )
+    launcher = Launcher(args)
+    began = time.monotonic()
+    try:
+        assert launcher.run() == EXIT_LAUNCH_FAILED
+    finally:
+        operator.close()
+        if launcher.kernel is not None and launcher.kernel.poll() is None:
+            launcher.kernel.kill()
+    assert len(connections) == 1
+    with pytest.raises(OSError):
+        other.accept()
+    other.close()
+    assert launcher.kernel is not None and launcher.kernel.poll() is not None  # the kernel is gone
+    assert time.monotonic() - began < 20  # not the retry deadline (300 s by default)
+    assert "refused this launch for good (bad_token)" in (tmp_path / "exit_status").read_text()
+
+
+def test_a_scala_kernel_is_toree_through_spark_submit_with_spark_lazy_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kernel_launchers.python_launcher import TOREE_JAVA_OPTIONS, kernel_command
+
+    args = parse_args([*BASE, "--kernel-language", "scala"], {"RKO_LAUNCH_TOKEN": "t"})
+    assert args.spark_context_initialization_mode == "lazy"
+    eager = parse_args(
+        [*BASE, "--kernel-language", "scala"], {"RKO_LAUNCH_TOKEN": "t", "KERNEL_SPARK_INIT_MODE": "eager"}
+    )
+    assert eager.spark_context_initialization_mode == "eager"
+    assert parse_args(BASE, {"RKO_LAUNCH_TOKEN": "t"}).spark_context_initialization_mode == "none"  # Python
+    env = {
+        "SPARK_HOME": "/opt/spark",
+        "TOREE_ASSEMBLY": "/opt/toree.jar",
+        "SPARK_OPTS": "--master local[2] --conf 'spark.app.name=a b'",
+    }
+    cmd = kernel_command(tmp_path / "kernel.json", None, "scala", spark_init="eager", environ=env)
+    assert cmd[0] == "/opt/spark/bin/spark-submit"
+    assert cmd[3:7] == ["--master", "local[2]", "--conf", "spark.app.name=a b"]  # the profile's, quoted
+    assert cmd[7:] == [
+        "--driver-java-options",
+        TOREE_JAVA_OPTIONS,
+        "--class",
+        "org.apache.toree.Main",
+        "/opt/toree.jar",
+        "--profile",
+        str(tmp_path / "kernel.json"),
+        "--spark-context-initialization-mode",
+        "eager",
+    ]
+
+
+def test_a_scala_kernel_without_spark_or_toree_says_what_to_install(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kernel_launchers.python_launcher import KernelNotInstalled, spark_home, toree_assembly
+
+    def nothing(name: str) -> None:
+        return None
+
+    with pytest.raises(KernelNotInstalled, match=r"set TOREE_ASSEMBLY .* or install the toree package"):
+        toree_assembly({}, find=nothing)
+    with pytest.raises(KernelNotInstalled, match=r"set SPARK_HOME .* or install pyspark"):
+        spark_home({}, find=nothing)
+    # Found as packages beside the launcher: toree's jar in its lib/, pyspark's own Spark.
+    package = tmp_path / "toree"
+    (package / "lib").mkdir(parents=True)
+    (package / "lib" / "toree-assembly-0.5.0-incubating.jar").write_bytes(b"")
+
+    def found(name: str):  # type: ignore[no-untyped-def]
+        import importlib.machinery
+
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(tmp_path / name)]
+        return spec
+
+    assert toree_assembly({}, find=found) == package / "lib" / "toree-assembly-0.5.0-incubating.jar"
+    assert spark_home({}, find=found) == tmp_path / "pyspark"

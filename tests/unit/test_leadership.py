@@ -22,7 +22,7 @@ from kernel_operator.leadership import (
 from kernel_operator.listener import Refused
 from kernel_operator.peer_reports import PeerReports
 
-from .test_lifecycle import FakeBackend, context
+from .test_lifecycle import FakeBackend, FakeKube, context, good_payload
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
 TIMINGS = LeaseTimings(10, 7, 1)
@@ -146,59 +146,125 @@ async def test_a_restarted_replica_of_the_same_identity_leads_again_at_once() ->
 # -- reports a replica does not await ------------------------------------------------------------
 
 
-class ListingKube:
+class ListingKube(FakeKube):
+    """Lists RemoteKernels; ``after_list`` changes what the API server holds once a list is
+    served (a status written just after a replica read)."""
+
     def __init__(self, items: list[dict[str, Any]]) -> None:
+        super().__init__()
         self.items = items
         self.lists = 0
+        self.after_list: Any = None
+        self.events: list[tuple[str, str]] = []
+
+    async def post_event(
+        self, body: dict[str, Any], type_: str, reason: str, message: str, component: str
+    ) -> None:
+        self.events.append((type_, reason))
 
     async def list_remote_kernels(
         self, selector: str = "", namespaces: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
         self.lists += 1
         await asyncio.sleep(0)
-        return self.items
+        served = copy.deepcopy(self.items)
+        if self.after_list is not None:
+            self.after_list()
+            self.after_list = None
+        return served
 
 
 def payload(launch_id: str, token: str, pid: int = 7) -> Any:
-    return {"launch_id": launch_id, "token": token, "pid": pid, "kernel_id": "k"}
+    return {**good_payload("6c9c8d0e-1111-2222-3333-444455556666", token), "launch_id": launch_id, "pid": pid}
 
 
-async def test_reports_for_made_up_launches_cost_at_most_two_lists_a_second() -> None:
+def kernel(phase: str, token: str, pid: int | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "phase": phase,
+        "backend": "ssh",
+        "launch": {"tokenHash": protocol.token_hash(token)},
+    }
+    if pid is not None:
+        status["backendRef"] = {"pid": pid}
+    return {
+        "metadata": {"uid": "u1", "namespace": "ns", "name": "k1"},
+        "spec": {"kernelId": "6c9c8d0e-1111-2222-3333-444455556666", "username": "alice"},
+        "status": status,
+    }
+
+
+def peer_reports(items: list[dict[str, Any]]) -> tuple[PeerReports, ListingKube]:
+    ctx, _, _ = context(FakeBackend())
+    kube = ListingKube(items)
+    ctx.kube = kube  # type: ignore[assignment]
+    return PeerReports(ctx, "", "test", lambda _: False), kube
+
+
+async def test_reports_for_made_up_launches_cost_at_most_two_lists_and_are_refused_for_good() -> None:
     """Anyone may seal a report (the key is public): a flood of made-up launch ids must not
     become a flood of lists on the API server."""
-    ctx, _, _ = context(FakeBackend())
-    kube = ListingKube([])
-    ctx.kube = kube  # type: ignore[assignment]
-    reports = PeerReports(ctx, "", "test", lambda _: False)
-    results = await asyncio.gather(*(reports(f"uid-{i}", payload(f"uid-{i}", "t")) for i in range(200)))
-    assert not any(results)
+    reports, kube = peer_reports([])
+    results = await asyncio.gather(
+        *(reports(f"uid-{i}", payload(f"uid-{i}", "t")) for i in range(200)), return_exceptions=True
+    )
+    assert all(isinstance(r, Refused) and r.final and r.cause == "unknown_launch" for r in results)
     assert kube.lists <= 2
 
 
-async def test_a_report_is_taken_only_for_a_launching_kernel_with_its_recorded_token() -> None:
-    ctx, _, _ = context(FakeBackend())
+@pytest.mark.parametrize(
+    ("phase", "recorded_pid", "report_pid", "token_matches", "cause"),
+    [
+        ("Launching", None, 7, False, "bad_token"),  # relaunched since: the orphan stops
+        ("Launching", 99, 7, True, "other_launcher"),  # a second launcher holding the token
+        ("Running", None, 7, False, "bad_token"),  # an earlier attempt's, the kernel runs
+        ("Running", 99, 7, True, "other_launcher"),
+        ("Failed", None, 7, True, "unknown_launch"),  # e.g. LaunchTimeout recorded
+        ("Terminating", None, 7, True, "unknown_launch"),
+    ],
+)
+async def test_a_report_of_a_launch_that_is_not_the_current_one_is_refused_for_good(
+    phase: str, recorded_pid: int | None, report_pid: int, token_matches: bool, cause: str
+) -> None:
     recorded = protocol.new_token()
-    kernel = {
-        "metadata": {"uid": "u1", "namespace": "ns", "name": "k1"},
-        "spec": {"kernelId": "6c9c8d0e-1111-2222-3333-444455556666"},
-        "status": {"phase": "Running", "launch": {"tokenHash": protocol.token_hash(recorded)}},
-    }
-    kube = ListingKube([kernel])
-    ctx.kube = kube  # type: ignore[assignment]
-    reports = PeerReports(ctx, "", "test", lambda _: False)
-    assert not await reports("u1", payload("u1", recorded))  # Running already: not a launch
-    kernel["status"]["phase"] = "Launching"
-    reports._listed = None
+    reports, kube = peer_reports([kernel(phase, recorded, recorded_pid)])
     with pytest.raises(Refused) as refused:
-        await reports("u1", payload("u1", protocol.new_token()))
-    assert refused.value.cause == "bad_token"
-    kernel["status"]["backendRef"] = {"pid": 99}
-    with pytest.raises(Refused) as other:
-        await reports("u1", payload("u1", recorded, pid=7))
-    assert other.value.cause == "other_launcher"
-    assert not await PeerReports(ctx, "", "test", lambda _: True)(
+        await reports("u1", payload("u1", recorded if token_matches else protocol.new_token(), report_pid))
+    assert (refused.value.cause, refused.value.final) == (cause, True)
+    assert kube.patches == []  # nothing persisted
+
+
+async def test_a_launching_kernel_with_its_recorded_token_is_taken_and_a_repeat_acknowledged() -> None:
+    recorded = protocol.new_token()
+    reports, kube = peer_reports([kernel("Launching", recorded)])
+    assert await reports("u1", payload("u1", recorded))
+    assert [p.get("phase") for p in kube.patches if p.get("phase")] == ["Running"]
+    kube.items = [kernel("Running", recorded, 7)]  # what the API server holds now
+    reports._listed = None
+    # The acknowledgement was lost; the launcher repeats to a replica that never saw it.
+    assert await PeerReports(reports.ctx, "", "test", lambda _: False)("u1", payload("u1", recorded))
+    assert len([p for p in kube.patches if p.get("phase")]) == 1  # acknowledged, not persisted again
+
+
+async def test_a_report_not_decidable_yet_is_refused_for_now() -> None:
+    recorded = protocol.new_token()
+    reports, _ = peer_reports([kernel("Pending", recorded)])
+    assert not await reports("u1", payload("u1", recorded))  # the launcher retries
+    assert not await PeerReports(reports.ctx, "", "test", lambda _: True)(
         "u1", payload("u1", recorded)
-    )  # awaited here
+    )  # awaited here: this replica's own path persists it
+
+
+async def test_a_cached_list_older_than_the_report_never_refuses_it_for_good() -> None:
+    """The cache may predate the status write that recorded this launch (a relaunch with a new
+    token): the report is judged again on a list begun after it came, and taken."""
+    first, second = protocol.new_token(), protocol.new_token()
+    reports, kube = peer_reports([kernel("Launching", first)])
+    kube.after_list = lambda: kube.items.__setitem__(0, kernel("Launching", second))
+    with pytest.raises(Refused):
+        await reports("u1", payload("u1", protocol.new_token()))  # fills the cache with `first`
+    assert await reports("u1", payload("u1", second))
+    assert kube.lists == 2
+    assert [p.get("phase") for p in kube.patches if p.get("phase")] == ["Running"]
 
 
 # -- where launchers report ----------------------------------------------------------------------

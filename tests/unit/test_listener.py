@@ -106,7 +106,9 @@ async def test_a_launch_accepted_before_a_restart_is_acknowledged_again(
     assert (listener.accepted, listener.repeated, listener.rejected) == (0, 1, 2)
 
 
-async def test_a_wrong_token_is_rejected_and_the_launch_stays_pending(listener: ResponseListener) -> None:
+async def test_a_wrong_token_is_refused_for_good_and_the_launch_stays_pending(
+    listener: ResponseListener,
+) -> None:
     kernel_id, token = str(uuid.uuid4()), protocol.new_token()
     got: list[LaunchPayload] = []
 
@@ -115,9 +117,10 @@ async def test_a_wrong_token_is_rejected_and_the_launch_stays_pending(listener: 
 
     listener.expect(kernel_id, protocol.token_hash(token), on_launch)
     public = protocol.public_key_of(listener._private_key)
+    # Final: only the current launch's token is awaited here; the launcher stops its kernel.
     assert (
         await send(port_of(listener), protocol.seal_launch_payload(payload(kernel_id, "forged"), public))
-        == b""
+        == b"NO bad_token\n"
     )
     assert (
         await send(port_of(listener), protocol.seal_launch_payload(payload(kernel_id, token), public))
@@ -269,7 +272,7 @@ async def test_two_kernels_sharing_a_kernel_id_answer_only_for_their_own_launch(
     public = protocol.public_key_of(listener._private_key)
     # The second launcher's token presented for the first launch: refused, nothing consumed.
     forged = protocol.seal_launch_payload({**payload(kernel_id, tokens[second]), "launch_id": first}, public)
-    assert await send(port_of(listener), forged) == b""
+    assert await send(port_of(listener), forged) == b"NO bad_token\n"  # said to the sender only
     for launch_id in (first, second):
         frame = protocol.seal_launch_payload(
             {**payload(kernel_id, tokens[launch_id]), "launch_id": launch_id}, public

@@ -29,7 +29,9 @@ BACKENDS = (
     "yarn",
     "ssh",
 )
-LAUNCHER_LANGUAGES = ("python", "r")  # kernels the launcher starts: ipykernel, IRkernel
+LAUNCHER_LANGUAGES = ("python", "r", "scala")  # kernels the launcher starts: ipykernel, IRkernel, Toree
+# Backends that run Scala (Toree) kernels: the launcher beside Spark on a host or in an image.
+SCALA_BACKENDS = ("ssh", "kubernetes", "docker", "dockerSwarm")
 # Set by the operator from the spec; a user value that disagrees is an error, not an override.
 RESERVED_ENV = ("KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE")
 # The username of pool members that serve every user: their identity is bound at claim.
@@ -304,6 +306,12 @@ def build_request(
     if language not in LAUNCHER_LANGUAGES:
         raise SpecError(
             f"spec.kernel.language {language!r} has no launcher yet; use one of {', '.join(LAUNCHER_LANGUAGES)}.",
+            reason="LanguageNotSupported",
+        )
+    if language == "scala" and profile.backend not in SCALA_BACKENDS:
+        raise SpecError(
+            f"Scala kernels run on the {', '.join(SCALA_BACKENDS)} backends, not {profile.backend} "
+            f"(profile {profile.name}); pick a profile on one of those.",
             reason="LanguageNotSupported",
         )
     if profile.languages and language not in profile.languages:

@@ -4,6 +4,10 @@ the Remote Kernel Operator, and bootstrap kernel images.
     remote-kernel-spec install --profile python-pods --image-name my/kernel:1 --user
     remote-kernel-spec install --profile ssh-pool --remote-hosts node1 --remote-hosts node2 --language R
     remote-kernel-spec bootstrap --dest /usr/local/bin
+    remote-kernel-spec migrate --all --write-profiles profiles.yaml --replace
+
+``migrate`` rewrites kernelspecs written by gateway_provisioners' installers or Enterprise
+Gateway for the remote-kernel provisioner, and says what it could not carry over.
 
 Options the seed's jupyter-k8s-spec, -docker-spec, -yarn-spec and -ssh-spec had keep their
 names. Only options given are written (see ``kernelspec``).
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.paths import SYSTEM_JUPYTER_PATH, jupyter_data_dir
 
@@ -30,6 +36,7 @@ from .kernelspec import (
     build_kernelspec,
     default_kernel_name,
 )
+from .migrate import MigrationError, migrate_kernelspec
 
 
 def _pair(text: str) -> tuple[str, Any]:
@@ -67,7 +74,12 @@ def parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--swarm", action="store_true", help="the profile's backend is dockerSwarm (the seed's option)"
     )
-    install.add_argument("--language", default="python", type=str.lower, help="python or R (default python)")
+    install.add_argument(
+        "--language",
+        default="python",
+        type=str.lower,
+        help="python, R or scala (Apache Toree; default python)",
+    )
     install.add_argument("--kernel-name", default="", help="default remote_<backend>_<language>")
     install.add_argument("--display-name", default="")
     install.add_argument(
@@ -115,6 +127,39 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--sys-prefix", action="store_true", help=f"install into {sys.prefix}")
     where.add_argument("--prefix", help="install into this prefix")
     install.add_argument("--replace", action="store_true", help="replace a kernelspec of the same name")
+    migrate = commands.add_parser(
+        "migrate",
+        help="rewrite gateway_provisioners' or Enterprise Gateway's kernelspecs for the remote-kernel "
+        "provisioner",
+    )
+    migrate.add_argument(
+        "kernels",
+        nargs="*",
+        help="kernel names (as `jupyter kernelspec list` shows) or kernelspec directories",
+    )
+    migrate.add_argument(
+        "--all", action="store_true", help="every installed kernelspec of gateway_provisioners or EG"
+    )
+    migrate.add_argument(
+        "--profile",
+        help="the RemoteKernelProfile every migrated kernelspec uses (default: one per kernelspec)",
+    )
+    migrate.add_argument("--namespace", help="namespace of the RemoteKernels")
+    migrate.add_argument("--operator-class", help="the operator (RKO_OPERATOR_CLASS) that handles them")
+    migrate.add_argument(
+        "--write-profiles",
+        metavar="FILE",
+        help="write the RemoteKernelProfiles an administrator would apply ('-': standard output)",
+    )
+    migrate.add_argument("--suffix", default="", help="added to each kernel name (default: the same name)")
+    migrate.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    migrate_where = migrate.add_mutually_exclusive_group()
+    migrate_where.add_argument("--user", action="store_true", help="install for the current user")
+    migrate_where.add_argument("--sys-prefix", action="store_true", help=f"install into {sys.prefix}")
+    migrate_where.add_argument("--prefix", help="install into this prefix")
+    migrate.add_argument(
+        "--replace", action="store_true", help="replace a kernelspec of the same name (e.g. the original)"
+    )
     bootstrap = commands.add_parser("bootstrap", help="write bootstrap-kernel.sh into a kernel image")
     bootstrap.add_argument("--dest", default="/usr/local/bin")
     bootstrap.add_argument(
@@ -178,12 +223,103 @@ def install(args: argparse.Namespace) -> Path:
     return Path(installed)
 
 
+def _write_kernelspec(
+    name: str, spec: dict[str, Any], source_dir: Path | None, args: argparse.Namespace
+) -> Path:
+    """Install ``spec`` as ``name`` (with the source's logos), as ``install`` does."""
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    target = destination(name, args.user, prefix)
+    if target.exists() and not args.replace:
+        raise SpecOptionError(
+            f"A kernelspec {name!r} is already installed at {target}; add --replace to replace it, or "
+            "--suffix to install beside it."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        for logo in sorted(source_dir.glob("logo-*")) if source_dir else []:
+            shutil.copyfile(logo, Path(tmp) / logo.name)
+        # The original's launch scripts are not copied: our launcher replaces them.
+        installed = KernelSpecManager().install_kernel_spec(tmp, name, user=args.user, prefix=prefix)
+    return Path(installed)
+
+
+def _sources(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(kernel name, kernelspec directory) for each kernelspec to migrate."""
+    found = KernelSpecManager().find_kernel_specs()
+    sources: list[tuple[str, Path]] = []
+    for item in args.kernels:
+        path = Path(item)
+        if (path / "kernel.json").is_file():
+            sources.append((path.name, path))
+        elif item in found:
+            sources.append((item, Path(found[item])))
+        else:
+            raise SpecOptionError(
+                f"No kernelspec {item!r}: give a name `jupyter kernelspec list` shows, or a directory."
+            )
+    if args.all:
+        sources += [(name, Path(path)) for name, path in sorted(found.items()) if name not in args.kernels]
+    if not sources:
+        raise SpecOptionError("Name the kernelspecs to migrate, or give --all.")
+    return sources
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """Migrate each kernelspec; 0 when every one named was migrated."""
+    failed = 0
+    profiles: list[dict[str, Any]] = []
+    for name, directory in _sources(args):
+        try:
+            spec = json.loads((directory / "kernel.json").read_text())
+            result = migrate_kernelspec(
+                name + args.suffix,
+                spec,
+                profile=args.profile,
+                namespace=args.namespace,
+                operator_class=args.operator_class,
+            )
+        except (MigrationError, SpecOptionError, ValueError, OSError) as err:
+            explicit = name in args.kernels or str(directory) in args.kernels
+            print(f"{'Cannot migrate' if explicit else 'Skipped'} {name}: {err}", file=sys.stderr)
+            failed += explicit
+            continue
+        if args.dry_run:
+            print(f"Would migrate {name} ({result.source}) to {name + args.suffix}:")
+            print(json.dumps(result.kernelspec, indent=2))
+        else:
+            path = _write_kernelspec(name + args.suffix, result.kernelspec, directory, args)
+            print(f"Migrated {name} ({result.source}) to {path}")
+        for line in result.moved:
+            print(f"  moved: {line}")
+        for line in result.dropped:
+            print(f"  not carried over: {line}")
+        if not args.profile:
+            profiles.append(result.profile)
+    if profiles and args.write_profiles:
+        text = yaml.safe_dump_all(profiles, sort_keys=False)
+        if args.write_profiles == "-":
+            print(text, end="")
+        else:
+            Path(args.write_profiles).write_text(text)
+            print(
+                f"Wrote {len(profiles)} RemoteKernelProfile(s) to {args.write_profiles}: kubectl apply -f it."
+            )
+    elif profiles:
+        names = ", ".join(p["metadata"]["name"] for p in profiles)
+        print(
+            f"The migrated kernelspecs use the RemoteKernelProfiles {names}; --write-profiles FILE writes them."
+        )
+    return 2 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "install":
             path = install(args)
             print(f"Installed kernelspec {path.name} in {path}")
+        elif args.command == "migrate":
+            return migrate(args)
         else:
             script = Path(args.dest) / "bootstrap-kernel.sh"
             script.parent.mkdir(parents=True, exist_ok=True)

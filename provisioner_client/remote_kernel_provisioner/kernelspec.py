@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BACKENDS = ("kubernetes", "docker", "dockerSwarm", "yarn", "ssh", "sparkApplication", "customResource")
-LANGUAGES = ("python", "r")
+LANGUAGES = ("python", "r", "scala")
+LANGUAGE_NAMES = {"python": "python", "r": "R", "scala": "scala"}  # kernel.json's "language"
+KERNEL_NAMES = {"r": "IRkernel", "scala": "Apache Toree"}
+SCALA_BACKENDS = ("ssh", "kubernetes", "docker", "dockerSwarm")  # as the operator's spec.py says
 ENCRYPTION = ("disabled", "auto", "required")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what jupyter_client accepts as a kernel name
 _PORT_RANGE = re.compile(r"^\d+\.\.\d+$")
@@ -63,7 +66,11 @@ def _check(options: SpecOptions) -> None:
     if options.profile is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", options.profile):
         raise SpecOptionError(f"--profile {options.profile!r} is not a RemoteKernelProfile name.")
     if options.language not in LANGUAGES:
-        raise SpecOptionError(f"--language {options.language!r} must be python or r.")
+        raise SpecOptionError(f"--language {options.language!r} must be python, r or scala.")
+    if options.language == "scala" and options.backend not in (None, *SCALA_BACKENDS):
+        raise SpecOptionError(
+            f"Scala kernels run on the {', '.join(SCALA_BACKENDS)} backends, not {options.backend}."
+        )
     if options.kernel_name and not _NAME.match(options.kernel_name):
         raise SpecOptionError(
             f"--kernel-name {options.kernel_name!r} may hold only letters, digits, '.', '_' and '-'."
@@ -90,9 +97,10 @@ def _check(options: SpecOptions) -> None:
     if options.transport_encryption is not None:
         if options.transport_encryption not in ENCRYPTION:
             raise SpecOptionError(f"--transport-encryption must be one of {', '.join(ENCRYPTION)}.")
-        if options.language == "r" and options.transport_encryption == "required":
+        if options.language != "python" and options.transport_encryption == "required":
             raise SpecOptionError(
-                "R kernels (IRkernel) do not support CurveZMQ: --transport-encryption required cannot work."
+                f"{options.language.capitalize()} kernels ({KERNEL_NAMES[options.language]}) do not support "
+                "CurveZMQ: --transport-encryption required cannot work."
             )
     if options.remote_hosts and options.backend not in (None, "ssh"):
         raise SpecOptionError("--remote-hosts applies to the ssh backend only.")
@@ -143,19 +151,21 @@ def build_kernelspec(options: SpecOptions) -> dict[str, Any]:
         "kernel_provisioner": {"provisioner_name": "remote-kernel", "config": config},
     }
     if python:
-        # ipykernel speaks CurveZMQ through our launcher and has a debugger; IRkernel neither.
+        # ipykernel speaks CurveZMQ through our launcher and has a debugger; IRkernel and Toree
+        # neither.
         metadata["supported_encryption"] = ["curve"]
         metadata["debugger"] = True
-    language = "python" if python else "R"
+    language = LANGUAGE_NAMES[options.language]
     return {
         # The operator builds the launcher's command; argv is what jupyter_client requires a
         # kernelspec to have, and documents which launcher runs.
         "argv": ["python", "-m", "kernel_launchers.python_launcher", "--kernel-language", options.language],
         "display_name": options.display_name
-        or f"{language} on {options.profile or options.backend or 'the default profile'} (remote)",
+        or f"{language.capitalize() if language == 'scala' else language} on "
+        f"{options.profile or options.backend or 'the default profile'} (remote)",
         "language": language,
-        # IRkernel cannot be interrupted by a control message; a signal reaches it through the
-        # operator and the launcher.
+        # IRkernel and Toree cannot be interrupted by a control message; a signal (SIGINT, which
+        # Toree turns into interrupting the cell) reaches them through the operator and the launcher.
         "interrupt_mode": "message" if python else "signal",
         "env": dict(options.env),
         "metadata": metadata,

@@ -114,6 +114,14 @@ def test_an_r_kernelspec_is_interrupted_by_signal_and_declares_no_curve(tmp_path
     assert (tmp_path / "share" / "jupyter" / "kernels" / "remote_kubernetes_r").is_dir()
 
 
+def test_a_scala_kernelspec_runs_toree_is_interrupted_by_signal_and_declares_no_curve(tmp_path: Path) -> None:
+    spec = install(tmp_path, "--profile", "scala-ssh", "--language", "scala")
+    assert spec["language"] == "scala" and spec["interrupt_mode"] == "signal"
+    assert spec["display_name"] == "Scala on scala-ssh (remote)"
+    assert "supported_encryption" not in spec["metadata"] and "debugger" not in spec["metadata"]
+    assert spec["argv"][-2:] == ["--kernel-language", "scala"]
+
+
 def test_an_existing_kernelspec_needs_replace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     install(tmp_path, "--backend", "kubernetes", "--launch-timeout", "10")
     assert main(["install", "--prefix", str(tmp_path), "--backend", "kubernetes"]) == 2
@@ -141,7 +149,9 @@ def test_user_and_sys_prefix_install_where_jupyter_looks(
     ("options", "words"),
     [
         (SpecOptions(backend="mesos"), "--backend 'mesos'"),
-        (SpecOptions(backend="ssh", language="scala"), "python or r"),
+        (SpecOptions(backend="ssh", language="julia"), "python, r or scala"),
+        (SpecOptions(backend="yarn", language="scala"), "Scala kernels run on the ssh"),
+        (SpecOptions(backend="ssh", language="scala", transport_encryption="required"), "Apache Toree"),
         (SpecOptions(backend="ssh", kernel_name="a b"), "--kernel-name"),
         (SpecOptions(backend="ssh", port_range="1-2"), "lower..upper"),
         (SpecOptions(backend="ssh", port_range="40000..40010"), "at least 1000"),

@@ -110,6 +110,9 @@ def test_the_backend_and_its_settings_come_from_the_profile_never_the_spec() -> 
         ),
         # Languages and users the profile allows.
         ({"kernel": {"language": "r"}}, {"languages": ["python"]}, "LanguageNotSupported", "python"),
+        ({"kernel": {"language": "scala"}}, {"languages": ["python"]}, "LanguageNotSupported", "python"),
+        ({"kernel": {"language": "scala"}}, {"backend": "yarn"}, "LanguageNotSupported", "not yarn"),
+        ({"kernel": {"language": "julia"}}, {}, "LanguageNotSupported", "python, r, scala"),
         ({}, {"users": {"authorized": ["bob"]}}, "Unauthorized", "profile p"),
         ({"kernel": {"className": "os;import os"}}, {}, "InvalidSpec", "dotted Python name"),
         # Backend blocks: only the tenant's fields, only for the profile's backend.
@@ -122,6 +125,11 @@ def test_what_a_tenant_may_not_set_is_refused_with_a_reason(
     spec: dict[str, Any], profile: dict[str, Any], reason: str, words: str
 ) -> None:
     refused(reason, words, spec, **profile)
+
+
+def test_a_scala_kernel_runs_where_its_profile_allows_it() -> None:
+    request = build({"kernel": {"language": "scala"}}, languages=["scala"])
+    assert request.language == "scala" and request.env["KERNEL_LANGUAGE"] == "scala"
 
 
 def test_what_the_profile_leaves_open_passes_and_its_defaults_apply() -> None:

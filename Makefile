@@ -14,7 +14,7 @@ help:
 	@echo "make run           run the operator against the current kubeconfig (KUBECONFIG)"
 	@echo "make bench         launch latency (p50/p95), bursts, scale and launch steps against the alternatives"
 	@echo "make chaos         the fault suite at full size: the operator killed during 50 launches, five rounds"
-	@echo "make images        build the Python kernel image and the ssh test hosts' environment locally"
+	@echo "make images        build the Python, R and Scala kernel images and the ssh test hosts' environment locally"
 	@echo "make operator-image  build the operator's image (Dockerfile) into the local Docker engine"
 	@echo "make yarn          build the test YARN and the kernel's YARN ApplicationMaster with Maven"
 	@echo "make chart         lint and render the Helm chart (helm is built from its Go module once)"
@@ -58,7 +58,7 @@ cluster-status: venv
 
 images: venv
 	@bash hack/install-system-deps.sh
-	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel images:', e.build_kernel_image(), e.build_kernel_image('r'))"
+	@$(VPY) -c "from localcluster.docker import DockerEngine as E; e = E(); e.start(); print('Kernel images:', e.build_kernel_image(), e.build_kernel_image('r'), e.build_kernel_image('scala'))"
 	@echo "ssh test hosts' Python environment: $$(bash hack/images/build-host-env.sh)"
 
 operator-image: venv

@@ -37,6 +37,7 @@ from localcluster import LocalCluster, free_port
 from localcluster.cluster import REPO_ROOT
 from localcluster.crds import install_crds
 from localcluster.docker import DockerEngine
+from localcluster.gateway_provisioners import GP_VERSION, gp_install, gp_venv
 from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
@@ -48,7 +49,6 @@ from tests.spark_operator import CRD as SPARK_CRD
 from tests.spark_operator import controller_command as spark_controller_command
 
 WORK = REPO_ROOT / ".cache" / "bench"
-GP_VERSION = "0.5.0"
 MEASURE = Path(__file__).with_name("measure.py")
 SERVER_MEASURE = Path(__file__).with_name("jupyter_server_latency.py")
 
@@ -60,38 +60,16 @@ def p95(values: list[float]) -> float:
 
 def gateway_provisioners_python() -> Path:
     """A separate venv with gateway_provisioners from PyPI and its ssh kernelspec."""
-    venv = WORK / f"gp-{GP_VERSION}"
-    python = venv / "bin" / "python"
-    spec = venv / "share" / "jupyter" / "kernels" / "gp_ssh" / "kernel.json"
-    # Its YarnProvisioner needs the yarn extra (yarn-api-client); older caches lack it.
-    has_yarn = (venv / "lib").exists() and any((venv / "lib").glob("python3*/site-packages/yarn_api_client"))
-    if not spec.exists() or not has_yarn:
-        print(f"==> Installing gateway_provisioners {GP_VERSION} into {venv}...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                f"gateway_provisioners[yarn]=={GP_VERSION}",
-                "ipykernel",
-            ],
-            check=True,
-        )
-        subprocess.run(
-            [
-                str(venv / "bin" / "jupyter-ssh-spec"),
-                "install",
-                "--sys-prefix",
-                "--kernel-name",
-                "gp_ssh",
-                "--remote-hosts",
-                "localhost",
-            ],
-            check=True,
-            capture_output=True,
+    python = gp_venv(WORK / f"gp-{GP_VERSION}")
+    spec = python.parents[1] / "share" / "jupyter" / "kernels" / "gp_ssh" / "kernel.json"
+    if not spec.exists():
+        gp_install(
+            "jupyter-ssh-spec",
+            python.parents[1],
+            "gp_ssh",
+            "--remote-hosts",
+            "localhost",
+            venv=python.parents[1],
         )
     return python
 

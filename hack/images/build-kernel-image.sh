@@ -2,7 +2,8 @@
 # Builds a kernel image locally (no registry is reachable): a Debian bookworm rootfs made with
 # debootstrap from Debian's mirror, a venv with ipykernel and our launcher, imported into the
 # Docker engine named by DOCKER_HOST. With argument "r", also Debian's R and IRkernel (the R
-# kernel image). Cached: the rootfs under .cache/images, the image tag keyed by the hash of
+# kernel image); with "scala", Debian's Java 17 and, from PyPI, pyspark (Spark 3.5.3, Scala 2.12)
+# and toree (Apache Toree's assembly jar), which the launcher finds beside it. Cached: the rootfs under .cache/images, the image tag keyed by the hash of
 # this script and the launcher's sources, so it is rebuilt only when those change. Prints the
 # image reference on its last line.
 set -euo pipefail
@@ -12,7 +13,8 @@ language="${1:-python}"
 case "$language" in
   python) extra_packages="" ;;
   r) extra_packages="r-base-core r-cran-irkernel" ;;
-  *) echo "usage: $0 [python|r]" >&2; exit 2 ;;
+  scala) extra_packages="openjdk-17-jre-headless" ;;
+  *) echo "usage: $0 [python|r|scala]" >&2; exit 2 ;;
 esac
 key="$(cat "$0" "$here/base-rootfs.sh" "$root/pyproject.toml" $(find "$root/launchers" -name '*.py' | sort) | sha256sum | cut -c1-12)"
 image="rko-kernel-$language:$key"
@@ -35,19 +37,31 @@ mkdir -p "$wheels"
 python3 -m pip download -q --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
   --implementation cp -d "$wheels" ipykernel pyzmq cryptography >&2
 python3 -m pip wheel -q --no-deps -w "$wheels" "$root" >&2
+if [[ "$language" == scala ]]; then
+  # sdists on PyPI: built into wheels here (pip caches them), installed without their Python
+  # dependencies (the kernel is Toree's JVM; the launcher needs only Spark's files and the jar).
+  python3 -m pip wheel -q --no-deps -w "$wheels" pyspark==3.5.3 toree==0.5.0 >&2
+fi
 echo "Installing ipykernel and the launcher into /opt/kernel..." >&2
 chroot "$work" python3 -m venv /opt/kernel
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --find-links /tmp/wheels ipykernel pyzmq cryptography' >&2
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps /tmp/wheels/remote_kernel_operator-*.whl' >&2
+if [[ "$language" == scala ]]; then
+  chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps --find-links /tmp/wheels pyspark toree' >&2
+fi
 rm -rf "$wheels"
 # A fixed path for the launcher as a Spark application's main file (SparkApplication kernels).
 chroot "$work" /bin/sh -c 'mkdir -p /usr/local/lib/rko && ln -s "$(/opt/kernel/bin/python -c "import kernel_launchers, os; print(os.path.dirname(kernel_launchers.__file__))")/spark_driver.py" /usr/local/lib/rko/spark_driver.py' >&2
 if [[ -n "$extra_packages" ]]; then
   echo "Installing $extra_packages from Debian into the image (a minute or two)..." >&2
   cp /etc/resolv.conf "$work/etc/resolv.conf"
+  # Java's package scripts run java, which needs /proc.
+  mount -t proc proc "$work/proc"
+  trap 'umount "$work/proc" 2>/dev/null || true' EXIT
   chroot "$work" apt-get update -qq >&2
   chroot "$work" /bin/sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $extra_packages" >&2
   chroot "$work" apt-get clean
+  umount "$work/proc"
   rm -rf "$work/var/lib/apt/lists"/* "$work/etc/resolv.conf"
 fi
 chroot "$work" /usr/sbin/useradd --create-home --uid 1000 jovyan >&2

@@ -160,5 +160,5 @@ class DockerEngine:
         return self._build_image("build-operator-image.sh", what="operator image")
 
     def build_kernel_image(self, language: str = "python") -> str:
-        """Build (or find) the kernel image for ``language`` (python or r); returns its reference."""
+        """Build (or find) the kernel image for ``language`` (python, r or scala); returns its reference."""
         return self._build_image("build-kernel-image.sh", language, what="kernel image")

@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         default=env.get("KERNEL_SPARK_INIT_MODE") or None,
         type=str.lower,
         choices=("lazy", "eager", "none"),
-        help="Spark in the kernel: Python kernels default to none, Scala (Toree) kernels to lazy",
+        help="Spark in the kernel: Python kernels default to none, Scala (Toree) kernels to eager",
     )
     parser.add_argument(
         "--exit-with-parent",
@@ -171,7 +171,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         run_dir=run_dir,
         response_retry_seconds=ns.response_retry_seconds,
         spark_context_initialization_mode=ns.spark_context_initialization_mode
-        or ("lazy" if ns.kernel_language == "scala" else "none"),
+        # Toree 0.5's SIGINT handler starts a lazy Spark in the JVM's signal thread, which has no
+        # context class loader, and fails: an interrupt before Spark's first use would be lost.
+        # Eager costs ~2 s to the kernel's first reply and nothing to the first Spark result.
+        or ("eager" if ns.kernel_language == "scala" else "none"),
         kernel_language=ns.kernel_language,
         r_executable=ns.r_executable,
         exit_with_parent=ns.exit_with_parent,
@@ -373,8 +376,8 @@ def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str
     """Apache Toree on the connection file, through spark-submit (as Toree's own run.sh does).
 
     SPARK_OPTS (the administrator's, from the profile) come first; the main class, the jar and
-    Toree's options are the launcher's. Spark starts ``lazy`` (on first use of ``sc``/``spark``)
-    unless ``eager`` is asked for (``none``: no Spark context).
+    Toree's options are the launcher's. Spark starts ``eager`` unless ``lazy`` (on first use of
+    ``sc``/``spark``; an interrupt before that use is lost, see parse_args) or ``none`` is asked.
     """
     home, jar = spark_home(environ), toree_assembly(environ)
     return [
@@ -390,7 +393,7 @@ def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str
         "--profile",
         str(connection_file),
         "--spark-context-initialization-mode",
-        spark_init if spark_init in ("lazy", "eager", "none") else "lazy",
+        spark_init if spark_init in ("lazy", "eager", "none") else "eager",
     ]
 
 

@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from localcluster import ClusterError, LocalCluster, free_port
 from localcluster.docker import DockerEngine
+from localcluster.gateway_provisioners import gp_install, gp_venv
 from localcluster.hosts import HostPool
 from localcluster.node import FIXED_PATHS, KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
@@ -253,9 +254,40 @@ def kernel_image(docker_engine: DockerEngine) -> str:
 
 
 @pytest.fixture(scope="session")
+def gp_kernelspecs(tmp_path_factory: pytest.TempPathFactory, kernel_image: str) -> Path:
+    """Every kernelspec gateway_provisioners' installers make here, as an administrator ran them;
+    the Jupyter data directory that holds them."""
+    gp_venv()
+    prefix = tmp_path_factory.mktemp("gp")
+    installs: list[tuple[str, str, list[str]]] = [
+        ("jupyter-k8s-spec", "gp_k8s_py", ["--image-name", kernel_image]),
+        ("jupyter-k8s-spec", "gp_k8s_scala", ["--language", "Scala", "--image-name", kernel_image]),
+        ("jupyter-k8s-spec", "gp_k8s_spark_crd", ["--spark", "--crd", "--image-name", kernel_image]),
+        ("jupyter-docker-spec", "gp_docker_py", ["--image-name", kernel_image]),
+        ("jupyter-docker-spec", "gp_swarm_py", ["--swarm", "--image-name", kernel_image]),
+        ("jupyter-ssh-spec", "gp_ssh_py", ["--remote-hosts", "127.0.0.1", "--authorized-users", "alice"]),
+        ("jupyter-yarn-spec", "gp_yarn_spark", []),
+        ("jupyter-yarn-spec", "gp_yarn_scala", ["--language", "Scala"]),
+    ]
+    for installer, name, options in installs:
+        gp_install(installer, prefix, name, *options)
+    # Its ssh installer cannot make an R kernelspec at all (0.5.0 ships no R launcher for it).
+    with pytest.raises(RuntimeError, match="kernel-launchers/r"):
+        gp_install("jupyter-ssh-spec", prefix, "gp_ssh_r", "--language", "R", "--remote-hosts", "127.0.0.1")
+    return prefix / "share" / "jupyter"
+
+
+@pytest.fixture(scope="session")
 def r_kernel_image(docker_engine: DockerEngine) -> str:
     """The R kernel image (R, IRkernel and our launcher), built locally once."""
     return docker_engine.build_kernel_image("r")
+
+
+@pytest.fixture(scope="session")
+def scala_kernel_image(docker_engine: DockerEngine) -> str:
+    """The Scala kernel image (Java 17, Spark from pyspark, Apache Toree, our launcher), built
+    locally once."""
+    return docker_engine.build_kernel_image("scala")
 
 
 @pytest.fixture(scope="session")

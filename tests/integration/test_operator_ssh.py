@@ -563,12 +563,12 @@ async def test_another_process_reattaches_through_provisioner_info(
 
 
 @contextlib.asynccontextmanager
-async def ready_client(km: AsyncKernelManager) -> AsyncIterator[Any]:
+async def ready_client(km: AsyncKernelManager, timeout: float = 30) -> AsyncIterator[Any]:
     """A client of ``km``'s kernel, ready to execute; its channels are stopped afterwards."""
     kc = km.client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=30)
+        await kc.wait_for_ready(timeout=timeout)
         yield kc
     finally:
         kc.stop_channels()

@@ -8,6 +8,7 @@ no YARN application may be left running.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,10 @@ from localcluster import free_port
 from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
+from tests.profiles import apply_profile
 
 from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
+from .test_migrate import migrate_all
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -442,3 +445,44 @@ def test_a_spark_kernel_claimed_from_a_pool_has_spark_ready_at_once(
     assert app["applicationType"] == "SPARK" and app["user"] == "alice"
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "remotekernelpools", "spark")
     delete_and_wait_gone(custom, namespace, name, timeout=60)
+
+
+async def test_a_kernel_starts_from_the_migrated_spark_on_yarn_kernelspec(
+    gp_kernelspecs: Path,
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code, profiles, _ = migrate_all(
+        gp_kernelspecs, tmp_path, monkeypatch, "--namespace", namespace, "--operator-class", CLASS
+    )
+    assert code == 0
+    profile = next(p for p in profiles if p["metadata"]["name"] == "gp-yarn-spark")
+    assert profile["spec"]["yarn"] == {"spark": True}
+    apply_profile(custom.api_client, "gp-yarn-spark", profile["spec"], False)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    km = AsyncKernelManager(kernel_name="gp_yarn_spark")
+    env = {
+        **os.environ,
+        "KERNEL_USERNAME": "alice",
+        "KERNEL_DRIVER_MEMORY": "512m",
+        "KERNEL_EXECUTOR_MEMORY": "512m",
+    }
+    await km.start_kernel(env=env)
+    try:
+        async with ready_client(km, timeout=120) as kc:
+            out: list[str] = []
+            reply = await kc.execute_interactive(
+                "print(sc.range(1000).sum())",
+                timeout=180,
+                output_hook=lambda m: out.append(m["content"].get("text", "")),
+            )
+            assert reply["content"]["status"] == "ok" and "".join(out).strip() == "499500"
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert get(custom, namespace, f"k-{km.kernel_id}") is None

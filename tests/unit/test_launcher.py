@@ -297,22 +297,22 @@ def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> 
     assert "refused this launch for good (bad_token)" in (tmp_path / "exit_status").read_text()
 
 
-def test_a_scala_kernel_is_toree_through_spark_submit_with_spark_lazy_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_scala_kernel_is_toree_through_spark_submit_with_spark_eager_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from kernel_launchers.python_launcher import TOREE_JAVA_OPTIONS, kernel_command
 
     args = parse_args([*BASE, "--kernel-language", "scala"], {"RKO_LAUNCH_TOKEN": "t"})
-    assert args.spark_context_initialization_mode == "lazy"
-    eager = parse_args(
-        [*BASE, "--kernel-language", "scala"], {"RKO_LAUNCH_TOKEN": "t", "KERNEL_SPARK_INIT_MODE": "eager"}
+    assert args.spark_context_initialization_mode == "eager"  # an interrupt works from the start
+    lazy = parse_args(
+        [*BASE, "--kernel-language", "scala"], {"RKO_LAUNCH_TOKEN": "t", "KERNEL_SPARK_INIT_MODE": "lazy"}
     )
-    assert eager.spark_context_initialization_mode == "eager"
+    assert lazy.spark_context_initialization_mode == "lazy"
     assert parse_args(BASE, {"RKO_LAUNCH_TOKEN": "t"}).spark_context_initialization_mode == "none"  # Python
     env = {
         "SPARK_HOME": "/opt/spark",
         "TOREE_ASSEMBLY": "/opt/toree.jar",
         "SPARK_OPTS": "--master local[2] --conf 'spark.app.name=a b'",
     }
-    cmd = kernel_command(tmp_path / "kernel.json", None, "scala", spark_init="eager", environ=env)
+    cmd = kernel_command(tmp_path / "kernel.json", None, "scala", spark_init="lazy", environ=env)
     assert cmd[0] == "/opt/spark/bin/spark-submit"
     assert cmd[3:7] == ["--master", "local[2]", "--conf", "spark.app.name=a b"]  # the profile's, quoted
     assert cmd[7:] == [
@@ -324,7 +324,7 @@ def test_a_scala_kernel_is_toree_through_spark_submit_with_spark_lazy_by_default
         "--profile",
         str(tmp_path / "kernel.json"),
         "--spark-context-initialization-mode",
-        "eager",
+        "lazy",
     ]
 
 

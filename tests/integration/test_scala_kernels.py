@@ -1,0 +1,207 @@
+"""Scala kernels (Apache Toree from PyPI's toree 0.5.0, Spark from pyspark 3.5.3) through the same
+launcher, handshake and control port as Python and R: over ssh through a real sshd, run by
+nbclient and by jupyter_client's AsyncKernelManager; kernelspecs made by our installer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from kubernetes import client
+from nbclient import NotebookClient
+
+from localcluster.servers import OperatorProcess, Sshd
+from remote_kernel_provisioner.cli import main as spec_cli
+from tests.helpers import wait_for
+from tests.profiles import ensure_profile
+
+from .test_operator_ssh import _reply_to, get, make_kernel, ready_client, wait_phase
+
+pytestmark = pytest.mark.timeout(420)
+SCALA_PROFILE = {"backend": "ssh", "languages": ["scala"], "ssh": {"hosts": ["127.0.0.1"]}}
+
+
+def toree_jvms() -> list[str]:
+    """Toree JVMs on this machine, by their command lines."""
+    found = subprocess.run(["pgrep", "-af", "org.apache.toree.Main"], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture
+def scala_kernelspec(
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> str:
+    """`remote-kernel-spec install --language scala` against the administrator's Scala profile."""
+    profile = ensure_profile(custom.api_client, SCALA_PROFILE)
+    prefix = tmp_path / "prefix"
+    args = ["install", "--prefix", str(prefix), "--language", "scala", "--kernel-name", "remote_scala"]
+    assert (
+        spec_cli([*args, "--namespace", namespace, "--profile", profile, "--remote-hosts", "127.0.0.1"]) == 0
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KERNEL_USERNAME", "alice")
+    return "remote_scala"
+
+
+def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
+    operator: OperatorProcess,
+    sshd: Sshd,
+    scala_kernelspec: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("sc.parallelize(1 to 1000).sum"),
+        nbformat.v4.new_code_cell(
+            'spark.sql("SELECT count(*) AS n, sum(id) AS s FROM range(100)").collect()(0).toString'
+        ),
+        nbformat.v4.new_code_cell('sys.env("KERNEL_USERNAME") + " " + spark.version'),
+    ]
+    began = time.monotonic()
+    NotebookClient(nb, kernel_name=scala_kernelspec, timeout=180, startup_timeout=240).execute()
+    took = time.monotonic() - began
+
+    def result(i: int) -> str:
+        return str(nb.cells[i].outputs[-1]["data"]["text/plain"])
+
+    assert result(0) in ("500500", "500500.0")  # RDD.sum is a Double
+    assert result(1) == "[100,4950]"
+    assert result(2) == "alice 3.5.3"
+    print(f"Scala notebook over ssh: 3 cells, start to finish {took:.1f} s")
+    # nbclient shut the kernel down: its RemoteKernel and its JVM are gone.
+    wait_for(
+        lambda: (
+            not custom.list_namespaced_custom_object(
+                "kernel-operator.io", "v1alpha1", namespace, "remotekernels"
+            )["items"]
+        ),
+        timeout=60,
+        what="the RemoteKernel deleted",
+    )
+    wait_for(lambda: not toree_jvms(), timeout=30, what="no Toree JVM left")
+
+
+async def run_scala(kc: Any, code: str) -> tuple[dict[str, Any], str]:
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        data = msg["content"].get("data") or {}
+        out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
+
+    reply = await kc.execute_interactive(code, timeout=180, output_hook=hook)
+    return reply["content"], "".join(out)
+
+
+async def test_a_scala_kernel_is_interrupted_restarted_and_shut_down_leaving_no_jvm(
+    operator: OperatorProcess,
+    sshd: Sshd,
+    scala_kernelspec: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    km = AsyncKernelManager(kernel_name=scala_kernelspec)
+    await km.start_kernel(env={**os.environ})
+    try:
+        rk = get(custom, namespace, f"k-{km.kernel_id}")
+        assert rk is not None and rk["spec"]["kernel"]["language"] == "scala"
+        assert rk["status"]["backendRef"]["local"] is False  # through sshd
+        async with ready_client(km, timeout=240) as kc:
+            reply, out = await run_scala(kc, "val x = 6 * 7\nx")
+            assert reply["status"] == "ok" and out.endswith("42"), out
+            # Toree takes no interrupt message: the kernelspec says signal (SIGINT through the
+            # operator and the launcher), which Toree turns into interrupting the cell.
+            msg_id = kc.execute("Thread.sleep(120000)")
+            await asyncio.sleep(3)
+            started = time.monotonic()
+            await km.interrupt_kernel()
+            interrupted = await _reply_to(kc, msg_id, timeout=60)
+            assert interrupted["content"]["status"] == "error"
+            assert "InterruptedException" in interrupted["content"]["ename"]
+            assert time.monotonic() - started < 30
+            reply, out = await run_scala(kc, "x + 1")  # the session survives the interrupt
+            assert reply["status"] == "ok" and out.endswith("43"), out
+        first = km.kernel_id
+        jvms_before = toree_jvms()
+        assert len(jvms_before) == 1, jvms_before
+        await km.restart_kernel(now=True)
+        assert km.kernel_id == first  # the same kernel id, a new RemoteKernel and JVM
+        async with ready_client(km, timeout=240) as kc:
+            reply, out = await run_scala(kc, "sc.parallelize(1 to 10).count")
+            assert reply["status"] == "ok" and out.endswith("10"), out
+        assert toree_jvms() != jvms_before
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert get(custom, namespace, f"k-{km.kernel_id}") is None
+    wait_for(lambda: not toree_jvms(), timeout=30, what="no Toree JVM left after shutdown")
+
+
+async def test_a_scala_kernel_runs_spark_in_a_pod_from_the_scala_image(
+    operator: OperatorProcess,
+    node_images: Callable[[str], str],
+    scala_kernel_image: str,
+    custom: client.CustomObjectsApi,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = node_images(scala_kernel_image)  # copied into the node's containerd
+    profile = ensure_profile(
+        custom.api_client, {"backend": "kubernetes", "languages": ["scala"], "image": image}
+    )
+    prefix = tmp_path / "prefix"
+    args = ["install", "--prefix", str(prefix), "--language", "scala", "--kernel-name", "pod_scala"]
+    assert spec_cli([*args, "--namespace", namespace, "--profile", profile]) == 0
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    km = AsyncKernelManager(kernel_name="pod_scala")
+    began = time.monotonic()
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    try:
+        async with ready_client(km, timeout=240) as kc:
+            reply, out = await run_scala(kc, "sc.parallelize(1 to 1000).sum")
+            assert reply["status"] == "ok" and out.endswith(("500500", "500500.0")), out
+            reply, out = await run_scala(
+                kc,
+                'spark.sql("SELECT count(*) FROM range(100)").collect()(0).getLong(0) + " " + sys.env("KERNEL_POD_NAME")',
+            )
+            assert reply["status"] == "ok" and out.endswith(f"100 k-{km.kernel_id}"), out
+        print(
+            f"Scala kernel in a pod: first Spark result {time.monotonic() - began:.1f} s after start_kernel"
+        )
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert get(custom, namespace, f"k-{km.kernel_id}") is None
+
+
+def test_a_scala_kernel_refuses_required_encryption_and_yarn_with_a_clear_reason(
+    operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str
+) -> None:
+    name, _ = make_kernel(
+        namespace,
+        custom,
+        kernel={"language": "scala"},
+        transportEncryption="required",
+        ssh={"hosts": ["localhost"]},
+    )
+    status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=240)["status"]
+    assert status["phase"] == "Failed", status
+    assert "Apache Toree does not support CurveZMQ" in status["message"]
+    name, _ = make_kernel(namespace, custom, backend="yarn", kernel={"language": "scala"})
+    status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "LanguageNotSupported"), status
+    assert "Scala kernels run on the ssh" in status["message"]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .attached import CONNECTION_LINE, AttachedKernel
 from .ports import PortRangeError, bind_free_port, free_ports, held, in_use, listening_ports, parse_port_range
 
 log = logging.getLogger("kernel_launchers")
@@ -79,6 +80,7 @@ class LauncherArgs:
     launch_id: str = ""  # what the operator knows this launch by (its RemoteKernel's uid)
     # Every replica of the operator the launcher may report to, the launching one first.
     response_addresses: tuple[tuple[str, int], ...] = ()
+    kernel_pid: int | None = None  # attached: the kernel is this process (see attached.py)
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> LauncherArgs:
@@ -119,6 +121,13 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         type=str.lower,
         choices=("lazy", "eager", "none"),
         help="Spark in the kernel: Python kernels default to none, Scala (Toree) kernels to eager",
+    )
+    parser.add_argument(
+        "--kernel-pid",
+        type=int,
+        default=None,
+        help="the kernel runs in this process, the launcher's parent (Toree in a Spark driver's JVM): "
+        "the launcher writes the connection file, prints its path, and supervises that process",
     )
     parser.add_argument(
         "--exit-with-parent",
@@ -178,6 +187,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         kernel_language=ns.kernel_language,
         r_executable=ns.r_executable,
         exit_with_parent=ns.exit_with_parent,
+        kernel_pid=ns.kernel_pid,
         extra_env=extra_env,
         launch_id=launch_id,
     )
@@ -432,7 +442,7 @@ class Launcher:
 
     def __init__(self, args: LauncherArgs) -> None:
         self.args = args
-        self.kernel: subprocess.Popen[bytes] | None = None
+        self.kernel: subprocess.Popen[bytes] | AttachedKernel | None = None
         self.control_key = os.urandom(32)
         self.control_socket: socket.socket | None = None
         self.control_port = 0
@@ -453,6 +463,13 @@ class Launcher:
         fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
+        if args.kernel_pid is not None:
+            # The kernel's process started us and waits for this line to start the kernel.
+            self.kernel = AttachedKernel(args.kernel_pid)
+            print(f"{CONNECTION_LINE} {connection_file}", flush=True)
+            log.info("Kernel %s runs in pid %d, on %s.", args.kernel_id, args.kernel_pid, connection_file)
+            threading.Thread(target=protocol.preload_crypto, name="preload", daemon=True).start()
+            return info
         env = dict(os.environ)
         env.update(args.extra_env)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
@@ -525,14 +542,15 @@ class Launcher:
 
     def start_listening_kernel(self) -> dict[str, Any]:
         """Start the kernel and wait until it listens; on other ports if one was taken."""
-        for attempt in range(1, PORT_ATTEMPTS + 1):
+        attempts = 1 if self.args.kernel_pid is not None else PORT_ATTEMPTS  # a parent is not restarted
+        for attempt in range(1, attempts + 1):
             info = self.start_kernel()
             try:
                 self.wait_kernel_listening(info, LISTEN_TIMEOUT[self.args.kernel_language])
                 log.info("The kernel listens on its ports.")
                 return info
             except PortTaken as err:
-                if attempt == PORT_ATTEMPTS:
+                if attempt == attempts:
                     raise RuntimeError(f"The kernel could not bind its ports: {err}.") from err
                 log.warning("The kernel could not start (%s); starting it again on other ports.", err)
         raise AssertionError("unreachable")

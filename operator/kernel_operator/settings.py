@@ -163,6 +163,7 @@ class YarnSettings:
     spark_opts: str = ""  # the operator's own spark-submit options (e.g. spark.yarn.archive)
     hadoop_conf_dir: str = ""  # HADOOP_CONF_DIR for spark-submit
     submit_timeout: float = 120.0  # how long spark-submit may take to hand the application over
+    toree_assembly: str = ""  # Apache Toree's jar for Scala kernels; defaults to the operator's toree
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class OperatorSettings:
             spark_opts=env.get("RKO_SPARK_OPTS", ""),
             hadoop_conf_dir=env.get("RKO_HADOOP_CONF_DIR") or env.get("HADOOP_CONF_DIR", ""),
             submit_timeout=_number(env, "RKO_SPARK_SUBMIT_TIMEOUT", 120.0, 1),
+            toree_assembly=env.get("RKO_TOREE_ASSEMBLY", ""),
         )
         return cls(
             namespace=env.get("RKO_NAMESPACE", "remote-kernel-operator"),

@@ -31,7 +31,7 @@ BACKENDS = (
 )
 LAUNCHER_LANGUAGES = ("python", "r", "scala")  # kernels the launcher starts: ipykernel, IRkernel, Toree
 # Backends that run Scala (Toree) kernels: the launcher beside Spark on a host or in an image.
-SCALA_BACKENDS = ("ssh", "kubernetes", "docker", "dockerSwarm")
+SCALA_BACKENDS = ("ssh", "kubernetes", "docker", "dockerSwarm", "yarn")
 # Set by the operator from the spec; a user value that disagrees is an error, not an override.
 RESERVED_ENV = ("KERNEL_ID", "KERNEL_USERNAME", "KERNEL_LANGUAGE")
 # The username of pool members that serve every user: their identity is bound at claim.

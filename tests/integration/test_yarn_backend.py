@@ -8,6 +8,7 @@ no YARN application may be left running.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -486,3 +487,83 @@ async def test_a_kernel_starts_from_the_migrated_spark_on_yarn_kernelspec(
     finally:
         await km.shutdown_kernel(now=True)
     assert get(custom, namespace, f"k-{km.kernel_id}") is None
+
+
+async def test_a_scala_kernel_runs_toree_as_the_spark_driver_on_yarn(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Toree in the cluster-mode driver's JVM (ToreeDriver), the launcher beside it: Spark and
+    Spark SQL on YARN, an interrupt, and a shutdown that ends the application."""
+    from remote_kernel_provisioner.cli import main as spec_cli
+    from tests.profiles import ensure_profile
+
+    profile = ensure_profile(custom.api_client, {"backend": "yarn", "languages": ["scala"]})
+    prefix = tmp_path / "prefix"
+    assert (
+        spec_cli(
+            [
+                "install",
+                "--prefix",
+                str(prefix),
+                "--language",
+                "scala",
+                "--kernel-name",
+                "yarn_scala",
+                "--profile",
+                profile,
+                "--namespace",
+                namespace,
+                "--operator-class",
+                CLASS,
+                "--launch-timeout",
+                "300",
+            ]
+        )
+        == 0
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    km = AsyncKernelManager(kernel_name="yarn_scala")
+    started = time.monotonic()
+    env = {
+        **os.environ,
+        "KERNEL_USERNAME": "alice",
+        "KERNEL_DRIVER_MEMORY": "1g",
+        "KERNEL_EXECUTOR_MEMORY": "512m",
+    }
+    await km.start_kernel(env=env)
+    try:
+        async with ready_client(km, timeout=240) as kc:
+
+            async def scala(code: str) -> tuple[str, str]:
+                out: list[str] = []
+
+                def hook(msg: dict[str, Any]) -> None:
+                    out.append(str((msg["content"].get("data") or {}).get("text/plain", "")))
+
+                reply = await kc.execute_interactive(code, timeout=240, output_hook=hook)
+                return reply["content"]["status"], "".join(out)
+
+            assert await scala("sc.parallelize(1 to 1000).sum") in (("ok", "500500.0"), ("ok", "500500"))
+            print(f"Scala on YARN: first Spark result {time.monotonic() - started:.1f} s after start_kernel")
+            status, out = await scala('spark.sql("SELECT count(*) FROM range(100)").collect()(0).getLong(0)')
+            assert (status, out) == ("ok", "100")
+            status, out = await scala('sc.master + " " + sc.getConf.get("spark.submit.deployMode")')
+            assert (status, out) == ("ok", "yarn cluster")
+            msg_id = kc.execute("Thread.sleep(120000)")
+            await asyncio.sleep(3)
+            await km.interrupt_kernel()
+            interrupted = await _reply_to(kc, msg_id, timeout=60)
+            assert interrupted["content"]["status"] == "error"
+            assert "InterruptedException" in interrupted["content"]["ename"]
+        app = mini_yarn.application(app_of(custom, namespace, str(km.kernel_id)))
+        assert app["applicationType"] == "SPARK" and app["user"] == "alice" and app["state"] == "RUNNING"
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert mini_yarn.application(app["id"])["state"] in ("KILLED", "FINISHED")

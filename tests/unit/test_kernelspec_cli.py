@@ -150,7 +150,7 @@ def test_user_and_sys_prefix_install_where_jupyter_looks(
     [
         (SpecOptions(backend="mesos"), "--backend 'mesos'"),
         (SpecOptions(backend="ssh", language="julia"), "python, r or scala"),
-        (SpecOptions(backend="yarn", language="scala"), "Scala kernels run on the ssh"),
+        (SpecOptions(backend="sparkApplication", language="scala"), "Scala kernels run on the ssh"),
         (SpecOptions(backend="ssh", language="scala", transport_encryption="required"), "Apache Toree"),
         (SpecOptions(backend="ssh", kernel_name="a b"), "--kernel-name"),
         (SpecOptions(backend="ssh", port_range="1-2"), "lower..upper"),

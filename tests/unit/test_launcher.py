@@ -288,13 +288,14 @@ def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> 
         operator.close()
         if launcher.kernel is not None and launcher.kernel.poll() is None:
             launcher.kernel.kill()
-    assert len(connections) == 1
+    status = (tmp_path / "exit_status").read_text()
+    assert len(connections) == 1, (connections, status)
     with pytest.raises(OSError):
         other.accept()
     other.close()
     assert launcher.kernel is not None and launcher.kernel.poll() is not None  # the kernel is gone
     assert time.monotonic() - began < 20  # not the retry deadline (300 s by default)
-    assert "refused this launch for good (bad_token)" in (tmp_path / "exit_status").read_text()
+    assert "refused this launch for good (bad_token)" in status
 
 
 def test_a_scala_kernel_is_toree_through_spark_submit_with_spark_eager_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]

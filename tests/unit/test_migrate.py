@@ -40,6 +40,7 @@ def config_of(spec: dict[str, Any]) -> dict[str, Any]:
         ("yarn_py", "yarn", "python"),
         ("yarn_full", "yarn", "python"),
         ("yarn_dask", "yarn", "python"),
+        ("yarn_scala", "yarn", "scala"),
     ],
 )
 def test_every_installer_output_becomes_a_kernelspec_of_ours_and_a_profile(
@@ -91,8 +92,11 @@ def test_gateway_provisioners_unfilled_templates_are_recognised_and_said() -> No
     result = migrate_kernelspec("yarn_full", gp("yarn_full"))
     assert result.kernelspec["language"] == "python"
     assert any("template unfilled" in line for line in result.dropped)
-    with pytest.raises(MigrationError, match="Scala kernels run here on the ssh"):
-        migrate_kernelspec("yarn_scala", gp("yarn_scala"))
+    scala = migrate_kernelspec("yarn_scala", gp("yarn_scala"))
+    assert scala.kernelspec["language"] == "scala" and scala.kernelspec["interrupt_mode"] == "signal"
+    assert scala.profile["spec"]["yarn"] == {"spark": True, "sparkOpts": "--conf spark.yarn.am.waitTime=1d"}
+    dropped = "\n".join(scala.dropped)
+    assert "template unfilled" in dropped and "--alternate-sigint USR2" in dropped
 
 
 def test_a_dask_kernelspec_says_dask_is_not_carried_over() -> None:
@@ -208,20 +212,20 @@ def install_gp(tmp_path: Path, *names: str) -> Path:
 def test_the_command_migrates_all_writes_profiles_and_fails_only_for_what_was_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = install_gp(tmp_path / "src", "k8s_py", "ssh_py", "yarn_scala")
+    source = install_gp(tmp_path / "src", "k8s_py", "ssh_py", "eg_conductor")
     monkeypatch.setenv("JUPYTER_PATH", str(source))
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "userdata"))
     profiles = tmp_path / "profiles.yaml"
     out = tmp_path / "out"
     assert main(["migrate", "--all", "--prefix", str(out), "--write-profiles", str(profiles)]) == 0
     printed = capsys.readouterr()
-    assert "Skipped yarn_scala" in printed.err  # --all: not named, not a failure
+    assert "Skipped eg_conductor: IBM Spectrum Conductor" in printed.err  # --all: not named, no failure
     written = out / "share" / "jupyter" / "kernels" / "k8s_py"
     assert config_of(json.loads((written / "kernel.json").read_text()))["profile"] == "k8s-py"
     assert (written / "logo-64x64.png").exists() and not (written / "scripts").exists()
     assert [p["metadata"]["name"] for p in yaml.safe_load_all(profiles.read_text())] == ["k8s-py", "ssh-py"]
     # Named, it is a failure; written again without --replace, it is refused.
-    assert main(["migrate", "yarn_scala", "--prefix", str(out)]) == 2
+    assert main(["migrate", "eg_conductor", "--prefix", str(out)]) == 2
     assert main(["migrate", "k8s_py", "--prefix", str(out)]) == 2
     assert "add --replace" in capsys.readouterr().err
     assert main(["migrate", "k8s_py", "--prefix", str(out), "--suffix", "_rko", "--dry-run"]) == 0

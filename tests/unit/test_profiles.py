@@ -111,7 +111,12 @@ def test_the_backend_and_its_settings_come_from_the_profile_never_the_spec() -> 
         # Languages and users the profile allows.
         ({"kernel": {"language": "r"}}, {"languages": ["python"]}, "LanguageNotSupported", "python"),
         ({"kernel": {"language": "scala"}}, {"languages": ["python"]}, "LanguageNotSupported", "python"),
-        ({"kernel": {"language": "scala"}}, {"backend": "yarn"}, "LanguageNotSupported", "not yarn"),
+        (
+            {"kernel": {"language": "scala"}},
+            {"backend": "sparkApplication"},
+            "LanguageNotSupported",
+            "not sparkApplication",
+        ),
         ({"kernel": {"language": "julia"}}, {}, "LanguageNotSupported", "python, r, scala"),
         ({}, {"users": {"authorized": ["bob"]}}, "Unauthorized", "profile p"),
         ({"kernel": {"className": "os;import os"}}, {}, "InvalidSpec", "dotted Python name"),

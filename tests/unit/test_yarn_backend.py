@@ -254,6 +254,33 @@ def test_spark_submit_runs_in_cluster_mode_with_the_token_as_a_file() -> None:
     assert "--proxy-user" not in not_impersonating
 
 
+def test_a_scala_kernel_is_toree_as_the_cluster_mode_driver_with_spark_eager() -> None:
+    ops = settings(RKO_TOREE_ASSEMBLY="/opt/toree/toree-assembly.jar")
+    req = request(ops=ops, kernel={"language": "scala"})  # no yarn.spark: Toree is Spark
+    opts = options(req, ops)
+    assert opts.spark and opts.spark_init == "eager"
+    argv = spark_submit_command(req, opts, ops.yarn, ["--kernel-language", "scala"], "/t", "/p", False)
+    joined = " ".join(argv)
+    assert "--master yarn --deploy-mode cluster" in joined and "spark_driver.py" not in joined
+    main = argv.index("--class")
+    assert argv[main : main + 5] == [
+        "--class",
+        "io.kerneloperator.yarnam.ToreeDriver",
+        "--jars",
+        "/opt/toree/toree-assembly.jar",
+        "/opt/rko/rko-yarn-am.jar",
+    ]
+    assert argv[-4:] == ["--token-file", "rko-launch-token", "--spark-context-initialization-mode", "eager"]
+    conf = spark_properties(req, opts, ops.yarn)
+    assert conf["spark.yarn.appMasterEnv.RKO_LAUNCHER_PYTHON"] == "/opt/py/bin/python"
+    assert conf["spark.driver.extraJavaOptions"] == "--add-opens=java.base/java.util.jar=ALL-UNNAMED"
+    lazy = request(ops=ops, kernel={"language": "scala"}, yarn={"sparkInitMode": "lazy"})
+    assert options(lazy, ops).spark_init == "lazy"
+    with pytest.raises(SpecError, match="Python or Scala") as refused:
+        options(request(ops=ops, kernel={"language": "r"}, yarn={"spark": True}), ops)
+    assert refused.value.reason == "LanguageNotSupported"
+
+
 # -- state ------------------------------------------------------------------------------------
 
 NOW = 1_000_000.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import getpass
 import importlib.util
 import logging
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import kernel_launchers
+from kernel_launchers.python_launcher import TOREE_JAVA_OPTIONS, KernelNotInstalled, toree_assembly
 
 from ..errors import BackendError, BackendUnavailable, SpecError
 from ..launch_command import LAUNCHER_MODULE, launcher_args
@@ -49,6 +51,7 @@ TOKEN_FILE = "rko-launch-token"  # the localized token file's name in a Spark dr
 RUN_DIR = "rko-run"  # relative: the launcher's files stay in the container's own directory
 APPLICATION_TYPE = "JUPYTER_KERNEL"
 SPARK_DRIVER = str(Path(kernel_launchers.__file__).with_name("spark_driver.py"))
+TOREE_DRIVER = "io.kerneloperator.yarnam.ToreeDriver"  # in rko-yarn-am.jar (RKO_YARN_AM_JAR)
 STARTING = ("NEW", "NEW_SAVING", "SUBMITTED", "ACCEPTED")
 STOP_WAIT_SECONDS = 15.0
 YARN_THREADS = 8  # REST calls to ResourceManagers, apart from other backends'
@@ -275,7 +278,8 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
             )
         memories[field] = value
     opts_text = _pick(request, "sparkOpts", "KERNEL_EXTRA_SPARK_OPTS") or ""
-    spark = bool(config.get("spark"))
+    # A Scala kernel is Toree, which is the Spark driver itself.
+    spark = bool(config.get("spark")) or request.language == "scala"
     allowed_opts = [str(o) for o in config.get("allowedSparkOptions") or ()]
     spark_opts = (
         check_spark_opts(opts_text, "spec.yarn.sparkOpts / KERNEL_EXTRA_SPARK_OPTS", allowed_opts)
@@ -287,9 +291,15 @@ def yarn_options(request: KernelRequest, settings: YarnSettings, operator_user: 
             "Spark options were given, but spec.yarn.spark is false: set it to launch through spark-submit.",
             reason="InvalidSparkOptions",
         )
-    if spark and request.language != "python":
-        raise SpecError("Spark kernels on YARN are Python kernels here.", reason="LanguageNotSupported")
-    spark_init = str(_pick(request, "sparkInitMode", "KERNEL_SPARK_INIT_MODE") or "lazy")
+    if spark and request.language not in ("python", "scala"):
+        raise SpecError(
+            "Spark kernels on YARN are Python or Scala kernels here.", reason="LanguageNotSupported"
+        )
+    # Scala: eager, as the launcher defaults (a lazy Spark loses Toree's first interrupt).
+    spark_init = str(
+        _pick(request, "sparkInitMode", "KERNEL_SPARK_INIT_MODE")
+        or ("eager" if request.language == "scala" else "lazy")
+    )
     if spark_init not in ("lazy", "eager"):
         raise SpecError(f"spec.yarn.sparkInitMode {spark_init!r} is not lazy or eager.", reason="InvalidSpec")
     # The tenant's choices are checked first: a refusal never depends on the cluster's setup.
@@ -392,6 +402,14 @@ def spark_properties(request: KernelRequest, options: YarnOptions, settings: Yar
     if options.node_label:
         conf["spark.yarn.am.nodeLabelExpression"] = options.node_label
         conf["spark.yarn.executor.nodeLabelExpression"] = options.node_label
+    if request.language == "scala":
+        # ToreeDriver starts the launcher with this Python; Toree 0.5 needs the module opened.
+        conf["spark.yarn.appMasterEnv.RKO_LAUNCHER_PYTHON"] = settings.python
+        conf["spark.driver.extraJavaOptions"] = TOREE_JAVA_OPTIONS
+        if options.spark_init != "eager":
+            # The ApplicationMaster fails an application whose driver makes no SparkContext
+            # within spark.yarn.am.waitTime (100 s); a lazy Toree makes it on first use.
+            conf["spark.yarn.am.waitTime"] = "7d"
     return conf
 
 
@@ -441,9 +459,15 @@ def spark_submit_command(
     if impersonate:
         argv += ["--proxy-user", options.user]
     argv += [*shlex.split(settings.spark_opts), *options.admin_spark_opts]
+    if request.language == "scala":
+        # Toree runs in the driver's JVM (ToreeDriver, in the operator's AM jar), which starts
+        # the launcher beside it; Toree's jar goes along.
+        main = ["--class", TOREE_DRIVER, "--jars", settings.toree_assembly, settings.am_jar]
+    else:
+        main = [SPARK_DRIVER]
     return [
         *argv,
-        SPARK_DRIVER,
+        *main,
         *args,
         "--token-file",
         TOKEN_FILE,
@@ -506,6 +530,17 @@ def _private_file(folder: str, name: str, text: str) -> str:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     return path
+
+
+def toree_jar() -> str:
+    """Apache Toree's jar beside the operator (PyPI's toree), for Scala kernels' --jars."""
+    try:
+        return str(toree_assembly({}))
+    except KernelNotInstalled as err:
+        raise SpecError(
+            f"Scala kernels on YARN need Apache Toree's jar where the operator runs: set RKO_TOREE_ASSEMBLY. {err}",
+            reason="YarnNotConfigured",
+        ) from err
 
 
 def _pyspark_home() -> str:
@@ -597,6 +632,9 @@ class YarnBackend:
         token: str,
         client: ResourceManagerClient,
     ) -> str:
+        settings = self.settings
+        if request.language == "scala" and not settings.toree_assembly:
+            settings = dataclasses.replace(settings, toree_assembly=toree_jar())
         with tempfile.TemporaryDirectory(prefix="rko-spark-") as folder:
             token_file = _private_file(folder, "token", token)
             properties = _private_file(
@@ -605,7 +643,7 @@ class YarnBackend:
             argv = spark_submit_command(
                 request,
                 options,
-                self.settings,
+                settings,
                 args,
                 token_file,
                 properties,

@@ -23,7 +23,7 @@ from remote_kernel_provisioner.cli import main as spec_cli
 from tests.helpers import wait_for
 from tests.profiles import ensure_profile
 
-from .test_operator_ssh import _reply_to, get, make_kernel, ready_client, wait_phase
+from .test_operator_ssh import GROUP, PLURAL, VERSION, _reply_to, get, make_kernel, ready_client, wait_phase
 
 pytestmark = pytest.mark.timeout(420)
 SCALA_PROFILE = {"backend": "ssh", "languages": ["scala"], "ssh": {"hosts": ["127.0.0.1"]}}
@@ -56,13 +56,9 @@ def scala_kernelspec(
     return "remote_scala"
 
 
-def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
-    operator: OperatorProcess,
-    sshd: Sshd,
-    scala_kernelspec: str,
-    custom: client.CustomObjectsApi,
-    namespace: str,
-) -> None:
+def scala_notebook(kernel_name: str, where: str) -> list[str]:
+    """The issue's notebook, run by nbclient on ``kernel_name``: RDD and Spark SQL results, the
+    user and Spark's version, and where Spark runs (``sc.master``)."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell("sc.parallelize(1 to 1000).sum"),
@@ -70,28 +66,36 @@ def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
             'spark.sql("SELECT count(*) AS n, sum(id) AS s FROM range(100)").collect()(0).toString'
         ),
         nbformat.v4.new_code_cell('sys.env("KERNEL_USERNAME") + " " + spark.version'),
+        nbformat.v4.new_code_cell("sc.master"),
     ]
     began = time.monotonic()
-    NotebookClient(nb, kernel_name=scala_kernelspec, timeout=180, startup_timeout=240).execute()
-    took = time.monotonic() - began
+    NotebookClient(nb, kernel_name=kernel_name, timeout=240, startup_timeout=300).execute()
+    results = [str(cell.outputs[-1]["data"]["text/plain"]) for cell in nb.cells]
+    print(f"Scala notebook {where}: 4 cells, start to finish {time.monotonic() - began:.1f} s; {results}")
+    assert results[0] in ("500500", "500500.0")  # RDD.sum is a Double
+    assert results[1] == "[100,4950]"
+    assert results[2] == "alice 3.5.3"
+    return results
 
-    def result(i: int) -> str:
-        return str(nb.cells[i].outputs[-1]["data"]["text/plain"])
 
-    assert result(0) in ("500500", "500500.0")  # RDD.sum is a Double
-    assert result(1) == "[100,4950]"
-    assert result(2) == "alice 3.5.3"
-    print(f"Scala notebook over ssh: 3 cells, start to finish {took:.1f} s")
-    # nbclient shut the kernel down: its RemoteKernel and its JVM are gone.
+def no_remote_kernel_left(custom: client.CustomObjectsApi, namespace: str) -> None:
     wait_for(
-        lambda: (
-            not custom.list_namespaced_custom_object(
-                "kernel-operator.io", "v1alpha1", namespace, "remotekernels"
-            )["items"]
-        ),
+        lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
         timeout=60,
         what="the RemoteKernel deleted",
     )
+
+
+def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
+    operator: OperatorProcess,
+    sshd: Sshd,
+    scala_kernelspec: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    assert scala_notebook(scala_kernelspec, "over ssh")[3] == "local[*]"
+    # nbclient shut the kernel down: its RemoteKernel and its JVM are gone.
+    no_remote_kernel_left(custom, namespace)
     wait_for(lambda: not toree_jvms(), timeout=30, what="no Toree JVM left")
 
 
@@ -168,27 +172,12 @@ async def test_a_scala_kernel_runs_spark_in_a_pod_from_the_scala_image(
     assert spec_cli([*args, "--namespace", namespace, "--profile", profile]) == 0
     monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    km = AsyncKernelManager(kernel_name="pod_scala")
-    began = time.monotonic()
-    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
-    try:
-        async with ready_client(km, timeout=240) as kc:
-            reply, out = await run_scala(kc, "sc.parallelize(1 to 1000).sum")
-            assert reply["status"] == "ok" and out.endswith(("500500", "500500.0")), out
-            reply, out = await run_scala(
-                kc,
-                'spark.sql("SELECT count(*) FROM range(100)").collect()(0).getLong(0) + " " + sys.env("KERNEL_POD_NAME")',
-            )
-            assert reply["status"] == "ok" and out.endswith(f"100 k-{km.kernel_id}"), out
-        print(
-            f"Scala kernel in a pod: first Spark result {time.monotonic() - began:.1f} s after start_kernel"
-        )
-    finally:
-        await km.shutdown_kernel(now=True)
-    assert get(custom, namespace, f"k-{km.kernel_id}") is None
+    monkeypatch.setenv("KERNEL_USERNAME", "alice")
+    assert scala_notebook("pod_scala", "in a pod")[3] == "local[*]"
+    no_remote_kernel_left(custom, namespace)
 
 
-def test_a_scala_kernel_refuses_required_encryption_and_yarn_with_a_clear_reason(
+def test_a_scala_kernel_refuses_required_encryption_and_sparkapplications_with_a_clear_reason(
     operator: OperatorProcess, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     name, _ = make_kernel(
@@ -201,7 +190,7 @@ def test_a_scala_kernel_refuses_required_encryption_and_yarn_with_a_clear_reason
     status = wait_phase(custom, namespace, name, "Failed", "Running", timeout=240)["status"]
     assert status["phase"] == "Failed", status
     assert "Apache Toree does not support CurveZMQ" in status["message"]
-    name, _ = make_kernel(namespace, custom, backend="yarn", kernel={"language": "scala"})
+    name, _ = make_kernel(namespace, custom, backend="sparkApplication", kernel={"language": "scala"})
     status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "LanguageNotSupported"), status
     assert "Scala kernels run on the ssh" in status["message"]

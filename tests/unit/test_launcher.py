@@ -353,3 +353,78 @@ def test_a_scala_kernel_without_spark_or_toree_says_what_to_install(tmp_path) ->
 
     assert toree_assembly({}, find=found) == package / "lib" / "toree-assembly-0.5.0-incubating.jar"
     assert spark_home({}, find=found) == tmp_path / "pyspark"
+
+
+def test_an_attached_launcher_supervises_the_parent_that_runs_the_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As ToreeDriver does on YARN (Toree in the driver's JVM): a parent starts the launcher with
+    --kernel-pid <itself>, reads the connection file's path from it, and runs the kernel
+    in-process on it; the launcher reports, and ends when its parent does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+    import threading
+    import time
+
+    operator = socket.socket()
+    operator.bind(("127.0.0.1", 0))
+    operator.listen()
+    reports: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = operator.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            reports.append(data)
+            conn.sendall(b"OK\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    private = protocol.new_private_key()
+    launcher_args = [
+        "--kernel-id",
+        "6c9c8d0e-1111-2222-3333-444455556666",
+        "--response-address",
+        f"127.0.0.1:{operator.getsockname()[1]}",
+        f"--public-key={protocol.encode_key(protocol.public_key_of(private))}",
+        "--ip",
+        "127.0.0.1",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--token",
+        "t",
+    ]
+    parent = textwrap.dedent(
+        f"""
+        import os, subprocess, sys
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "kernel_launchers.python_launcher", *{launcher_args!r},
+             "--kernel-pid", str(os.getpid())],
+            stdout=subprocess.PIPE, text=True)
+        line = launcher.stdout.readline()
+        assert line.startswith("RKO-CONNECTION-FILE "), line
+        print("launcher pid", launcher.pid, flush=True)
+        from ipykernel.kernelapp import launch_new_instance
+        launch_new_instance(["-f", line.split(" ", 1)[1].strip()])
+        """
+    )
+    jvm = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        assert jvm.stdout is not None
+        launcher_pid = int(jvm.stdout.readline().split()[-1])
+        deadline = time.monotonic() + 30
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reports, "the attached launcher never reported"
+        payload = protocol.open_launch_payload(reports[0][4:], private)
+        assert payload["kernel_pid"] == jvm.pid and payload["pid"] == launcher_pid
+    finally:
+        jvm.kill()  # the kernel's process ends: the launcher sees it and ends too
+        jvm.wait()
+        operator.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{launcher_pid}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{launcher_pid}")

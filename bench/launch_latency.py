@@ -11,7 +11,10 @@ Rows, all measured in one run by bench/measure.py (start_kernel -> first execute
   ApplicationMaster, and a Spark kernel submitted by pyspark's spark-submit in cluster mode;
 - gateway_provisioners' DistributedProvisioner, installed from PyPI into its own venv, on
   localhost and round-robin over the same three hosts, and its YarnProvisioner (Spark in
-  cluster mode) on the same YARN.
+  cluster mode) on the same YARN;
+- Scala: Apache Toree launched directly by jupyter_client (spark-submit, Spark local), and ours
+  over ssh (localhost) and on YARN (Toree as the cluster-mode driver). gateway_provisioners'
+  own Scala kernelspec cannot start here (its installer writes an unfilled template).
 """
 
 from __future__ import annotations
@@ -173,7 +176,14 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
             "launch_timeout": 120,
             "backend_config": {"spark": True},
         },
+        "rk_scala_local": {
+            "backend": "ssh",
+            "backend_config": {"profileHosts": ["localhost"]},
+            "launch_timeout": 240,
+        },
+        "rk_scala_yarn": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 240},
     }
+    scala = {"rk_scala_local", "rk_scala_yarn"}
     api = config.new_client_from_config(config_file=str(kubeconfig))
     try:  # each config as the profile an administrator would write for it, and a kernelspec naming it
         configs = {name: kernelspec_config(api, legacy) for name, legacy in configs.items()}
@@ -187,8 +197,8 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
                 {
                     "argv": ["python", "-m", "kernel_launchers.python_launcher"],
                     "display_name": name,
-                    "language": "python",
-                    "interrupt_mode": "message",
+                    "language": "scala" if name in scala else "python",
+                    "interrupt_mode": "signal" if name in scala else "message",
                     "metadata": {
                         "kernel_provisioner": {
                             "provisioner_name": "remote-kernel",
@@ -198,10 +208,23 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
                 }
             )
         )
+    toree_local_kernelspec(root)
     return root
 
 
-KERNEL_MARKERS = ("ipykernel_launcher", "kernel_launchers", "launch_ipykernel")
+def toree_local_kernelspec(root: Path) -> None:
+    """Apache Toree launched directly by jupyter_client, as `jupyter toree install` would set it
+    up: spark-submit on the connection file, Spark local and eager (as ours defaults)."""
+    from kernel_launchers.python_launcher import kernel_command
+
+    argv = kernel_command(Path("{connection_file}"), None, "scala", spark_init="eager", environ={})
+    spec_dir = root / "kernels" / "toree_local"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": argv, "display_name": "Toree", "language": "scala", "interrupt_mode": "signal"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+KERNEL_MARKERS = ("ipykernel_launcher", "kernel_launchers", "launch_ipykernel", "org.apache.toree.Main")
 
 
 def kernels_left(wait: float = 3.0) -> int:
@@ -384,7 +407,28 @@ def main() -> int:
                 "rk_yarn_spark",
             ),
             (f"gateway_provisioners {GP_VERSION} YarnProvisioner, Spark (cluster)", gp_python, "gp_yarn"),
+            (
+                "Apache Toree direct local launch (spark-submit, Spark local, eager)",
+                Path(sys.executable),
+                "toree_local",
+            ),
+            (
+                "remote-kernel-operator, Scala (Toree), ssh backend, localhost",
+                Path(sys.executable),
+                "rk_scala_local",
+            ),
+            (
+                "remote-kernel-operator, Scala (Toree), yarn backend (driver in cluster mode)",
+                Path(sys.executable),
+                "rk_scala_yarn",
+            ),
         ]
+        # gateway_provisioners' own Scala row cannot be measured: 0.5.0's `jupyter-yarn-spec
+        # --language Scala` writes an unfilled template ("language": "${language}") and no
+        # launcher jar (tests/unit/gp_kernelspecs/yarn_scala.json), so no kernel starts from it.
+        print(
+            f"==> gateway_provisioners {GP_VERSION} Scala on YARN: not measurable (its installer's kernelspec cannot start)"
+        )
         for label, python, kernel in rows:
             if args.only and not any(word in kernel for word in args.only.split(",")):
                 continue
@@ -396,7 +440,11 @@ def main() -> int:
                 row_env["GP_RESPONSE_IP"] = "127.0.0.1"
             if kernel == "gp_hosts":
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
-            results[label] = measure(python, kernel, args.runs, row_env)
+            runs = args.runs
+            if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn"):
+                runs = min(runs, 5)  # a JVM with Spark: ~15-30 s a launch on 2 cores
+                row_env.update(KERNEL_DRIVER_MEMORY="1g", KERNEL_EXECUTOR_MEMORY="512m")
+            results[label] = measure(python, kernel, runs, row_env)
             left[label] = kernels_left()
             if "yarn" in kernel:
                 apps = len(yarn.running_applications())

@@ -254,14 +254,16 @@ def kernel_image(docker_engine: DockerEngine) -> str:
 
 
 @pytest.fixture(scope="session")
-def gp_kernelspecs(tmp_path_factory: pytest.TempPathFactory, kernel_image: str) -> Path:
+def gp_kernelspecs(
+    tmp_path_factory: pytest.TempPathFactory, kernel_image: str, scala_kernel_image: str
+) -> Path:
     """Every kernelspec gateway_provisioners' installers make here, as an administrator ran them;
     the Jupyter data directory that holds them."""
     gp_venv()
     prefix = tmp_path_factory.mktemp("gp")
     installs: list[tuple[str, str, list[str]]] = [
         ("jupyter-k8s-spec", "gp_k8s_py", ["--image-name", kernel_image]),
-        ("jupyter-k8s-spec", "gp_k8s_scala", ["--language", "Scala", "--image-name", kernel_image]),
+        ("jupyter-k8s-spec", "gp_k8s_scala", ["--language", "Scala", "--image-name", scala_kernel_image]),
         ("jupyter-k8s-spec", "gp_k8s_spark_crd", ["--spark", "--crd", "--image-name", kernel_image]),
         ("jupyter-docker-spec", "gp_docker_py", ["--image-name", kernel_image]),
         ("jupyter-docker-spec", "gp_swarm_py", ["--swarm", "--image-name", kernel_image]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +285,27 @@ def test_bad_custom_object_requests_fail_with_a_reason(
     failed = wait_phase(custom, namespace, name, "Failed", timeout=20)
     assert failed["status"]["reason"] == reason and words in failed["status"]["message"], failed["status"]
     delete_and_wait_gone(custom, namespace, name)
+
+
+async def test_a_kernel_starts_from_the_migrated_spark_operator_kernelspec(
+    gp_kernelspecs: Path,
+    operator: OperatorProcess,
+    kube_node: str,
+    spark_operator: None,
+    node_images: Callable[[str], str],
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gateway_provisioners' `jupyter-k8s-spec --spark --crd` kernelspec, migrated: a SparkApplication."""
+    from .test_migrate import PYTHON_CODE, apply_migrated, run_migrated
+
+    node_images(kernel_image)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    profiles = apply_migrated(gp_kernelspecs, tmp_path, custom, namespace, monkeypatch)
+    crd = next(p for p in profiles if p["metadata"]["name"] == "gp-k8s-spark-crd")["spec"]
+    assert crd["backend"] == "sparkApplication" and crd["sparkApplication"]["driverImage"] == kernel_image
+    assert await run_migrated("gp_k8s_spark_crd", PYTHON_CODE, custom, namespace, ready=120) == "42 alice"

@@ -65,36 +65,68 @@ def test_every_gateway_provisioners_installer_output_is_migrated_or_refused_with
     assert ssh["ssh"] == {"hosts": ["127.0.0.1"]} and ssh["users"] == {"authorized": ["alice"]}
 
 
-async def test_kernels_start_from_migrated_ssh_pod_and_docker_kernelspecs(
+async def run_migrated(
+    name: str, code: str, custom: client.CustomObjectsApi, namespace: str, ready: float = 60
+) -> str:
+    """Start a kernel from the migrated kernelspec ``name`` (JUPYTER_PATH set), run ``code``,
+    shut it down; its stdout."""
+    km = AsyncKernelManager(kernel_name=name)
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
+    out: list[str] = []
+    try:
+        rk = get(custom, namespace, f"k-{km.kernel_id}")
+        assert rk is not None and rk["spec"]["profile"] == name.replace("_", "-")
+        async with ready_client(km, timeout=ready) as kc:
+            reply = await kc.execute_interactive(
+                code, timeout=240, output_hook=lambda m: out.append(m["content"].get("text", ""))
+            )
+            assert reply["content"]["status"] == "ok", reply["content"]
+        print(f"{name}: a kernel from the migrated kernelspec ran code ({rk['status'].get('backend')})")
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert get(custom, namespace, f"k-{km.kernel_id}") is None
+    return "".join(out).strip()
+
+
+def apply_migrated(
+    gp_kernelspecs: Path,
+    out: Path,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    *options: str,
+) -> list[dict[str, Any]]:
+    """Migrate every GP kernelspec, apply the profiles as the administrator, and point Jupyter
+    at the migrated kernelspecs."""
+    code, profiles, _ = migrate_all(gp_kernelspecs, out, monkeypatch, "--namespace", namespace, *options)
+    assert code == 0
+    for profile in profiles:
+        apply_profile(custom.api_client, profile["metadata"]["name"], profile["spec"], False)
+    monkeypatch.setenv("JUPYTER_PATH", str(out / "share" / "jupyter"))
+    return profiles
+
+
+PYTHON_CODE = "import os; print(6 * 7, os.environ['KERNEL_USERNAME'])"
+
+
+async def test_kernels_start_from_migrated_ssh_pod_docker_swarm_and_scala_kernelspecs(
     gp_kernelspecs: Path,
     operator: OperatorProcess,
+    swarm: Any,
     node_images: Callable[[str], str],
     kernel_image: str,
+    scala_kernel_image: str,
     custom: client.CustomObjectsApi,
     kubeconfig: Path,
     namespace: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    node_images(kernel_image)  # the pod's image, in the node's containerd
-    code, profiles, _ = migrate_all(gp_kernelspecs, tmp_path, monkeypatch, "--namespace", namespace)
-    assert code == 0
-    for profile in profiles:  # as the administrator applies them
-        apply_profile(custom.api_client, profile["metadata"]["name"], profile["spec"], False)
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    node_images(kernel_image)  # the pods' images, in the node's containerd
+    node_images(scala_kernel_image)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    for name in ("gp_ssh_py", "gp_k8s_py", "gp_docker_py"):
-        km = AsyncKernelManager(kernel_name=name)
-        await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": "alice"})
-        try:
-            rk = get(custom, namespace, f"k-{km.kernel_id}")
-            assert rk is not None and rk["spec"]["profile"] == name.replace("_", "-")
-            async with ready_client(km, timeout=60) as kc:
-                reply = await kc.execute_interactive(
-                    "import os; print(6 * 7, os.environ['KERNEL_USERNAME'])", timeout=60
-                )
-                assert reply["content"]["status"] == "ok"
-            print(f"{name}: a kernel from the migrated kernelspec ran code ({rk['status']['backend']})")
-        finally:
-            await km.shutdown_kernel(now=True)
-        assert get(custom, namespace, f"k-{km.kernel_id}") is None
+    apply_migrated(gp_kernelspecs, tmp_path, custom, namespace, monkeypatch)
+    for name in ("gp_ssh_py", "gp_k8s_py", "gp_docker_py", "gp_swarm_py"):
+        assert await run_migrated(name, PYTHON_CODE, custom, namespace) == "42 alice"
+    scala = 'println((6 * 7) + " " + sys.env("KERNEL_USERNAME") + " " + sc.parallelize(1 to 10).count)'
+    assert await run_migrated("gp_k8s_scala", scala, custom, namespace, ready=300) == "42 alice 10"

@@ -23,10 +23,8 @@ from localcluster import free_port
 from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
-from tests.profiles import apply_profile
 
 from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
-from .test_migrate import migrate_all
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -448,7 +446,7 @@ def test_a_spark_kernel_claimed_from_a_pool_has_spark_ready_at_once(
     delete_and_wait_gone(custom, namespace, name, timeout=60)
 
 
-async def test_a_kernel_starts_from_the_migrated_spark_on_yarn_kernelspec(
+async def test_kernels_start_from_the_migrated_spark_and_scala_yarn_kernelspecs(
     gp_kernelspecs: Path,
     yarn_operator: OperatorProcess,
     mini_yarn: MiniYarn,
@@ -458,35 +456,28 @@ async def test_a_kernel_starts_from_the_migrated_spark_on_yarn_kernelspec(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    code, profiles, _ = migrate_all(
-        gp_kernelspecs, tmp_path, monkeypatch, "--namespace", namespace, "--operator-class", CLASS
-    )
-    assert code == 0
-    profile = next(p for p in profiles if p["metadata"]["name"] == "gp-yarn-spark")
-    assert profile["spec"]["yarn"] == {"spark": True}
-    apply_profile(custom.api_client, "gp-yarn-spark", profile["spec"], False)
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    """gateway_provisioners' YARN kernelspecs, migrated: its Spark one, and its Scala one (which
+    GP 0.5.0 itself wrote as an unfilled template)."""
+    from .test_migrate import apply_migrated, run_migrated
+
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    km = AsyncKernelManager(kernel_name="gp_yarn_spark")
-    env = {
-        **os.environ,
-        "KERNEL_USERNAME": "alice",
-        "KERNEL_DRIVER_MEMORY": "512m",
-        "KERNEL_EXECUTOR_MEMORY": "512m",
+    for name, value in (("KERNEL_DRIVER_MEMORY", "1g"), ("KERNEL_EXECUTOR_MEMORY", "512m")):
+        monkeypatch.setenv(name, value)
+    profiles = apply_migrated(
+        gp_kernelspecs, tmp_path, custom, namespace, monkeypatch, "--operator-class", CLASS
+    )
+    assert next(p for p in profiles if p["metadata"]["name"] == "gp-yarn-spark")["spec"]["yarn"] == {
+        "spark": True
     }
-    await km.start_kernel(env=env)
-    try:
-        async with ready_client(km, timeout=120) as kc:
-            out: list[str] = []
-            reply = await kc.execute_interactive(
-                "print(sc.range(1000).sum())",
-                timeout=180,
-                output_hook=lambda m: out.append(m["content"].get("text", "")),
-            )
-            assert reply["content"]["status"] == "ok" and "".join(out).strip() == "499500"
-    finally:
-        await km.shutdown_kernel(now=True)
-    assert get(custom, namespace, f"k-{km.kernel_id}") is None
+    assert (
+        await run_migrated("gp_yarn_spark", "print(sc.range(1000).sum())", custom, namespace, ready=120)
+        == "499500"
+    )
+    scala = 'println(sc.parallelize(1 to 1000).sum + " " + sc.master)'
+    assert await run_migrated("gp_yarn_scala", scala, custom, namespace, ready=300) in (
+        "500500.0 yarn",
+        "500500 yarn",
+    )
 
 
 async def test_a_scala_kernel_runs_toree_as_the_spark_driver_on_yarn(

@@ -51,6 +51,7 @@ ACTIVITY_PATCH_SECONDS = 10.0  # lastActivity is written at most this often
 
 LOST_LAUNCH_SECONDS = 10.0  # how long after a launch began nothing found means nothing started
 CLAIMED_REASON = "ClaimedFromPool"  # the reason of a Running reached by a claim
+STOPPED_REMEMBERED = 10_000  # uids of kernels stopped here, kept to stop each once (see OperatorContext)
 
 
 class LaunchLost(Exception):
@@ -91,6 +92,9 @@ class OperatorContext:
     peers: PeerAddresses | None = None
     # Stops under way, by RemoteKernel uid (see KernelLifecycle.stop_backend).
     stopping: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    # Stops done, by RemoteKernel uid (monotonic time): the finalizer may read a body older than
+    # the daemon's "stopped" mark and would stop (and count) the same kernel again.
+    stopped: dict[str, float] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _profiles: ProfileCache | None = None
 
@@ -948,6 +952,8 @@ class KernelLifecycle:
     async def _stop_backend(self) -> None:
         if self.handed_over():
             return  # its claimer owns the backend now
+        if self.uid in self.ctx.stopped:
+            return  # stopped already by this replica (a uid never launches again after a stop)
         ref = self.status.get("backendRef")
         in_flight = self.ctx.launches.pop(self.uid, None)
         if not ref and in_flight is not None:
@@ -970,9 +976,18 @@ class KernelLifecycle:
             raise
         self.ctx.metrics.stops.labels(backend.name, "stopped").inc()
         self.ctx.metrics.stop_duration.labels(backend.name).observe(time.monotonic() - began)
+        self._remember_stopped()
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
+
+    def _remember_stopped(self) -> None:
+        now = time.monotonic()
+        stopped = self.ctx.stopped
+        stopped[self.uid] = now
+        if len(stopped) > STOPPED_REMEMBERED:  # oldest first: dicts keep insertion order
+            for uid in list(stopped)[: len(stopped) - STOPPED_REMEMBERED]:
+                del stopped[uid]
 
     async def stop_after_deletion(self) -> None:
         """Called as the daemon ends because its RemoteKernel is being deleted: stop what this

@@ -482,7 +482,8 @@ def test_a_standby_refuses_a_report_whose_token_is_not_the_recorded_one(
     with socket.create_connection(("127.0.0.1", replicas.response_port), timeout=10) as conn:
         conn.sendall(protocol.seal_launch_payload(payload, public_key))
         conn.shutdown(socket.SHUT_WR)
-        assert not conn.recv(16).startswith(b"OK")
+        # Final: a read begun after the report shows another token recorded (its launcher stops).
+        assert conn.recv(64) == b"NO bad_token\n"
     status = (get(custom, namespace, name) or {}).get("status") or {}
     assert status.get("phase") == "Launching" and "connection" not in status, status
     assert (
@@ -492,7 +493,7 @@ def test_a_standby_refuses_a_report_whose_token_is_not_the_recorded_one(
     assert lines and all(
         set(line) >= {"time", "level", "message", "uid", "kernel_id", "phase"} for line in lines
     )
-    assert any("does not match the one recorded" in line["message"] for line in lines)
+    assert any("is not the one its current launch recorded" in line["message"] for line in lines)
     # Nothing was launched for it: let the deletion find nothing to stop.
     custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, PLURAL, name, {"status": {"phase": "Failed", "launch": None}}

@@ -382,6 +382,21 @@ async def test_delete_stops_the_backend_and_removes_the_secret() -> None:
     assert kube.secrets == {}
 
 
+async def test_a_kernel_stopped_here_is_not_stopped_or_counted_again_from_an_older_body() -> None:
+    """The daemon stopped the kernel and marked its ref "stopped"; the finalizer then read a
+    body from before that mark (CI saw 7 stops counted for 5 kernels)."""
+    backend = FakeBackend()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Running", "backendRef": {"host": "h1", "pid": 1, "runDir": "/tmp/x"}})
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).stop_backend()
+    stale = body(status=dict(b["status"]))
+    stale["metadata"] = b["metadata"]
+    kube.stored_status = dict(b["status"])  # the "stopped" mark not read back yet
+    await KernelLifecycle(ctx, stale, events()[1], logging.getLogger("t")).delete()
+    assert len(backend.stopped) == 1
+    assert ctx.metrics.stops.labels("ssh", "stopped")._value.get() == 1
+
+
 async def test_delete_with_a_body_older_than_the_launch_stops_what_status_now_names() -> None:
     """kopf may hand the delete handler a body from before the launch recorded its ref (a
     deletion 50 ms after creation did leave the launcher running): the status the API server

@@ -437,6 +437,19 @@ def kernel_command(
     return cmd
 
 
+def _ignore(signum: int, frame: Any) -> None:
+    """The launcher's own SIGINT: nothing (interrupts are for its kernel)."""
+
+
+def let_kernels_take_sigint() -> None:
+    """A launcher started in the background by a shell (ssh's ``... &``) inherits SIGINT
+    ignored, and an ignored signal stays ignored across exec: a JVM then cannot install
+    Toree's interrupt handler, and interrupts are lost. A handler of our own is reset to the
+    default on exec, so the kernel starts with SIGINT deliverable, while the launcher itself
+    still ignores it."""
+    signal.signal(signal.SIGINT, _ignore)
+
+
 class Launcher:
     """Starts one kernel, reports it, supervises it and serves control requests."""
 
@@ -732,6 +745,7 @@ class Launcher:
     def run(self) -> int:
         log.info("The launcher of kernel %s started (pid %d).", self.args.kernel_id, os.getpid())
         signal.signal(signal.SIGTERM, lambda *_: self.stop_kernel())
+        let_kernels_take_sigint()
         if self.args.exit_with_parent:
             self.watch_parent()
         try:

@@ -428,3 +428,22 @@ def test_an_attached_launcher_supervises_the_parent_that_runs_the_kernel(tmp_pat
     while time.monotonic() < deadline and os.path.exists(f"/proc/{launcher_pid}"):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{launcher_pid}")
+
+
+def test_a_kernel_can_take_sigint_though_the_launcher_was_started_with_it_ignored() -> None:
+    """ssh's background start leaves SIGINT ignored, and exec keeps it ignored: Toree's JVM then
+    cannot be interrupted (found over ssh: the interrupt never arrived)."""
+    import signal
+    import subprocess
+    import sys
+
+    from kernel_launchers.python_launcher import let_kernels_take_sigint
+
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background start leaves it
+    try:
+        assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "True"
+        let_kernels_take_sigint()
+        assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "False"
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -225,8 +225,8 @@ def migrate_kernelspec(
     language = str(spec.get("language") or "python").lower()
     if "${" in language:
         # gateway_provisioners 0.5.0's jupyter-yarn-spec leaves its template unfilled with
-        # --language Scala, or with --yarn-endpoint and the like (and drops those options): such
-        # a kernelspec never started. What it was meant to be shows in its env.
+        # --yarn-endpoint, --alt-yarn-endpoint or --yarn-endpoint-security-enabled (and drops
+        # those options): such a kernelspec never started. What it was meant to be shows in its env.
         if "__TOREE_SPARK_OPTS__" in env or "__TOREE_OPTS__" in env:
             language = "scala"
         elif "PYSPARK_PYTHON" in env or "supported_encryption" in metadata:

@@ -270,6 +270,8 @@ def gp_kernelspecs(
         ("jupyter-ssh-spec", "gp_ssh_py", ["--remote-hosts", "127.0.0.1", "--authorized-users", "alice"]),
         ("jupyter-yarn-spec", "gp_yarn_spark", []),
         ("jupyter-yarn-spec", "gp_yarn_scala", ["--language", "Scala"]),
+        # With this option 0.5.0 leaves its template unfilled ("language": "${language}").
+        ("jupyter-yarn-spec", "gp_yarn_endpoint", ["--yarn-endpoint", "http://127.0.0.1:1/ws/v1/cluster"]),
     ]
     for installer, name, options in installs:
         gp_install(installer, prefix, name, *options)

@@ -52,7 +52,8 @@ def test_every_gateway_provisioners_installer_output_is_migrated_or_refused_with
         "gp-ssh-py": "ssh",
         "gp-swarm-py": "dockerSwarm",
         "gp-yarn-spark": "yarn",
-        "gp-yarn-scala": "yarn",  # 0.5.0 left its template unfilled: migrated as what it meant
+        "gp-yarn-scala": "yarn",
+        "gp-yarn-endpoint": "yarn",  # 0.5.0 left its template unfilled: migrated as what it meant
     }
     # What cannot work here is said, with why; nothing is silently lost.
     assert "the installer left its template unfilled" in printed.out

@@ -14,7 +14,7 @@ Rows, all measured in one run by bench/measure.py (start_kernel -> first execute
   cluster mode) on the same YARN;
 - Scala: Apache Toree launched directly by jupyter_client (spark-submit, Spark local), and ours
   over ssh (localhost) and on YARN (Toree as the cluster-mode driver). gateway_provisioners'
-  own Scala kernelspec cannot start here (its installer writes an unfilled template).
+  own Scala kernelspec (its Toree launcher in cluster mode) on the same YARN.
 """
 
 from __future__ import annotations
@@ -143,6 +143,38 @@ def gp_yarn_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> None:
         for arg in spec["argv"][1:]
     ]
     out = root / "kernels" / "gp_yarn"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(spec))
+
+
+def gp_yarn_scala_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> None:
+    """gateway_provisioners' Scala (Toree) kernelspec for the test YARN, as its installer writes
+    it (no --yarn-endpoint: with it, 0.5.0 leaves the template unfilled), with what a user must
+    add by hand: Toree's assembly jar in lib/ (GP ships only its launcher jar), SPARK_HOME, the
+    YARN endpoint, and Java 17's --add-opens for Toree."""
+    from kernel_launchers.python_launcher import TOREE_JAVA_OPTIONS, toree_assembly
+
+    staging = WORK / "gp-yarn-scala-spec"
+    spec_dir = staging / "share" / "jupyter" / "kernels" / "gp_yarn_scala"
+    if not spec_dir.exists():
+        gp_install(
+            "jupyter-yarn-spec", staging, "gp_yarn_scala", "--language", "Scala", venv=gp_python.parents[1]
+        )
+    jar = toree_assembly({})
+    (spec_dir / "lib" / jar.name).write_bytes(jar.read_bytes())  # its run.sh looks in lib/
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"] = {"yarn_endpoint": yarn.web, "launch_timeout": 240}
+    spec["env"].update(
+        SPARK_HOME=str(spark_home()),
+        HADOOP_CONF_DIR=str(yarn.conf_dir),
+        __TOREE_SPARK_OPTS__=(
+            "--master yarn --deploy-mode cluster --name ${KERNEL_ID:-ERROR__NO__KERNEL_ID} "
+            "--conf spark.yarn.submit.waitAppCompletion=false --conf spark.yarn.am.waitTime=1d "
+            "--driver-memory 1g --executor-memory 512m "
+            f"--conf spark.driver.extraJavaOptions={TOREE_JAVA_OPTIONS} {spark_opts()}"
+        ),
+    )
+    out = root / "kernels" / "gp_yarn_scala"
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel.json").write_text(json.dumps(spec))
 
@@ -285,6 +317,7 @@ def main() -> int:
     through_server: dict[str, list[float]] = {}
     server_rows: dict[str, str] = {}
     left: dict[str, int] = {}
+    failed: dict[str, str] = {}
     try:
         print("==> Starting the local control plane, sshd and the operator...", flush=True)
         cluster.start()
@@ -371,6 +404,7 @@ def main() -> int:
         jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
         gp_hosts_kernelspec(jupyter, gp_python, addresses)
         gp_yarn_kernelspec(jupyter, gp_python, yarn)
+        gp_yarn_scala_kernelspec(jupyter, gp_python, yarn)
         gp_home = ssh_home(pool)
         env = {**os.environ, "JUPYTER_PATH": str(jupyter)}
         rows = [
@@ -422,13 +456,12 @@ def main() -> int:
                 Path(sys.executable),
                 "rk_scala_yarn",
             ),
+            (
+                f"gateway_provisioners {GP_VERSION} YarnProvisioner, Scala (its Toree launcher, cluster)",
+                gp_python,
+                "gp_yarn_scala",
+            ),
         ]
-        # gateway_provisioners' own Scala row cannot be measured: 0.5.0's `jupyter-yarn-spec
-        # --language Scala` writes an unfilled template ("language": "${language}") and no
-        # launcher jar (tests/unit/gp_kernelspecs/yarn_scala.json), so no kernel starts from it.
-        print(
-            f"==> gateway_provisioners {GP_VERSION} Scala on YARN: not measurable (its installer's kernelspec cannot start)"
-        )
         for label, python, kernel in rows:
             if args.only and not any(word in kernel for word in args.only.split(",")):
                 continue
@@ -441,10 +474,15 @@ def main() -> int:
             if kernel == "gp_hosts":
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             runs = args.runs
-            if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn"):
+            if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn", "gp_yarn_scala"):
                 runs = min(runs, 5)  # a JVM with Spark: ~15-30 s a launch on 2 cores
                 row_env.update(KERNEL_DRIVER_MEMORY="1g", KERNEL_EXECUTOR_MEMORY="512m")
-            results[label] = measure(python, kernel, runs, row_env)
+            try:
+                results[label] = measure(python, kernel, runs, row_env)
+            except subprocess.CalledProcessError as err:  # a row that cannot run says so
+                failed[label] = f"failed (exit code {err.returncode}; its output is above)"
+                print(f"==> {label}: {failed[label]}", flush=True)
+                continue
             left[label] = kernels_left()
             if "yarn" in kernel:
                 apps = len(yarn.running_applications())
@@ -514,6 +552,8 @@ def main() -> int:
             f"| {label:<68} | {statistics.median(launch):10.3f} | {p95(launch):10.3f} "
             f"| {statistics.median(shutdown):12.3f} | {p95(shutdown):12.3f} | {left.get(label, 0):12d} |"
         )
+    for label, why in failed.items():
+        print(f"| {label:<68} | {why} |")
     print("(left running: kernel and launcher processes still alive 3 s after the row's last shutdown)")
     if through_server:
         print()

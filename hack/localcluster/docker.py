@@ -160,5 +160,6 @@ class DockerEngine:
         return self._build_image("build-operator-image.sh", what="operator image")
 
     def build_kernel_image(self, language: str = "python") -> str:
-        """Build (or find) the kernel image for ``language`` (python, r or scala); returns its reference."""
+        """Build (or find) the kernel image for ``language`` (python, r, scala, or gp-bootstrap: an image
+        as gateway_provisioners bootstraps one, plus our wheel); returns its reference."""
         return self._build_image("build-kernel-image.sh", language, what="kernel image")

@@ -288,6 +288,12 @@ def r_kernel_image(docker_engine: DockerEngine) -> str:
 
 
 @pytest.fixture(scope="session")
+def gp_bootstrap_image(docker_engine: DockerEngine) -> str:
+    """A kernel image as gateway_provisioners' jupyter-image-bootstrap makes one, plus our wheel."""
+    return docker_engine.build_kernel_image("gp-bootstrap")
+
+
+@pytest.fixture(scope="session")
 def scala_kernel_image(docker_engine: DockerEngine) -> str:
     """The Scala kernel image (Java 17, Spark from pyspark, Apache Toree, our launcher), built
     locally once."""

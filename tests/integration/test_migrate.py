@@ -15,6 +15,7 @@ import yaml
 from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 
+from localcluster.gateway_provisioners import gp_install
 from localcluster.servers import OperatorProcess
 from remote_kernel_provisioner.cli import main as spec_cli
 from tests.profiles import apply_profile
@@ -131,3 +132,29 @@ async def test_kernels_start_from_migrated_ssh_pod_docker_swarm_and_scala_kernel
         assert await run_migrated(name, PYTHON_CODE, custom, namespace) == "42 alice"
     scala = 'println((6 * 7) + " " + sys.env("KERNEL_USERNAME") + " " + sc.parallelize(1 to 10).count)'
     assert await run_migrated("gp_k8s_scala", scala, custom, namespace, ready=300) == "42 alice 10"
+
+
+async def test_an_image_bootstrapped_for_gateway_provisioners_runs_our_kernels_with_one_line_added(
+    operator: OperatorProcess,
+    docker_engine: Any,
+    node_images: Callable[[str], str],
+    gp_bootstrap_image: str,
+    custom: client.CustomObjectsApi,
+    kubeconfig: Path,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image has GP's launchers and its bootstrap-kernel.sh as CMD (jupyter-image-bootstrap
+    install), and the one line the README gives: `pip install` of our wheel. A kernelspec GP's
+    own installer made for it, migrated, runs a kernel in a pod from it."""
+    import docker
+
+    config = docker.DockerClient(base_url=docker_engine.host).images.get(gp_bootstrap_image).attrs["Config"]
+    assert config["Cmd"] == ["/usr/local/bin/bootstrap-kernel.sh"]
+    node_images(gp_bootstrap_image)
+    source = tmp_path / "gp"
+    gp_install("jupyter-k8s-spec", source, "gp_bootstrapped", "--image-name", gp_bootstrap_image)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    apply_migrated(source / "share" / "jupyter", tmp_path / "out", custom, namespace, monkeypatch)
+    assert await run_migrated("gp_bootstrapped", PYTHON_CODE, custom, namespace, ready=120) == "42 alice"

@@ -57,7 +57,7 @@ if [[ "$language" == gp-bootstrap ]]; then
   # As an image built for gateway_provisioners: its launchers and its bootstrap script...
   chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --find-links /tmp/wheels gateway_provisioners' >&2
   chroot "$work" /opt/kernel/bin/jupyter-image-bootstrap install --languages=Python >&2
-  test -x "$work/usr/local/bin/bootstrap-kernel.sh"
+  test -f "$work/usr/local/bin/bootstrap-kernel.sh"  # (0.5.0 copies it without its execute bit)
 fi
 # ...and the one line such an image needs for this operator: our wheel (the launcher).
 chroot "$work" /bin/sh -c '/opt/kernel/bin/pip install -q --no-index --no-deps /tmp/wheels/remote_kernel_operator-*.whl' >&2

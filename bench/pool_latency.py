@@ -5,7 +5,9 @@ Rows (ssh backend, host localhost: the operator starts launchers on this machine
   machine: after the refill, ``--settle`` seconds) vs a cold start;
 - jupyter_client start_kernel -> first execute_reply of ``1+1``: direct local launch (ipykernel's
   own kernelspec), our provisioner cold (use_pool false), our provisioner with a warm pool;
-- refill: REFILL kernels claimed at once, and the time until the pool is full again.
+- refill: REFILL kernels claimed at once, and the time until the pool is full again;
+- Scala (Apache Toree, Spark local and eager): start_kernel -> first reply of ``1+1``, Toree
+  launched directly by jupyter_client vs our provisioner cold vs a warm pool of one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SERVER_MEASURE = Path(__file__).with_name("jupyter_server_latency.py")
 GROUP, VERSION = "kernel-operator.io", "v1alpha1"
 NAMESPACE = "default"
 PROFILE = "bench-pool"
+SCALA_PROFILE = "bench-pool-scala"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -55,24 +58,20 @@ def row(name: str, values: list[float]) -> str:
     )
 
 
-def pool_status(custom: client.CustomObjectsApi) -> dict[str, Any]:
-    obj = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench")
+def pool_status(custom: client.CustomObjectsApi, pool: str = "bench") -> dict[str, Any]:
+    obj = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", pool)
     return dict(obj.get("status") or {})
 
 
-def pool_ready(custom: client.CustomObjectsApi, count: int, timeout: float = 120) -> float:
+def pool_ready(
+    custom: client.CustomObjectsApi, count: int, timeout: float = 120, pool: str = "bench"
+) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        status = (
-            custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench").get(
-                "status"
-            )
-            or {}
-        )
-        if status.get("ready") == count:
+        if pool_status(custom, pool).get("ready") == count:
             return time.monotonic() - started
         time.sleep(0.05)
-    raise RuntimeError(f"the pool did not get {count} ready kernels in {timeout} s")
+    raise RuntimeError(f"the pool {pool} did not get {count} ready kernels in {timeout} s")
 
 
 def create_and_wait_running(custom: client.CustomObjectsApi, use_pool: bool) -> tuple[float, bool]:
@@ -115,13 +114,15 @@ async def first_reply(kernel_name: str, env: dict[str, str], wait_for_ready: boo
     return (await one(kernel_name, env, wait_for_ready))[0]
 
 
-def kernelspec(root: Path, name: str, kubeconfig: Path, use_pool: bool) -> None:
+def kernelspec(
+    root: Path, name: str, kubeconfig: Path, use_pool: bool, profile: str = PROFILE, language: str = "python"
+) -> None:
     spec_dir = root / "kernels" / name
     spec_dir.mkdir(parents=True)
     config_ = {
         "namespace": NAMESPACE,
         "kubeconfig": str(kubeconfig),
-        "profile": PROFILE,
+        "profile": profile,
         "use_pool": use_pool,
     }
     (spec_dir / "kernel.json").write_text(
@@ -129,17 +130,68 @@ def kernelspec(root: Path, name: str, kubeconfig: Path, use_pool: bool) -> None:
             {
                 "argv": ["python", "-m", "kernel_launchers.python_launcher"],
                 "display_name": name,
-                "language": "python",
+                "language": language,
+                "interrupt_mode": "signal" if language == "scala" else "message",
                 "metadata": {"kernel_provisioner": {"provisioner_name": "remote-kernel", "config": config_}},
             }
         )
     )
 
 
+def scala_rows(custom: client.CustomObjectsApi, root: Path, kubeconfig: Path, runs: int) -> list[str]:
+    """Toree launched directly by jupyter_client, through our provisioner cold, and claimed from
+    a warm pool of one (refilled between runs): start_kernel -> first reply of ``1+1``."""
+    from launch_latency import toree_local_kernelspec  # bench/: the same direct row as there
+
+    ensure_profile(
+        custom.api_client,
+        {"backend": "ssh", "languages": ["scala"], "ssh": {"hosts": ["localhost"]}},
+        name=SCALA_PROFILE,
+    )
+    toree_local_kernelspec(root)
+    kernelspec(root, "remote-scala-cold", kubeconfig, False, SCALA_PROFILE, "scala")
+    kernelspec(root, "remote-scala-pooled", kubeconfig, True, SCALA_PROFILE, "scala")
+    pool = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RemoteKernelPool",
+        "metadata": {"name": "bench-scala"},
+        "spec": {"profile": SCALA_PROFILE, "replicas": 1, "maxAgeSeconds": 0,
+                 "template": {"kernel": {"language": "scala"}}},
+    }  # fmt: skip
+    custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", pool)
+    env = {**os.environ, "KERNEL_USERNAME": "bench"}
+    direct: list[float] = []
+    cold: list[float] = []
+    pooled: list[float] = []
+    try:
+        for i in range(runs):
+            direct.append(asyncio.run(first_reply("toree_local", env)))
+            cold.append(asyncio.run(first_reply("remote-scala-cold", env)))
+            refilled = pool_ready(custom, 1, timeout=300, pool="bench-scala")
+            pooled.append(asyncio.run(first_reply("remote-scala-pooled", env)))
+            print(
+                f"  Scala run {i + 1}: direct {direct[-1]:.2f} s, cold {cold[-1]:.2f} s, "
+                f"pooled {pooled[-1]:.2f} s (pool ready {refilled:.1f} s after the cold run)",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench-scala")
+    ratio = statistics.median(pooled) / statistics.median(direct)
+    return [
+        row("Scala: start_kernel -> first reply, Toree direct local launch", direct),
+        row("Scala: start_kernel -> first reply, provisioner, cold", cold),
+        row("Scala: start_kernel -> first reply, provisioner, warm pool", pooled),
+        f"Scala: warm pool vs Toree direct local launch (p50): {ratio:.2f}x",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=int(os.environ.get("RKO_BENCH_RUNS", "20")))
     parser.add_argument("--refill", type=int, default=20)
+    parser.add_argument("--scala-runs", type=int, default=3, help="Scala rows' runs (0: none)")
+    parser.add_argument("--only-scala", action="store_true", help="measure the Scala rows only")
     parser.add_argument(
         "--settle",
         type=float,
@@ -167,6 +219,11 @@ def main() -> None:
             },
         )
         operator.start()
+        root = Path(tempfile.mkdtemp(prefix="rko-bench-pools-"))
+        os.environ["JUPYTER_PATH"] = str(root)
+        if args.only_scala:
+            print("\n".join(scala_rows(custom, root, cluster.admin_kubeconfig, args.scala_runs)))
+            return
         pool = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "RemoteKernelPool",
@@ -213,10 +270,8 @@ def main() -> None:
         for name in names:
             custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels", name)
         # Through jupyter_client: direct, cold through the provisioner, claimed through it.
-        root = Path(tempfile.mkdtemp(prefix="rko-bench-pools-"))
         kernelspec(root, "remote-cold", cluster.admin_kubeconfig, use_pool=False)
         kernelspec(root, "remote-pooled", cluster.admin_kubeconfig, use_pool=True)
-        os.environ["JUPYTER_PATH"] = str(root)
         env = {**os.environ, "KERNEL_USERNAME": "bench"}
         direct, remote_cold, remote_pooled = [], [], []
         direct_now, pooled_now = [], []
@@ -236,6 +291,14 @@ def main() -> None:
             env=env, check=True, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         through_server = json.loads(server.stdout.strip().splitlines()[-1])
+        custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench")
+        deadline = time.monotonic() + 60  # the Python pool's kernels stopped: a quiet machine
+        while (
+            time.monotonic() < deadline
+            and custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "remotekernels")["items"]
+        ):
+            time.sleep(0.3)
+        scala = scala_rows(custom, root, cluster.admin_kubeconfig, args.scala_runs) if args.scala_runs else []
         print()
         print("| row | runs | p50 ms | p95 ms | p99 ms |")
         print("| --- | --- | --- | --- | --- |")
@@ -262,12 +325,20 @@ def main() -> None:
             f"refill: {args.refill} kernels claimed at once, pool full again after {refill:.1f} s "
             f"({args.refill / refill:.1f} kernels/s)"
         )
+        if scala:
+            print()
+            print("\n".join(scala))
     finally:
         if operator is not None:
             try:
-                custom.delete_namespaced_custom_object(
-                    GROUP, VERSION, NAMESPACE, "remotekernelpools", "bench"
-                )
+                for pool_name in ("bench", "bench-scala"):
+                    try:
+                        custom.delete_namespaced_custom_object(
+                            GROUP, VERSION, NAMESPACE, "remotekernelpools", pool_name
+                        )
+                    except client.ApiException as err:
+                        if err.status != 404:
+                            raise
                 deadline = time.monotonic() + 60
                 while (
                     time.monotonic() < deadline

@@ -165,12 +165,12 @@ class PoolController:
                 "cannot change once the kernel runs: set spec.username to make this a pool of one user's kernels.",
                 reason="PoolNeedsUser",
             )
-        defaults = _member_defaults(profile)
+        defaults = _member_defaults(profile, spec.template)
         probe = member_spec(spec, defaults)
         request = build_request(
             spec.namespace, "pool-member", "pool-member", probe, profile, self.ctx.settings, pool_member=True
         )
-        if request.language not in ("python", "r"):
+        if request.language not in ("python", "r", "scala"):
             raise SpecError(
                 f"{request.language} kernels cannot be pooled (their identity cannot be bound late)."
             )
@@ -204,7 +204,7 @@ class PoolController:
         body = member_manifest(
             spec,
             name,
-            member_spec(spec, _member_defaults(profile)),
+            member_spec(spec, _member_defaults(profile, spec.template)),
             self.ctx.pools.seal_key,
             self.operator_class,
         )
@@ -276,10 +276,13 @@ class PoolController:
         self.status.update(status)
 
 
-def _member_defaults(profile: Profile) -> dict[str, Any]:
+def _member_defaults(profile: Profile, template: Mapping[str, Any]) -> dict[str, Any]:
     """Spec values a member needs to pass its profile: an idle timeout where the profile
-    demands one (members are never culled while pooled; the claimer's own applies after)."""
+    demands one (members are never culled while pooled; the claimer's own applies after); and
+    Spark started before anyone claims the kernel."""
     defaults: dict[str, Any] = {}
+    if (template.get("kernel") or {}).get("language") == "scala":
+        defaults["env"] = {"KERNEL_SPARK_INIT_MODE": "eager"}
     max_idle = profile.maxima.get("idleTimeoutSeconds")
     if max_idle is not None and not profile.defaults.get("idleTimeoutSeconds"):
         defaults["idleTimeoutSeconds"] = max_idle

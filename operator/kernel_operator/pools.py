@@ -244,6 +244,9 @@ def mismatch(claimer: KernelRequest, member: KernelRequest) -> str | None:
         ("backend options", _comparable(claimer.tenant_config), _comparable(member.tenant_config)),
         ("launch environment", _launch_env(claimer.env), _launch_env(member.env)),
     )
+    if member.language == "scala":  # a JVM keeps the working directory it started in
+        wd = "KERNEL_WORKING_DIR"
+        pairs = (*pairs, ("working directory", claimer.env.get(wd), member.env.get(wd)))
     for what, wanted, offered in pairs:
         if wanted != offered:
             return f"its {what} differs ({wanted!r} asked, {offered!r} pooled)"
@@ -408,7 +411,32 @@ def binding_code(language: str, env: Mapping[str, str], cwd: str | None) -> str:
             "if (length(e$env)) do.call(Sys.setenv, e$env); "
             "if (nzchar(e$cwd)) setwd(e$cwd); invisible(NULL)})"
         )
+    if language == "scala":
+        return _scala_binding(env)
     raise SpecError(f"Kernels in {language!r} cannot take an identity late; they are not pooled.")
+
+
+def scala_env_payload(env: Mapping[str, str]) -> str:
+    """``b64(name):b64(value)`` pairs joined by commas: nothing in it can end a Scala literal."""
+
+    def enc(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    return ",".join(f"{enc(k)}:{enc(v)}" for k, v in env.items())
+
+
+def _scala_binding(env: Mapping[str, str]) -> str:
+    # A JVM's environment is read-only by API; System.getenv()'s view wraps the process
+    # environment that ProcessBuilder copies, so writing through it reaches sys.env and children.
+    # The launcher opens java.util for this (--add-opens). A JVM cannot change its working
+    # directory: pools match a Scala claimer's KERNEL_WORKING_DIR instead (see mismatch).
+    return (
+        '{ val d = java.util.Base64.getDecoder; def s(b: String) = new String(d.decode(b), "UTF-8"); '
+        'val e = System.getenv(); val f = e.getClass.getDeclaredField("m"); f.setAccessible(true); '
+        "val m = f.get(e).asInstanceOf[java.util.Map[String, String]]; "
+        f'"{scala_env_payload(env)}".split(",").filter(_.nonEmpty).foreach {{ p => '
+        'val kv = p.split(":", -1); m.put(s(kv(0)), s(kv(1))) }; () }'
+    )
 
 
 def warmup_code(language: str) -> str:
@@ -416,4 +444,6 @@ def warmup_code(language: str) -> str:
     job where the kernel has Spark, so a claimer's first job does not wait for executors."""
     if language == "python":
         return "try:\n    spark.range(1).count()\nexcept NameError:\n    pass\n"
+    if language == "scala":
+        return "spark.range(1).count(); ()"  # Toree always defines spark (eager in a pool)
     return ""

@@ -26,6 +26,7 @@ from tests.helpers import wait_for
 from tests.profiles import ensure_profile
 
 from .test_operator_ssh import GROUP, PLURAL, VERSION, _reply_to, get, make_kernel, ready_client, wait_phase
+from .test_pools import claimer, connect, delete_pool, make_pool, pool_status
 
 pytestmark = pytest.mark.timeout(420)
 SCALA_PROFILE = {"backend": "ssh", "languages": ["scala"], "ssh": {"hosts": ["127.0.0.1"]}}
@@ -228,3 +229,76 @@ def test_a_scala_kernel_refuses_required_encryption_and_sparkapplications_with_a
     status = wait_phase(custom, namespace, name, "Failed", "Running")["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "LanguageNotSupported"), status
     assert "Scala kernels run on the ssh" in status["message"]
+
+
+def scala_said(kc: Any, code: str, timeout: float = 120.0) -> str:
+    """What a Scala cell printed or returned (a result published after idle included)."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] in ("stream", "execute_result"):
+            data = msg["content"].get("data") or {}
+            out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    deadline = time.monotonic() + 10
+    while not out and time.monotonic() < deadline:
+        try:
+            hook(kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    return "".join(out).strip()
+
+
+def test_a_scala_kernel_claimed_from_a_pool_takes_its_users_environment_with_spark_ready(
+    operator: OperatorProcess,
+    sshd: Sshd,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    profile = ensure_profile(api_client, {**SCALA_PROFILE, "env": {"allowed": ["TEAM_*"]}}, name="pool-scala")
+    make_pool(
+        custom,
+        namespace,
+        name="warm-scala",
+        profile=profile,
+        replicas=1,
+        template={"kernel": {"language": "scala"}},
+    )
+    wait_for(
+        lambda: pool_status(custom, namespace, "warm-scala").get("ready") == 1,
+        timeout=300,
+        what="a pooled Scala kernel, Spark started",
+    )
+    started = time.monotonic()
+    name, kernel_id = claimer(
+        custom, namespace, profile=profile, kernel={"language": "scala"}, env={"TEAM_NAME": "violet"}
+    )
+    obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=60)
+    claimed_in = time.monotonic() - started
+    assert obj["status"]["reason"] == "ClaimedFromPool", obj["status"]
+    kc = connect(api_client, namespace, obj)
+    try:
+        began = time.monotonic()
+        counted = scala_said(kc, "spark.range(1000).count()")
+        first_job = time.monotonic() - began
+        # The identity reaches sys.env and the kernel's child processes alike.
+        said = scala_said(
+            kc,
+            'println(Seq(sys.env("KERNEL_USERNAME"), sys.env("KERNEL_ID"), sys.env("TEAM_NAME"), '
+            'scala.sys.process.Process(Seq("sh", "-c", "echo $KERNEL_USERNAME")).!!.trim).mkString(" "))',
+        )
+    finally:
+        kc.stop_channels()
+    print(
+        f"Scala kernel claimed from a pool: Running {claimed_in:.2f} s after its creation; "
+        f"first spark.range(1000).count() {first_job:.2f} s"
+    )
+    assert counted.endswith("1000"), counted
+    assert said.split() == ["alice", kernel_id, "violet", "alice"], said
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    delete_pool(custom, namespace, "warm-scala")
+    no_remote_kernel_left(custom, namespace)
+    wait_for(lambda: not toree_jvms(), timeout=60, what="no Toree JVM left")

@@ -3,6 +3,7 @@ shell frames the operator signs."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -31,6 +32,7 @@ from kernel_operator.pools import (
     member_spec,
     mismatch,
     plan_pool,
+    scala_env_payload,
     seal_key,
 )
 from kernel_operator.profiles import Profile
@@ -195,6 +197,20 @@ def test_a_claimer_fits_a_pool_unless_something_fixed_at_launch_differs() -> Non
     assert "serves user bob only" in (mismatch(_request({}), per_user) or "")
 
 
+def test_a_scala_claimer_needs_the_pooled_jvms_working_directory() -> None:
+    scala = {"kernel": {"language": "scala"}}
+    member = _request(
+        {**scala, "username": POOL_USERNAME, "env": {"KERNEL_SPARK_INIT_MODE": "eager"}}, member=True
+    )
+    assert mismatch(_request(scala), member) is None
+    assert (
+        mismatch(_request({**scala, "env": {"KERNEL_SPARK_INIT_MODE": "lazy", "TEAM_A": "1"}}), member)
+        is None
+    )
+    moved = mismatch(_request({**scala, "env": {"KERNEL_WORKING_DIR": "/w"}}), member)
+    assert "working directory differs ('/w' asked, None pooled)" in (moved or "")
+
+
 def test_the_pool_placeholder_user_passes_only_for_a_sealed_member() -> None:
     profile = Profile(name="p", backend="ssh", authorized_users=("alice",))
     assert _request({"username": POOL_USERNAME}, profile, member=True).username == POOL_USERNAME
@@ -225,7 +241,18 @@ def test_the_python_binding_cell_sets_env_and_cwd_whatever_the_values(tmp_path: 
         os.environ.pop("RKO_T_2", None)
     assert "base64_dec" in binding_code("r", {"A": "b"}, None)
     with pytest.raises(SpecError, match="cannot take an identity late"):
-        binding_code("scala", {}, None)
+        binding_code("julia", {}, None)
+
+
+def test_the_scala_binding_cell_carries_hostile_values_only_as_base64() -> None:
+    hostile = {'X"); sys.exit(1); ("': 'v"\\ }; Runtime.getRuntime.exec("touch /tmp/pwned"); {', "K": "é\n:,"}
+    code = binding_code("scala", hostile, "/ignored")
+    literal = code.split('".split(",")')[0].rsplit('"', 1)[1]  # the payload's literal
+    assert set(literal) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=:,")
+    pairs = [p.split(":") for p in scala_env_payload(hostile).split(",")]
+    decoded = {base64.b64decode(k).decode(): base64.b64decode(v).decode() for k, v in pairs}
+    assert decoded == hostile and literal == scala_env_payload(hostile)
+    assert "Runtime" not in code.replace(literal, "") and "/ignored" not in code
 
 
 def test_execute_frames_are_signed_and_only_the_matching_signed_reply_counts() -> None:
@@ -408,3 +435,4 @@ def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
     exec(code, {"spark": Spark()})
     exec(code, {})  # no Spark: nothing happens, nothing fails
     assert ran == [1] and warmup_code("r") == ""
+    assert "spark.range(1).count()" in warmup_code("scala")

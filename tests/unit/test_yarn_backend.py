@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kernel_launchers.protocol import encode_key
-from kernel_launchers.python_launcher import SPARK_INIT, kernel_command, parse_args
+from kernel_launchers.python_launcher import SPARK_INIT, TOREE_JAVA_OPTIONS, kernel_command, parse_args
 from kernel_operator.backends.base import LaunchPlan
 from kernel_operator.backends.yarn import (
     TOKEN_SECRET,
@@ -273,7 +273,7 @@ def test_a_scala_kernel_is_toree_as_the_cluster_mode_driver_with_spark_eager() -
     assert argv[-4:] == ["--token-file", "rko-launch-token", "--spark-context-initialization-mode", "eager"]
     conf = spark_properties(req, opts, ops.yarn)
     assert conf["spark.yarn.appMasterEnv.RKO_LAUNCHER_PYTHON"] == "/opt/py/bin/python"
-    assert conf["spark.driver.extraJavaOptions"] == "--add-opens=java.base/java.util.jar=ALL-UNNAMED"
+    assert conf["spark.driver.extraJavaOptions"] == TOREE_JAVA_OPTIONS
     lazy = request(ops=ops, kernel={"language": "scala"}, yarn={"sparkInitMode": "lazy"})
     assert options(lazy, ops).spark_init == "lazy"
     with pytest.raises(SpecError, match="Python or Scala") as refused:

@@ -118,7 +118,7 @@ test: cluster-bin node-bin helm venv
 	@bash hack/install-system-deps.sh
 	@$(MAKE) --no-print-directory images yarn
 	@$(MAKE) --no-print-directory lint
-	@$(VENV)/bin/pytest -q -rs tests
+	@$(VENV)/bin/pytest -q -rs --durations=30 tests
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .pytest_cache .ruff_cache

@@ -15,11 +15,14 @@ from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
+from .test_faults import runs_code
 from .test_operator_ssh import (
     GROUP,
+    PLURAL,
     VERSION,
     _reply_to,
     delete_and_wait_gone,
+    get,
     make_kernel,
     ready_client,
     start_remote_kernel,
@@ -209,3 +212,51 @@ async def test_the_engine_can_be_reached_over_tcp_with_tls(tmp_path: Path) -> No
             plain.client().ping()
     finally:
         engine.stop()
+
+
+def test_dockerd_restarted_during_launches_loses_no_record_and_leaks_nothing(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """The engine stops (as a dockerd restart does: without live-restore, which Swarm mode
+    forbids, its containers stop with it) while kernels launch, and comes back. Every kernel
+    ends Running and runs code, or Failed with a reason (a kernel whose container the engine
+    stopped); the operator rides the outage out; deleting them leaves no container or Secret."""
+    before, before_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+    wait_phase(custom, namespace, before, "Running", timeout=60)
+    names = {before: before_id}
+    for _ in range(3):
+        name, kernel_id = make_kernel(
+            namespace, custom, backend="docker", image=kernel_image, launchTimeoutSeconds=90
+        )
+        names[name] = kernel_id
+    time.sleep(0.5)
+    docker_engine.stop()
+    time.sleep(1)
+    docker_engine.start()
+    # Launched after the engine is back: it runs.
+    after, after_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+    names[after] = after_id
+    outcomes: dict[str, str] = {}
+    for name in names:
+        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=150)["status"]
+        if status["phase"] == "Failed":
+            assert status.get("reason") and status.get("message"), status
+            outcomes[name] = f"Failed/{status['reason']}: {status['message'][:120]}"
+        else:
+            assert runs_code(api_client, namespace, get(custom, namespace, name)), name
+            outcomes[name] = "Running"
+    print(f"dockerd restart: {list(outcomes.values()).count('Running')}/{len(names)} Running; {outcomes}")
+    assert outcomes[after] == "Running", outcomes[after]
+    assert operator.proc is not None and operator.proc.poll() is None, "the operator died with dockerd"
+    for name in names:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    wait_for(lambda: all(get(custom, namespace, n) is None for n in names), timeout=90, what="all deleted")
+    for kernel_id in names.values():
+        assert not kernel_containers(docker_engine, kernel_id), kernel_id
+    secrets = client.CoreV1Api(api_client).list_namespaced_secret(namespace).items
+    assert not [s.metadata.name for s in secrets if any(k in s.metadata.name for k in names.values())]

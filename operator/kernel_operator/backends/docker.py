@@ -11,6 +11,7 @@ environment, where ``docker inspect`` would show it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import tarfile
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 
 from .. import UID_LABEL
 from ..errors import BackendError, BackendUnavailable, SpecError
@@ -36,6 +37,9 @@ DEFAULT_USER = "1000:1000"  # kernels never run as the image's user, which may b
 TOKEN_DIR = "/tmp"
 TOKEN_FILE = "rko-launch-token"
 DOCKER_THREADS = 16  # docker-py's blocking calls, apart from other backends'
+# The engine's answers (DockerException) and the engine out of reach: requests' errors, which
+# docker-py lets through, are OSErrors.
+ENGINE_ERRORS: tuple[type[Exception], ...] = (DockerException, OSError)
 _USER = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
 
 
@@ -186,7 +190,7 @@ class DockerBackend:
                     )
                     client.api.trust_env = False
                     client.api.version()  # fail here, with a clear message, if it cannot be reached
-                except (DockerException, OSError) as err:
+                except ENGINE_ERRORS as err:
                     raise BackendUnavailable(
                         f"Cannot reach the Docker engine at {self.settings.host}: {err}"
                     ) from err
@@ -207,7 +211,7 @@ class DockerBackend:
             found = self.client().containers.list(
                 ignore_removed=True, all=True, filters={"label": f"{UID_LABEL}={owner}"}
             )
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Container", "id": str(found[0].id), "name": found[0].name} if found else None
 
@@ -228,7 +232,8 @@ class DockerBackend:
                 raise BackendError("The Docker engine refused to copy the launch token into the container.")
             container.start()
         except BaseException:
-            container.remove(force=True)
+            with contextlib.suppress(*ENGINE_ERRORS):  # else the owner's deletion finds it by label
+                container.remove(force=True)
             raise
         return str(container.id)
 
@@ -250,11 +255,16 @@ class DockerBackend:
                 "there (the operator does not pull).",
                 reason="ImageNotFound",
             ) from None
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         try:
             return self.start(engine, config, plan)
-        except (APIError, DockerException) as err:
+        except OSError as err:  # a restarting engine: what it created is found and removed by uid
+            raise BackendUnavailable(
+                f"The Docker engine at {self.settings.host} went out of reach while starting the kernel's "
+                f"{self.kind.lower()}: {err}"
+            ) from err
+        except DockerException as err:
             raise BackendError(
                 f"The kernel's {self.kind.lower()} could not be started: {err}",
                 reason=f"{self.kind}CreateFailed",
@@ -272,7 +282,7 @@ class DockerBackend:
         inspected (for its exit code)."""
         try:
             listed = self.client().api.containers(all=True, filters={"label": UID_LABEL})
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         states = {str(c.get("Id")): str(c.get("State") or "") for c in listed}
         answers = []
@@ -292,7 +302,7 @@ class DockerBackend:
             container = self.client().containers.get(container_id)
         except NotFound:
             return container_state(None)
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return container_state(container.attrs)
 
@@ -308,5 +318,5 @@ class DockerBackend:
             container.remove(force=True)
         except NotFound:
             return
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"Stopping container {container_id[:12]} failed: {err}") from err

@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, NotFound
+from docker.errors import NotFound
 
 from .. import UID_LABEL
 from ..errors import BackendUnavailable
 from ..spec import KernelRequest
 from .base import BackendRef, BackendStatus, LaunchPlan
-from .docker import TOKEN_FILE, DockerBackend, container_config, container_user
+from .docker import ENGINE_ERRORS, TOKEN_FILE, DockerBackend, container_config, container_user
 
 SECRETS_DIR = "/run/secrets"
 
@@ -109,14 +109,15 @@ class DockerSwarmBackend(DockerBackend):
         try:
             return str(services.create(**config, secrets=[reference]).id)
         except BaseException:
-            secret.remove()
+            with contextlib.suppress(*ENGINE_ERRORS):  # else the owner's deletion finds it by label
+                secret.remove()
             raise
 
     def _find(self, owner: str) -> BackendRef | None:
         services: Any = self.client().services
         try:
             found = services.list(filters={"label": f"{UID_LABEL}={owner}"})
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
         return {"kind": "Service", "id": str(found[0].id), "name": found[0].name} if found else None
 
@@ -126,7 +127,7 @@ class DockerSwarmBackend(DockerBackend):
             return task_state(services.get(service_id).tasks())
         except NotFound:
             return task_state(None)
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"The Docker engine at {self.settings.host} failed: {err}") from err
 
     def _stop(self, service_id: str, owner: str) -> None:
@@ -142,5 +143,5 @@ class DockerSwarmBackend(DockerBackend):
             for secret in secrets.list(filters={"label": f"{UID_LABEL}={owner}"}):
                 with contextlib.suppress(NotFound):
                     secret.remove()
-        except (APIError, DockerException) as err:
+        except ENGINE_ERRORS as err:
             raise BackendUnavailable(f"Removing service {service_id[:12]} failed: {err}") from err

@@ -25,6 +25,7 @@ from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
 from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
+from .test_faults import runs_code
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -292,6 +293,56 @@ async def test_the_kernel_survives_a_resource_manager_restart(
     assert [o["status"]["phase"] for o in objs] == ["Running"]
     await km.shutdown_kernel()
     assert mini_yarn.application(app_id)["state"] in ("KILLED", "FINISHED")
+
+
+def test_a_resource_manager_restarted_during_launches_loses_nothing(
+    yarn_operator: OperatorProcess,
+    mini_yarn: MiniYarn,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """The ResourceManager restarts while three kernels are being submitted and started: each
+    ends Running and runs code, or Failed with a reason; deleting them leaves no application
+    (the autouse fixture) and no process."""
+    names: dict[str, str] = {}
+    for _ in range(3):
+        name, kernel_id = make_kernel(
+            namespace, custom, labels=LABELS, backend="yarn", launchTimeoutSeconds=240
+        )
+        names[name] = kernel_id
+    time.sleep(1.0)
+    began = time.monotonic()
+    mini_yarn.restart_resource_manager()
+    restarted = time.monotonic() - began
+    outcomes: dict[str, str] = {}
+    for name in names:
+        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=240)["status"]
+        if status["phase"] == "Failed":
+            assert status.get("reason") and status.get("message"), status
+            outcomes[name] = f"Failed/{status['reason']}: {status['message'][:120]}"
+        else:
+            assert runs_code(api_client, namespace, get(custom, namespace, name)), name
+            outcomes[name] = "Running"
+    running = list(outcomes.values()).count("Running")
+    print(
+        f"ResourceManager restarted in {restarted:.1f} s during 3 launches: {running}/3 Running; {outcomes}"
+    )
+    for name in names:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    wait_for(lambda: all(get(custom, namespace, n) is None for n in names), timeout=90, what="all deleted")
+    tags = {f"rko-kernel-{k}" for k in names.values()}
+    wait_for(
+        lambda: (
+            not [
+                a
+                for a in mini_yarn.running_applications()
+                if tags & set((a.get("applicationTags") or "").split(","))
+            ]
+        ),
+        timeout=60,
+        what="their applications to end",
+    )
 
 
 async def test_the_alternate_resource_manager_is_used_when_the_first_is_down(

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -764,7 +765,12 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     self.kernel.kill()
                     self.kernel.wait()
-            self.write_exit_status(EXIT_LAUNCH_FAILED, str(err))
+            if isinstance(err, LaunchRefused):
+                # Not the kernel of record (e.g. an ssh attempt that timed out, then ran): nobody
+                # will stop us or remove our run directory, so we leave nothing ourselves.
+                remove_unused_run_dir(self.args.run_dir, own={os.getpid()})
+            else:
+                self.write_exit_status(EXIT_LAUNCH_FAILED, str(err))
             return EXIT_LAUNCH_FAILED
         assert self.kernel is not None
         while True:
@@ -801,6 +807,20 @@ class Launcher:
             ensure_private_dir(self.args.run_dir)
             (self.args.run_dir / "exit_status").write_text(json.dumps({"code": code, "message": message}))
             (self.args.run_dir / "kernel.json").unlink(missing_ok=True)
+
+
+def remove_unused_run_dir(run_dir: Path, own: set[int], proc: Path = Path("/proc")) -> bool:
+    """Remove ``run_dir`` unless a process other than ``own`` names it on its command line (the
+    launcher of record may share the path on this host). True if it was removed."""
+    needle = str(run_dir).encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "cmdline").read_bytes():
+                return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
 
 
 def main(argv: list[str] | None = None) -> int:

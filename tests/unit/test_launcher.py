@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from kernel_launchers import protocol
@@ -242,9 +245,10 @@ def test_a_malformed_address_in_the_list_is_refused() -> None:
         )
 
 
-def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     """An orphan of a relaunch (its launch replaced) is told ``NO``: it stops its kernel now,
-    not after retrying until its own deadline, and tries no other replica."""
+    not after retrying until its own deadline, tries no other replica, and removes its run
+    directory (nobody else will)."""
     import socket
     import threading
     import time
@@ -277,10 +281,19 @@ def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> 
     addresses = f"127.0.0.1:{operator.getsockname()[1]},127.0.0.1:{other.getsockname()[1]}"
     public = protocol.encode_key(protocol.public_key_of(protocol.new_private_key()))
     args = parse_args(
-        [*BASE[:2], "--response-address", addresses, "--public-key", public, "--run-dir", str(tmp_path)],
+        [
+            *BASE[:2],
+            "--response-address",
+            addresses,
+            "--public-key",
+            public,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
         {"RKO_LAUNCH_TOKEN": "t"},
     )
     launcher = Launcher(args)
+    caplog.set_level("INFO")
     began = time.monotonic()
     try:
         assert launcher.run() == EXIT_LAUNCH_FAILED
@@ -288,8 +301,9 @@ def test_a_final_refusal_stops_the_kernel_at_once_without_retrying(tmp_path) -> 
         operator.close()
         if launcher.kernel is not None and launcher.kernel.poll() is None:
             launcher.kernel.kill()
-    status = (tmp_path / "exit_status").read_text()
+    status = caplog.text
     assert len(connections) == 1, (connections, status)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(OSError):
         other.accept()
     other.close()
@@ -447,3 +461,24 @@ def test_a_kernel_can_take_sigint_though_the_launcher_was_started_with_it_ignore
         assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "False"
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_refused_launcher_keeps_a_run_directory_another_process_uses(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from kernel_launchers.python_launcher import remove_unused_run_dir
+
+    shared = tmp_path / "rko-k-uid"
+    shared.mkdir()
+    (shared / "launcher.log").write_text("the launcher of record's")
+    user = subprocess.Popen(["sh", "-c", "sleep 30", str(shared)])  # names it, as the launcher of record does
+    try:
+        while str(shared).encode() not in Path(f"/proc/{user.pid}/cmdline").read_bytes():
+            time.sleep(0.01)  # exec'd
+        assert not remove_unused_run_dir(shared, own={os.getpid()})
+        assert (shared / "launcher.log").exists()
+    finally:
+        user.kill()
+        user.wait()
+    assert remove_unused_run_dir(shared, own={os.getpid()}) and not shared.exists()

@@ -389,12 +389,13 @@ def test_a_host_link_cut_and_restored_during_concurrent_launches_loses_nothing(
     ends Running and runs code, or Failed with a reason; deleting them leaves nothing on any host."""
     h1, h2, h3 = (host_pool.hosts[n] for n in ("h1", "h2", "h3"))
     pool = [h1.address, h2.address, h3.address]
-    running = [
-        make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": [h2.address]})[0] for _ in range(2)
-    ]
+    made = [make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": [h2.address]}) for _ in range(2)]
+    running = [name for name, _ in made]
     for name in running:
         assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
-    launching = [make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": pool})[0] for _ in range(6)]
+    more = [make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": pool}) for _ in range(6)]
+    launching = [name for name, _ in more]
+    kernel_ids = [kernel_id for _, kernel_id in made + more]
     time.sleep(0.3)
     h2.set_link(False)
     try:
@@ -417,4 +418,4 @@ def test_a_host_link_cut_and_restored_during_concurrent_launches_loses_nothing(
         assert status["phase"] == "Running", status
     delete_all(custom, namespace, running + launching)
     assert_no_kernels_anywhere(host_pool)
-    assert not [d for h in (h1, h2, h3) for d in h.path("/tmp").glob("rko-*")]
+    assert not [d for h in (h1, h2, h3) for k in kernel_ids for d in h.path("/tmp").glob(f"rko-{k}-*")]

@@ -152,7 +152,7 @@ def gp_yarn_scala_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> Non
     it (no --yarn-endpoint: with it, 0.5.0 leaves the template unfilled), with what a user must
     add by hand: Toree's assembly jar in lib/ (GP ships only its launcher jar), SPARK_HOME, the
     YARN endpoint, and Java 17's --add-opens for Toree."""
-    from kernel_launchers.python_launcher import TOREE_JAVA_OPTIONS, toree_assembly
+    from kernel_launchers.python_launcher import TOREE_JAR_OPENS, toree_assembly
 
     staging = WORK / "gp-yarn-scala-spec"
     spec_dir = staging / "share" / "jupyter" / "kernels" / "gp_yarn_scala"
@@ -171,7 +171,7 @@ def gp_yarn_scala_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> Non
             "--master yarn --deploy-mode cluster --name ${KERNEL_ID:-ERROR__NO__KERNEL_ID} "
             "--conf spark.yarn.submit.waitAppCompletion=false --conf spark.yarn.am.waitTime=1d "
             "--driver-memory 1g --executor-memory 512m "
-            f"--conf spark.driver.extraJavaOptions={TOREE_JAVA_OPTIONS} {spark_opts()}"
+            f"--conf spark.driver.extraJavaOptions={TOREE_JAR_OPENS} {spark_opts()}"  # one word
         ),
     )
     out = root / "kernels" / "gp_yarn_scala"
@@ -476,7 +476,10 @@ def main() -> int:
             runs = args.runs
             if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn", "gp_yarn_scala"):
                 runs = min(runs, 5)  # a JVM with Spark: ~15-30 s a launch on 2 cores
-                row_env.update(KERNEL_DRIVER_MEMORY="1g", KERNEL_EXECUTOR_MEMORY="512m")
+                if python == gp_python:  # GP reads these as megabytes (int()); its SPARK_OPTS sets them
+                    row_env.update(KERNEL_DRIVER_MEMORY="1024", KERNEL_EXECUTOR_MEMORY="512")
+                else:
+                    row_env.update(KERNEL_DRIVER_MEMORY="1g", KERNEL_EXECUTOR_MEMORY="512m")
             try:
                 results[label] = measure(python, kernel, runs, row_env)
             except subprocess.CalledProcessError as err:  # a row that cannot run says so

@@ -53,11 +53,10 @@ LANGUAGES = ("python", "r", "scala")
 LISTEN_TIMEOUT = {"python": 60.0, "r": 60.0, "scala": 180.0}
 KERNEL_NAMES = {"r": "IRkernel", "scala": "Apache Toree"}
 TOREE_MAIN = "org.apache.toree.Main"
-# Toree 0.5 reads its jar's classes by reflection, which Java 17 refuses without the first; a
-# pooled kernel takes its user's environment late through java.util's maps (the second).
-TOREE_JAVA_OPTIONS = (
-    "--add-opens=java.base/java.util.jar=ALL-UNNAMED --add-opens=java.base/java.util=ALL-UNNAMED"
-)
+# Toree 0.5 reads its jar's classes by reflection, which Java 17 refuses without this.
+TOREE_JAR_OPENS = "--add-opens=java.base/java.util.jar=ALL-UNNAMED"
+# ... and a pooled kernel takes its user's environment late through java.util's maps.
+TOREE_JAVA_OPTIONS = f"{TOREE_JAR_OPENS} --add-opens=java.base/java.util=ALL-UNNAMED"
 
 
 class LaunchRefused(RuntimeError):

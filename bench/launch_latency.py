@@ -476,9 +476,9 @@ def main() -> int:
             runs = args.runs
             if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn", "gp_yarn_scala"):
                 runs = min(runs, 5)  # a JVM with Spark: ~15-30 s a launch on 2 cores
-                if python == gp_python:  # GP reads these as megabytes (int()); its SPARK_OPTS sets them
-                    row_env.update(KERNEL_DRIVER_MEMORY="1024", KERNEL_EXECUTOR_MEMORY="512")
-                else:
+                # GP's kernelspec sets the same memory in its SPARK_OPTS: it reads these variables
+                # only for a check that int()s them and needs yarn-site.xml in its own process.
+                if python != gp_python:
                     row_env.update(KERNEL_DRIVER_MEMORY="1g", KERNEL_EXECUTOR_MEMORY="512m")
             try:
                 results[label] = measure(python, kernel, runs, row_env)

@@ -214,8 +214,10 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
             "launch_timeout": 240,
         },
         "rk_scala_yarn": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 240},
+        # The same, run with KERNEL_SPARK_INIT_MODE=lazy (main): as GP's Scala kernelspec starts.
+        "rk_scala_yarn_lazy": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 240},
     }
-    scala = {"rk_scala_local", "rk_scala_yarn"}
+    scala = {"rk_scala_local", "rk_scala_yarn", "rk_scala_yarn_lazy"}
     api = config.new_client_from_config(config_file=str(kubeconfig))
     try:  # each config as the profile an administrator would write for it, and a kernelspec naming it
         configs = {name: kernelspec_config(api, legacy) for name, legacy in configs.items()}
@@ -457,7 +459,12 @@ def main() -> int:
                 "rk_scala_yarn",
             ),
             (
-                f"gateway_provisioners {GP_VERSION} YarnProvisioner, Scala (its Toree launcher, cluster)",
+                "remote-kernel-operator, Scala (Toree), yarn backend, Spark lazy (as GP's)",
+                Path(sys.executable),
+                "rk_scala_yarn_lazy",
+            ),
+            (
+                f"gateway_provisioners {GP_VERSION} YarnProvisioner, Scala (its Toree launcher, cluster, lazy)",
                 gp_python,
                 "gp_yarn_scala",
             ),
@@ -474,7 +481,15 @@ def main() -> int:
             if kernel == "gp_hosts":
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             runs = args.runs
-            if kernel in ("toree_local", "rk_scala_local", "rk_scala_yarn", "gp_yarn_scala"):
+            if kernel.endswith("_lazy"):
+                row_env["KERNEL_SPARK_INIT_MODE"] = "lazy"
+            if kernel in (
+                "toree_local",
+                "rk_scala_local",
+                "rk_scala_yarn",
+                "rk_scala_yarn_lazy",
+                "gp_yarn_scala",
+            ):
                 runs = min(runs, 5)  # a JVM with Spark: ~15-30 s a launch on 2 cores
                 # GP's kernelspec sets the same memory in its SPARK_OPTS: it reads these variables
                 # only for a check that int()s them and needs yarn-site.xml in its own process.

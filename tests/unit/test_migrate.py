@@ -231,3 +231,47 @@ def test_the_command_migrates_all_writes_profiles_and_fails_only_for_what_was_na
     assert main(["migrate", "k8s_py", "--prefix", str(out), "--suffix", "_rko", "--dry-run"]) == 0
     assert not (out / "share" / "jupyter" / "kernels" / "k8s_py_rko").exists()
     assert main(["migrate", "no_such_kernel"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("module_class", "backend", "config"),
+    [
+        ("k8s.KubernetesProcessProxy", "kubernetes", {"image_name": "elyra/kernel-py:3.2.3"}),
+        ("docker_swarm.DockerProcessProxy", "docker", {"image_name": "elyra/kernel-py:3.2.3"}),
+        ("docker_swarm.DockerSwarmProcessProxy", "dockerSwarm", {"image_name": "elyra/kernel-py:3.2.3"}),
+        ("yarn.YarnClusterProcessProxy", "yarn", {}),
+        ("distributed.DistributedProcessProxy", "ssh", {"remote_hosts": ["h1", "h2"]}),
+        (
+            "spark_operator.SparkOperatorProcessProxy",
+            "sparkApplication",
+            {"image_name": "elyra/kernel-spark-py"},
+        ),
+        (
+            "crd.CustomResourceProcessProxy",
+            "customResource",
+            {"group": "example.org", "version": "v1", "plural": "notebooks"},
+        ),
+    ],
+)
+def test_every_enterprise_gateway_process_proxy_maps_to_its_backend(
+    module_class: str, backend: str, config: dict[str, Any]
+) -> None:
+    spec = {
+        "language": "python",
+        "display_name": module_class,
+        "metadata": {
+            "process_proxy": {
+                "class_name": f"enterprise_gateway.services.processproxies.{module_class}",
+                "config": dict(config),
+            }
+        },
+        "argv": ["python", "launch_ipykernel.py", "--RemoteProcessProxy.kernel-id", "{kernel_id}"],
+    }
+    result = migrate_kernelspec("eg", spec)
+    assert result.source == f"Enterprise Gateway {module_class.split('.')[1]}"
+    assert result.profile["spec"]["backend"] == backend
+    assert config_of(result.kernelspec)  # a remote-kernel kernelspec
+    if "image_name" in config:
+        assert config["image_name"] in json.dumps(result.profile["spec"])
+    if backend == "ssh":
+        assert result.profile["spec"]["ssh"]["hosts"] == ["h1", "h2"]

@@ -15,7 +15,7 @@ from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
-from .test_faults import runs_code
+from .test_faults import settle
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -241,15 +241,7 @@ def test_dockerd_restarted_during_launches_loses_no_record_and_leaks_nothing(
     # Launched after the engine is back: it runs.
     after, after_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
     names[after] = after_id
-    outcomes: dict[str, str] = {}
-    for name in names:
-        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=150)["status"]
-        if status["phase"] == "Failed":
-            assert status.get("reason") and status.get("message"), status
-            outcomes[name] = f"Failed/{status['reason']}: {status['message'][:120]}"
-        else:
-            assert runs_code(api_client, namespace, get(custom, namespace, name)), name
-            outcomes[name] = "Running"
+    outcomes = settle(custom, api_client, namespace, names, timeout=150)
     print(f"dockerd restart: {list(outcomes.values()).count('Running')}/{len(names)} Running; {outcomes}")
     assert outcomes[after] == "Running", outcomes[after]
     assert operator.proc is not None and operator.proc.poll() is None, "the operator died with dockerd"

@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,28 @@ def runs_code(api_client: client.ApiClient, namespace: str, obj: dict[str, Any])
         kc.stop_channels()
 
 
+def settle(
+    custom: client.CustomObjectsApi,
+    api_client: client.ApiClient,
+    namespace: str,
+    names: Iterable[str],
+    timeout: float = 120,
+) -> dict[str, str]:
+    """Wait for each kernel to end Running or Failed. A Running one must run code; a Failed one
+    must say why. Returns each name's outcome: "Running" or "Failed/<reason>: <message>"."""
+    outcomes: dict[str, str] = {}
+    for name in names:
+        obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=timeout)
+        status = obj["status"]
+        if status["phase"] == "Failed":
+            assert status.get("reason") and status.get("message"), status
+            outcomes[name] = f"Failed/{status['reason']}: {status['message'][:120]}"
+        else:
+            assert runs_code(api_client, namespace, obj), name
+            outcomes[name] = "Running"
+    return outcomes
+
+
 def leftovers(kernel_ids: list[str], api_client: client.ApiClient, namespace: str) -> dict[str, Any]:
     procs = [c for c in launcher_processes() if any(k in c for k in kernel_ids)]
     dirs = [d for k in kernel_ids for d in glob.glob(f"/tmp/rko-{k}-*")]
@@ -279,16 +301,7 @@ def test_the_operator_killed_at_random_moments_during_concurrent_launches(
         proc.stop(kill=True)
         time.sleep(rng.uniform(0.0, 1.0))
         proc.start()
-        outcomes: dict[str, str] = {}
-        for name in names:
-            obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=120)
-            status = obj["status"]
-            if status["phase"] == "Failed":
-                assert status.get("reason") and status.get("message"), status
-                outcomes[name] = f"Failed/{status['reason']}"
-            else:
-                assert runs_code(api_client, namespace, obj), name
-                outcomes[name] = "Running"
+        outcomes = settle(custom, api_client, namespace, names)
         failed = {n: o for n, o in outcomes.items() if o != "Running"}
         print(f"chaos round {round_ + 1}: {len(names) - len(failed)}/{len(names)} Running; {failed}")
         delete_and_check_nothing_left(custom, api_client, namespace, dict(names))
@@ -312,14 +325,7 @@ def test_etcd_and_the_api_server_restarted_during_launches(
         names[name] = kernel_id
     time.sleep(0.3)
     local_cluster.restart(("etcd", "apiserver"))
-    for name in names:
-        obj = wait_phase(custom, namespace, name, "Running", "Failed", timeout=150)
-        status = obj["status"]
-        if status["phase"] == "Failed":
-            assert status.get("reason") and status.get("message"), status
-        else:
-            assert runs_code(api_client, namespace, obj), name
-    outcomes = [get(custom, namespace, n)["status"]["phase"] for n in names]  # type: ignore[index]
+    outcomes = list(settle(custom, api_client, namespace, names, timeout=150).values())
     print(f"control plane restart: {outcomes.count('Running')}/{len(names)} Running")
     delete_and_check_nothing_left(custom, api_client, namespace, names)
     assert proc.proc is not None and proc.proc.poll() is None, "the operator died with the API server"

@@ -26,7 +26,7 @@ from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
 from .conftest import delete_remote_kernels, ensure_namespace
-from .test_faults import runs_code
+from .test_faults import settle
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -402,15 +402,7 @@ def test_a_host_link_cut_and_restored_during_concurrent_launches_loses_nothing(
         time.sleep(2)  # below RKO_UNREACHABLE_GRACE_SECONDS (3)
     finally:
         h2.set_link(True)
-    outcomes: dict[str, str] = {}
-    for name in running + launching:
-        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=90)["status"]
-        if status["phase"] == "Failed":
-            assert status.get("reason") and status.get("message"), status
-            outcomes[name] = f"Failed/{status['reason']}"
-        else:
-            assert runs_code(api_client, namespace, get(custom, namespace, name)), name
-            outcomes[name] = "Running"
+    outcomes = settle(custom, api_client, namespace, running + launching, timeout=90)
     print(f"link cut: {list(outcomes.values()).count('Running')}/{len(outcomes)} Running; {outcomes}")
     time.sleep(2)  # the monitor has looked at the survivors since the link came back
     for name in running:

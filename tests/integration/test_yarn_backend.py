@@ -25,7 +25,7 @@ from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
 from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
-from .test_faults import runs_code
+from .test_faults import settle
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -315,15 +315,7 @@ def test_a_resource_manager_restarted_during_launches_loses_nothing(
     began = time.monotonic()
     mini_yarn.restart_resource_manager()
     restarted = time.monotonic() - began
-    outcomes: dict[str, str] = {}
-    for name in names:
-        status = wait_phase(custom, namespace, name, "Running", "Failed", timeout=240)["status"]
-        if status["phase"] == "Failed":
-            assert status.get("reason") and status.get("message"), status
-            outcomes[name] = f"Failed/{status['reason']}: {status['message'][:120]}"
-        else:
-            assert runs_code(api_client, namespace, get(custom, namespace, name)), name
-            outcomes[name] = "Running"
+    outcomes = settle(custom, api_client, namespace, names, timeout=240)
     running = list(outcomes.values()).count("Running")
     print(
         f"ResourceManager restarted in {restarted:.1f} s during 3 launches: {running}/3 Running; {outcomes}"

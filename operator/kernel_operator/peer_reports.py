@@ -93,13 +93,7 @@ def judge(launch_id: str, body: dict[str, Any] | None, payload: LaunchPayload) -
                 final=True,
             )
         )
-    ref = status.get("backendRef") or {}
-    if phase == Phase.LAUNCHING.value and not ref:
-        # Its backend is still starting it: which launcher is the one is not known yet. An ssh
-        # attempt that timed out may have started a launcher after all, holding the same token,
-        # while the next host's is the one about to be recorded (seen with a link cut).
-        return WAIT
-    pid = ref.get("pid")
+    pid = (status.get("backendRef") or {}).get("pid")
     if pid and int(pid) != payload["pid"]:
         return Verdict(
             refusal=Refused(

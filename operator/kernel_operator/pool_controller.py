@@ -23,6 +23,7 @@ from .metrics import forget_pool
 from .next_steps import with_next_step
 from .pool_registry import PoolEntry
 from .pools import (
+    BINDABLE_LANGUAGES,
     CLAIM_LABEL,
     VOID,
     Member,
@@ -170,7 +171,7 @@ class PoolController:
         request = build_request(
             spec.namespace, "pool-member", "pool-member", probe, profile, self.ctx.settings, pool_member=True
         )
-        if request.language not in ("python", "r", "scala"):
+        if request.language not in BINDABLE_LANGUAGES:
             raise SpecError(
                 f"{request.language} kernels cannot be pooled (their identity cannot be bound late)."
             )

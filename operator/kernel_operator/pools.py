@@ -394,6 +394,9 @@ def backoff_seconds(consecutive_failures: int) -> float:
 
 
 # -- late binding: code the claimed kernel runs, silently -------------------------------------
+BINDABLE_LANGUAGES = ("python", "r", "scala")  # those binding_code writes a cell for
+
+
 def binding_code(language: str, env: Mapping[str, str], cwd: str | None) -> str:
     """A silent cell that gives a running kernel its user's environment and working directory.
 

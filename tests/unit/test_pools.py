@@ -436,3 +436,9 @@ def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
     exec(code, {})  # no Spark: nothing happens, nothing fails
     assert ran == [1] and warmup_code("r") == ""
     assert "spark.range(1).count()" in warmup_code("scala")
+
+
+def test_every_language_a_pool_accepts_has_a_binding_cell() -> None:
+    from kernel_operator.pools import BINDABLE_LANGUAGES
+
+    assert all(binding_code(language, {"A": "b"}, None) for language in BINDABLE_LANGUAGES)

@@ -17,8 +17,9 @@ that replica, if it still lives, sees the Running status and follows the kernel 
 A repeat of a report already taken (Running with that token, from that launcher: its
 acknowledgement was lost) is acknowledged again and nothing else happens.
 
-A report is refused for good (the launcher stops its kernel) only when a list begun after the
-report arrived shows its launch is not the current one: no such RemoteKernel (deleted), another
+A report is taken, or refused for good (the launcher stops its kernel), only on a list begun
+after the report arrived; it is refused for good when that list shows its launch is not the
+current one: no such RemoteKernel (deleted), another
 token (relaunched since), another launcher, or a kernel stopping or finished. A cached list
 never refuses for good: it may predate the very status write that recorded the launch. Anything
 else (not yet Launching, the API server unreachable) is refused for now; the launcher retries.
@@ -155,9 +156,11 @@ class PeerReports:
         try:
             body = (await self._kernels()).get(launch_id)
             verdict = judge(launch_id, body, payload)
-            if not (verdict.take or verdict.again):
-                # Refusals, and launches not decidable yet, are judged again on a read that
-                # began after the report came: a cached list may predate its launch's record.
+            if not verdict.again:
+                # Judged again on a read begun after the report came: a cached list may predate
+                # its launch's record (no refusal for good on it), or its kernel's Running record
+                # (no take on it: an ssh attempt that timed out on a cut link may report later,
+                # holding the same token, after another host's launcher was taken; see judge).
                 body = (await self._kernels(since=arrived)).get(launch_id)
                 verdict = judge(launch_id, body, payload)
         except KubeError as err:

@@ -26,6 +26,7 @@ from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
 
 from .conftest import delete_remote_kernels, ensure_namespace
+from .test_faults import settle
 from .test_operator_ssh import (
     GROUP,
     PLURAL,
@@ -374,3 +375,39 @@ def test_the_ssh_secret_is_what_the_operator_uses(
     secret = client.CoreV1Api(api_client).read_namespaced_secret(SECRET, "rko-system")
     assert secret.type == "kubernetes.io/ssh-auth"
     assert base64.b64decode(secret.data["ssh-privatekey"]).decode() == host_pool.client_key.read_text()
+
+
+def test_a_host_link_cut_and_restored_during_concurrent_launches_loses_nothing(
+    hosts_operator: OperatorProcess,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    host_pool: HostPool,
+) -> None:
+    """One host's link cut for less than the unreachable grace while kernels launch across the
+    pool, then restored: kernels already Running there stay Running and answer; each launch
+    ends Running and runs code, or Failed with a reason; deleting them leaves nothing on any host."""
+    h1, h2, h3 = (host_pool.hosts[n] for n in ("h1", "h2", "h3"))
+    pool = [h1.address, h2.address, h3.address]
+    made = [make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": [h2.address]}) for _ in range(2)]
+    running = [name for name, _ in made]
+    for name in running:
+        assert wait_phase(custom, namespace, name, "Running", "Failed")["status"]["phase"] == "Running"
+    more = [make_kernel(namespace, custom, labels=LABELS, ssh={"hosts": pool}) for _ in range(6)]
+    launching = [name for name, _ in more]
+    kernel_ids = [kernel_id for _, kernel_id in made + more]
+    time.sleep(0.3)
+    h2.set_link(False)
+    try:
+        time.sleep(2)  # below RKO_UNREACHABLE_GRACE_SECONDS (3)
+    finally:
+        h2.set_link(True)
+    outcomes = settle(custom, api_client, namespace, running + launching, timeout=90)
+    print(f"link cut: {list(outcomes.values()).count('Running')}/{len(outcomes)} Running; {outcomes}")
+    time.sleep(2)  # the monitor has looked at the survivors since the link came back
+    for name in running:
+        status = get(custom, namespace, name)["status"]  # type: ignore[index]
+        assert status["phase"] == "Running", status
+    delete_all(custom, namespace, running + launching)
+    assert_no_kernels_anywhere(host_pool)
+    assert not [d for h in (h1, h2, h3) for k in kernel_ids for d in h.path("/tmp").glob(f"rko-{k}-*")]

@@ -254,6 +254,22 @@ async def test_a_report_not_decidable_yet_is_refused_for_now() -> None:
     )  # awaited here: this replica's own path persists it
 
 
+async def test_a_report_is_never_taken_on_a_cached_list() -> None:
+    """An ssh attempt that timed out on a cut link can start its launcher later, holding the
+    launch's token, after the next host's launcher was taken and the kernel turned Running. A
+    cached list (Launching, nothing recorded) would take it and leave the kernel it replaced
+    running; a list begun after the report shows the launcher recorded, and refuses it."""
+    recorded = protocol.new_token()
+    reports, kube = peer_reports([kernel("Launching", recorded)])
+    with pytest.raises(Refused):
+        await reports("u1", payload("u1", "forged"))  # fills the cache: Launching, nothing recorded
+    kube.items = [kernel("Running", recorded, 8)]  # the next host's launcher was taken since
+    with pytest.raises(Refused) as refused:
+        await reports("u1", payload("u1", recorded, pid=7))
+    assert (refused.value.cause, refused.value.final) == ("other_launcher", True)
+    assert kube.patches == []
+
+
 async def test_a_cached_list_older_than_the_report_never_refuses_it_for_good() -> None:
     """The cache may predate the status write that recorded this launch (a relaunch with a new
     token): the report is judged again on a list begun after it came, and taken."""

@@ -30,6 +30,11 @@ class BackendUnavailable(BackendError):
         super().__init__(message, reason)
 
 
+class CommandUnanswered(BackendUnavailable):
+    """A command was sent to a host that did not answer: it may have run all the same (a start
+    delivered before a link was cut runs once the link is back)."""
+
+
 class ControlUnanswered(BackendError):
     """A control request reached the launcher, which did not answer: it may have been carried
     out, so it must not be repeated another way (a signal delivered twice is two interrupts)."""

@@ -148,15 +148,28 @@ def _clear_earlier_attempt(run_dir: str) -> str:
 
 
 def _is_ours(pid_var: str, run_dir: str) -> str:
-    """A shell test: process ``$pid_var`` is alive and its command line names ``run_dir``.
+    """A shell test: process ``$pid_var`` is alive and one of its arguments names ``run_dir``:
+    is it, is a path in it, or ends an option as ``=<run_dir>[/...]``.
 
     The run dir (unique per kernel) guards against a recycled pid; a zombie's command line is
-    empty, so it does not count as alive.
+    empty, so it does not count as alive. Whole arguments, not a substring of the command line:
+    the shell running one of these scripts holds the run dir inside its script text, and must
+    not take itself (or its parents) for the kernel's launcher. The run dir reaches awk through
+    the environment, so awk's own arguments do not name it either.
     """
     return (
-        f"[ -r /proc/${pid_var}/cmdline ] && tr '\\0' ' ' < /proc/${pid_var}/cmdline "
-        f"| grep -qF -- {shlex.quote(run_dir)}"
+        f"[ -r /proc/${pid_var}/cmdline ] && tr '\\0' '\\n' < /proc/${pid_var}/cmdline "
+        f"| RKO_RUN_DIR={shlex.quote(run_dir)} awk {shlex.quote(_NAMES_RUN_DIR)}"
     )
+
+
+# Reads one argument per line; exits 0 if one names $RKO_RUN_DIR (see _is_ours).
+_NAMES_RUN_DIR = (
+    'BEGIN { d = ENVIRON["RKO_RUN_DIR"]; n = length(d) } '
+    '$0 == d || index($0, d "/") == 1 || index($0, "=" d "/") > 0 '
+    '|| (length($0) > n && substr($0, length($0) - n) == "=" d) { f = 1 } '
+    "END { exit !f }"
+)
 
 
 def _status_script(pid: int, kernel_pid: int, run_dir: str) -> str:
@@ -210,7 +223,8 @@ def remote_find_command(run_dir: str, user: str | None = None) -> str:
         f"[ -d {shlex.quote(run_dir)} ] || exit 0; found=0; any=0; "
         "for d in /proc/[0-9]*; do p=${d#/proc/}; "
         f"if {_is_ours('p', run_dir)}; then any=$p; "
-        f"if grep -qF {shlex.quote(LAUNCHER_MODULE)} /proc/$p/cmdline; then found=$p; break; fi; fi; done; "
+        f"if tr '\\0' '\\n' < /proc/$p/cmdline | grep -qxF -- {shlex.quote(LAUNCHER_MODULE)}; then "
+        "found=$p; break; fi; fi; done; "
         "[ $found = 0 ] && found=$any; [ $found = 0 ] && { echo 0 0; exit 0; }; "
         "echo $found $(ps -o pgid= -p $found || echo 0)"
     )

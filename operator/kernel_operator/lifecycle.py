@@ -169,6 +169,22 @@ def _from_timestamp(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
+def other_launcher(ref: BackendRef, payload: LaunchPayload) -> str | None:
+    """How ``payload`` comes from another launcher than the one ``ref`` records (None: the same,
+    or nothing recorded yet). Its pid, and where the record has it, the address its kernel is
+    at: pids repeat across hosts."""
+    pid = ref.get("pid")
+    if pid and int(pid) != payload["pid"]:
+        return (
+            f"comes from launcher pid {payload['pid']} on {payload['hostname']}, not from the "
+            f"launcher recorded (pid {pid})"
+        )
+    ip = ref.get("ip")
+    if ip and str(ip) != payload["connection"]["ip"]:
+        return f"comes from a launcher at {payload['connection']['ip']}, not from the one recorded at {ip}"
+    return None
+
+
 class KernelLifecycle:
     def __init__(
         self,
@@ -597,16 +613,11 @@ class KernelLifecycle:
         async def on_launch(payload: LaunchPayload) -> None:
             # Runs in the listener's task; the daemon's task persists (it has kopf's context),
             # and the launcher is acknowledged only once that is done.
-            recorded = (self.status.get("backendRef") or {}).get("pid")
-            if recorded and int(recorded) != payload["pid"]:
+            other = other_launcher(self.status.get("backendRef") or {}, payload)
+            if other:
                 # Another launcher with this launch's token (an attempt on a host that failed,
                 # then came back): refused, so it stops its kernel; the recorded one answers.
-                raise Refused(
-                    f"The report comes from launcher pid {payload['pid']} on {payload['hostname']}, "
-                    f"not from the launcher recorded (pid {recorded}).",
-                    "other_launcher",
-                    final=True,
-                )
+                raise Refused(f"The report {other}.", "other_launcher", final=True)
             if not received.done():
                 received.set_result(payload)
             await asyncio.shield(persisted)

@@ -38,8 +38,9 @@ from typing import Any
 from kernel_launchers import protocol
 from kernel_launchers.protocol import LaunchPayload
 
+from .backends import BackendRef
 from .kube import KubeError
-from .lifecycle import Emit, KernelLifecycle, OperatorContext
+from .lifecycle import Emit, KernelLifecycle, OperatorContext, other_launcher
 from .listener import Refused
 from .status import Phase
 
@@ -94,19 +95,22 @@ def judge(launch_id: str, body: dict[str, Any] | None, payload: LaunchPayload) -
                 final=True,
             )
         )
-    pid = (status.get("backendRef") or {}).get("pid")
-    if pid and int(pid) != payload["pid"]:
+    other = other_launcher(status.get("backendRef") or {}, payload)
+    if other:
         return Verdict(
-            refusal=Refused(
-                f"The report for kernel {launch_id} comes from launcher pid {payload['pid']}, not from the "
-                f"launcher recorded (pid {pid}).",
-                "other_launcher",
-                final=True,
-            )
+            refusal=Refused(f"The report for kernel {launch_id} {other}.", "other_launcher", final=True)
         )
     if phase == Phase.RUNNING.value:
         return Verdict(again=True)
     return Verdict(take=True)
+
+
+def with_backend_ref(body: dict[str, Any], launch: asyncio.Future[BackendRef]) -> dict[str, Any]:
+    """``body`` with the backend record a finished ``launch`` returned, where status has none."""
+    status = body.get("status") or {}
+    if status.get("backendRef") or launch.cancelled() or launch.exception() is not None:
+        return body
+    return {**body, "status": {**status, "backendRef": launch.result()}}
 
 
 class PeerReports:
@@ -153,6 +157,13 @@ class PeerReports:
         arrived = time.monotonic()
         if self.mine(launch_id):
             return False  # awaited here after all (registered meanwhile): the launcher retries
+        started_here = self.ctx.launches.get(launch_id)
+        if started_here is not None and not started_here.done():
+            # This replica's backend is still starting it, and only its answer says which
+            # launcher is the one: an ssh attempt that timed out may have started one after all,
+            # holding the same token. The launcher retries; this replica then awaits it.
+            log.info("A report of launch %s came while this replica still starts it; it retries.", launch_id)
+            return False
         try:
             body = (await self._kernels()).get(launch_id)
             verdict = judge(launch_id, body, payload)
@@ -168,6 +179,11 @@ class PeerReports:
                 "Cannot look up the launch a report names (%s); the launcher retries: %s", launch_id, err
             )
             return False
+        if verdict.take and body is not None and started_here is not None:
+            # Started here, maybe not recorded yet (the list came first): judged on what it
+            # started, and persisted with it.
+            body = with_backend_ref(body, started_here)
+            verdict = judge(launch_id, body, payload)
         if verdict.refusal is not None:
             raise verdict.refusal
         if verdict.again:

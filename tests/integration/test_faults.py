@@ -204,7 +204,11 @@ def delete_and_check_nothing_left(
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     wait_for(lambda: all(get(custom, namespace, n) is None for n in names), timeout=90, what="all deleted")
     kernel_ids = list(names.values())
-    wait_for(lambda: not leftovers(kernel_ids, api_client, namespace), timeout=30, what="nothing left")
+    try:
+        wait_for(lambda: not leftovers(kernel_ids, api_client, namespace), timeout=30, what="nothing left")
+    except BaseException:
+        print(f"left: {leftovers(kernel_ids, api_client, namespace)}")  # what the failure is about
+        raise
 
 
 def test_a_lost_acknowledgement_does_not_kill_the_running_kernel(

@@ -270,6 +270,37 @@ async def test_a_report_is_never_taken_on_a_cached_list() -> None:
     assert kube.patches == []
 
 
+async def test_a_report_for_a_launch_this_replica_still_starts_waits_for_what_it_started() -> None:
+    """An ssh start on a cut host went unanswered and the launch moved on to the next host, but
+    the first host's launcher started after all, holding the launch's token, and reported
+    before the backend answered. Only what the backend answers says which launcher is the one."""
+    recorded = protocol.new_token()
+    reports, kube = peer_reports([kernel("Launching", recorded)])
+    loop = asyncio.get_running_loop()
+    launch: asyncio.Future[Any] = loop.create_future()
+    reports.ctx.launches["u1"] = launch
+    stray = payload("u1", recorded, pid=7)
+    assert not await reports("u1", stray)  # refused for now: the launcher retries
+    assert kube.lists == 0 and kube.patches == []
+    launch.set_result({"host": "h1", "pid": 8, "ip": "10.0.0.1"})  # the list still has no record
+    with pytest.raises(Refused) as refused:
+        await reports("u1", stray)
+    assert (refused.value.cause, refused.value.final) == ("other_launcher", True)
+    same_pid_elsewhere = {**payload("u1", recorded, pid=8)}
+    same_pid_elsewhere["connection"] = {**same_pid_elsewhere["connection"], "ip": "10.0.0.2"}
+    reports._listed = None
+    with pytest.raises(Refused) as refused:
+        await reports("u1", same_pid_elsewhere)  # pids repeat across hosts: the address tells
+    assert refused.value.cause == "other_launcher"
+    assert kube.patches == []
+    legit = {**payload("u1", recorded, pid=8)}
+    legit["connection"] = {**legit["connection"], "ip": "10.0.0.1"}
+    reports._listed = None
+    assert await reports("u1", legit)
+    written = [p for p in kube.patches if p.get("phase") == "Running"]
+    assert written and written[0]["backendRef"]["host"] == "h1"  # persisted with what it started
+
+
 async def test_a_cached_list_older_than_the_report_never_refuses_it_for_good() -> None:
     """The cache may predate the status write that recorded this launch (a relaunch with a new
     token): the report is judged again on a list begun after it came, and taken."""

@@ -20,8 +20,10 @@ from kernel_operator.handlers import class_selector
 from kernel_operator.launch_command import (
     EXIT_NO_ACCOUNT,
     EXIT_UID_ZERO,
+    LAUNCHER_MODULE,
     as_user,
     launch_file,
+    remote_find_command,
     remote_signal_command,
     remote_start_command,
     remote_status_batch_command,
@@ -349,3 +351,29 @@ def test_a_run_directory_that_is_not_private_is_not_cleared(tmp_path: Path) -> N
     done = subprocess.run(["/bin/sh", "-c", command], input="x", capture_output=True, text=True, timeout=20)
     assert done.returncode != 0 and "File exists" in done.stderr
     assert (run_dir / "keep").exists()
+
+
+def test_finding_a_launch_never_takes_the_finding_shell_for_its_launcher(tmp_path: Path) -> None:
+    """The find command's own shell holds the run directory and the launcher's module name in
+    its script text; it once answered with its own pid (or a parent's), and a stop then aimed
+    at that process group while the real launcher ran on. Only whole arguments count."""
+    run_dir = tmp_path / "rko-k-u"
+    run_dir.mkdir()
+    assert sh(remote_find_command(str(run_dir))).stdout.split() == ["0", "0"]  # nothing runs
+    kernel = sleeper(run_dir / "kernel.json")  # a kernel, named by a path in the run directory
+    launcher = subprocess.Popen(
+        ["sh", "-c", "sleep 60; true", "x", "-m", LAUNCHER_MODULE, f"--run-dir={run_dir}"],
+        start_new_session=True,
+    )
+    stranger = subprocess.Popen(["sh", "-c", "sleep 60; true", "x", f"{run_dir}-other", LAUNCHER_MODULE])
+    try:
+        time.sleep(0.3)
+        for _ in range(20):  # whatever the /proc order of the shell and the launcher
+            assert sh(remote_find_command(str(run_dir))).stdout.split() == [str(launcher.pid)] * 2
+        launcher.kill()
+        launcher.wait()
+        assert sh(remote_find_command(str(run_dir))).stdout.split()[0] == str(kernel.pid)
+    finally:
+        for proc in (kernel, launcher, stranger):
+            proc.kill()
+            proc.wait()

@@ -12,9 +12,12 @@ import socket
 import threading
 import time
 
+from kernel_operator.backends.base import LaunchPlan
 from kernel_operator.backends.ssh import SshBackend
-from kernel_operator.errors import BackendUnavailable
+from kernel_operator.errors import BackendUnavailable, CommandUnanswered
+from kernel_operator.launch_command import run_dir_for
 from kernel_operator.settings import SshSettings
+from tests.unit.requests import request_from
 
 
 async def test_a_host_that_never_answers_does_not_stall_the_event_loop() -> None:
@@ -51,3 +54,63 @@ async def test_a_host_that_never_answers_does_not_stall_the_event_loop() -> None
             conn.close()
     assert all(isinstance(r, BackendUnavailable) for r in results), results
     assert worst < 0.1, f"the event loop stalled for {worst:.2f} s"
+
+
+class ScriptedHosts(SshBackend):
+    """The ssh backend with its one I/O seam (``_run``) answered by a script: the first host
+    takes the start command and never answers (a link cut after it was sent)."""
+
+    def __init__(self) -> None:
+        super().__init__(SshSettings(user="root"))
+        self.commands: list[tuple[str, str]] = []
+
+    async def _run(
+        self,
+        host: str,
+        port: int,
+        login: str,
+        command: str,
+        stdin_text: str | None = None,
+        user: str | None = None,
+    ) -> str:
+        self.commands.append((host, command))
+        if "mkdir -m 700" in command:
+            if host == "10.0.0.1":
+                raise CommandUnanswered(f"ssh command on {host} failed: timed out", reason="HostUnreachable")
+            return "4242\n"
+        if "for d in /proc" in command:  # the find command: a launcher started there after all
+            return "77 77\n"
+        return ""
+
+
+async def test_a_start_left_unanswered_is_recorded_and_cleared_by_the_stop() -> None:
+    """A start that went unanswered may run once the link is back: its launcher holds the
+    launch's token. The record names that host, so the stop clears it too; the kernel's address
+    is recorded, so a report from that launcher is refused (pids repeat across hosts)."""
+    uid = "0b5ad6a4-9c6e-4f51-8a3e-51d1c6f7f0aa"
+    request = request_from(
+        {
+            "kernelId": "6c9c8d0e-1111-2222-3333-444455556666",
+            "username": "alice",
+            "backend": "ssh",
+            "ssh": {"hosts": ["10.0.0.1", "10.0.0.2"], "loadBalancing": "round-robin"},
+        },
+        uid=uid,
+    )
+    run_dir = run_dir_for(request.kernel_id, uid)
+    backend = ScriptedHosts()
+    try:
+        ref = await backend.launch(LaunchPlan(request, "127.0.0.1:1", b"k" * 32, "tok", run_dir))
+        assert (ref["host"], ref["pid"], ref["ip"], ref["abandoned"]) == (
+            "10.0.0.2",
+            4242,
+            "10.0.0.2",
+            ["10.0.0.1"],
+        )
+        backend.commands.clear()
+        await backend.stop(ref, uid)
+    finally:
+        backend.close()
+    hosts = [host for host, _ in backend.commands]
+    assert hosts == ["10.0.0.2", "10.0.0.1", "10.0.0.1"]  # the kernel's stop; find and stop there
+    assert "kill -TERM -77" in backend.commands[2][1] and run_dir in backend.commands[2][1]

@@ -35,7 +35,7 @@ from typing import Any
 import paramiko
 
 from ..balancer import HostBalancer, NoHostLeft
-from ..errors import BackendError, BackendUnavailable, SpecError
+from ..errors import BackendError, BackendUnavailable, CommandUnanswered, SpecError
 from ..kube import Kube, KubeError
 from ..launch_command import (
     EXIT_NO_ACCOUNT,
@@ -228,6 +228,7 @@ class SshBackend:
         )
         failures: list[BackendUnavailable] = []
         tried: set[str] = set()
+        abandoned: list[str] = []  # hosts whose start may have run after all
         while True:
             try:
                 host = self.balancer.pick(hosts, algorithm, frozenset(tried), now=time.monotonic())
@@ -239,11 +240,17 @@ class SshBackend:
             except BackendUnavailable as err:
                 log.warning("Host %s could not start kernel %s: %s", host, plan.request.kernel_id, err)
                 failures.append(err)
+                if isinstance(err, CommandUnanswered):
+                    abandoned.append(host)
                 if err.reason in _HOST_FAULTS:
                     self.balancer.cool_down(host, time.monotonic() + self.settings.host_retry_seconds)
                 continue
             self.balancer.add(host)
             self.balancer.recovered(host)
+            if abandoned:
+                # Recorded, so a stop clears them too: a launcher started there after all
+                # holds this launch's token (its report is refused: not the recorded launcher).
+                ref["abandoned"] = abandoned
             return ref
 
     def _kernel_env(self, plan: LaunchPlan, remote: bool) -> dict[str, str]:
@@ -275,7 +282,9 @@ class SshBackend:
             pid = int(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as err:
             raise BackendError(f"Host {host} did not report the launcher's pid: {out!r}") from err
-        return _remote_ref(host, port, login, pid, pid, run_dir, user)
+        ref = _remote_ref(host, port, login, pid, pid, run_dir, user)
+        ref["ip"] = ip  # where its kernel listens: a report from elsewhere is another launcher's
+        return ref
 
     async def _launch_local(
         self, host: str, ip: str, plan: LaunchPlan, working_dir: str | None
@@ -413,6 +422,27 @@ class SshBackend:
         except BackendError as err:
             if err.reason != "UnknownUser":  # the account is gone, and its processes with it
                 raise
+        for host in ref.get("abandoned") or []:
+            await self._clear_abandoned(str(host), ref, run_dir)
+
+    async def _clear_abandoned(self, host: str, ref: BackendRef, run_dir: str) -> None:
+        """Stop what a start on ``host`` that went unanswered may have started (best effort: a
+        launcher still unreachable is refused when it reports, and stops its kernel then)."""
+        _, port, login = self._host_of(ref)
+        user = ref.get("user")
+        try:
+            found = (await self._run(host, port, login, remote_find_command(run_dir, user))).split()
+            if found:
+                pgid = int(found[1]) if len(found) == 2 and "".join(found).isdigit() else 0
+                await self._run(host, port, login, remote_stop_command(pgid, run_dir, user=user))
+        except BackendError as err:
+            log.warning(
+                "Could not clear the unanswered start on %s (%s); a launcher there is refused when it "
+                "reports: %s",
+                host,
+                run_dir,
+                err,
+            )
 
     # -- ssh ---------------------------------------------------------------------------------
     def _host_of(self, ref: BackendRef) -> tuple[str, int, str]:
@@ -458,7 +488,8 @@ class SshBackend:
             channel.close()
         except (paramiko.SSHException, OSError, EOFError) as err:
             self._connections.discard_if_dead(key, conn)
-            raise BackendUnavailable(
+            # The command may have reached the host (and run, or run once a cut link is back).
+            raise CommandUnanswered(
                 f"ssh command on {host} failed: {err or type(err).__name__}", reason="HostUnreachable"
             ) from err
         finally:

@@ -36,6 +36,7 @@ from .kube import Kube, KubeError
 from .leadership import LeaderElector, LeaseTimings
 from .lifecycle import OperatorContext
 from .listener import ResponseListener
+from .memory import trim_periodically
 from .metrics import Metrics
 from .peer_reports import PeerReports
 from .peers import PeerAddresses
@@ -149,6 +150,8 @@ async def run_replica(
         loop.add_signal_handler(signum, stop.set)
     elector = replica.elector
     keeping: asyncio.Future[None] | None = None
+    interval = replica.ctx.settings.memory_trim_seconds
+    trimming = asyncio.ensure_future(trim_periodically(interval)) if interval > 0 else None
     try:
         if elector is not None and not await elector.acquire(stop):
             return  # stopped while standing by
@@ -160,6 +163,8 @@ async def run_replica(
     finally:
         if keeping is not None:
             keeping.cancel()
+        if trimming is not None:
+            trimming.cancel()
         replica.ctx.metrics.leader.set(0)
         if elector is not None:
             await elector.release()

@@ -213,6 +213,7 @@ class OperatorSettings:
     # Launching (its launchers know its address), once it no longer leads.
     drain_seconds: float = 20.0
     http_bind: tuple[str, int] | None = None  # probes and /metrics; off unless set
+    memory_trim_seconds: float = 30.0  # freed heap pages go back to the system this often (0: never)
     log_format: str = "text"
     ssh: SshSettings = field(default_factory=SshSettings)
     docker: DockerSettings = field(default_factory=DockerSettings)
@@ -333,6 +334,7 @@ class OperatorSettings:
                 else None
             ),
             log_format=_choice(env, "RKO_LOG_FORMAT", "text", ("text", "json")),
+            memory_trim_seconds=_number(env, "RKO_MEMORY_TRIM_SECONDS", 30.0, 0),
             ssh=ssh,
             docker=DockerSettings(
                 host=env.get("RKO_DOCKER_HOST") or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock",

@@ -19,6 +19,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default
 
 from .cluster import AlreadyExists, RemoteKernels
+from .connections import CONNECTIONS
 from .resource import (
     SIGNAL_ANNOTATION,
     build_remote_kernel,
@@ -167,7 +168,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         # console's) may call us from more than one loop, so each loop gets its own.
         loop = asyncio.get_running_loop()
         if self._kernels is None or self._kernels_loop is not loop:
-            self._kernels = await RemoteKernels.connect(self.namespace, self.kubeconfig)
+            self._kernels = await CONNECTIONS.acquire(self.namespace, self.kubeconfig)
             self._kernels_loop = loop
         return self._kernels
 
@@ -373,7 +374,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def close(self) -> None:
         """Release this process's API connection and leave the kernel running (detach)."""
         if self._kernels is not None and self._kernels_loop is asyncio.get_running_loop():
-            await self._kernels.close()
+            await CONNECTIONS.release(self._kernels)
         self._kernels = None
 
     async def shutdown_requested(self, restart: bool = False) -> None:

@@ -1,0 +1,79 @@
+"""The provisioners of one process share one API connection per loop, namespace and kubeconfig
+(RemoteKernels.connect, the client's I/O seam, is replaced by a counting fake)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from remote_kernel_provisioner.cluster import RemoteKernels
+from remote_kernel_provisioner.connections import SharedConnections
+
+
+class FakeKernels:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Connects:
+    """The calls to RemoteKernels.connect; namespaces in ``failing`` fail once."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, str | None]] = []
+        self.failing: set[str] = set()
+
+    async def __call__(self, namespace: str, kubeconfig: str | None = None) -> Any:
+        self.made.append((namespace, kubeconfig))
+        await asyncio.sleep(0.01)  # other provisioners ask meanwhile
+        if namespace in self.failing:
+            self.failing.discard(namespace)
+            raise OSError("no route to the API server")
+        return FakeKernels(namespace)
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> Connects:
+    fake = Connects()
+    monkeypatch.setattr(RemoteKernels, "connect", staticmethod(fake))
+    return fake
+
+
+async def test_a_burst_of_provisioners_makes_one_connection_closed_by_the_last(
+    connects: Connects,
+) -> None:
+    shared = SharedConnections()
+    got = await asyncio.gather(*(shared.acquire("ns", "/kc") for _ in range(50)))
+    assert len(connects.made) == 1 and all(k is got[0] for k in got)
+    other = await shared.acquire("other-ns", "/kc")  # another namespace: its own
+    assert other is not got[0] and len(connects.made) == 2
+    for kernels in got[:-1]:
+        await shared.release(kernels)
+    assert not got[0].closed  # still in use by one
+    await shared.release(got[-1])
+    assert got[0].closed
+    again = await shared.acquire("ns", "/kc")  # a later kernel: a new connection
+    assert again is not got[0] and len(connects.made) == 3
+
+
+async def test_a_failed_connection_fails_its_waiters_and_the_next_try_connects_again(
+    connects: Connects,
+) -> None:
+    shared = SharedConnections()
+    connects.failing.add("ns")
+    results = await asyncio.gather(*(shared.acquire("ns", "/kc") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results) and len(connects.made) == 1
+    kernels = await shared.acquire("ns", "/kc")
+    assert isinstance(kernels, FakeKernels) and len(connects.made) == 2
+
+
+def test_each_event_loop_has_its_own_connection(connects: Connects) -> None:
+    shared = SharedConnections()
+    first = asyncio.run(shared.acquire("ns", "/kc"))
+    second = asyncio.run(shared.acquire("ns", "/kc"))
+    assert first is not second and len(connects.made) == 2

@@ -197,12 +197,64 @@ STATUS_MARK = "@@rko-status"
 
 def remote_status_batch_command(items: list[tuple[int, int, str]], user: str | None = None) -> str:
     """``remote_status_command`` for several kernels of one host and user, in one command:
-    each answer follows a line ``@@rko-status <index>`` (see ``split_status_batch``)."""
-    parts = [
-        f"printf '\\n{STATUS_MARK} %d\\n' {i}; {{ {_status_script(pid, kpid, run_dir)}; }}"
-        for i, (pid, kpid, run_dir) in enumerate(items)
-    ]
-    return as_user(user, "; ".join(parts))
+    each answer follows a line ``@@rko-status <index>`` (see ``split_status_batch``).
+
+    One ``ps`` and one ``awk`` answer for every process at once: a host with hundreds of
+    kernels is asked about all of them every monitor interval, and two processes forked per
+    kernel (as the single command does) cost its CPU more than the kernels' own start-ups in a
+    burst. Only a kernel that has ended costs a ``cat`` or ``tail``. The snapshot is taken
+    before the exit files are read: a launcher writes its exit_status, then exits.
+    """
+    listed = "\n".join(
+        f"{i} {int(pid)} {int(kpid)} {run_dir}" for i, (pid, kpid, run_dir) in enumerate(items)
+    )
+    script = (
+        f"RKO_ITEMS={shlex.quote(listed)}; export RKO_ITEMS; "
+        f"ps -ww -e -o pid=,args= | awk {shlex.quote(_LIVE_IN_PS)} | "
+        "while read -r i state d; do "
+        f"printf '\\n{STATUS_MARK} %s\\n' \"$i\"; "
+        'if [ -f "$d/exit_status" ]; then cat "$d/exit_status"; '
+        'elif [ "$state" != gone ]; then echo "$state"; '
+        'else echo gone; tail -c 1500 "$d/launcher.log" 2>/dev/null; fi; done'
+    )
+    return as_user(user, script)
+
+
+# Reads `ps -o pid=,args=`; for each "<index> <launcher pid> <kernel pid> <run dir>" line of
+# $RKO_ITEMS prints "<index> running|orphaned|gone <run dir>": the launcher, else its kernel,
+# alive and naming the run dir in a whole argument (see _is_ours).
+_LIVE_IN_PS = """
+function names(args, d,   s) {
+    s = " " args " "
+    return index(s, " " d " ") || index(s, " " d "/") || index(s, "=" d " ") || index(s, "=" d "/")
+}
+BEGIN {
+    n = split(ENVIRON["RKO_ITEMS"], lines, "\\n")
+    for (j = 1; j <= n; j++) {
+        split(lines[j], f, " ")
+        index_of[j] = f[1]; launcher[j] = f[2]; kernel[j] = f[3]; dir[j] = f[4]
+        wanted[f[2]] = wanted[f[2]] " " j
+        if (f[3] > 0) wanted[f[3]] = wanted[f[3]] " " j
+    }
+}
+{
+    pid = $1
+    if (!(pid in wanted)) next
+    args = $0
+    sub(/^[ ]*[0-9]+[ ]+/, "", args)
+    m = split(wanted[pid], js, " ")
+    for (x = 1; x <= m; x++) {
+        j = js[x]
+        if (!names(args, dir[j])) continue
+        if (pid == launcher[j]) up[j] = 1
+        else if (pid == kernel[j]) orphan[j] = 1
+    }
+}
+END {
+    for (j = 1; j <= n; j++)
+        print index_of[j], (up[j] ? "running" : (orphan[j] ? "orphaned" : "gone")), dir[j]
+}
+"""
 
 
 def split_status_batch(output: str, count: int) -> list[str]:

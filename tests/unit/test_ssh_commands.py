@@ -269,23 +269,27 @@ async def test_a_signal_reaches_only_a_process_of_the_kernels_own_run_directory(
 
 
 def test_one_batched_status_command_answers_as_one_command_per_kernel_would(tmp_path: Path) -> None:
-    """Every kernel of a host used to cost one ssh command a second; one command answers all."""
-    dirs = [tmp_path / f"rko-k{i}" for i in range(4)]
+    """Every kernel of a host used to cost one ssh command a second; one command answers all
+    (with one ps for all of them). A process naming a longer run directory that begins like
+    this kernel's is not this kernel's."""
+    dirs = [tmp_path / f"rko-k{i}" for i in range(5)]
     for d in dirs:
         d.mkdir()
     running, orphan_kernel = sleeper(dirs[0]), sleeper(dirs[1])
+    lookalike = sleeper(Path(f"{dirs[4]}-other"))
     (dirs[2] / "exit_status").write_text('{"code": 0, "message": ""}')
     (dirs[3] / "launcher.log").write_text("Traceback: no module named ipykernel")  # no newline at the end
     items = [(running.pid, 0, str(dirs[0])), (2**22 + 5, orphan_kernel.pid, str(dirs[1]))]
-    items += [(2**22 + 6, 0, str(dirs[2])), (2**22 + 7, 0, str(dirs[3]))]
+    items += [(2**22 + 6, 0, str(dirs[2])), (2**22 + 7, 0, str(dirs[3])), (lookalike.pid, 0, str(dirs[4]))]
     try:
         batched = split_status_batch(sh(remote_status_batch_command(items)).stdout, len(items))
         single = [sh(remote_status_command(*item)).stdout.strip() for item in items]
         assert batched == single
         assert batched[:3] == ["running", "orphaned", '{"code": 0, "message": ""}']
         assert batched[3].startswith("gone") and "no module named ipykernel" in batched[3]
+        assert batched[4] == "gone"
     finally:
-        for proc in (running, orphan_kernel):
+        for proc in (running, orphan_kernel, lookalike):
             proc.kill()
             proc.wait()
 

@@ -97,6 +97,13 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     )
 
 
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    """This replica stops leading: end the backends' own background tasks (kernels run on)."""
+    ctx: OperatorContext = memo["ctx"]
+    await ctx.backends.aclose()
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)
 async def kernel(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: Logger, **_: Any

@@ -100,3 +100,27 @@ def test_a_hundred_kernels_cost_one_list_and_one_node_read_not_two_hundred_reads
     states = asyncio.run(poll())
     assert states[:100] == ["running"] * 100 and states[100] == "gone"
     assert (kube.lists, kube.node_reads, kube.reads) == (1, 1, 1)
+
+
+def test_closing_the_backends_ends_their_own_tasks_so_a_stop_does_not_wait_for_them() -> None:
+    """kopf waits 5 s on every stop for tasks still running, then cancels them: the pod watch
+    (and the ssh backend's reapers of local launchers) made each stop of the operator 5 s long."""
+    from kernel_operator.backends import Backends
+
+    async def run() -> tuple[int, int]:
+        backends = Backends(OperatorSettings(), NodesForbidden())
+        await backends.get("kubernetes").status({"kind": "Pod", "namespace": "ns", "name": "k1"})
+        ssh = backends.get("ssh")
+        sleeper = await asyncio.create_subprocess_exec("sleep", "30")
+        reaper = asyncio.get_running_loop().create_task(sleeper.wait())
+        ssh._reapers.add(reaper)  # type: ignore[attr-defined]  # as a local launch registers it
+        before = len([t for t in asyncio.all_tasks() if not t.done()])
+        await backends.aclose()
+        await asyncio.sleep(0)
+        after = len([t for t in asyncio.all_tasks() if not t.done()])
+        sleeper.kill()
+        await sleeper.wait()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert (before, after) == (3, 1), (before, after)  # the watch, the reaper, and this task

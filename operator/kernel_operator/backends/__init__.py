@@ -9,7 +9,15 @@ from __future__ import annotations
 from ..errors import SpecError
 from ..kube import Kube
 from ..settings import OperatorSettings
-from .base import Backend, BackendRef, BackendStatus, LaunchPlan, LoggingBackend, SignalingBackend
+from .base import (
+    Backend,
+    BackendRef,
+    BackendStatus,
+    ClosingBackend,
+    LaunchPlan,
+    LoggingBackend,
+    SignalingBackend,
+)
 from .custom_resource import CustomResourceBackend, SparkApplicationBackend
 from .docker import DockerBackend
 from .docker_swarm import DockerSwarmBackend
@@ -22,6 +30,7 @@ __all__ = [
     "BackendRef",
     "BackendStatus",
     "Backends",
+    "ClosingBackend",
     "LaunchPlan",
     "LoggingBackend",
     "SignalingBackend",
@@ -41,6 +50,12 @@ class Backends:
             "customResource": CustomResourceBackend(kube, settings),
             "sparkApplication": SparkApplicationBackend(kube, settings),
         }
+
+    async def aclose(self) -> None:
+        """End every backend's background tasks (the operator stops; kernels run on)."""
+        for backend in self._by_name.values():
+            if isinstance(backend, ClosingBackend):
+                await backend.aclose()
 
     def get(self, name: str) -> Backend:
         try:

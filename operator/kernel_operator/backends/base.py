@@ -103,6 +103,18 @@ class SignalingBackend(Protocol):
 
 
 @runtime_checkable
+class ClosingBackend(Protocol):
+    """A backend with background tasks of its own (a watch, reapers of child processes)."""
+
+    name: str
+
+    async def aclose(self) -> None:
+        """End those tasks as the operator stops (the kernels run on): kopf otherwise waits
+        5 s for them on every stop, then cancels them."""
+        ...
+
+
+@runtime_checkable
 class LoggingBackend(Protocol):
     """A backend that can show the end of a launcher's log (quoted when a launch fails)."""
 

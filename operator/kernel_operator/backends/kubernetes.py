@@ -139,6 +139,11 @@ class KubernetesBackend:
             ref["ownNamespace"] = True
         return ref
 
+    async def aclose(self) -> None:
+        for cache in self._caches.values():
+            await cache.close()
+        self._caches.clear()
+
     def _pods(self, namespace: str) -> PodCache:
         """The watch that serves ``namespace``: one for all (cluster-wide), else one per namespace."""
         scope = namespace if self.settings.watch_namespaces else None

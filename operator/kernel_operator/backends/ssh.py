@@ -152,6 +152,7 @@ class SshBackend:
         self._connections = ConnectionPool(settings.channels_per_connection, settings.connections_per_host)
         self._threads = BlockingPool("ssh", settings.threads)
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._reapers: set[asyncio.Task[int]] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def adopt(self, ref: BackendRef) -> None:
@@ -322,7 +323,9 @@ class SshBackend:
                 raise BackendError(f"Cannot start {python} on {host}: {err}", reason="LaunchFailed") from err
         self._children[proc.pid] = proc
         # Reap the child when it exits, so no zombie is left and its exit code is known.
-        asyncio.get_running_loop().create_task(proc.wait())
+        reaper = asyncio.get_running_loop().create_task(proc.wait())
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
         return {"host": host, "pid": proc.pid, "pgid": proc.pid, "runDir": run_dir, "local": True}
 
     # -- status ------------------------------------------------------------------------------
@@ -603,6 +606,12 @@ class SshBackend:
     def close(self) -> None:
         self._connections.close()
         self._threads.shutdown()
+
+    async def aclose(self) -> None:
+        """Stop waiting on local kernels' launchers (they run on; a restarted operator adopts them)."""
+        for reaper in list(self._reapers):
+            reaper.cancel()
+        self._reapers.clear()
 
 
 def _refused(err: BaseException) -> bool:

@@ -70,6 +70,17 @@ class Emit(Protocol):
     def __call__(self, type_: str, reason: str, message: str) -> None: ...
 
 
+async def stopped_or_woken(stopped: StopFlag, wake: asyncio.Event, timeout: float) -> None:
+    """Return after ``timeout``, or as soon as ``stopped`` or ``wake`` is set. No waiter is
+    left behind, even when cancelled: kopf waits 5 s on a stop for any task still pending."""
+    waiters = {asyncio.ensure_future(stopped.wait(timeout)), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 @dataclass
 class OperatorContext:
     """What every kernel's lifecycle shares: created once at operator start-up."""
@@ -903,13 +914,7 @@ class KernelLifecycle:
                 await self.set_phase(Phase.FAILED, "PooledKernelUnresponsive", self.pool_failure)
                 return
             interval = EXIT_RECHECK_SECONDS if quick_checks else self.ctx.settings.monitor_interval
-            waiters = {
-                asyncio.ensure_future(stopped.wait(interval)),
-                asyncio.ensure_future(wake.wait()),
-            }
-            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in pending:
-                waiter.cancel()
+            await stopped_or_woken(stopped, wake, interval)
             if wake.is_set():
                 quick_checks = EXIT_RECHECKS
             elif quick_checks:

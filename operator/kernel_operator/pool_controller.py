@@ -18,7 +18,7 @@ from typing import Any
 from .claim import pooled_secret_name
 from .errors import SpecError
 from .kube import KubeError
-from .lifecycle import Emit, Logger, OperatorContext, StopFlag, resolve_profile
+from .lifecycle import Emit, Logger, OperatorContext, StopFlag, resolve_profile, stopped_or_woken
 from .metrics import forget_pool
 from .next_steps import with_next_step
 from .pool_registry import PoolEntry
@@ -66,13 +66,7 @@ class PoolController:
             while not stopped:
                 entry.wake.clear()
                 delay = await self.reconcile(entry)
-                waiters = {
-                    asyncio.ensure_future(stopped.wait(delay)),
-                    asyncio.ensure_future(entry.wake.wait()),
-                }
-                _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in pending:
-                    waiter.cancel()
+                await stopped_or_woken(stopped, entry.wake, delay)
         finally:
             self.ctx.pools.unregister(uid)
             meta = self.body["metadata"]

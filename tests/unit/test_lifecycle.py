@@ -749,3 +749,34 @@ def test_a_tenant_cannot_keep_a_finished_kernel_past_the_administrators_ttl(
     spec = {"ttlSecondsAfterFinished": asked} if asked is not None else {}
     lifecycle = KernelLifecycle(ctx, body(**spec), events()[1], logging.getLogger("t"))
     assert lifecycle.time_to_live() == kept
+
+
+async def test_waiting_for_a_stop_or_a_wake_leaves_no_task_behind_even_when_cancelled() -> None:
+    """A waiter left pending (the wake that never comes) made kopf wait 5 s on every stop."""
+    from kernel_operator.lifecycle import stopped_or_woken
+
+    class Flag:
+        def __init__(self) -> None:
+            self.event = asyncio.Event()
+
+        def __bool__(self) -> bool:
+            return self.event.is_set()
+
+        async def wait(self, timeout: float | None = None) -> None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.event.wait(), timeout)
+
+    flag, wake = Flag(), asyncio.Event()
+    before = {t for t in asyncio.all_tasks() if not t.done()}
+    waiting = asyncio.ensure_future(stopped_or_woken(flag, wake, 60))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.05)  # the waiters' cancellation runs its course
+    assert {t for t in asyncio.all_tasks() if not t.done()} == before
+    wake.set()
+    await asyncio.wait_for(stopped_or_woken(flag, wake, 60), 1)  # woken at once
+    wake.clear()
+    flag.event.set()
+    await asyncio.wait_for(stopped_or_woken(flag, wake, 60), 1)  # stopped at once

@@ -62,7 +62,7 @@ async def _replica(cfg: Any, liveness: str | None, handlers: Any) -> None:
             namespaces=namespaces,
             liveness_endpoint=liveness,
             standalone=True,  # one replica leads at a time (the Lease); kopf's peering is not used
-            memo=kopf.Memo(ctx=replica.ctx),
+            memo=kopf.Memo(ctx=replica.ctx, stop=stop),
             stop_flag=stop,
         )
 

@@ -99,9 +99,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    """This replica stops leading: end the backends' own background tasks (kernels run on)."""
+    """This replica stops leading: end the backends' own background tasks (kernels run on).
+
+    kopf waits 5 s on a stop for every task still pending, then cancels them. Its own waiter
+    for our stop flag is one of them when a signal (which kopf takes itself) stopped it: the
+    flag is set here, so that waiter ends too."""
     ctx: OperatorContext = memo["ctx"]
     await ctx.backends.aclose()
+    stop = memo.get("stop")
+    if isinstance(stop, asyncio.Event):
+        stop.set()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)

@@ -4,9 +4,8 @@ Jupyter Server runs every kernel's provisioner on one event loop. Each used to o
 connection: the kubeconfig parsed, its certificates written out, a TLS context built and a TLS
 handshake made, all on the caller's loop, once per kernel (a burst of 100 starts paid it 100
 times in one go). One connection per event loop, namespace and kubeconfig is shared instead, and
-closed once no provisioner has used it for IDLE_SECONDS (a kernel started after another one
-ended reuses it). A connection belongs to the loop it was made in (synchronous managers may
-call from several loops), hence the key.
+closed when its last user lets it go. A connection belongs to the loop it was made in
+(synchronous managers may call from several loops), hence the key.
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ from dataclasses import dataclass, field
 from .cluster import RemoteKernels
 
 Key = tuple[str, str | None]  # namespace, kubeconfig path
-IDLE_SECONDS = 30.0
 
 
 @dataclass
 class _Shared:
     ready: asyncio.Future[RemoteKernels]
     users: int = 0
-    closing: asyncio.Task[None] | None = None  # closes it once idle long enough
 
 
 @dataclass
@@ -46,9 +43,6 @@ class SharedConnections:
         if entry is None:
             entry = shared[key] = _Shared(loop.create_future())
         entry.users += 1  # counted before any wait: a release meanwhile must not close it
-        if entry.closing is not None:
-            closing, entry.closing = entry.closing, None  # cancelled as no longer idle: no close
-            closing.cancel()
         if making:
             try:
                 entry.ready.set_result(await RemoteKernels.connect(*key))
@@ -63,27 +57,16 @@ class SharedConnections:
             entry.users -= 1
             raise
 
-    idle_seconds: float = IDLE_SECONDS
-
     async def release(self, kernels: RemoteKernels) -> None:
-        """One user fewer; without users for ``idle_seconds``, the connection is closed."""
+        """One user fewer; the last one closes the connection."""
         shared = self._by_loop.get(asyncio.get_running_loop(), {})
         for key, entry in list(shared.items()):
             if entry.ready.done() and not entry.ready.exception() and entry.ready.result() is kernels:
                 entry.users -= 1
-                if entry.users <= 0 and entry.closing is None:
-                    entry.closing = asyncio.ensure_future(self._close_when_idle(shared, key, entry))
+                if entry.users <= 0:
+                    del shared[key]
+                    await kernels.close()
                 return
-
-    async def _close_when_idle(self, shared: dict[Key, _Shared], key: Key, entry: _Shared) -> None:
-        try:
-            await asyncio.sleep(self.idle_seconds)
-        finally:
-            # Also when the loop shuts down (asyncio.run cancels what is left): closed, not
-            # left to be reported as an unclosed session. Not when a new user cancelled it.
-            if entry.closing is asyncio.current_task() and shared.get(key) is entry:
-                del shared[key]
-                await entry.ready.result().close()
 
 
 CONNECTIONS = SharedConnections()

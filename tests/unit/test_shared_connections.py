@@ -47,7 +47,7 @@ def connects(monkeypatch: pytest.MonkeyPatch) -> Connects:
 async def test_a_burst_of_provisioners_makes_one_connection_closed_by_the_last(
     connects: Connects,
 ) -> None:
-    shared = SharedConnections(idle_seconds=0.05)
+    shared = SharedConnections()
     got = await asyncio.gather(*(shared.acquire("ns", "/kc") for _ in range(50)))
     assert len(connects.made) == 1 and all(k is got[0] for k in got)
     other = await shared.acquire("other-ns", "/kc")  # another namespace: its own
@@ -56,12 +56,7 @@ async def test_a_burst_of_provisioners_makes_one_connection_closed_by_the_last(
         await shared.release(kernels)
     assert not got[0].closed  # still in use by one
     await shared.release(got[-1])
-    assert not got[0].closed  # idle: the next kernel may reuse it
-    reused = await shared.acquire("ns", "/kc")
-    assert reused is got[0] and len(connects.made) == 2
-    await shared.release(reused)
-    await asyncio.sleep(0.15)
-    assert got[0].closed  # unused for idle_seconds
+    assert got[0].closed
     again = await shared.acquire("ns", "/kc")  # a later kernel: a new connection
     assert again is not got[0] and len(connects.made) == 3
 
@@ -77,15 +72,8 @@ async def test_a_failed_connection_fails_its_waiters_and_the_next_try_connects_a
     assert isinstance(kernels, FakeKernels) and len(connects.made) == 2
 
 
-def test_each_event_loop_has_its_own_connection_closed_when_the_loop_ends(connects: Connects) -> None:
+def test_each_event_loop_has_its_own_connection(connects: Connects) -> None:
     shared = SharedConnections()
-
-    async def one_kernel() -> FakeKernels:
-        kernels = await shared.acquire("ns", "/kc")
-        await shared.release(kernels)  # idle now: asyncio.run's end must still close it
-        return kernels  # type: ignore[return-value]
-
-    first = asyncio.run(one_kernel())
-    second = asyncio.run(one_kernel())
+    first = asyncio.run(shared.acquire("ns", "/kc"))
+    second = asyncio.run(shared.acquire("ns", "/kc"))
     assert first is not second and len(connects.made) == 2
-    assert first.closed and second.closed  # no session left unclosed when a script ends

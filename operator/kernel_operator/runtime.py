@@ -159,6 +159,9 @@ async def run_replica(
         replica.ctx.metrics.leader_transitions.inc()
         if elector is not None:
             keeping = asyncio.ensure_future(elector.keep(fence))
+            # keep() makes its tasks at its first step: let it take that step before kopf
+            # starts, which waits 5 s on a stop for any task made after it started.
+            await asyncio.sleep(0)
         await operator(stop)  # kopf replaces the signal handlers with its own while it runs
     finally:
         if keeping is not None:

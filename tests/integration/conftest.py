@@ -93,20 +93,6 @@ def ensure_namespace(api_client: client.ApiClient, name: str) -> None:
         assert err.status == 409, err
 
 
-_last_finish: list[float] = []
-
-
-def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
-    """How long each session fixture's teardown took (the time since the previous one's end):
-    the servers' stops run after the last test, where --durations shows one lump."""
-    now = time.monotonic()
-    if fixturedef.cached_result is None:
-        return  # never set up
-    if fixturedef.scope == "session" and _last_finish and now - _last_finish[0] >= 1.0:
-        _timings[f"{fixturedef.argname} teardown (s)"] = now - _last_finish[0]
-    _last_finish[:] = [now]
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for what, value in _timings.items():
         terminalreporter.write_line(f"{what}: {value:.2f}")

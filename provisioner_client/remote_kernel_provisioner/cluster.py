@@ -47,6 +47,10 @@ class RemoteKernels:
             if kubeconfig:
                 raise
             config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        # Shared by every provisioner of a process (connections.py), each holding a watch
+        # while its kernel starts or stops: aiohttp's default of 100 connections made the
+        # 101st kernel of a burst wait for a free one (and time out).
+        cfg.connection_pool_maxsize = 0  # aiohttp: no limit
         return cls(client.ApiClient(cfg), namespace)
 
     async def close(self) -> None:

@@ -77,3 +77,20 @@ def test_each_event_loop_has_its_own_connection(connects: Connects) -> None:
     first = asyncio.run(shared.acquire("ns", "/kc"))
     second = asyncio.run(shared.acquire("ns", "/kc"))
     assert first is not second and len(connects.made) == 2
+
+
+async def test_a_shared_connection_has_no_limit_on_concurrent_requests(tmp_path: Any) -> None:
+    """Each starting kernel holds a watch on it: aiohttp's default limit of 100 connections
+    made the 101st kernel of a burst wait for a free one, and its start time out."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    kernels = await RemoteKernels.connect("ns", str(kubeconfig))
+    try:
+        assert kernels.api.rest_client.pool_manager.connector.limit == 0  # aiohttp: unlimited
+    finally:
+        await kernels.close()

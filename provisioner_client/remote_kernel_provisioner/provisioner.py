@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import time
 import uuid
 from typing import Any, cast
 
@@ -265,14 +266,24 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         self._created = True
         timeout = (self.launch_timeout or 30.0) + 15.0  # the operator times out first, with a reason
         self.log.info("Created RemoteKernel %s/%s; waiting for it to run.", self.namespace, self.name)
-        try:
-            obj = await kernels.watch_until(self.name, _settled, timeout, start=created)
-        except TimeoutError as err:
-            await self._discard()
-            raise TimeoutError(
-                f"Kernel {self.kernel_id} did not start within {timeout:.0f} s and no reason was "
-                "reported; is the Remote Kernel Operator running?"
-            ) from err
+        began = time.monotonic()
+        obj: dict[str, Any] | None = created
+        while True:
+            try:
+                obj = await kernels.watch_until(self.name, _settled, timeout, start=obj)
+                break
+            except TimeoutError as err:
+                obj = await kernels.get(self.name)
+                if _settled(obj):
+                    break
+                more = more_time(obj, timeout, time.monotonic() - began)
+                if more is None:
+                    await self._discard()
+                    raise TimeoutError(
+                        f"Kernel {self.kernel_id} did not start within {time.monotonic() - began:.0f} s "
+                        "and no reason was reported; is the Remote Kernel Operator running?"
+                    ) from err
+                timeout = more
         if obj is None:
             self._created = False
             raise KernelLaunchError(f"RemoteKernel {self.namespace}/{self.name} was deleted during launch.")
@@ -418,6 +429,25 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
 def _deleting(obj: dict[str, Any]) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+QUEUED_MAX_SECONDS = 600.0  # the longest a kernel may wait in the operator's queue (Pending)
+
+
+def more_time(obj: dict[str, Any] | None, timeout: float, waited: float) -> float | None:
+    """How much longer to wait for a kernel not settled after ``waited`` seconds (None: give up).
+
+    The operator's launch deadline counts from when its launch begins, not from when the
+    RemoteKernel was made: in a burst, kernels wait their turn in Pending
+    (RKO_MAX_CONCURRENT_LAUNCHES). A kernel the operator queued or is launching is waited
+    for (up to QUEUED_MAX_SECONDS in the queue, then ``timeout`` again: the operator ends
+    the launch with a reason first); one the operator never took up is not."""
+    phase = ((obj or {}).get("status") or {}).get("phase")
+    if phase == "Pending" and waited < QUEUED_MAX_SECONDS:
+        return timeout
+    if phase == "Launching" and waited < QUEUED_MAX_SECONDS + timeout:
+        return timeout
+    return None
 
 
 def _settled(obj: dict[str, Any] | None) -> bool:

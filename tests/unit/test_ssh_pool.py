@@ -11,6 +11,9 @@ import asyncio
 import socket
 import threading
 import time
+from typing import Any
+
+import pytest
 
 from kernel_operator.backends.base import LaunchPlan
 from kernel_operator.backends.ssh import SshBackend
@@ -114,3 +117,40 @@ async def test_a_start_left_unanswered_is_recorded_and_cleared_by_the_stop() -> 
     hosts = [host for host, _ in backend.commands]
     assert hosts == ["10.0.0.2", "10.0.0.1", "10.0.0.1"]  # the kernel's stop; find and stop there
     assert "kill -TERM -77" in backend.commands[2][1] and run_dir in backend.commands[2][1]
+
+
+async def test_a_connection_made_after_all_reads_the_ssh_secret_first() -> None:
+    """The pool had room when asked (so the Secret was not read), and none when the thread got
+    to it: the new connection trusted ~/.ssh/known_hosts instead of the Secret's, and a kernel
+    failed with "not in ~/.ssh/known_hosts" (seen in a failover test)."""
+    from kernel_operator.backends.ssh import SshSecret, _SecretNeeded
+
+    class Credentials:
+        name = "ssh-secret"
+        loads = 0
+
+        async def load(self) -> SshSecret:
+            Credentials.loads += 1
+            return SshSecret("key", "known hosts", "", "")
+
+    class Racing(SshBackend):
+        def __init__(self) -> None:
+            super().__init__(SshSettings(user="root"), Credentials())  # type: ignore[arg-type]
+            self.secrets: list[SshSecret | None] = []
+
+        def _exec(self, host: str, port: int, login: str, command: str, *rest: Any) -> str:
+            secret = rest[1]
+            self.secrets.append(secret)
+            if secret is None:
+                raise _SecretNeeded()  # as _new_client raises when it must connect without it
+            return "done"
+
+    backend = Racing()
+    backend._connections.has_room = lambda key: True  # type: ignore[method-assign]  # room when asked
+    try:
+        assert await backend._run("10.0.0.1", 22, "root", "true") == "done"
+    finally:
+        backend.close()
+    assert backend.secrets[0] is None and backend.secrets[1] is not None and Credentials.loads == 1
+    with pytest.raises(_SecretNeeded):  # the thread's side: no connection without the Secret
+        backend._new_client("10.0.0.1", 22, "root", None)

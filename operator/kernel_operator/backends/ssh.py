@@ -79,6 +79,10 @@ class SshSecret:
     passphrase: str = ""
 
 
+class _SecretNeeded(Exception):
+    """A new ssh connection is needed, and the ssh Secret was not read for it (see SshBackend._run)."""
+
+
 class SecretCredentials:
     """Reads the ssh Secret (``ssh-privatekey``, ``known_hosts``, optional ``password`` and
     ``passphrase``) from the operator's namespace, when one is configured."""
@@ -465,7 +469,14 @@ class SshBackend:
         secret = None
         if self.credentials is not None and not self._connections.has_room((host, port, login)):
             secret = await self.credentials.load()
-        return await self._threads.run(self._exec, host, port, login, command, stdin_text, secret, user)
+        try:
+            return await self._threads.run(self._exec, host, port, login, command, stdin_text, secret, user)
+        except _SecretNeeded:
+            # The pool had room when asked, and none when the thread got to it: a connection
+            # is made after all, and it must trust the Secret's known_hosts, not ~/.ssh's.
+            assert self.credentials is not None
+            secret = await self.credentials.load()
+            return await self._threads.run(self._exec, host, port, login, command, stdin_text, secret, user)
 
     def _exec(
         self,
@@ -542,6 +553,8 @@ class SshBackend:
         )
 
     def _new_client(self, host: str, port: int, login: str, secret: SshSecret | None) -> paramiko.SSHClient:
+        if secret is None and self.credentials is not None and self.credentials.name:
+            raise _SecretNeeded()
         settings = self.settings
         client = paramiko.SSHClient()
         known_hosts = settings.known_hosts or "~/.ssh/known_hosts"

@@ -755,18 +755,7 @@ async def test_waiting_for_a_stop_or_a_wake_leaves_no_task_behind_even_when_canc
     """A waiter left pending (the wake that never comes) made kopf wait 5 s on every stop."""
     from kernel_operator.lifecycle import stopped_or_woken
 
-    class Flag:
-        def __init__(self) -> None:
-            self.event = asyncio.Event()
-
-        def __bool__(self) -> bool:
-            return self.event.is_set()
-
-        async def wait(self, timeout: float | None = None) -> None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.event.wait(), timeout)
-
-    flag, wake = Flag(), asyncio.Event()
+    flag, wake = Stop(), asyncio.Event()
     before = {t for t in asyncio.all_tasks() if not t.done()}
     waiting = asyncio.ensure_future(stopped_or_woken(flag, wake, 60))
     await asyncio.sleep(0.01)

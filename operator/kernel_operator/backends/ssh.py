@@ -187,10 +187,7 @@ class SshBackend:
                 continue
             if not out.strip():
                 continue
-            words = out.split()
-            pid, pgid = (
-                (int(words[0]), int(words[1])) if len(words) == 2 and "".join(words).isdigit() else (0, 0)
-            )
+            pid, pgid = _found_pids(out)
             return _remote_ref(host, port, login, pid, pgid, run_dir, user)
         return None
 
@@ -438,9 +435,9 @@ class SshBackend:
         _, port, login = self._host_of(ref)
         user = ref.get("user")
         try:
-            found = (await self._run(host, port, login, remote_find_command(run_dir, user))).split()
-            if found:
-                pgid = int(found[1]) if len(found) == 2 and "".join(found).isdigit() else 0
+            found = await self._run(host, port, login, remote_find_command(run_dir, user))
+            if found.strip():
+                _, pgid = _found_pids(found)
                 await self._run(host, port, login, remote_stop_command(pgid, run_dir, user=user))
         except BackendError as err:
             log.warning(
@@ -653,6 +650,12 @@ async def _address_of(host: str) -> str:
     except OSError as err:
         raise BackendUnavailable(f"cannot resolve {host}: {err}") from err
     return str(infos[0][4][0])
+
+
+def _found_pids(out: str) -> tuple[int, int]:
+    """``(pid, pgid)`` from ``remote_find_command``'s answer; ``(0, 0)`` when no process is left."""
+    words = out.split()
+    return (int(words[0]), int(words[1])) if len(words) == 2 and "".join(words).isdigit() else (0, 0)
 
 
 def _remote_ref(

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -410,6 +411,48 @@ def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str
     ]
 
 
+# `python -m ipykernel_launcher`, plus one byte written to the file descriptor in argv[1] once
+# the kernel's sockets are bound (the moment the launcher polled for): the launcher waits on a
+# pipe, not in a loop that reads every socket of the host. A failed start exits at once, so the
+# pipe's end tells the launcher; ipykernel's threads would otherwise keep the process alive.
+READY_KERNEL_CODE = """\
+# ipykernel_launcher, telling kernel_launchers when it listens
+import os, sys, traceback
+if sys.path and sys.path[0] in ("", os.getcwd()):
+    del sys.path[0]
+fd = int(sys.argv.pop(1))
+os.set_inheritable(fd, False)
+from ipykernel.kernelapp import IPKernelApp
+
+
+def ready():
+    global fd
+    if fd >= 0:
+        os.write(fd, b"1")
+        os.close(fd)
+        fd = -1
+
+
+class ReadyKernelApp(IPKernelApp):
+    def init_heartbeat(self):
+        super().init_heartbeat()
+        ready()
+
+
+app = ReadyKernelApp.instance()
+try:
+    app.initialize()
+except SystemExit as stop:
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(stop.code if isinstance(stop.code, int) else 1)
+except BaseException:
+    traceback.print_exc(); sys.stdout.flush(); sys.stderr.flush()
+    os._exit(1)
+ready()
+app.start()
+"""
+
+
 def kernel_command(
     connection_file: Path,
     kernel_class_name: str | None,
@@ -417,9 +460,10 @@ def kernel_command(
     r_executable: str = "R",
     spark_init: str = "none",
     environ: dict[str, str] | None = None,
+    ready_fd: int | None = None,
 ) -> list[str]:
     """The command that starts the kernel (ipykernel, IRkernel for R, Toree for Scala) on the
-    connection file."""
+    connection file. A Python kernel given ``ready_fd`` writes a byte to it once it listens."""
     if language == "scala":
         return toree_command(connection_file, spark_init, dict(os.environ if environ is None else environ))
     if language == "r":
@@ -432,7 +476,10 @@ def kernel_command(
             "--args",
             str(connection_file),
         ]
-    cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
+    if ready_fd is None:
+        cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", str(connection_file)]
+    else:
+        cmd = [sys.executable, "-c", READY_KERNEL_CODE, str(ready_fd), "-f", str(connection_file)]
     if kernel_class_name:
         cmd.append(f"--IPKernelApp.kernel_class={kernel_class_name}")
     if spark_init in SPARK_INIT:
@@ -465,6 +512,7 @@ class Launcher:
         self.seen_nonces: dict[str, float] = {}
         self.nonce_lock = threading.Lock()
         self.shutting_down = threading.Event()
+        self.ready_fd: int | None = None  # read end of the kernel's "listening" pipe
 
     # -- start ---------------------------------------------------------------------------
     def start_kernel(self) -> dict[str, Any]:
@@ -489,22 +537,56 @@ class Launcher:
         env = dict(os.environ)
         env.update(args.extra_env)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
-        self.kernel = subprocess.Popen(
-            kernel_command(
-                connection_file,
-                args.kernel_class_name,
-                args.kernel_language,
-                args.r_executable,
-                args.spark_context_initialization_mode,
-                env,
-            ),
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        self.kernel = self.spawn(connection_file, env)
         log.info("Started kernel %s as pid %d.", args.kernel_id, self.kernel.pid)
         # Sealing the report needs cryptography: load it while the kernel starts, not before.
         threading.Thread(target=protocol.preload_crypto, name="preload", daemon=True).start()
         return info
+
+    def spawn(self, connection_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start the kernel's process; a Python kernel gets a pipe to say when it listens."""
+        args = self.args
+        read_end, write_end = os.pipe() if args.kernel_language == "python" else (-1, -1)
+        try:
+            kernel = subprocess.Popen(
+                kernel_command(
+                    connection_file,
+                    args.kernel_class_name,
+                    args.kernel_language,
+                    args.r_executable,
+                    args.spark_context_initialization_mode,
+                    env,
+                    ready_fd=write_end if write_end >= 0 else None,
+                ),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(write_end,) if write_end >= 0 else (),
+            )
+        except BaseException:
+            if read_end >= 0:
+                os.close(read_end)
+            raise
+        finally:
+            if write_end >= 0:
+                os.close(write_end)  # the kernel holds the only write end: its exit ends the pipe
+        self.ready_fd = read_end if read_end >= 0 else None
+        return kernel
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Sleep until the kernel says it listens, exits, or the deadline passes (no polling:
+        a hundred launchers polling the host's socket tables cost more than their kernels)."""
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is None:
+            return
+        try:
+            readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if readable and not os.read(fd, 1) and isinstance(self.kernel, subprocess.Popen):
+                # The pipe's end without the byte: the kernel failed to start; let its exit code
+                # (and the ports it could not bind) be read below.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.kernel.wait(5)
+        finally:
+            os.close(fd)
 
     def wait_kernel_listening(self, info: dict[str, Any], timeout: float = 60.0) -> None:
         """Wait until the kernel listens on all five of its ports, so 'Running' means ready.
@@ -515,6 +597,7 @@ class Launcher:
         raises PortTaken, and is started again on other ports.
         """
         deadline = time.monotonic() + timeout
+        self._wait_ready(deadline)
         host = "127.0.0.1" if info["ip"] in ("0.0.0.0", "") else info["ip"]
         wanted = {info[name] for name in PORT_NAMES}
         started = checked = time.monotonic()

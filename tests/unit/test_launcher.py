@@ -164,10 +164,14 @@ def test_the_launcher_starts_without_loading_cryptography() -> None:
     assert "cryptography.hazmat.primitives.ciphers.aead" in sys.modules
 
 
-@pytest.mark.parametrize("port_name", ["hb_port", "iopub_port"])
-def test_a_kernel_that_lost_a_port_and_hangs_is_stopped_and_started_again(tmp_path, port_name) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("ready_pipe", [True, False], ids=["ready-pipe", "polled"])
+@pytest.mark.parametrize("port_name", ["hb_port", "iopub_port", "shell_port"])
+def test_a_kernel_that_lost_a_port_and_hangs_is_stopped_and_started_again(
+    tmp_path, port_name, ready_pipe
+) -> None:  # type: ignore[no-untyped-def]
     """ipykernel does not exit when its heartbeat or iopub port is taken (its threads keep it
-    alive while its shell port answers): the launcher must not wait 60 s for it."""
+    alive while its shell port answers): the launcher must not wait 60 s for it. Both ways of
+    waiting: the kernel's ready pipe (Python kernels) and polling (R, Scala)."""
     import json
     import socket
     import subprocess
@@ -184,9 +188,13 @@ def test_a_kernel_that_lost_a_port_and_hangs_is_stopped_and_started_again(tmp_pa
         info[port_name] = holder.getsockname()[1]
         connection_file = tmp_path / "kernel.json"
         connection_file.write_text(json.dumps(info))
-        launcher.kernel = subprocess.Popen(
-            kernel_command(connection_file, None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        if ready_pipe:
+            launcher.kernel = launcher.spawn(connection_file, dict(os.environ))
+            assert launcher.ready_fd is not None
+        else:
+            launcher.kernel = subprocess.Popen(
+                kernel_command(connection_file, None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         began = time.monotonic()
         try:
             with pytest.raises(PortTaken, match=str(info[port_name])):
@@ -482,3 +490,47 @@ def test_a_refused_launcher_keeps_a_run_directory_another_process_uses(tmp_path:
         user.kill()
         user.wait()
     assert remove_unused_run_dir(shared, own={os.getpid()}) and not shared.exists()
+
+
+def test_a_python_kernel_says_when_it_listens_and_still_shows_as_ipykernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The launcher sleeps on the kernel's ready pipe, not in a polling loop; when it wakes, all
+    five ports are bound. Process listings (and clean-up scripts) still see ipykernel_launcher."""
+    import json
+
+    from kernel_launchers.ports import free_ports, listening_ports
+    from kernel_launchers.python_launcher import PORT_NAMES, Launcher
+
+    launcher = Launcher(parse_args([*BASE, "--run-dir", str(tmp_path)], {"RKO_LAUNCH_TOKEN": "t"}))
+    info = build_connection_file("127.0.0.1", free_ports("127.0.0.1", 5, (0, 0)), "k", None)
+    connection_file = tmp_path / "kernel.json"
+    connection_file.write_text(json.dumps(info))
+    kernel = launcher.spawn(connection_file, dict(os.environ))
+    launcher.kernel = kernel
+    try:
+        assert launcher.ready_fd is not None
+        assert "ipykernel_launcher" in " ".join(kernel.args)  # type: ignore[arg-type]
+        launcher.wait_kernel_listening(info, timeout=30)
+        assert launcher.ready_fd is None  # the pipe was used and closed
+        assert {info[name] for name in PORT_NAMES} <= (listening_ports(kernel.pid) or set())
+    finally:
+        kernel.kill()
+        kernel.wait()
+
+
+def test_a_python_kernel_that_fails_to_start_ends_the_wait_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A kernel that cannot start closes its ready pipe by exiting: the launcher says so at once
+    instead of waiting out the listen timeout."""
+    import time
+
+    from kernel_launchers.python_launcher import Launcher
+
+    launcher = Launcher(parse_args([*BASE, "--run-dir", str(tmp_path)], {"RKO_LAUNCH_TOKEN": "t"}))
+    connection_file = tmp_path / "kernel.json"
+    connection_file.write_text("{not json")
+    launcher.kernel = launcher.spawn(connection_file, dict(os.environ))
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code"):
+        launcher.wait_kernel_listening(
+            build_connection_file("127.0.0.1", [1, 2, 3, 4, 5], "k", None), timeout=60
+        )
+    assert time.monotonic() - began < 15

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    from .memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts
     from . import handlers
     from .log_format import use_json_logs
     from .settings import OperatorSettings

@@ -42,6 +42,25 @@ def rss_bytes() -> int:
 
 
 MALLOC_TRIM = _malloc_trim()
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+DEFAULT_MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(environ: dict[str, str] | None = None, count: int = DEFAULT_MALLOC_ARENAS) -> bool:
+    """Let glibc keep at most ``count`` heaps. Each thread (the executor's, paramiko's, the
+    trimmer's) otherwise gets a heap of its own, up to eight per core, and each keeps its own
+    freed pages. Call before threads start. An administrator's MALLOC_ARENA_MAX wins (glibc
+    read it at start-up). True if the limit was set here."""
+    env = os.environ if environ is None else environ
+    if "MALLOC_ARENA_MAX" in env:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, count))
 
 
 async def release_freed_memory(trim: Callable[[int], int] | None = MALLOC_TRIM) -> int:

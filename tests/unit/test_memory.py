@@ -41,3 +41,12 @@ def test_the_trim_interval_is_a_setting_and_zero_turns_it_off() -> None:
         OperatorSettings.from_env({"RKO_MEMORY_TRIM_SECONDS": "-5"})
     with pytest.raises(SettingsError, match="is not a number"):
         OperatorSettings.from_env({"RKO_MEMORY_TRIM_SECONDS": "often"})
+
+
+def test_glibc_heaps_are_limited_unless_the_administrator_chose() -> None:
+    """Threads each get their own glibc heap, and each keeps its freed pages: the operator
+    limits them, but an administrator's MALLOC_ARENA_MAX (read by glibc itself) wins."""
+    from kernel_operator.memory import limit_malloc_arenas
+
+    assert limit_malloc_arenas({"MALLOC_ARENA_MAX": "4"}) is False
+    assert limit_malloc_arenas({}) is (MALLOC_TRIM is not None)  # glibc: set; elsewhere: nothing

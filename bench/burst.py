@@ -229,7 +229,7 @@ def steps(
     marks = {
         "operator sees it": first_after(op_log, "Pending: The operator accepted", t0),
         "backend started (launcher spawned)": first_after(op_log, "backend started the launcher", t0),
-        "launcher started": first_after(launcher_log, "The launcher of kernel", t0),
+        "kernel process started (launcher start-up)": first_after(launcher_log, "The launcher of kernel", t0),
         "kernel listening": first_after(launcher_log, "The kernel listens", t0),
         "report accepted (status written)": first_after(op_log, "Running: The kernel is ready", t0),
         "client sees Running": seen,

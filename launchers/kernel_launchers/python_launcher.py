@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
-import logging
 import os
 import select
-import shlex
-import shutil
 import signal
 import socket
 import stat
@@ -34,16 +29,41 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import protocol
 from .attached import CONNECTION_LINE, AttachedKernel
 from .ports import PortRangeError, bind_free_port, free_ports, held, in_use, listening_ports, parse_port_range
 
-log = logging.getLogger("kernel_launchers")
+if TYPE_CHECKING:
+    import importlib.machinery
+    import logging
+
+    log: logging.Logger
+else:
+
+    class _LazyLogger:
+        """The launcher's logger, made at first use. Every import before the kernel's process
+        starts delays that kernel: logging (like dataclasses, shutil, shlex and importlib.util,
+        imported where used) costs milliseconds the kernel can spend starting instead."""
+
+        def __getattr__(self, name: str) -> Any:
+            import logging
+
+            return getattr(logging.getLogger("kernel_launchers"), name)
+
+    log = _LazyLogger()
+
+
+def configure_logging() -> None:
+    """The launcher's log format (to its stderr, the run directory's launcher.log)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+
 
 EXIT_LAUNCH_FAILED = 3  # the kernel could not be started or its info not delivered
 CONTROL_CONNECTIONS = 8  # control requests served at once
@@ -64,8 +84,7 @@ class LaunchRefused(RuntimeError):
     """The operator answered ``NO``: the kernel must not run."""
 
 
-@dataclass(frozen=True)
-class LauncherArgs:
+class LauncherArgs(NamedTuple):
     kernel_id: str
     response_address: tuple[str, int]  # the first of response_addresses
     public_key: bytes
@@ -80,7 +99,7 @@ class LauncherArgs:
     kernel_language: str = "python"
     r_executable: str = "R"
     exit_with_parent: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)  # from the launch file, for the kernel
+    extra_env: Mapping[str, str] = MappingProxyType({})  # from the launch file, for the kernel
     launch_id: str = ""  # what the operator knows this launch by (its RemoteKernel's uid)
     # Every replica of the operator the launcher may report to, the launching one first.
     response_addresses: tuple[tuple[str, int], ...] = ()
@@ -355,7 +374,13 @@ class KernelNotInstalled(RuntimeError):
 Finder = Callable[[str], "importlib.machinery.ModuleSpec | None"]
 
 
-def spark_home(environ: dict[str, str], find: Finder = importlib.util.find_spec) -> Path:
+def _find_spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    import importlib.util
+
+    return importlib.util.find_spec(name)
+
+
+def spark_home(environ: dict[str, str], find: Finder = _find_spec) -> Path:
     """SPARK_HOME, else the Spark that PyPI's pyspark carries (bin/spark-submit and its jars)."""
     if environ.get("SPARK_HOME"):
         return Path(environ["SPARK_HOME"])
@@ -368,7 +393,7 @@ def spark_home(environ: dict[str, str], find: Finder = importlib.util.find_spec)
     return Path(next(iter(found.submodule_search_locations)))
 
 
-def toree_assembly(environ: dict[str, str], find: Finder = importlib.util.find_spec) -> Path:
+def toree_assembly(environ: dict[str, str], find: Finder = _find_spec) -> Path:
     """TOREE_ASSEMBLY, else the jar PyPI's toree package carries (toree/lib)."""
     if environ.get("TOREE_ASSEMBLY"):
         return Path(environ["TOREE_ASSEMBLY"])
@@ -393,6 +418,8 @@ def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str
     Toree's options are the launcher's. Spark starts ``eager`` unless ``lazy`` (on first use of
     ``sc``/``spark``; an interrupt before that use is lost, see parse_args) or ``none`` is asked.
     """
+    import shlex
+
     home, jar = spark_home(environ), toree_assembly(environ)
     return [
         str(home / "bin" / "spark-submit"),
@@ -531,6 +558,7 @@ class Launcher:
             # The kernel's process started us and waits for this line to start the kernel.
             self.kernel = AttachedKernel(args.kernel_pid)
             print(f"{CONNECTION_LINE} {connection_file}", flush=True)
+            configure_logging()
             log.info("Kernel %s runs in pid %d, on %s.", args.kernel_id, args.kernel_pid, connection_file)
             threading.Thread(target=protocol.preload_crypto, name="preload", daemon=True).start()
             return info
@@ -538,7 +566,13 @@ class Launcher:
         env.update(args.extra_env)
         env.pop("RKO_LAUNCH_TOKEN", None)  # the kernel's code never sees the token
         self.kernel = self.spawn(connection_file, env)
-        log.info("Started kernel %s as pid %d.", args.kernel_id, self.kernel.pid)
+        configure_logging()  # only now: the kernel starts while logging loads
+        log.info(
+            "The launcher of kernel %s (pid %d) started the kernel as pid %d.",
+            args.kernel_id,
+            os.getpid(),
+            self.kernel.pid,
+        )
         # Sealing the report needs cryptography: load it while the kernel starts, not before.
         threading.Thread(target=protocol.preload_crypto, name="preload", daemon=True).start()
         return info
@@ -829,7 +863,6 @@ class Launcher:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
     def run(self) -> int:
-        log.info("The launcher of kernel %s started (pid %d).", self.args.kernel_id, os.getpid())
         signal.signal(signal.SIGTERM, lambda *_: self.stop_kernel())
         let_kernels_take_sigint()
         if self.args.exit_with_parent:
@@ -839,6 +872,7 @@ class Launcher:
             self.open_control_port()
             self.send_home(self.payload(info))
         except Exception as err:
+            configure_logging()
             log.error("The kernel launch failed: %s", err)
             self.stop_kernel()
             if self.kernel is not None:
@@ -901,12 +935,13 @@ def remove_unused_run_dir(run_dir: Path, own: set[int], proc: Path = Path("/proc
         with contextlib.suppress(OSError):
             if needle in (entry / "cmdline").read_bytes():
                 return False
+    import shutil
+
     shutil.rmtree(run_dir, ignore_errors=True)
     return not run_dir.exists()
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
     return Launcher(parse_args(argv)).run()
 
 

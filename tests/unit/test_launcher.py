@@ -158,6 +158,18 @@ def test_the_launcher_starts_without_loading_cryptography() -> None:
     code = "import sys, kernel_launchers.python_launcher; print(sorted(m for m in sys.modules if m.startswith(('cryptography', 'secrets'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    # Nor what it needs only after the kernel's process has started (~25 ms in all). Without
+    # site (-S): a development install's path hooks load some of these themselves.
+    later = ("logging", "dataclasses", "shutil", "shlex")
+    launchers = str(Path(__import__("kernel_launchers").__file__).parent.parent)
+    code = (
+        f"import sys; sys.path.insert(0, {launchers!r}); import kernel_launchers.python_launcher; "
+        f"print(sorted(m for m in {later!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
     from kernel_launchers import protocol
 
     protocol.preload_crypto()

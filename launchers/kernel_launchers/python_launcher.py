@@ -443,7 +443,7 @@ def toree_command(connection_file: Path, spark_init: str, environ: dict[str, str
 # pipe, not in a loop that reads every socket of the host. A failed start exits at once, so the
 # pipe's end tells the launcher; ipykernel's threads would otherwise keep the process alive.
 READY_KERNEL_CODE = """\
-# ipykernel_launcher, telling kernel_launchers when it listens
+# ipykernel_launcher, and one byte to its launcher once it listens
 import os, sys, traceback
 if sys.path and sys.path[0] in ("", os.getcwd()):
     del sys.path[0]

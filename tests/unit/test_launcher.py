@@ -506,7 +506,8 @@ def test_a_refused_launcher_keeps_a_run_directory_another_process_uses(tmp_path:
 
 def test_a_python_kernel_says_when_it_listens_and_still_shows_as_ipykernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The launcher sleeps on the kernel's ready pipe, not in a polling loop; when it wakes, all
-    five ports are bound. Process listings (and clean-up scripts) still see ipykernel_launcher."""
+    five ports are bound. Process listings (and clean-up scripts) still see ipykernel_launcher,
+    and never kernel_launchers (found by CI: a test took the kernel for a second launcher)."""
     import json
 
     from kernel_launchers.ports import free_ports, listening_ports
@@ -521,6 +522,8 @@ def test_a_python_kernel_says_when_it_listens_and_still_shows_as_ipykernel(tmp_p
     try:
         assert launcher.ready_fd is not None
         assert "ipykernel_launcher" in " ".join(kernel.args)  # type: ignore[arg-type]
+        # ... and never the launcher's package: launchers are told from kernels by that.
+        assert "kernel_launchers" not in " ".join(kernel.args)  # type: ignore[arg-type]
         launcher.wait_kernel_listening(info, timeout=30)
         assert launcher.ready_fd is None  # the pipe was used and closed
         assert {info[name] for name in PORT_NAMES} <= (listening_ports(kernel.pid) or set())

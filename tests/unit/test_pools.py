@@ -432,10 +432,14 @@ def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
         def count(self) -> int:
             return 1
 
-    exec(code, {"spark": Spark()})
+    namespace: dict[str, Any] = {"spark": Spark()}
+    exec(code, namespace)
     exec(code, {})  # no Spark: nothing happens, nothing fails
-    assert ran == [1] and warmup_code("r") == ""
-    assert "spark.range(1).count()" in warmup_code("scala")
+    assert ran == [1, 10, 100, 1000, 10000] and warmup_code("r") == ""
+    assert set(namespace) == {"spark", "__builtins__"}  # nothing left for the claimer to see
+    assert (
+        warmup_code("scala") == "Seq(1L, 10L, 100L, 1000L, 10000L).foreach(n => spark.range(n).count()); ()"
+    )
 
 
 def test_every_language_a_pool_accepts_has_a_binding_cell() -> None:

@@ -13,7 +13,7 @@ import kopf
 
 from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
 
-from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys
+from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys, kube_auth
 from .activity import raise_open_file_limit
 from .errors import BackendError, SpecError
 from .kube import KubeError
@@ -45,6 +45,25 @@ def _emitter(body: kopf.Body) -> Any:
 def class_selector(operator_class: str) -> str:
     """The label selector of the kernels an operator of ``operator_class`` handles."""
     return f"{CLASS_LABEL}={operator_class}" if operator_class else f"!{CLASS_LABEL}"
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials come from where ours do (kube_auth): one source for both clients,
+    whichever client libraries happen to be installed."""
+    creds = kube_auth.load()
+    return kopf.ConnectionInfo(
+        server=creds.server,
+        ca_data=creds.ca_pem,
+        insecure=creds.insecure or None,
+        certificate_data=creds.cert_pem,
+        private_key_data=creds.key_pem,
+        token=creds.token,
+        username=creds.username,
+        password=creds.password,
+        default_namespace=creds.namespace,
+        expiration=creds.expires,
+    )
 
 
 @kopf.on.startup()

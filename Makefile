@@ -91,6 +91,9 @@ run: venv
 
 bench: cluster-bin node-bin venv
 	@bash hack/install-system-deps.sh
+	@# Compiled as pip compiles an installed package (this tree is an editable install, and a
+	@# shell with PYTHONDONTWRITEBYTECODE would make each launcher compile its modules again).
+	@$(VPY) -m compileall -q launchers operator provisioner_client
 	@$(VPY) bench/launch_latency.py
 	@$(VPY) bench/burst.py
 	@$(VPY) bench/pool_latency.py

@@ -50,7 +50,7 @@ def load() -> Credentials:
     """In a pod, its ServiceAccount; elsewhere the kubeconfig. Blocking (files, a plugin)."""
     if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(f"{SERVICE_ACCOUNT_DIR}/token"):
         return in_cluster(os.environ, SERVICE_ACCOUNT_DIR)
-    return from_kubeconfig_files(_kubeconfig_paths(os.environ), os.environ, _run_plugin)
+    return from_kubeconfig_files(_kubeconfig_paths(os.environ), _run_plugin)
 
 
 def in_cluster(env: Mapping[str, str], directory: str) -> Credentials:
@@ -82,9 +82,7 @@ def _kubeconfig_paths(env: Mapping[str, str]) -> list[str]:
 
 
 def from_kubeconfig_files(
-    paths: list[str],
-    env: Mapping[str, str],
-    run_plugin: Callable[[Mapping[str, Any], str], Mapping[str, Any]],
+    paths: list[str], run_plugin: Callable[[Mapping[str, Any], str], Mapping[str, Any]]
 ) -> Credentials:
     docs: list[tuple[dict[str, Any], str]] = []
     for path in paths:
@@ -142,9 +140,8 @@ def from_kubeconfig(
         server=str(cluster["server"]).rstrip("/"),
         ca_pem=_pem(cluster, "certificate-authority", cluster_base),
         insecure=bool(cluster.get("insecure-skip-tls-verify")),
-        cert_pem=_pem(plugin, "clientCertificate", "", raw=True)
-        or _pem(user, "client-certificate", user_base),
-        key_pem=_pem(plugin, "clientKey", "", raw=True) or _pem(user, "client-key", user_base),
+        cert_pem=_plugin_pem(plugin, "clientCertificateData") or _pem(user, "client-certificate", user_base),
+        key_pem=_plugin_pem(plugin, "clientKeyData") or _pem(user, "client-key", user_base),
         token=plugin.get("token") or user.get("token") or _token_file(user, user_base),
         username=user.get("username"),
         password=user.get("password"),
@@ -153,13 +150,19 @@ def from_kubeconfig(
     )
 
 
-def _pem(section: Mapping[str, Any], key: str, base: str, raw: bool = False) -> bytes | None:
-    """``key``-data (base64; or, from a plugin, PEM text) or the file ``key`` names."""
-    data = section.get(f"{key}Data" if raw else f"{key}-data")
+def _pem(section: Mapping[str, Any], key: str, base: str) -> bytes | None:
+    """``key``-data (base64) or the file ``key`` names (relative to ``base``)."""
+    data = section.get(f"{key}-data")
     if data:
-        return str(data).encode() if raw else base64.b64decode(str(data))
-    path = None if raw else section.get(key)
+        return base64.b64decode(str(data))
+    path = section.get(key)
     return _read_bytes(os.path.join(base, os.path.expanduser(str(path)))) if path else None
+
+
+def _plugin_pem(status: Mapping[str, Any], key: str) -> bytes | None:
+    """PEM text from an exec plugin's ExecCredential status (not base64, unlike a kubeconfig)."""
+    data = status.get(key)
+    return str(data).encode() if data else None
 
 
 def _token_file(user: Mapping[str, Any], base: str) -> str | None:

@@ -67,7 +67,7 @@ def test_merged_kubeconfigs_take_the_first_definition_of_each_name(tmp_path: Pat
         path = tmp_path / f"k{i}"
         path.write_text(json.dumps(doc))
         paths.append(str(path))
-    creds = from_kubeconfig_files(paths, {}, no_plugin)
+    creds = from_kubeconfig_files(paths, no_plugin)
     assert creds.token == "first"
     assert creds.server == "https://127.0.0.1:6443"
 
@@ -124,7 +124,7 @@ def test_a_bad_kubeconfig_is_refused_with_what_to_fix(doc: dict[str, Any], messa
 
 def test_an_unreadable_kubeconfig_is_named(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError, match=r"kubeconfig .*missing cannot be read"):
-        from_kubeconfig_files([str(tmp_path / "missing")], {}, no_plugin)
+        from_kubeconfig_files([str(tmp_path / "missing")], no_plugin)
 
 
 def test_in_a_pod_the_service_account_is_used(tmp_path: Path) -> None:

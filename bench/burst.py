@@ -1,7 +1,7 @@
 """``make bench`` (second part): many kernels at once, a cluster full of them, and where the
 time of one launch goes. Every figure is a ratio to something measured in the same run.
 
-- Steps of one launch (ssh backend, localhost): client create -> operator sees it -> backend
+- Steps of one launch (ssh backend, localhost): client create -> operator records the launch -> backend
   started -> launcher started -> kernel listening -> report accepted -> status written ->
   client sees Running -> first reply, from the client's clock, the operator's log and the
   launcher's log (one machine, one clock).
@@ -237,7 +237,9 @@ def steps(
     launcher_log = Path(run_dir, "launcher.log").read_text().splitlines()
     op_log = operator.log().splitlines()
     marks = {
-        "operator sees it": first_after(op_log, "Pending: The operator accepted", t0),
+        "operator recorded the launch (Launching)": first_after(
+            op_log, "Launching: Launching the kernel", t0
+        ),
         "backend started (launcher spawned)": first_after(op_log, "backend started the launcher", t0),
         "kernel process started (launcher start-up)": first_after(launcher_log, "The launcher of kernel", t0),
         "kernel listening": first_after(launcher_log, "The kernel listens", t0),

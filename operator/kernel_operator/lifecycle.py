@@ -375,13 +375,19 @@ class KernelLifecycle:
         finally:
             self._release_slot()
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self, queued: bool = False) -> None:
+        """A launch slot; with ``queued``, a kernel that must wait for one is Pending meanwhile."""
         slots = self.ctx.launch_slots
         if slots.locked():
-            self.log.info(
+            waiting = (
                 f"{self.ctx.settings.max_concurrent_launches} launches are under way "
                 "(RKO_MAX_CONCURRENT_LAUNCHES); this one waits for a slot."
             )
+            self.log.info(waiting)
+            if queued:
+                await self.set_phase(
+                    Phase.PENDING, "Queued", f"The operator accepted the kernel request; {waiting}"
+                )
         await slots.acquire()
         self._slot = True
 
@@ -437,8 +443,8 @@ class KernelLifecycle:
         await self.ctx.kube.delete_remote_kernel(self.namespace, self.name)
 
     async def launch(self, stopped: StopFlag | None = None, again: bool = False) -> bool:
-        if not self.phase and not again and not self.ctx.pools.in_namespace(self.namespace):
-            await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
+        # No Pending write before the checks: a kernel that can launch at once goes straight to
+        # Launching (one status write less on every launch's path); Pending means queued.
         try:
             request = await self.request()
             backend = self.ctx.backends.get(request.backend)
@@ -458,11 +464,8 @@ class KernelLifecycle:
                 return True  # Running already: the monitor follows
             if stopped:
                 return False
-        if not self.phase and not again:
-            # After the claim: a claimed kernel goes to Running in one write.
-            await self.set_phase(Phase.PENDING, "Accepted", "The operator accepted the kernel request.")
         if not self._slot:
-            await self._take_slot()  # the deadline counts from here
+            await self._take_slot(queued=not self.phase and not again)  # the deadline counts from here
         if stopped:
             self._release_slot()
             return False

@@ -180,7 +180,7 @@ def test_a_remote_kernel_runs_and_deleting_it_cleans_up(
     assert key not in json.dumps(obj)
     events = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
     reasons = [e.reason for e in events if e.involved_object.name == name]
-    assert {"Accepted", "Launching", "KernelReady"} <= set(reasons), reasons
+    assert {"Launching", "KernelReady"} <= set(reasons), reasons
     assert key not in json.dumps([e.message for e in events])
     assert key not in operator.log()
     assert [c for c in launcher_processes() if kernel_id in c]

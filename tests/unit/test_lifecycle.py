@@ -234,7 +234,8 @@ async def test_a_kernel_goes_from_pending_to_running_to_succeeded() -> None:
     await on_launch(good_payload(b["spec"]["kernelId"]))
     backend.states = [BackendStatus("running"), BackendStatus("succeeded", "KernelExited", "bye", 0)]
     await asyncio.wait_for(task, 5)
-    assert kube.phases() == ["Pending", "Launching", "Running", "Succeeded"]
+    # Pending only while queued for a launch slot: one that can launch at once goes straight on.
+    assert kube.phases() == ["Launching", "Running", "Succeeded"]
     running = next(p for p in kube.patches if p.get("phase") == "Running")
     assert running["connection"]["secretRef"] == {"name": f"{b['metadata']['name']}-connection", "key": "key"}
     assert "the-hmac-key" not in repr(kube.patches) and "the-hmac-key" not in repr(emitted)
@@ -242,7 +243,7 @@ async def test_a_kernel_goes_from_pending_to_running_to_succeeded() -> None:
     assert secret["key"] == b"the-hmac-key"
     assert b"c" * 32 not in secret["control-key.sealed"]  # sealed, not stored in clear
     assert kube.owners[f"{b['metadata']['name']}-connection"]["uid"] == "uid-1"
-    assert [r for _, r, _ in emitted] == ["Accepted", "Launching", "KernelReady", "KernelExited"]
+    assert [r for _, r, _ in emitted] == ["Launching", "KernelReady", "KernelExited"]
     assert backend.stopped  # the exited kernel's leftovers are cleaned
 
 
@@ -251,7 +252,7 @@ async def test_a_bad_spec_fails_without_launching() -> None:
     ctx, kube, _ = context(backend)
     emitted, emit = events()
     await KernelLifecycle(ctx, body(username="root"), emit, logging.getLogger("t")).run(Stop())
-    assert kube.phases() == ["Pending", "Failed"]
+    assert kube.phases() == ["Failed"]
     assert kube.patches[-1]["reason"] == "Unauthorized"
     assert emitted[-1][0] == "Warning"
     assert backend.plans == []
@@ -261,7 +262,7 @@ async def test_a_backend_that_cannot_launch_fails_the_kernel() -> None:
     backend = FakeBackend(fail_launch=BackendError("no host", reason="NoHostAvailable"))
     ctx, kube, _ = context(backend)
     await KernelLifecycle(ctx, body(), events()[1], logging.getLogger("t")).run(Stop())
-    assert kube.phases() == ["Pending", "Launching", "Failed"]
+    assert kube.phases() == ["Launching", "Failed"]
     assert kube.patches[-1]["reason"] == "NoHostAvailable"
     assert kube.patches[-1]["launch"] is None
 
@@ -615,7 +616,7 @@ async def test_a_second_remote_kernel_with_a_kernel_id_in_use_fails_and_touches_
     second["metadata"].update(namespace="other", uid="uid-2")
     kube.patches.clear()
     await KernelLifecycle(ctx, second, events()[1], logging.getLogger("t")).run(Stop())
-    assert kube.phases() == ["Pending", "Failed"] and kube.patches[-1]["reason"] == "KernelIdInUse"
+    assert kube.phases() == ["Failed"] and kube.patches[-1]["reason"] == "KernelIdInUse"
     assert len(backend.plans) == 1 and listener.expected[first["metadata"]["uid"]] == pending
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -644,7 +645,7 @@ async def test_a_kernel_whose_profile_is_missing_or_not_for_its_namespace_fails_
     }
     kube.namespace_labels_["ns"] = labels
     await KernelLifecycle(ctx, body(profile=profile), events()[1], logging.getLogger("t")).run(Stop())
-    assert kube.phases() == ["Pending", "Failed"] and kube.patches[-1]["reason"] == reason
+    assert kube.phases() == ["Failed"] and kube.patches[-1]["reason"] == reason
     assert backend.plans == []
 
 
@@ -697,10 +698,13 @@ async def test_launches_beyond_the_limit_wait_in_pending_and_start_as_slots_free
     ctx, kube, _ = context(backend, RKO_MAX_CONCURRENT_LAUNCHES="1")
     # (Deadlines are written to the second: a 2 s timeout ends 1 to 2 s after the launch.)
     first = KernelLifecycle(ctx, body(launchTimeoutSeconds=2), events()[1], logging.getLogger("t"))
-    second = KernelLifecycle(ctx, body(launchTimeoutSeconds=2), events()[1], logging.getLogger("t"))
+    emitted, emit = events()
+    second = KernelLifecycle(ctx, body(launchTimeoutSeconds=2), emit, logging.getLogger("t"))
     tasks = [asyncio.create_task(first.run(Stop())), asyncio.create_task(second.run(Stop()))]
     await asyncio.sleep(0.3)
     assert len(backend.plans) == 1  # the second is still Pending
+    assert kube.phases() == ["Launching", "Pending"]  # the first launched at once, unqueued
+    assert [r for _, r, _ in emitted] == ["Queued"] and "RKO_MAX_CONCURRENT_LAUNCHES" in emitted[0][2]
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert len(backend.plans) == 2
     phases = kube.phases()

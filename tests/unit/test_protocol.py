@@ -171,3 +171,52 @@ def test_the_frame_carries_the_launch_id_and_a_payload_cannot_claim_another(
     # Without a launch id (an older launcher) the kernel id is the launch id.
     plain = payload()
     assert protocol.peek_kernel_id(protocol.seal_launch_payload(plain, public)[4:]) == plain["kernel_id"]
+
+
+KERNEL_ID = "3F2504E0-4F89-41D3-9A0C-0305E82C3301"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        KERNEL_ID,
+        KERNEL_ID.lower(),
+        KERNEL_ID.replace("-", ""),
+        "{" + KERNEL_ID + "}",
+        "urn:uuid:" + KERNEL_ID,
+        "3f25-04e0-4f89-41d3-9a0c-0305-e82c-3301",
+    ],
+)
+def test_a_kernel_id_in_any_form_uuid_accepts_has_uuids_canonical_form(text: str) -> None:
+    """The launcher checks ids without importing uuid (it starts its kernel first): same answers."""
+    assert protocol.canonical_kernel_id(text) == str(uuid.UUID(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not-a-uuid",
+        KERNEL_ID[:-1],
+        KERNEL_ID + "0",
+        KERNEL_ID.replace("3301", "33g1"),
+        KERNEL_ID.replace("-", "_"),
+        "../" + KERNEL_ID[3:],
+        KERNEL_ID.replace("-", " "),
+    ],
+)
+def test_a_kernel_id_that_is_no_uuid_is_refused_with_a_clear_error(text: str) -> None:
+    with pytest.raises(ProtocolError, match="is not a kernel id"):
+        protocol.canonical_kernel_id(text)
+
+
+def test_a_kernel_id_of_another_type_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="is not a kernel id"):
+        protocol.canonical_kernel_id(12345)  # type: ignore[arg-type]
+
+
+def test_a_control_request_with_a_mac_that_is_not_ascii_is_refused_not_a_crash() -> None:
+    key = b"k" * 32
+    line = json.dumps({"body": {"request": "signal", "signum": 0}, "mac": "é" * 64}).encode() + b"\n"
+    with pytest.raises(ProtocolError, match="signature does not match"):
+        protocol.verify_control(line, key, {})

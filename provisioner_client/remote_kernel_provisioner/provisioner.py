@@ -9,6 +9,7 @@ namespace; the operator does the launching.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import time
@@ -264,6 +265,18 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
             created = await kernels.create(body)
         self._created = True
+        warming = asyncio.ensure_future(kernels.warm())
+        try:
+            obj = await self._wait_settled(kernels, created)
+        finally:
+            if not warming.done():
+                warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
+        return await self._launched(obj)
+
+    async def _wait_settled(self, kernels: RemoteKernels, created: dict[str, Any]) -> dict[str, Any] | None:
+        """The RemoteKernel once Running or Failed (None: deleted meanwhile)."""
         timeout = (self.launch_timeout or 30.0) + 15.0  # the operator times out first, with a reason
         self.log.info("Created RemoteKernel %s/%s; waiting for it to run.", self.namespace, self.name)
         began = time.monotonic()
@@ -284,6 +297,9 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                         "and no reason was reported; is the Remote Kernel Operator running?"
                     ) from err
                 timeout = more
+        return obj
+
+    async def _launched(self, obj: dict[str, Any] | None) -> KernelConnectionInfo:
         if obj is None:
             self._created = False
             raise KernelLaunchError(f"RemoteKernel {self.namespace}/{self.name} was deleted during launch.")

@@ -95,6 +95,7 @@ bench: cluster-bin node-bin venv
 	@# shell with PYTHONDONTWRITEBYTECODE would make each launcher compile its modules again).
 	@$(VPY) -m compileall -q launchers operator provisioner_client
 	@$(VPY) bench/launch_latency.py
+	@$(VPY) bench/cold_launch.py
 	@$(VPY) bench/burst.py
 	@$(VPY) bench/pool_latency.py
 

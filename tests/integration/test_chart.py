@@ -963,6 +963,33 @@ def delete_and_check_nothing_left_here(
     )
 
 
+@contextlib.contextmanager
+def removed_on_failure(
+    custom: client.CustomObjectsApi, api_client: client.ApiClient, names: dict[str, str]
+) -> Iterator[None]:
+    """On a failure inside: print the operator pods' last log lines (what the failure is about),
+    then delete the RemoteKernels in ``names`` (as filled by then) and wait for them to go, so
+    their kernels do not outlive this test and fail the next ones' checks of what is left."""
+    try:
+        yield
+    except BaseException:
+        core = client.CoreV1Api(api_client)
+        for pod in core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
+        ).items:
+            with contextlib.suppress(ApiException):
+                tail = core.read_namespaced_pod_log(pod.metadata.name, NAMESPACE, tail_lines=80)
+                print(f"--- the last log lines of {pod.metadata.name}:\n{tail}")
+        for name in names:
+            with contextlib.suppress(ApiException):
+                custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        with contextlib.suppress(Exception):
+            wait_for(
+                lambda: all(get(custom, NAMESPACE, n) is None for n in names), timeout=90, what="all deleted"
+            )
+        raise
+
+
 def test_the_leader_pod_killed_during_concurrent_launches_loses_no_kernel(
     installed: Installed, api_client: client.ApiClient, custom: client.CustomObjectsApi
 ) -> None:
@@ -972,23 +999,25 @@ def test_the_leader_pod_killed_during_concurrent_launches_loses_no_kernel(
     core = client.CoreV1Api(api_client)
     wait_both_ready(core)
     leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
-    names = chart_kernels(custom, ssh=15, pods=5)
-    wait_some_launching(custom, NAMESPACE, names)
-    pid = process_of_pod(leader.metadata.name)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    probe = chart_kernels(custom, ssh=1, pods=0)
-    acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), killed)
-    names.update(probe)
-    all_running_and_answering(custom, api_client, names)
-    holder = lease_holder(api_client)
-    print(
-        f"chart: leader pod's process killed during 20 launches; a leader ({holder}, "
-        f"{'the restarted container' if holder == leader.metadata.name else 'the standby'}) "
-        f"wrote status {acted:.1f} s after the kill"
-    )
-    assert acted <= 15, acted
+    names: dict[str, str] = {}
+    with removed_on_failure(custom, api_client, names):
+        names.update(chart_kernels(custom, ssh=15, pods=5))
+        wait_some_launching(custom, NAMESPACE, names)
+        pid = process_of_pod(leader.metadata.name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        probe = chart_kernels(custom, ssh=1, pods=0)
+        names.update(probe)
+        acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), killed)
+        all_running_and_answering(custom, api_client, names)
+        holder = lease_holder(api_client)
+        print(
+            f"chart: leader pod's process killed during 20 launches; a leader ({holder}, "
+            f"{'the restarted container' if holder == leader.metadata.name else 'the standby'}) "
+            f"wrote status {acted:.1f} s after the kill"
+        )
+        assert acted <= 15, acted
     delete_and_check_nothing_left_here(custom, api_client, names)
 
 
@@ -1009,83 +1038,88 @@ def test_the_leaders_node_lost_during_concurrent_launches_loses_no_kernel(
     doomed = KubeletNode(tmp_path_factory.mktemp("ha-doomed"), local_cluster, name="node-ha", index=1)
     doomed.plumb()
     names: dict[str, str] = {}
-    try:
-        doomed.start(docker_engine.env)
-        doomed.import_images(operator_image, docker_env=docker_engine.env)
-        # Move one replica to the new node (the anti-affinity prefers it), then make it lead.
-        first = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
-        moved = None
-        for _ in range(4):  # the scheduler's preference, not a rule: try again if it chose node-1
-            (standby,) = [p for p in ready_pods(core) if p.metadata.name != first.metadata.name]
-            core.delete_namespaced_pod(standby.metadata.name, NAMESPACE)
-            wait_for(
-                lambda s=standby.metadata.name: (
-                    len([p for p in ready_pods(core) if p.metadata.name != s]) == 2
-                ),
-                timeout=120,
-                what="the replacement replica to be Ready",
-            )
-            moved = next((p for p in ready_pods(core) if p.spec.node_name == doomed.name), None)
-            if moved is not None:
-                break
-        assert moved is not None, "no replica was scheduled to the new node"
-        # Stop the leader on node-1 (SIGTERM: it hands the Lease over) until the new node's
-        # replica leads: the handover goes to whichever standby tries first, and the
-        # replacement pod (on node-1: the anti-affinity spreads) may be first.
-        for _ in range(6):
+    with removed_on_failure(custom, api_client, names):
+        try:
+            doomed.start(docker_engine.env)
+            doomed.import_images(operator_image, docker_env=docker_engine.env)
+            # Move one replica to the new node (the anti-affinity prefers it), then make it lead.
+            first = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
+            moved = None
+            for _ in range(4):  # the scheduler's preference, not a rule: try again if it chose node-1
+                (standby,) = [p for p in ready_pods(core) if p.metadata.name != first.metadata.name]
+                core.delete_namespaced_pod(standby.metadata.name, NAMESPACE)
+                wait_for(
+                    lambda s=standby.metadata.name: (
+                        len([p for p in ready_pods(core) if p.metadata.name != s]) == 2
+                    ),
+                    timeout=120,
+                    what="the replacement replica to be Ready",
+                )
+                moved = next((p for p in ready_pods(core) if p.spec.node_name == doomed.name), None)
+                if moved is not None:
+                    break
+            assert moved is not None, "no replica was scheduled to the new node"
+            # Stop the leader on node-1 (SIGTERM: it hands the Lease over) until the new node's
+            # replica leads: the handover goes to whichever standby tries first, and the
+            # replacement pod (on node-1: the anti-affinity spreads) may be first.
+            for _ in range(6):
+                leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
+                if leader.spec.node_name == doomed.name:
+                    break
+                core.delete_namespaced_pod(leader.metadata.name, NAMESPACE)
+                wait_for(
+                    lambda name=leader.metadata.name: lease_holder(api_client) not in ("", name),
+                    timeout=60,
+                    what="another replica to lead",
+                )
+                wait_both_ready(core)
             leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
-            if leader.spec.node_name == doomed.name:
-                break
-            core.delete_namespaced_pod(leader.metadata.name, NAMESPACE)
-            wait_for(
-                lambda name=leader.metadata.name: lease_holder(api_client) not in ("", name),
-                timeout=60,
-                what="another replica to lead",
-            )
+            assert leader.spec.node_name == doomed.name, "the new node's replica never led"
+            moved = leader
             wait_both_ready(core)
-        leader = wait_for(lambda: leader_pod(core, api_client), timeout=60, what="a leader")
-        assert leader.spec.node_name == doomed.name, "the new node's replica never led"
-        moved = leader
-        wait_both_ready(core)
-        # Both replicas in the Service's EndpointSlices: each launch names them both.
-        discovery = client.DiscoveryV1Api(api_client)
-        wait_for(
-            lambda: (
-                sum(
-                    1
-                    for piece in discovery.list_namespaced_endpoint_slice(
-                        NAMESPACE, label_selector=f"kubernetes.io/service-name={FULLNAME}"
-                    ).items
-                    for endpoint in piece.endpoints or []
-                    if endpoint.conditions and endpoint.conditions.ready
-                )
-                == 2
-            ),
-            timeout=30,
-            what="both replicas in the Service's endpoints",
-        )
-        names = chart_kernels(custom, ssh=20, pods=0)  # launchers on this machine: they outlive the node
-        wait_some_launching(custom, NAMESPACE, names)
-        lost = time.monotonic()
-        doomed.lose()  # every process of the node SIGKILLed at once: no Lease released
-        probe = chart_kernels(custom, ssh=1, pods=0)
-        acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), lost)
-        names.update(probe)
-        all_running_and_answering(custom, api_client, names)
-        print(
-            f"chart: the leader's node lost during 20 launches; the standby wrote status {acted:.1f} s later"
-        )
-        assert acted <= 15, acted
-        assert lease_holder(api_client) not in ("", moved.metadata.name)
-    finally:
-        doomed.stop()
-        with contextlib.suppress(ApiException):
-            core.delete_node(doomed.name)
-        for pod in core.list_namespaced_pod(NAMESPACE, field_selector=f"spec.nodeName={doomed.name}").items:
+            # Both replicas in the Service's EndpointSlices: each launch names them both.
+            discovery = client.DiscoveryV1Api(api_client)
+            wait_for(
+                lambda: (
+                    sum(
+                        1
+                        for piece in discovery.list_namespaced_endpoint_slice(
+                            NAMESPACE, label_selector=f"kubernetes.io/service-name={FULLNAME}"
+                        ).items
+                        for endpoint in piece.endpoints or []
+                        if endpoint.conditions and endpoint.conditions.ready
+                    )
+                    == 2
+                ),
+                timeout=30,
+                what="both replicas in the Service's endpoints",
+            )
+            names.update(
+                chart_kernels(custom, ssh=20, pods=0)
+            )  # launchers on this machine: they outlive the node
+            wait_some_launching(custom, NAMESPACE, names)
+            lost = time.monotonic()
+            doomed.lose()  # every process of the node SIGKILLed at once: no Lease released
+            probe = chart_kernels(custom, ssh=1, pods=0)
+            acted = seconds_to_first_status(custom, NAMESPACE, next(iter(probe)), lost)
+            names.update(probe)
+            all_running_and_answering(custom, api_client, names)
+            print(
+                f"chart: the leader's node lost during 20 launches; the standby wrote status {acted:.1f} s later"
+            )
+            assert acted <= 15, acted
+            assert lease_holder(api_client) not in ("", moved.metadata.name)
+        finally:
+            doomed.stop()
             with contextlib.suppress(ApiException):
-                core.delete_namespaced_pod(
-                    pod.metadata.name, NAMESPACE, body=client.V1DeleteOptions(grace_period_seconds=0)
-                )
+                core.delete_node(doomed.name)
+            for pod in core.list_namespaced_pod(
+                NAMESPACE, field_selector=f"spec.nodeName={doomed.name}"
+            ).items:
+                with contextlib.suppress(ApiException):
+                    core.delete_namespaced_pod(
+                        pod.metadata.name, NAMESPACE, body=client.V1DeleteOptions(grace_period_seconds=0)
+                    )
     delete_and_check_nothing_left_here(custom, api_client, names)
     wait_both_ready(core)
 
@@ -1109,7 +1143,25 @@ def test_a_rolling_upgrade_loses_no_kernel_and_launches_during_it_succeed(
     upgraded = f"{repository}:upgrade"
     subprocess.run(["docker", "tag", operator_image, upgraded], env=docker_engine.env, check=True)
     node_images(upgraded)
-    running = chart_kernels(custom, ssh=4, pods=2)
+    running: dict[str, str] = {}
+    during: dict[str, str] = {}
+    with removed_on_failure(custom, api_client, running), removed_on_failure(custom, api_client, during):
+        _upgrade_while_launching(helm, installed, kubeconfig, api_client, custom, before, running, during)
+    delete_and_check_nothing_left_here(custom, api_client, {**running, **during})
+
+
+def _upgrade_while_launching(
+    helm: Path,
+    installed: Installed,
+    kubeconfig: Path,
+    api_client: client.ApiClient,
+    custom: client.CustomObjectsApi,
+    before: set[str],
+    running: dict[str, str],
+    during: dict[str, str],
+) -> None:
+    core = client.CoreV1Api(api_client)
+    running.update(chart_kernels(custom, ssh=4, pods=2))
     all_running_and_answering(custom, api_client, running)
     sets = set_args([*installed.values, "image.tag=upgrade"])
     upgrade = subprocess.Popen(
@@ -1119,7 +1171,6 @@ def test_a_rolling_upgrade_loses_no_kernel_and_launches_during_it_succeed(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    during: dict[str, str] = {}
     began = time.monotonic()
     while upgrade.poll() is None and time.monotonic() - began < 300:
         during.update(chart_kernels(custom, ssh=1, pods=0))  # a launch every couple of seconds
@@ -1140,7 +1191,6 @@ def test_a_rolling_upgrade_loses_no_kernel_and_launches_during_it_succeed(
         f"chart: rolling upgrade with {len(running)} kernels running and {len(during)} launched during it: none lost"
     )
     assert len(during) >= 3, during
-    delete_and_check_nothing_left_here(custom, api_client, {**running, **during})
 
 
 # -- single-namespace mode and uninstall -------------------------------------------------------

@@ -48,7 +48,7 @@ from localcluster.crds import apply_profile, install_crds
 from localcluster.docker import DockerEngine
 from localcluster.hosts import PYTHON_MOUNT, HostPool
 from localcluster.node import KubeletNode
-from localcluster.servers import OperatorProcess
+from localcluster.servers import OperatorProcess, localhost_operator
 
 WORK = REPO_ROOT / ".cache" / "bench-burst"
 CONCURRENT = Path(__file__).with_name("many_clients.py")
@@ -372,15 +372,7 @@ def main() -> int:
         client.CoreV1Api(api).create_namespace(
             client.V1Namespace(metadata=client.V1ObjectMeta(name="remote-kernel-operator"))
         )
-        operator = OperatorProcess(
-            kubeconfig=cluster.admin_kubeconfig,
-            log_path=WORK / "operator.log",
-            env={
-                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
-                "RKO_SSH_LOCAL_HOSTS": "localhost",
-                "RKO_SSH_HOSTS": "localhost",
-            },
-        )
+        operator = localhost_operator(cluster.admin_kubeconfig, WORK / "operator.log")
         operator.start()
         cpu, wall = one_launch_cpu(kernels, "local", args.runs)
         report["one_launch"] = {

@@ -31,11 +31,11 @@ from typing import Any
 from kubernetes import config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
-from localcluster import LocalCluster, free_port
+from localcluster import LocalCluster
 from localcluster.cluster import REPO_ROOT
 from localcluster.crds import install_crds
 from localcluster.hosts import build_host_env
-from localcluster.servers import OperatorProcess
+from localcluster.servers import localhost_operator
 
 sys.path.insert(0, str(REPO_ROOT))
 from measure import one  # bench/measure.py: every launch row is timed the same way
@@ -121,15 +121,8 @@ def main() -> None:
             {"backend": "ssh", "ssh": {"hosts": ["localhost"], "python": host_python}},
             name=INSTALLED_PROFILE,
         )
-        operator = OperatorProcess(
-            kubeconfig=cluster.admin_kubeconfig,
-            log_path=WORK / "operator.log",
-            env={
-                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
-                "RKO_SSH_LOCAL_HOSTS": "localhost",
-                "RKO_SSH_HOSTS": "localhost",
-                "RKO_NAMESPACE": NAMESPACE,
-            },
+        operator = localhost_operator(
+            cluster.admin_kubeconfig, WORK / "operator.log", RKO_NAMESPACE=NAMESPACE
         )
         operator.start()
         root = Path(tempfile.mkdtemp(prefix="rko-bench-cold-"))

@@ -29,10 +29,10 @@ from typing import Any
 from kubernetes import client, config, watch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
-from localcluster import LocalCluster, free_port
+from localcluster import LocalCluster
 from localcluster.cluster import REPO_ROOT
 from localcluster.crds import install_crds
-from localcluster.servers import OperatorProcess
+from localcluster.servers import localhost_operator
 
 sys.path.insert(0, str(REPO_ROOT))
 from measure import one  # bench/measure.py: every launch row is timed the same way
@@ -208,15 +208,8 @@ def main() -> None:
         install_crds(api)
         custom = client.CustomObjectsApi(api)
         ensure_profile(api, {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}, name=PROFILE)
-        operator = OperatorProcess(
-            kubeconfig=cluster.admin_kubeconfig,
-            log_path=WORK / "operator.log",
-            env={
-                "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
-                "RKO_SSH_LOCAL_HOSTS": "localhost",
-                "RKO_SSH_HOSTS": "localhost",
-                "RKO_NAMESPACE": NAMESPACE,
-            },
+        operator = localhost_operator(
+            cluster.admin_kubeconfig, WORK / "operator.log", RKO_NAMESPACE=NAMESPACE
         )
         operator.start()
         root = Path(tempfile.mkdtemp(prefix="rko-bench-pools-"))

@@ -143,3 +143,18 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def localhost_operator(kubeconfig: Path, log_path: Path, **env: str) -> OperatorProcess:
+    """An operator (not started) whose ssh backend launches on this machine, reporting on loopback:
+    the benches' set-up. ``env`` adds or overrides settings (e.g. ``RKO_NAMESPACE``)."""
+    return OperatorProcess(
+        kubeconfig=kubeconfig,
+        log_path=log_path,
+        env={
+            "RKO_RESPONSE_BIND": f"127.0.0.1:{free_port()}",
+            "RKO_SSH_LOCAL_HOSTS": "localhost",
+            "RKO_SSH_HOSTS": "localhost",
+            **env,
+        },
+    )

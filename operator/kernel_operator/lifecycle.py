@@ -383,11 +383,12 @@ class KernelLifecycle:
                 f"{self.ctx.settings.max_concurrent_launches} launches are under way "
                 "(RKO_MAX_CONCURRENT_LAUNCHES); this one waits for a slot."
             )
-            self.log.info(waiting)
-            if queued:
+            if queued:  # set_phase logs it too
                 await self.set_phase(
                     Phase.PENDING, "Queued", f"The operator accepted the kernel request; {waiting}"
                 )
+            else:
+                self.log.info(waiting)
         await slots.acquire()
         self._slot = True
 

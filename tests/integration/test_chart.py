@@ -965,14 +965,15 @@ def delete_and_check_nothing_left_here(
 
 @contextlib.contextmanager
 def removed_on_failure(
-    custom: client.CustomObjectsApi, api_client: client.ApiClient, names: dict[str, str]
+    custom: client.CustomObjectsApi, api_client: client.ApiClient, *kernels: dict[str, str]
 ) -> Iterator[None]:
     """On a failure inside: print the operator pods' last log lines (what the failure is about),
-    then delete the RemoteKernels in ``names`` (as filled by then) and wait for them to go, so
+    then delete the RemoteKernels in ``kernels`` (as filled by then) and wait for them to go, so
     their kernels do not outlive this test and fail the next ones' checks of what is left."""
     try:
         yield
     except BaseException:
+        names = [name for group in kernels for name in group]
         core = client.CoreV1Api(api_client)
         for pod in core.list_namespaced_pod(
             NAMESPACE, label_selector=f"app.kubernetes.io/instance={RELEASE}"
@@ -1145,7 +1146,7 @@ def test_a_rolling_upgrade_loses_no_kernel_and_launches_during_it_succeed(
     node_images(upgraded)
     running: dict[str, str] = {}
     during: dict[str, str] = {}
-    with removed_on_failure(custom, api_client, running), removed_on_failure(custom, api_client, during):
+    with removed_on_failure(custom, api_client, running, during):
         _upgrade_while_launching(helm, installed, kubeconfig, api_client, custom, before, running, during)
     delete_and_check_nothing_left_here(custom, api_client, {**running, **during})
 

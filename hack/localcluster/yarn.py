@@ -107,6 +107,10 @@ class MiniYarn:
                 self.web = line.split(" ", 1)[1]
             if line == marker:
                 return
+            if line.startswith("FAILED "):
+                raise RuntimeError(
+                    f"MiniYARNCluster failed: {line.split(' ', 1)[1]}; see {self.work_dir / 'yarn.log'}"
+                )
             if time.monotonic() > deadline:
                 break
         raise RuntimeError(f"MiniYARNCluster did not print {marker}; see {self.work_dir / 'yarn.log'}")

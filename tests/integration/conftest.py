@@ -220,6 +220,15 @@ def delete_remote_kernels(api_client: client.ApiClient, operator_class: str | No
     wait_for(lambda: not mine(), timeout=60, what=f"every {which} to be cleaned up by its operator")
 
 
+def wait_for_no_launchers(timeout: float) -> None:
+    """Wait until no launcher or kernel process runs; a failure names the ones that stayed."""
+    deadline = time.monotonic() + timeout
+    while left := launcher_processes():
+        if time.monotonic() > deadline:
+            pytest.fail(f"launcher or kernel processes still run after {timeout} s: {left}")
+        time.sleep(0.2)
+
+
 def launcher_processes() -> list[str]:
     """Command lines of every kernel launcher or ipykernel started by the tests."""
     found = []

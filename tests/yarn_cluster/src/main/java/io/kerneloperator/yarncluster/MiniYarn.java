@@ -13,6 +13,7 @@ import java.nio.charset.StandardCharsets;
 import org.apache.hadoop.conf.Configuration;
 import org.apache.hadoop.yarn.conf.YarnConfiguration;
 import org.apache.hadoop.yarn.server.MiniYARNCluster;
+import org.apache.hadoop.yarn.server.nodemanager.health.NodeHealthCheckerService;
 
 /**
  * The test suite's YARN: one ResourceManager and one NodeManager in this JVM, on loopback.
@@ -59,6 +60,11 @@ public final class MiniYarn {
     conf.setInt(YarnConfiguration.NM_VCORES, 8);
     conf.setBoolean(YarnConfiguration.NM_PMEM_CHECK_ENABLED, false);
     conf.setBoolean(YarnConfiguration.NM_VMEM_CHECK_ENABLED, false);
+    // The NodeManager's directories share this machine's disk; YARN's default marks them bad at
+    // 90 % used, and then the node has no resources and every application waits forever. Only a
+    // full disk counts here: how full the host's disk is must not decide whether tests pass.
+    conf.setFloat(YarnConfiguration.NM_MAX_PER_DISK_UTILIZATION_PERCENTAGE, 100.0f);
+    conf.setLong(YarnConfiguration.NM_MIN_PER_DISK_FREE_SPACE_MB, 0);
     // Queues: 'default' has the room; 'tiny' can never fit an ApplicationMaster.
     conf.set("yarn.scheduler.capacity.root.queues", "default,tiny");
     conf.set("yarn.scheduler.capacity.root.default.capacity", "99");
@@ -92,6 +98,28 @@ public final class MiniYarn {
     }
   }
 
+  /** An unhealthy NodeManager registers but offers no resources: say why now, not as a 60 s
+   * queue wait in every test. */
+  private static void requireHealthyNodeManager(MiniYARNCluster cluster) {
+    NodeHealthCheckerService health = cluster.getNodeManager(0).getNodeHealthChecker();
+    if (!health.isHealthy()) {
+      throw new IllegalStateException("the NodeManager is unhealthy: " + health.getHealthReport());
+    }
+  }
+
+  private static void start(MiniYARNCluster cluster, YarnConfiguration conf) throws Exception {
+    cluster.init(conf);
+    cluster.start();
+    if (!cluster.waitForNodeManagersToConnect(60_000)) {
+      throw new IllegalStateException("the NodeManager did not register within 60 s");
+    }
+    // Guice serves one web pipeline per JVM (GuiceFilter's is static): the web app started last
+    // answers on every port. The NodeManager starts after the ResourceManager, so restart the
+    // ResourceManager once to make its REST API the one served.
+    restartResourceManager(cluster);
+    requireHealthyNodeManager(cluster);
+  }
+
   public static void main(String[] args) throws Exception {
     if (args.length != 1) {
       System.err.println("usage: MiniYarn WORK_DIR");
@@ -107,15 +135,15 @@ public final class MiniYarn {
     long started = System.nanoTime();
     YarnConfiguration conf = configuration(workDir);
     MiniYARNCluster cluster = new MiniYARNCluster("rko", 1, 1, 1);
-    cluster.init(conf);
-    cluster.start();
-    if (!cluster.waitForNodeManagersToConnect(60_000)) {
-      throw new IllegalStateException("the NodeManager did not register within 60 s");
+    try {
+      start(cluster, conf);
+    } catch (IllegalStateException e) {
+      // One line the caller can quote, rather than "see the log".
+      System.out.println("FAILED " + e.getMessage());
+      System.out.flush();
+      cluster.stop();
+      System.exit(1);
     }
-    // Guice serves one web pipeline per JVM (GuiceFilter's is static): the web app started last
-    // answers on every port. The NodeManager starts after the ResourceManager, so restart the
-    // ResourceManager once to make its REST API the one served.
-    restartResourceManager(cluster);
     Configuration effective = cluster.getConfig();
     write(effective, new File(confDir, "yarn-site.xml"));
     write(effective, new File(confDir, "core-site.xml"));

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -508,6 +509,9 @@ class KubeletNode:
         ip("netns", "del", self.netns, check=False)
         ip("link", "del", self.veth, check=False)
         _remove_cgroups()
+        # containerd's store holds the node's copies of the images (gigabytes); a node starts
+        # from the image archives, so nothing of use is lost. Its logs stay.
+        shutil.rmtree(self.root / "containerd", ignore_errors=True)
         # A mount point is shared by every node on the machine: removing it under a running
         # node would detach that node's bind mount, and its kubelet would then write to the
         # machine's own /var/lib/kubelet. The last node out removes them.

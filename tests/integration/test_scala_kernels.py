@@ -134,14 +134,23 @@ def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
     wait_for(lambda: not toree_jvms(), timeout=30, what="no Toree JVM left")
 
 
-async def run_scala(kc: Any, code: str) -> tuple[dict[str, Any], str]:
+async def run_scala(kc: Any, code: str, timeout: float = 180.0) -> tuple[dict[str, Any], str]:
+    """A Scala cell's reply and what it printed or returned. Toree may publish a result after
+    the cell's idle status, where execute_interactive has stopped listening: wait for it."""
     out: list[str] = []
 
     def hook(msg: dict[str, Any]) -> None:
-        data = msg["content"].get("data") or {}
-        out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
+        if msg["msg_type"] in ("stream", "execute_result"):
+            data = msg["content"].get("data") or {}
+            out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
 
-    reply = await kc.execute_interactive(code, timeout=180, output_hook=hook)
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    deadline = time.monotonic() + 10
+    while reply["content"]["status"] == "ok" and not out and time.monotonic() < deadline:
+        try:
+            hook(await kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            break
     return reply["content"], "".join(out)
 
 

@@ -537,7 +537,7 @@ async def test_a_scala_kernel_runs_toree_as_the_spark_driver_on_yarn(
     from remote_kernel_provisioner.cli import main as spec_cli
     from tests.profiles import ensure_profile
 
-    from .test_scala_kernels import scala_notebook
+    from .test_scala_kernels import run_scala, scala_notebook
 
     profile = ensure_profile(custom.api_client, {"backend": "yarn", "languages": ["scala"]})
     prefix = tmp_path / "prefix"
@@ -578,13 +578,8 @@ async def test_a_scala_kernel_runs_toree_as_the_spark_driver_on_yarn(
     await km.start_kernel(env={**os.environ})
     try:
         async with ready_client(km, timeout=240) as kc:
-            out: list[str] = []
-            reply = await kc.execute_interactive(
-                'sc.getConf.get("spark.submit.deployMode")',
-                timeout=240,
-                output_hook=lambda m: out.append(str((m["content"].get("data") or {}).get("text/plain", ""))),
-            )
-            assert reply["content"]["status"] == "ok" and "".join(out) == "cluster"
+            reply, out = await run_scala(kc, 'sc.getConf.get("spark.submit.deployMode")', timeout=240)
+            assert reply["status"] == "ok" and out == "cluster", (reply, out)
             msg_id = kc.execute("Thread.sleep(120000)")
             await asyncio.sleep(3)
             await km.interrupt_kernel()

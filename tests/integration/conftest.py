@@ -17,6 +17,7 @@ from typing import Any
 import docker
 import pytest
 import yaml
+from docker.models.containers import Container
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -426,19 +427,27 @@ def no_kernel_leftovers(docker_engine: DockerEngine) -> Iterator[None]:
     """After each test (and its namespace's deletion), no kernel container or service remains."""
     yield
     engine = docker.DockerClient(base_url=docker_engine.host)
+    label = {"label": "kernel-operator.io/kernel-id"}
 
-    def clean() -> bool:
-        containers = engine.containers.list(
-            ignore_removed=True, all=True, filters={"label": "kernel-operator.io/kernel-id"}
-        )
-        services = (
-            engine.services.list(filters={"label": "kernel-operator.io/kernel-id"})
-            if _swarm_active(engine)
-            else []
-        )
-        return not containers and not services
+    def left() -> list[Any]:
+        services = engine.services.list(filters=label) if _swarm_active(engine) else []
+        return [*engine.containers.list(ignore_removed=True, all=True, filters=label), *services]
 
-    wait_for(clean, timeout=60, what="every kernel container and service to be removed")
+    deadline = time.monotonic() + 60
+    while found := left():
+        if time.monotonic() > deadline:
+            # Named, then removed: the next test starts clean and fails only for its own.
+            names = [
+                f"{type(o).__name__} {o.name} {o.attrs.get('State', {}).get('Status', '')}" for o in found
+            ]
+            for leftover in found:
+                with contextlib.suppress(docker.errors.APIError):
+                    if isinstance(leftover, Container):
+                        leftover.remove(force=True)
+                    else:
+                        leftover.remove()
+            pytest.fail(f"kernel containers or services left 60 s after the test: {names}")
+        time.sleep(0.2)
 
 
 def _swarm_active(engine: Any) -> bool:

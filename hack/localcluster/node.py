@@ -487,11 +487,14 @@ class KubeletNode:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(NodeError, ProcessLookupError, OSError):
                 os.kill(self.init_pid, signal.SIGKILL)
-        self.stop(grace=5.0)
+        # The images stay until the node is stopped for good: removing gigabytes of files here
+        # would load the disk (and etcd's writes) just when the test times the failover.
+        self.stop(grace=5.0, discard_images=False)
 
     # -- stop ----------------------------------------------------------------------------------
-    def stop(self, grace: float = 15.0) -> None:
-        """Stop everything of the node and remove it: processes, mounts, namespace, cgroups."""
+    def stop(self, grace: float = 15.0, discard_images: bool = True) -> None:
+        """Stop everything of the node and remove it: processes, mounts, namespace, cgroups and
+        (unless told not to) containerd's store."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(NodeError, ProcessLookupError, OSError):
                 os.kill(self.init_pid, signal.SIGTERM)
@@ -504,14 +507,18 @@ class KubeletNode:
             self.relay.terminate()
             self.relay.wait(10)
         self._remove()
+        if discard_images:
+            self._discard_images()
+
+    def _discard_images(self) -> None:
+        # containerd's store holds the node's copies of the images (gigabytes); a node imports
+        # them again when it starts, so nothing of use is lost. Its logs stay.
+        shutil.rmtree(self.root / "containerd", ignore_errors=True)
 
     def _remove(self) -> None:
         ip("netns", "del", self.netns, check=False)
         ip("link", "del", self.veth, check=False)
         _remove_cgroups()
-        # containerd's store holds the node's copies of the images (gigabytes); a node starts
-        # from the image archives, so nothing of use is lost. Its logs stay.
-        shutil.rmtree(self.root / "containerd", ignore_errors=True)
         # A mount point is shared by every node on the machine: removing it under a running
         # node would detach that node's bind mount, and its kubelet would then write to the
         # machine's own /var/lib/kubelet. The last node out removes them.
@@ -550,6 +557,7 @@ class KubeletNode:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGTERM)
         node._remove()
+        node._discard_images()
         path.unlink()
         return True
 

@@ -253,8 +253,29 @@ def docker_engine() -> Iterator[DockerEngine]:
     """Debian's dockerd with a private data root (images cached in .cache/docker)."""
     engine = DockerEngine()
     engine.start()
+    # The data root outlives a run: a run killed part-way (a CI job cancelled) leaves its kernel
+    # containers there, and dockerd brings them back. They are not this run's to report.
+    earlier = _remove_kernel_containers(docker.DockerClient(base_url=engine.host))
+    if earlier:
+        print(f"Removed kernel containers and services an interrupted earlier run left: {earlier}")
     yield engine
     engine.stop()
+
+
+def _remove_kernel_containers(engine: Any) -> list[str]:
+    """Remove every kernel container and Swarm service on ``engine``; their descriptions."""
+    label = {"label": "kernel-operator.io/kernel-id"}
+    services = engine.services.list(filters=label) if _swarm_active(engine) else []
+    found = [*engine.containers.list(ignore_removed=True, all=True, filters=label), *services]
+    for leftover in found:
+        with contextlib.suppress(docker.errors.APIError):
+            if isinstance(leftover, Container):
+                leftover.remove(force=True)
+            else:
+                leftover.remove()
+    return [
+        f"{type(o).__name__} {o.name} {o.attrs.get('State', {}).get('Status', '')}".strip() for o in found
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -429,24 +450,16 @@ def no_kernel_leftovers(docker_engine: DockerEngine) -> Iterator[None]:
     engine = docker.DockerClient(base_url=docker_engine.host)
     label = {"label": "kernel-operator.io/kernel-id"}
 
-    def left() -> list[Any]:
+    def clean() -> bool:
         services = engine.services.list(filters=label) if _swarm_active(engine) else []
-        return [*engine.containers.list(ignore_removed=True, all=True, filters=label), *services]
+        return not engine.containers.list(ignore_removed=True, all=True, filters=label) and not services
 
     deadline = time.monotonic() + 60
-    while found := left():
+    while not clean():
         if time.monotonic() > deadline:
             # Named, then removed: the next test starts clean and fails only for its own.
-            names = [
-                f"{type(o).__name__} {o.name} {o.attrs.get('State', {}).get('Status', '')}" for o in found
-            ]
-            for leftover in found:
-                with contextlib.suppress(docker.errors.APIError):
-                    if isinstance(leftover, Container):
-                        leftover.remove(force=True)
-                    else:
-                        leftover.remove()
-            pytest.fail(f"kernel containers or services left 60 s after the test: {names}")
+            left = _remove_kernel_containers(engine)
+            pytest.fail(f"kernel containers or services left 60 s after the test: {left}")
         time.sleep(0.2)
 
 

@@ -50,8 +50,10 @@ class LeaseStore(Protocol):
 @dataclass(frozen=True)
 class LeaseTimings:
     """Seconds. Shorter than client-go's 15/10/2 so that a standby acts within 15 s of the
-    leader's loss: it takes the Lease at most ``duration + retry_period`` (11 s) after the last
-    renewal it saw, then starts its handlers. The holder still has 7 tries to renew."""
+    leader's loss: it sees the last renewal within ``retry_period`` (it reads the Lease that
+    often) and takes the Lease just as ``duration`` has passed since, so at most
+    ``duration + retry_period`` (11 s) after that renewal; then it starts its handlers. The
+    holder still has 7 tries to renew."""
 
     duration: float = 10.0
     renew_deadline: float = 7.0
@@ -85,9 +87,13 @@ def may_take(lease: dict[str, Any] | None, identity: str, unchanged_for: float, 
     it holds it already, or its record has not changed for longer than the Lease lasts (as its
     holder declared it, else ``duration``)."""
     holder = holder_of(lease)
+    return lease is None or holder in ("", identity) or unchanged_for > lease_lasts(lease, duration)
+
+
+def lease_lasts(lease: dict[str, Any] | None, duration: float) -> float:
+    """How long ``lease`` lasts unrenewed: as its holder declared it, else ``duration``."""
     declared = ((lease or {}).get("spec") or {}).get("leaseDurationSeconds")
-    lasts = float(declared) if declared else duration
-    return lease is None or holder in ("", identity) or unchanged_for > lasts
+    return float(declared) if declared else duration
 
 
 def lease_body(
@@ -150,6 +156,7 @@ class LeaderElector:
         self.is_leader = False
         self._seen: tuple[str, str] | None = None
         self._seen_at = 0.0
+        self._lapses_at = 0.0  # by this replica's clock: when the record seen lapses if unchanged
         self._renewed_at = 0.0  # when the last successful renewal was *sent* (conservative)
         self._lease: dict[str, Any] | None = None
 
@@ -169,7 +176,9 @@ class LeaderElector:
     async def _try_once(self) -> bool:
         sent = self.clock()
         lease = await self.store.read_lease(self.namespace, self.name)
-        if not may_take(lease, self.identity, self._unchanged_for(lease), self.timings.duration):
+        unchanged_for = self._unchanged_for(lease)
+        self._lapses_at = self._seen_at + lease_lasts(lease, self.timings.duration)
+        if not may_take(lease, self.identity, unchanged_for, self.timings.duration):
             self.is_leader = False
             return False
         body = lease_body(
@@ -208,8 +217,16 @@ class LeaderElector:
                 self.log(f"This replica ({self.identity}) is a standby; {holder or 'another replica'} leads.")
                 waiting_logged = True
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.timings.retry_period)
+                await asyncio.wait_for(stop.wait(), self._next_try_in())
         return False
+
+    def _next_try_in(self) -> float:
+        """Every retry period, or sooner when the Lease seen lapses before then: a standby
+        tries again just after the lapse, not up to a retry period later."""
+        until_lapse = self._lapses_at - self.clock()
+        if 0 < until_lapse < self.timings.retry_period:
+            return until_lapse + 0.01
+        return self.timings.retry_period
 
     def _lease_seen(self) -> dict[str, Any]:
         holder, renewed = self._seen or ("", "")

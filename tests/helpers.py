@@ -18,13 +18,16 @@ def wait_for(
     timeout: float = 30.0,
     interval: float = 0.2,
     what: str = "condition",
+    found: Callable[[], object] | None = None,
 ) -> T:
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``,
+    with what ``found`` returns then (e.g. the processes that stayed)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            seen = f"; found {found()}" if found is not None else ""
+            pytest.fail(f"timed out after {timeout} s waiting for {what}{seen}")
         time.sleep(interval)

@@ -221,15 +221,6 @@ def delete_remote_kernels(api_client: client.ApiClient, operator_class: str | No
     wait_for(lambda: not mine(), timeout=60, what=f"every {which} to be cleaned up by its operator")
 
 
-def wait_for_no_launchers(timeout: float) -> None:
-    """Wait until no launcher or kernel process runs; a failure names the ones that stayed."""
-    deadline = time.monotonic() + timeout
-    while left := launcher_processes():
-        if time.monotonic() > deadline:
-            pytest.fail(f"launcher or kernel processes still run after {timeout} s: {left}")
-        time.sleep(0.2)
-
-
 def launcher_processes() -> list[str]:
     """Command lines of every kernel launcher or ipykernel started by the tests."""
     found = []
@@ -255,18 +246,23 @@ def docker_engine() -> Iterator[DockerEngine]:
     engine.start()
     # The data root outlives a run: a run killed part-way (a CI job cancelled) leaves its kernel
     # containers there, and dockerd brings them back. They are not this run's to report.
-    earlier = _remove_kernel_containers(docker.DockerClient(base_url=engine.host))
+    earlier = _remove_kernel_objects(docker.DockerClient(base_url=engine.host))
     if earlier:
         print(f"Removed kernel containers and services an interrupted earlier run left: {earlier}")
     yield engine
     engine.stop()
 
 
-def _remove_kernel_containers(engine: Any) -> list[str]:
-    """Remove every kernel container and Swarm service on ``engine``; their descriptions."""
+def _kernel_objects(engine: Any) -> list[Any]:
+    """Every kernel container (in any state) and Swarm service on ``engine``."""
     label = {"label": "kernel-operator.io/kernel-id"}
     services = engine.services.list(filters=label) if _swarm_active(engine) else []
-    found = [*engine.containers.list(ignore_removed=True, all=True, filters=label), *services]
+    return [*engine.containers.list(ignore_removed=True, all=True, filters=label), *services]
+
+
+def _remove_kernel_objects(engine: Any) -> list[str]:
+    """Remove every kernel container and Swarm service on ``engine``; their descriptions."""
+    found = _kernel_objects(engine)
     for leftover in found:
         with contextlib.suppress(docker.errors.APIError):
             if isinstance(leftover, Container):
@@ -448,19 +444,13 @@ def no_kernel_leftovers(docker_engine: DockerEngine) -> Iterator[None]:
     """After each test (and its namespace's deletion), no kernel container or service remains."""
     yield
     engine = docker.DockerClient(base_url=docker_engine.host)
-    label = {"label": "kernel-operator.io/kernel-id"}
-
-    def clean() -> bool:
-        services = engine.services.list(filters=label) if _swarm_active(engine) else []
-        return not engine.containers.list(ignore_removed=True, all=True, filters=label) and not services
-
-    deadline = time.monotonic() + 60
-    while not clean():
-        if time.monotonic() > deadline:
-            # Named, then removed: the next test starts clean and fails only for its own.
-            left = _remove_kernel_containers(engine)
-            pytest.fail(f"kernel containers or services left 60 s after the test: {left}")
-        time.sleep(0.2)
+    # What is left is named, then removed: the next test starts clean and fails only for its own.
+    wait_for(
+        lambda: not _kernel_objects(engine),
+        timeout=60,
+        what="every kernel container and service to be removed (those left are removed now)",
+        found=lambda: _remove_kernel_objects(engine),
+    )
 
 
 def _swarm_active(engine: Any) -> bool:

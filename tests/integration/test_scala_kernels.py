@@ -134,16 +134,22 @@ def test_a_scala_notebook_computes_with_spark_and_spark_sql_over_ssh(
     wait_for(lambda: not toree_jvms(), timeout=30, what="no Toree JVM left")
 
 
-async def run_scala(kc: Any, code: str, timeout: float = 180.0) -> tuple[dict[str, Any], str]:
-    """A Scala cell's reply and what it printed or returned. Toree may publish a result after
-    the cell's idle status, where execute_interactive has stopped listening: wait for it."""
-    out: list[str] = []
+def output_collector(out: list[str]) -> Callable[[dict[str, Any]], None]:
+    """An iopub hook that appends what a cell printed or returned to ``out``."""
 
     def hook(msg: dict[str, Any]) -> None:
         if msg["msg_type"] in ("stream", "execute_result"):
             data = msg["content"].get("data") or {}
             out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
 
+    return hook
+
+
+async def run_scala(kc: Any, code: str, timeout: float = 180.0) -> tuple[dict[str, Any], str]:
+    """A Scala cell's reply and what it printed or returned. Toree may publish a result after
+    the cell's idle status, where execute_interactive has stopped listening: wait for it."""
+    out: list[str] = []
+    hook = output_collector(out)
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     deadline = time.monotonic() + 10
     while reply["content"]["status"] == "ok" and not out and time.monotonic() < deadline:
@@ -243,12 +249,7 @@ def test_a_scala_kernel_refuses_required_encryption_and_sparkapplications_with_a
 def scala_said(kc: Any, code: str, timeout: float = 120.0) -> str:
     """What a Scala cell printed or returned (a result published after idle included)."""
     out: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] in ("stream", "execute_result"):
-            data = msg["content"].get("data") or {}
-            out.append(str(data.get("text/plain", msg["content"].get("text", ""))))
-
+    hook = output_collector(out)
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     assert reply["content"]["status"] == "ok", reply["content"]
     deadline = time.monotonic() + 10

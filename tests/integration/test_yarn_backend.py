@@ -24,7 +24,7 @@ from localcluster.servers import OperatorProcess
 from localcluster.yarn import MiniYarn, operator_env
 from tests.helpers import wait_for
 
-from .conftest import _timings, delete_remote_kernels, ensure_namespace, wait_for_no_launchers
+from .conftest import _timings, delete_remote_kernels, ensure_namespace, launcher_processes
 from .test_faults import settle
 from .test_operator_ssh import (
     GROUP,
@@ -97,7 +97,12 @@ def no_application_left(mini_yarn: MiniYarn) -> Iterator[None]:
         what="every YARN application of the test to end",
     )
     # The NodeManager ends a killed container's process group; nothing of the kernel remains.
-    wait_for_no_launchers(timeout=15)
+    wait_for(
+        lambda: not launcher_processes(),
+        timeout=15,
+        what="launcher and kernel processes to exit",
+        found=launcher_processes,
+    )
 
 
 def yarn_kernel(

@@ -178,9 +178,23 @@ def test_a_remote_kernel_runs_and_deleting_it_cleans_up(
 
     key = base64.b64decode(secret.data["key"]).decode()
     assert key not in json.dumps(obj)
-    events = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
-    reasons = [e.reason for e in events if e.involved_object.name == name]
-    assert {"Launching", "KernelReady"} <= set(reasons), reasons
+
+    # Events are posted after the status write they report, so they may come a moment later.
+    def events_seen() -> list[Any]:
+        found = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
+        reasons = {e.reason for e in found if e.involved_object.name == name}
+        return found if {"Launching", "KernelReady"} <= reasons else []
+
+    events = wait_for(
+        events_seen,
+        timeout=10,
+        what="the Launching and KernelReady events",
+        found=lambda: [
+            e.reason
+            for e in client.CoreV1Api(api_client).list_namespaced_event(namespace).items
+            if e.involved_object.name == name
+        ],
+    )
     assert key not in json.dumps([e.message for e in events])
     assert key not in operator.log()
     assert [c for c in launcher_processes() if kernel_id in c]

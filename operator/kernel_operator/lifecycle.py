@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kernel_launchers import protocol
+from kernel_launchers import protocol, sealed_connection
 from kernel_launchers.protocol import LaunchPayload
 
 from . import GROUP, KIND, UID_LABEL, VERSION, keys
@@ -588,6 +588,8 @@ class KernelLifecycle:
         secret = secret_name(self.name)
         connection = dict(claimed.connection)
         connection["secretRef"] = {"name": secret, "key": "key"}
+        connection.pop("sealed", None)  # a member has no client; the claimer may have one
+        connection.update(self._sealed_for_client(claimed.secret))
         now = now_iso()
         await self.set_phase(
             Phase.RUNNING,
@@ -790,13 +792,27 @@ class KernelLifecycle:
             Phase.RUNNING,
             "KernelReady",
             f"The kernel is ready at {connection['ip']} (shell port {connection['shell_port']}).",
-            connection=connection_status(connection, secret),
+            connection={**connection_status(connection, secret), **self._sealed_for_client(data)},
             backendRef=ref,
             readyAt=now_iso(),
             # Kept (the token's hash only): a launcher whose acknowledgement was lost retries,
             # and is acknowledged again, by this operator or the next (see monitor).
             launch={"tokenHash": (self.status.get("launch") or {}).get("tokenHash"), "acceptedAt": now_iso()},
         )
+
+    def _sealed_for_client(self, data: Mapping[str, bytes]) -> dict[str, str]:
+        """``{"sealed": …}`` for status.connection: the Secret's client fields sealed to the key
+        the spec names (its client then reads no Secret), or nothing."""
+        text = self.spec.get("clientPublicKey")
+        if text is None or self.member:
+            return {}
+        try:
+            return {
+                "sealed": sealed_connection.seal(data, sealed_connection.parse_public_key(text), self.uid)
+            }
+        except sealed_connection.SealError as err:  # refused at launch already; the Secret stays
+            self.log.warning(f"The connection is not sealed to spec.clientPublicKey: {err}")
+            return {}
 
     async def monitor(self, stopped: StopFlag) -> None:
         backend = self.backend()

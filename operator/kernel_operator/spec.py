@@ -14,6 +14,7 @@ from typing import Any
 
 from kernel_launchers.ports import PortRangeError, parse_port_range
 from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
+from kernel_launchers.sealed_connection import SealError, parse_public_key
 
 from .errors import SpecError
 from .profiles import Profile, name_allowed
@@ -74,6 +75,18 @@ class KernelRequest:
     # The tenant's own choices for the backend (TENANT_FIELDS), already checked against the profile;
     # ``backend_config`` is the profile's block, the administrator's.
     tenant_config: dict[str, Any] = field(default_factory=dict)
+    # The client's X25519 key (spec.clientPublicKey): the connection is sealed to it in status.
+    client_public_key: bytes | None = None
+
+
+def _client_public_key(spec: Mapping[str, Any]) -> bytes | None:
+    text = spec.get("clientPublicKey")
+    if text is None:
+        return None
+    try:
+        return parse_public_key(text)
+    except SealError as err:
+        raise SpecError(f"{err} Leave it out to read the key from the kernel's Secret.") from err
 
 
 def impersonated_account(username: str, profile: Profile, settings: OperatorSettings) -> str | None:
@@ -351,4 +364,5 @@ def build_request(
         executor_image=executor_image,
         profile=profile.name,
         tenant_config=_tenant_config(spec, profile),
+        client_public_key=_client_public_key(spec),
     )

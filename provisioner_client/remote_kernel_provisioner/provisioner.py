@@ -20,6 +20,9 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default
 
+from kernel_launchers.sealed_connection import SealError, open_sealed
+
+from .client_key import PROCESS_KEY
 from .cluster import AlreadyExists, RemoteKernels
 from .connections import CONNECTIONS
 from .resource import (
@@ -210,7 +213,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             return "auto" if supported else "disabled"
         return policy
 
-    def _body(self) -> dict[str, Any]:
+    def _body(self, client_public_key: str | None = None) -> dict[str, Any]:
         env = self._kernel_env
         blocks: dict[str, dict[str, Any]] = {}
         if self.backend_config:
@@ -244,6 +247,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             labels=kernel_labels(self.operator_class, self.server_name, self._kernel_name()),
             owner_references=pod_owner(self.owner_pod_name, self.owner_pod_uid),
             use_pool=self.use_pool,
+            client_public_key=client_public_key,
         )
 
     def _kernel_name(self) -> str:
@@ -253,7 +257,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         kernels = await self._api()
-        body = self._body()
+        key = PROCESS_KEY.ready()
+        body = self._body(key[1] if key else None)
         try:
             created = await kernels.create(body)
         except AlreadyExists:
@@ -265,6 +270,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
             created = await kernels.create(body)
         self._created = True
+        PROCESS_KEY.prepare()  # made while this launch waits: the next ones read no Secret
         warming = asyncio.ensure_future(kernels.warm())
         try:
             obj = await self._wait_settled(kernels, created)
@@ -342,10 +348,25 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return self.connection_info
 
     async def _load_connection(self, obj: dict[str, Any]) -> None:
-        kernels = await self._api()
         status = obj["status"]
-        data = await kernels.secret_data(status["connection"]["secretRef"]["name"])
+        data = self._sealed_data(obj)
+        if data is None:
+            kernels = await self._api()
+            data = await kernels.secret_data(status["connection"]["secretRef"]["name"])
         self.connection_info = connection_info(status, data)
+
+    def _sealed_data(self, obj: dict[str, Any]) -> dict[str, str] | None:
+        """The kernel's Secret data as the operator sealed it to this process's key in status
+        (a kernel this process created with it); None: read the Secret."""
+        key = PROCESS_KEY.ready()
+        sealed = (obj["status"].get("connection") or {}).get("sealed")
+        if key is None or not sealed or (obj.get("spec") or {}).get("clientPublicKey") != key[1]:
+            return None
+        try:
+            return open_sealed(sealed, key[0], str(obj["metadata"]["uid"]))
+        except SealError as err:
+            self.log.warning("Reading the Secret of RemoteKernel %s instead: %s", self.name, err)
+            return None
 
     async def _discard(self) -> None:
         kernels = await self._api()

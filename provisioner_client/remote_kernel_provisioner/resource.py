@@ -100,6 +100,7 @@ def build_remote_kernel(
     labels: Mapping[str, str] | None = None,
     owner_references: Sequence[Mapping[str, Any]] = (),
     use_pool: bool = True,
+    client_public_key: str | None = None,
 ) -> dict[str, Any]:
     """The RemoteKernel this provisioner creates for one kernel: only what a tenant may ask for.
 
@@ -130,6 +131,8 @@ def build_remote_kernel(
         spec["transportEncryption"] = transport_encryption
     if not use_pool:
         spec["usePool"] = False
+    if client_public_key:
+        spec["clientPublicKey"] = client_public_key
     for block, fields in (backend_config or {}).items():
         spec[block] = dict(fields)
     metadata: dict[str, Any] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import socket
 import time
@@ -25,11 +26,15 @@ from typing import Any
 import docker
 import pytest
 import yaml
+from jupyter_client.manager import AsyncKernelManager
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from kernel_launchers import protocol
+from kernel_launchers.sealed_connection import FIELDS, SealError, encode_public_key, open_sealed
 from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess
+from remote_kernel_provisioner.client_key import PROCESS_KEY
 from tests.helpers import wait_for
 from tests.profiles import ensure_profile
 
@@ -77,8 +82,8 @@ def _apply(api_client: client.ApiClient, docs: list[dict[str, Any]]) -> None:
             assert err.status == 409, err
 
 
-def _token_client(api_client: client.ApiClient, namespace: str, name: str) -> client.ApiClient:
-    token = (
+def _token(api_client: client.ApiClient, namespace: str, name: str) -> str:
+    return str(
         client.CoreV1Api(api_client)
         .create_namespaced_service_account_token(
             name,
@@ -89,11 +94,35 @@ def _token_client(api_client: client.ApiClient, namespace: str, name: str) -> cl
         )
         .status.token
     )
+
+
+def _token_client(api_client: client.ApiClient, namespace: str, name: str) -> client.ApiClient:
     config = client.Configuration()
     config.host = api_client.configuration.host
     config.ssl_ca_cert = api_client.configuration.ssl_ca_cert
-    config.api_key = {"authorization": f"Bearer {token}"}
+    config.api_key = {"authorization": f"Bearer {_token(api_client, namespace, name)}"}
     return client.ApiClient(config)
+
+
+def _token_kubeconfig(api_client: client.ApiClient, namespace: str, name: str, path: Path) -> Path:
+    """A kubeconfig for a ServiceAccount (what a Jupyter server in its pod would use)."""
+    cluster = {
+        "server": api_client.configuration.host,
+        "certificate-authority": api_client.configuration.ssl_ca_cert,
+    }
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": cluster}],
+                "users": [{"name": "u", "user": {"token": _token(api_client, namespace, name)}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": namespace}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path
 
 
 def remote_kernel(kernel_id: str | None = None, **spec: Any) -> dict[str, Any]:
@@ -487,6 +516,101 @@ async def test_another_users_kernel_id_cannot_be_used_to_reach_their_kernel(
         assert (get(admin, namespace, f"k-{km.kernel_id}") or {}).get("status", {}).get("phase") == "Running"
     finally:
         await km.shutdown_kernel(now=True)
+
+
+def _client_key() -> tuple[bytes, str]:
+    private = protocol.new_private_key()
+    return private, encode_public_key(protocol.public_key_of(private))
+
+
+def test_a_connection_sealed_to_a_key_opens_for_it_alone_and_the_key_cannot_be_moved(
+    tenant: Tenant, api_client: client.ApiClient
+) -> None:
+    ensure_profile(api_client, {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}, name="tenant-ssh")
+    private, public = _client_key()
+    body = remote_kernel(username=tenant.username, profile="tenant-ssh", clientPublicKey=public)
+    name = body["metadata"]["name"]
+    create(tenant, body)
+    admin = client.CustomObjectsApi(api_client)
+    obj = wait_phase(admin, tenant.namespace, name, "Running", "Failed", timeout=60)
+    assert obj["status"]["phase"] == "Running", obj["status"]
+    connection, uid = obj["status"]["connection"], obj["metadata"]["uid"]
+    secret = client.CoreV1Api(api_client).read_namespaced_secret(
+        connection["secretRef"]["name"], tenant.namespace
+    )
+    assert open_sealed(connection["sealed"], private, uid) == {
+        k: v for k, v in secret.data.items() if k in FIELDS
+    }
+    with pytest.raises(SealError):  # whoever else reads the RemoteKernel sees ciphertext
+        open_sealed(connection["sealed"], _client_key()[0], uid)
+    # The tenant can neither re-aim the key (to have it sealed again to another) nor drop it.
+    for value in (_client_key()[1], None):
+        with pytest.raises(ApiException) as err:
+            tenant.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, tenant.namespace, PLURAL, name, {"spec": {"clientPublicKey": value}}
+            )
+        assert err.value.status == 422 and "clientPublicKey is immutable" in err.value.body, err.value.body
+    delete_and_wait_gone(tenant.custom, tenant.namespace, name)
+    # Nor add one to a kernel made without.
+    body = remote_kernel(username=tenant.username, profile="tenant-ssh")
+    create(tenant, body)
+    with pytest.raises(ApiException) as err:
+        tenant.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            tenant.namespace,
+            PLURAL,
+            body["metadata"]["name"],
+            {"spec": {"clientPublicKey": public}},
+        )
+    assert err.value.status == 422 and "clientPublicKey is immutable" in err.value.body, err.value.body
+    delete_and_wait_gone(tenant.custom, tenant.namespace, body["metadata"]["name"])
+    # A key that is no key: refused by the API; a low-order point: Failed, nothing started.
+    bad = remote_kernel(username=tenant.username, profile="tenant-ssh", clientPublicKey="not a key")
+    assert refused_by_api(tenant, bad).status == 422
+    low = remote_kernel(username=tenant.username, profile="tenant-ssh", clientPublicKey="A" * 43 + "=")
+    assert "low-order point" in failed_with(tenant, api_client, low, "InvalidSpec")["message"]
+    delete_and_wait_gone(tenant.custom, tenant.namespace, low["metadata"]["name"])
+
+
+async def test_a_client_without_rights_to_secrets_runs_its_kernel_on_the_key_sealed_to_it(
+    tenant: Tenant, api_client: client.ApiClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jupyter's provisioner as the tenant: its role covers RemoteKernels and no Secret, so the
+    kernel's key can only come sealed to this process's key."""
+    ensure_profile(api_client, {"backend": "ssh", "ssh": {"hosts": ["localhost"]}}, name="tenant-ssh")
+    with pytest.raises(ApiException) as err:
+        client.CoreV1Api(tenant.api).list_namespaced_secret(tenant.namespace)
+    assert err.value.status == 403
+    key = PROCESS_KEY.wait(30)  # made by this process's first launch; made here if none came yet
+    assert key is not None
+    kubeconfig = _token_kubeconfig(api_client, tenant.namespace, TENANT_SA, tmp_path / "tenant.kubeconfig")
+    spec_dir = tmp_path / "jupyter" / "kernels" / "remote-tenant"
+    spec_dir.mkdir(parents=True)
+    config = {"namespace": tenant.namespace, "kubeconfig": str(kubeconfig), "profile": "tenant-ssh"}
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["python", "-m", "kernel_launchers.python_launcher"],
+                "display_name": "Remote Python (tenant)",
+                "language": "python",
+                "metadata": {"kernel_provisioner": {"provisioner_name": "remote-kernel", "config": config}},
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    km = AsyncKernelManager(kernel_name="remote-tenant")
+    await km.start_kernel(env={**os.environ, "KERNEL_USERNAME": tenant.username})
+    try:
+        obj = get(client.CustomObjectsApi(api_client), tenant.namespace, f"k-{km.kernel_id}")
+        assert obj is not None and obj["spec"]["clientPublicKey"] == key[1]
+        assert obj["status"]["connection"]["sealed"]
+        async with ready_client(km) as kc:
+            reply = await kc.execute_interactive("6 * 7", timeout=20)
+            assert reply["content"]["status"] == "ok"
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert get(client.CustomObjectsApi(api_client), tenant.namespace, f"k-{km.kernel_id}") is None
 
 
 def test_a_tampered_backend_ref_makes_the_operator_delete_nothing_else(

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from kernel_launchers import protocol
+from kernel_launchers import protocol, sealed_connection
 from kernel_launchers.protocol import LaunchPayload
 from kernel_operator import keys
 from kernel_operator.backends.base import BackendStatus, LaunchPlan
+from kernel_operator.claim import Claimed
 from kernel_operator.errors import BackendError, BackendUnavailable, ControlUnanswered, SpecError
 from kernel_operator.lifecycle import KernelLifecycle, OperatorContext
 from kernel_operator.settings import OperatorSettings
@@ -600,6 +601,62 @@ async def test_the_kernels_pid_from_the_payload_is_recorded() -> None:
     payload["kernel_pid"] = 123
     await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).persist_connection(payload)
     assert kube.patches[-1]["backendRef"]["kernelPid"] == 123
+
+
+def _client_pair() -> tuple[bytes, str]:
+    private = protocol.new_private_key()
+    return private, sealed_connection.encode_public_key(protocol.public_key_of(private))
+
+
+async def test_the_key_is_sealed_in_status_to_the_clients_key_alone_and_the_secret_stays() -> None:
+    ctx, kube, _ = context(FakeBackend())
+    private, public = _client_pair()
+    b = body(
+        status={"phase": "Launching", "backendRef": {"host": "h1", "pid": 99, "runDir": "/tmp/x"}},
+        clientPublicKey=public,
+    )
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).persist_connection(
+        good_payload(b["spec"]["kernelId"])
+    )
+    connection = kube.patches[-1]["connection"]
+    assert kube.patches[-1]["phase"] == "Running" and "the-hmac-key" not in repr(kube.patches)
+    opened = sealed_connection.open_sealed(connection["sealed"], private, "uid-1")
+    assert opened == {"key": "dGhlLWhtYWMta2V5"}  # base64 of the key, as a Secret's data reads
+    assert kube.secrets[f"{b['metadata']['name']}-connection"]["key"] == b"the-hmac-key"
+    # Without a client key, nothing is sealed: the client reads the Secret.
+    ctx, kube, _ = context(FakeBackend())
+    b = body(status={"phase": "Launching", "backendRef": {"host": "h1", "pid": 99, "runDir": "/tmp/x"}})
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).persist_connection(
+        good_payload(b["spec"]["kernelId"])
+    )
+    assert "sealed" not in kube.patches[-1]["connection"]
+
+
+async def test_a_claimed_kernel_is_sealed_to_its_claimers_key_never_with_the_members_seal() -> None:
+    ctx, kube, _ = context(FakeBackend())
+    private, public = _client_pair()
+    b = body(clientPublicKey=public)
+    claimed = Claimed(
+        pool="pool",
+        pool_uid="pool-uid",
+        member="member",
+        member_uid="member-uid",
+        backend="ssh",
+        profile="p",
+        backend_ref={"host": "h1"},
+        connection={"ip": "10.1.1.1", "shellPort": 1, "sealed": "a member's, never its claimer's"},
+        token_hash="h",
+        secret={"key": b"the-hmac-key", "control-key.sealed": b"sealed"},
+        seal="seal",
+    )
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t"))._record_claim(claimed)
+    connection = kube.patches[-1]["connection"]
+    assert sealed_connection.open_sealed(connection["sealed"], private, "uid-1") == {
+        "key": "dGhlLWhtYWMta2V5"
+    }
+    b = body()  # a claimer without a key gets nothing sealed, and nothing of the member's
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t"))._record_claim(claimed)
+    assert "sealed" not in kube.patches[-1]["connection"]
 
 
 async def test_a_second_remote_kernel_with_a_kernel_id_in_use_fails_and_touches_nothing() -> None:

@@ -104,6 +104,11 @@ def test_a_good_spec_becomes_a_request_with_defaults() -> None:
         ({"env": {"BAD-NAME": "x"}}, "InvalidSpec", "not a valid environment variable"),
         ({"env": {"KERNEL_USERNAME": "mallory"}}, "InvalidSpec", "disagrees"),
         ({"env": {"N": 3}}, "InvalidSpec", "must be a string"),
+        # The key the connection is sealed to: a tenant's, so only a usable one is taken.
+        ({"clientPublicKey": "not base64!"}, "InvalidSpec", "clientPublicKey is not base64"),
+        ({"clientPublicKey": "AAAA"}, "InvalidSpec", "must be 32 bytes"),
+        ({"clientPublicKey": "A" * 43 + "="}, "InvalidSpec", "low-order point"),  # all-zero
+        ({"clientPublicKey": 7}, "InvalidSpec", "must be a string"),
     ],
 )
 def test_bad_specs_fail_with_a_reason(overrides: dict[str, Any], reason: str, words: str) -> None:

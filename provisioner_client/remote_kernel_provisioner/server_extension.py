@@ -6,7 +6,9 @@ server's name (``JUPYTER_SERVER_NAME``, else the host name; the provisioner sets
 the namespaces its remote kernelspecs use, and starts each running one again by its kernel id:
 the provisioner then attaches instead of launching, so /api/kernels lists it, its websocket
 works, and restart and shutdown behave as for any kernel. Public APIs only: jupyter_server's
-kernel manager ``start_kernel(kernel_id=…)`` and the provisioner's own attach.
+kernel manager ``start_kernel(kernel_id=…)`` and the provisioner's own attach. At load it also
+starts making the process's key for sealed connections, so the server's first kernel needs no
+Secret read.
 
 A server stopped gracefully shuts its kernels down first (jupyter_server's behaviour); one
 that crashed, was killed or lost its pod leaves them running, and they come back here.
@@ -20,6 +22,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from .client_key import PROCESS_KEY
 from .cluster import ClusterError, RemoteKernels
 from .resource import KERNEL_NAME_LABEL, SERVER_LABEL, label_value, server_name_from_env
 
@@ -88,7 +91,9 @@ async def reattach_kernels(serverapp: Any, server_name: str | None = None) -> li
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Nothing to set up before the event loop runs; the work is in the start hook."""
+    """Start making this process's key for sealed connections (client_key.py), so even the
+    server's first kernel reads no Secret; the re-attaching is in the start hook."""
+    PROCESS_KEY.prepare()
 
 
 async def _start_jupyter_server_extension(serverapp: Any) -> None:

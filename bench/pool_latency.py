@@ -305,6 +305,13 @@ def main() -> None:
         print(row("Jupyter Server REST + websocket, local ipykernel", through_server["python3"]))
         print(row("Jupyter Server REST + websocket, provisioner, cold", through_server["remote-cold"]))
         print(row("Jupyter Server REST + websocket, provisioner, warm pool", through_server["remote-pooled"]))
+        print(row("Jupyter Server REST create alone, local ipykernel", through_server["python3 create"]))
+        print(
+            row(
+                "Jupyter Server REST create alone, provisioner, warm pool",
+                through_server["remote-pooled create"],
+            )
+        )
         ratio = statistics.median(remote_pooled) / statistics.median(direct)
         print(
             f"\nwarm pool vs direct local launch (p50): {ratio:.2f}x with wait_for_ready, "

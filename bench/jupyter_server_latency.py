@@ -79,6 +79,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernel", action="append", required=True)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait before each run, the same for every kernel: the previous kernel's stop "
+        "and a pool's refill are over (else the next launch shares the cores with them)",
+    )
     args = parser.parse_args()
     port, token = free_port(), uuid.uuid4().hex
     root = Path(tempfile.mkdtemp(prefix="rko-bench-server-"))
@@ -109,6 +116,7 @@ def main() -> None:
         for kernel in args.kernel:
             times, creates = [], []
             for i in range(args.runs + 1):  # the first is a warm-up
+                time.sleep(args.settle)
                 started = time.perf_counter()
                 created = requests.post(f"{api}/kernels", json={"name": kernel}, headers=headers, timeout=180)
                 created.raise_for_status()

@@ -198,6 +198,13 @@ def main() -> None:
         default=1.0,
         help="seconds between a refill and the next claim (a quiet machine)",
     )
+    parser.add_argument(
+        "--server-settle",
+        type=float,
+        default=2.0,
+        help="seconds before each run through Jupyter Server, every row alike (the pool's refill of "
+        "the previous claim, ~0.5-1 s of both cores here, is over; its runs follow each other)",
+    )
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(WORK / "cluster")
@@ -280,7 +287,7 @@ def main() -> None:
         # Through Jupyter Server: REST create -> first execute_reply over its websocket.
         server = subprocess.run(
             [sys.executable, str(SERVER_MEASURE), "--kernel=python3", "--kernel=remote-cold",
-             "--kernel=remote-pooled", "--runs", str(runs)],
+             "--kernel=remote-pooled", "--runs", str(runs), "--settle", str(args.server_settle)],
             env=env, check=True, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         through_server = json.loads(server.stdout.strip().splitlines()[-1])

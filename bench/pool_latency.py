@@ -276,14 +276,20 @@ def main() -> None:
         direct, remote_cold, remote_pooled = [], [], []
         direct_now, pooled_now = [], []
         runs = max(5, args.runs // 2)
+
+        def settled(kernel: str, wait_for_ready: bool = True) -> float:
+            # Every row alike: the pool full, then --settle seconds (the last kernel's stop and the
+            # refill's launch are over), so no launch shares the two cores with them.
+            pool_ready(custom, args.refill)
+            time.sleep(args.settle)
+            return asyncio.run(first_reply(kernel, env, wait_for_ready))
+
         for _ in range(runs):
-            direct.append(asyncio.run(first_reply("python3", env)))
-            remote_cold.append(asyncio.run(first_reply("remote-cold", env)))
-            pool_ready(custom, args.refill)
-            remote_pooled.append(asyncio.run(first_reply("remote-pooled", env)))
-            direct_now.append(asyncio.run(first_reply("python3", env, wait_for_ready=False)))
-            pool_ready(custom, args.refill)
-            pooled_now.append(asyncio.run(first_reply("remote-pooled", env, wait_for_ready=False)))
+            direct.append(settled("python3"))
+            remote_cold.append(settled("remote-cold"))
+            remote_pooled.append(settled("remote-pooled"))
+            direct_now.append(settled("python3", wait_for_ready=False))
+            pooled_now.append(settled("remote-pooled", wait_for_ready=False))
         # Through Jupyter Server: REST create -> first execute_reply over its websocket.
         server = subprocess.run(
             [sys.executable, str(SERVER_MEASURE), "--kernel=python3", "--kernel=remote-cold",

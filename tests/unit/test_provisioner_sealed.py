@@ -133,3 +133,18 @@ async def test_a_kernel_created_with_another_processs_key_is_read_from_the_secre
     )
     await p._load_connection(obj)
     assert p.connection_info["key"] == HMAC_KEY and kernels.secret_reads == [f"{p.name}-connection"]
+
+
+async def test_a_process_that_cannot_make_its_key_reads_secrets_as_before(
+    kernels: FakeKernels, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> bytes:
+        raise OSError("no entropy")
+
+    monkeypatch.setattr(protocol, "new_private_key", broken)
+    with caplog.at_level(logging.WARNING):
+        assert provisioner_module.PROCESS_KEY.wait(10) is None
+    assert "Could not make this process's key" in caplog.text
+    info = await _launch(provisioner())
+    assert "clientPublicKey" not in kernels.bodies[0]["spec"] and info["key"] == HMAC_KEY
+    assert len(kernels.secret_reads) == 1

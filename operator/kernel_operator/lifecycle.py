@@ -997,10 +997,8 @@ class KernelLifecycle:
             with contextlib.suppress(BackendError, SpecError):
                 ref = await in_flight
         backend = self.backend()
-        if not ref and self._launch_may_have_started():
-            # Launched but not recorded: the operator stopped in between, or the backend failed
-            # the launch after making something (a container created whose start a dockerd
-            # restart cut off). Found by its labels.
+        if not ref and self.phase in (Phase.LAUNCHING.value, Phase.TERMINATING.value):
+            # Launched but not recorded (the operator stopped in between): find it by its labels.
             ref = await backend.find(await self.request())
         if not ref or ref.get("stopped"):
             return
@@ -1018,13 +1016,6 @@ class KernelLifecycle:
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
-
-    def _launch_may_have_started(self) -> bool:
-        """Launching (or deleted then), or Failed after its launch began: the Launching write
-        names the backend, which a kernel failed by its checks never reached."""
-        if self.phase in (Phase.LAUNCHING.value, Phase.TERMINATING.value):
-            return True
-        return self.phase == Phase.FAILED.value and bool(self.status.get("backend"))
 
     def _remember_stopped(self) -> None:
         now = time.monotonic()

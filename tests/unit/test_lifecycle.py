@@ -486,33 +486,6 @@ async def test_an_unrecorded_launch_is_found_by_its_labels_and_stopped_at_the_ti
     assert backend.stopped == [{"kind": "Container", "id": "abc"}]
 
 
-async def test_a_launch_the_backend_failed_after_making_something_has_it_found_and_stopped_on_delete() -> (
-    None
-):
-    """dockerd restarted between a container's create and its start: the launch fails with
-    nothing recorded, and the created container must not outlive the RemoteKernel."""
-    backend = FakeBackend(
-        fail_launch=BackendError("the engine went out of reach", reason="BackendUnavailable")
-    )
-    ctx, kube, _ = context(backend)
-    b = body()
-    lifecycle = KernelLifecycle(ctx, b, events()[1], logging.getLogger("t"))
-    await asyncio.wait_for(lifecycle.run(Stop()), 5)
-    stored: dict[str, Any] = {}
-    for patch in kube.patches:
-        stored.update({k: v for k, v in patch.items() if v is not None})
-    assert stored["phase"] == "Failed" and stored["backend"] == "ssh" and "backendRef" not in stored
-    backend.found = {"kind": "Container", "id": "created-not-started"}
-    kube.stored_status = stored
-    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
-    assert backend.stopped == [{"kind": "Container", "id": "created-not-started"}]
-    # A kernel failed by its checks never reached a backend: nothing is looked for.
-    backend.found, backend.stopped = {"kind": "Container", "id": "x"}, []
-    kube.stored_status = {"phase": "Failed", "reason": "InvalidSpec"}
-    await KernelLifecycle(ctx, body(), events()[1], logging.getLogger("t")).delete()
-    assert backend.stopped == []
-
-
 # -- unreachable backends, stops that cannot happen yet, signals without a launcher -------------
 
 

@@ -75,16 +75,16 @@ class KernelRequest:
     # The tenant's own choices for the backend (TENANT_FIELDS), already checked against the profile;
     # ``backend_config`` is the profile's block, the administrator's.
     tenant_config: dict[str, Any] = field(default_factory=dict)
-    # The client's X25519 key (spec.clientPublicKey): the connection is sealed to it in status.
-    client_public_key: bytes | None = None
 
 
-def _client_public_key(spec: Mapping[str, Any]) -> bytes | None:
+def _check_client_public_key(spec: Mapping[str, Any]) -> None:
+    """spec.clientPublicKey, if any, is a key the connection can be sealed to at Running (the
+    lifecycle reads it from the spec then: a launch may be resumed by another operator)."""
     text = spec.get("clientPublicKey")
     if text is None:
-        return None
+        return
     try:
-        return parse_public_key(text)
+        parse_public_key(text)
     except SealError as err:
         raise SpecError(f"{err} Leave it out to read the key from the kernel's Secret.") from err
 
@@ -338,6 +338,7 @@ def build_request(
     port_range, port_range_text = _port_range(spec, profile, settings)
     launch_timeout, idle_timeout = _timeouts(spec, profile, settings)
     env = _env(spec, kernel_id, username, language, profile)
+    _check_client_public_key(spec)
     image = _image(spec.get("image") or env.get("KERNEL_IMAGE"), "spec.image", profile, profile.image or None)
     executor_image = _image(
         spec.get("executorImage") or env.get("KERNEL_EXECUTOR_IMAGE"), "spec.executorImage", profile, None
@@ -364,5 +365,4 @@ def build_request(
         executor_image=executor_image,
         profile=profile.name,
         tenant_config=_tenant_config(spec, profile),
-        client_public_key=_client_public_key(spec),
     )

@@ -1000,6 +1000,8 @@ class KernelLifecycle:
         if not ref and self.phase in (Phase.LAUNCHING.value, Phase.TERMINATING.value):
             # Launched but not recorded (the operator stopped in between): find it by its labels.
             ref = await backend.find(await self.request())
+        elif not ref and self.phase == Phase.FAILED.value and self.status.get("backend"):
+            ref = await self._find_after_failed_launch(backend)
         if not ref or ref.get("stopped"):
             return
         # What status names is acted on only where it carries this kernel's uid (see Backend.stop),
@@ -1016,6 +1018,21 @@ class KernelLifecycle:
         backend.release(ref)
         # Recorded, so the finalizer does not stop (and wait on) the same backend again.
         await self.patch({"backendRef": {**ref, "stopped": True}})
+
+    async def _find_after_failed_launch(self, backend: Backend) -> BackendRef | None:
+        """A launch the backend failed after making something (a container created whose start
+        a dockerd restart cut off) left it unrecorded: look for it by its labels. The Launching
+        write names the backend, so a kernel failed by its checks is never looked for. A backend
+        out of reach raises (the finalizer retries, up to RKO_STOP_GIVE_UP_SECONDS); a look-up
+        the request or the backend refuses (a host the profile no longer allows) finds nothing,
+        as the launch it failed made nothing there."""
+        try:
+            return await backend.find(await self.request())
+        except BackendUnavailable:
+            raise
+        except (BackendError, SpecError) as err:
+            self.log.info(f"Did not look for what the failed launch may have left: {err}")
+            return None
 
     def _remember_stopped(self) -> None:
         now = time.monotonic()

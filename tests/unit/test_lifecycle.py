@@ -85,7 +85,8 @@ class FakeBackend:
         self.states: list[BackendStatus] = []
         self.stopped: list[dict[str, Any]] = []
         self.released: list[dict[str, Any]] = []
-        self.found: dict[str, Any] | None = None
+        self.found: dict[str, Any] | BaseException | None = None
+        self.looked_up = 0
 
     async def launch(self, plan: LaunchPlan) -> dict[str, Any]:
         if self.fail_launch:
@@ -107,6 +108,9 @@ class FakeBackend:
         pass
 
     async def find(self, request: Any) -> dict[str, Any] | None:
+        self.looked_up += 1
+        if isinstance(self.found, BaseException):
+            raise self.found
         return self.found
 
 
@@ -484,6 +488,59 @@ async def test_an_unrecorded_launch_is_found_by_its_labels_and_stopped_at_the_ti
     await asyncio.wait_for(KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).run(Stop()), 5)
     assert kube.patches[-1]["reason"] == "LaunchTimeout"
     assert backend.stopped == [{"kind": "Container", "id": "abc"}]
+
+
+async def test_a_launch_the_backend_failed_after_making_something_has_it_found_and_stopped_on_delete() -> (
+    None
+):
+    """dockerd restarted between a container's create and its start: the launch fails with
+    nothing recorded, and the created container must not outlive the RemoteKernel."""
+    backend = FakeBackend(
+        fail_launch=BackendError("the engine went out of reach", reason="BackendUnavailable")
+    )
+    ctx, kube, _ = context(backend)
+    b = body()
+    lifecycle = KernelLifecycle(ctx, b, events()[1], logging.getLogger("t"))
+    await asyncio.wait_for(lifecycle.run(Stop()), 5)
+    stored: dict[str, Any] = {}
+    for patch in kube.patches:
+        stored.update({k: v for k, v in patch.items() if v is not None})
+    assert stored["phase"] == "Failed" and stored["backend"] == "ssh" and "backendRef" not in stored
+    # The backend is out of reach at the deletion: it waits (the finalizer retries).
+    backend.found = BackendUnavailable("the engine is restarting")
+    kube.stored_status = dict(stored)
+    with pytest.raises(BackendUnavailable):
+        await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped == []
+    backend.found = {"kind": "Container", "id": "created-not-started"}
+    kube.stored_status = dict(stored)
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped == [{"kind": "Container", "id": "created-not-started"}]
+    # A kernel failed by its checks never reached a backend: nothing is looked for.
+    backend.found, backend.stopped = {"kind": "Container", "id": "x"}, []
+    kube.stored_status = {"phase": "Failed", "reason": "InvalidSpec"}
+    looked_up = backend.looked_up
+    await KernelLifecycle(ctx, body(), events()[1], logging.getLogger("t")).delete()
+    assert backend.stopped == [] and backend.looked_up == looked_up
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        BackendError("spec.ssh.hosts names h9, not among the profile's hosts", reason="HostNotAllowed"),
+        SpecError("Profile p names no ssh hosts", reason="NoHostAvailable"),
+    ],
+)
+async def test_a_failed_launch_whose_look_up_is_refused_is_deleted_at_once(refusal: Exception) -> None:
+    """The launch was refused for the same reason the look-up is (a host the profile does not
+    allow): it made nothing, and the deletion must not retry it forever."""
+    backend = FakeBackend()
+    backend.found = refusal
+    ctx, kube, _ = context(backend)
+    kube.stored_status = {"phase": "Failed", "reason": "HostNotAllowed", "backend": "ssh"}
+    # Completes (no raise for the finalizer to retry), having tried the look-up.
+    await asyncio.wait_for(KernelLifecycle(ctx, body(), events()[1], logging.getLogger("t")).delete(), 5)
+    assert backend.looked_up == 1 and backend.stopped == []
 
 
 # -- unreachable backends, stops that cannot happen yet, signals without a launcher -------------

@@ -11,6 +11,7 @@ import docker
 import pytest
 from kubernetes import client
 
+from kernel_operator import UID_LABEL
 from localcluster.docker import DockerEngine
 from localcluster.servers import OperatorProcess
 from tests.helpers import wait_for
@@ -252,3 +253,30 @@ def test_dockerd_restarted_during_launches_loses_no_record_and_leaks_nothing(
         assert not kernel_containers(docker_engine, kernel_id), kernel_id
     secrets = client.CoreV1Api(api_client).list_namespaced_secret(namespace).items
     assert not [s.metadata.name for s in secrets if any(k in s.metadata.name for k in names.values())]
+
+
+def test_a_container_created_by_a_launch_that_then_failed_goes_with_its_remote_kernel(
+    operator: OperatorProcess,
+    docker_engine: DockerEngine,
+    kernel_image: str,
+    custom: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """dockerd going down between a container's create and its start fails the launch with
+    nothing recorded (a full CI run hit this window once). The container the create left,
+    labelled with the RemoteKernel's uid, is found and removed when the kernel is deleted."""
+    docker_engine.stop()
+    try:
+        name, kernel_id = make_kernel(namespace, custom, backend="docker", image=kernel_image)
+        failed = wait_phase(custom, namespace, name, "Failed", timeout=60)
+    finally:
+        docker_engine.start()
+    status = failed["status"]
+    assert status.get("backend") == "docker" and not status.get("backendRef"), status
+    # What the cut-off launch's create leaves: a container with the kernel's labels, never started.
+    engine = docker.DockerClient(base_url=docker_engine.host)
+    labels = {LABEL: kernel_id, UID_LABEL: failed["metadata"]["uid"]}
+    engine.containers.create(kernel_image, ["sleep", "600"], labels=labels, network_mode="host")
+    assert [c.status for c in kernel_containers(docker_engine, kernel_id)] == ["created"]
+    delete_and_wait_gone(custom, namespace, name, timeout=60)
+    assert not kernel_containers(docker_engine, kernel_id)

@@ -90,6 +90,21 @@ def gp_hosts_kernelspec(root: Path, gp_python: Path, hosts: list[str]) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
+def gp_venv_on_hosts(pool: HostPool, gp_python: Path) -> None:
+    """GP's remote command runs its venv's interpreter and launcher by their paths on the host.
+    Each host has its own /tmp and /home (``hostinit``), so a checkout under either (a CI
+    clone in /tmp) hides them there and every launch times out: copy the venv to each host,
+    at the same path."""
+    venv = gp_python.parents[1]
+    if not venv.is_relative_to("/tmp") and not venv.is_relative_to("/home"):
+        return
+    for host in pool.hosts.values():
+        target = host.path(str(venv))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", str(venv), str(target)], check=True)
+
+
 def gp_yarn_kernelspec(root: Path, gp_python: Path, yarn: MiniYarn) -> None:
     """gateway_provisioners' Spark-on-YARN kernelspec for the test YARN.
 
@@ -405,6 +420,7 @@ def main() -> int:
         yarn_operator.start()
         jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
         gp_hosts_kernelspec(jupyter, gp_python, addresses)
+        gp_venv_on_hosts(pool, gp_python)
         gp_yarn_kernelspec(jupyter, gp_python, yarn)
         gp_yarn_scala_kernelspec(jupyter, gp_python, yarn)
         gp_home = ssh_home(pool)

@@ -80,7 +80,7 @@ def gateway_provisioners_python() -> Path:
 def gp_hosts_kernelspec(root: Path, gp_python: Path, hosts: list[str]) -> None:
     """gateway_provisioners' ssh kernelspec, pointed at the test hosts. Its remote command runs
     a bare ``python`` from the login's PATH, so argv names the GP venv's interpreter (the hosts
-    share this machine's filesystem)."""
+    share this machine's filesystem but for /tmp and /home: see ``gp_venv_on_hosts``)."""
     source = gp_python.parents[1] / "share" / "jupyter" / "kernels" / "gp_ssh" / "kernel.json"
     spec = json.loads(source.read_text())
     spec["argv"][0] = str(gp_python)

@@ -40,6 +40,7 @@ from kubernetes.client.rest import ApiException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_split import CpuSplit, machine_cpu
 from launch_latency import gateway_provisioners_python, kernels_left, kernelspecs, p95
 
 from localcluster import LocalCluster, free_port
@@ -54,14 +55,6 @@ WORK = REPO_ROOT / ".cache" / "bench-burst"
 CONCURRENT = Path(__file__).with_name("many_clients.py")
 GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
 NAMESPACE = "default"
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> float:
-    """CPU seconds the whole machine spent busy so far (user, nice, system, irq, softirq, steal)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK
 
 
 def rss_mb(pid: int) -> float:
@@ -140,14 +133,22 @@ def wait_settled(kernels: Kernels, names: list[str], timeout: float) -> tuple[di
 LAUNCH_CPU_WINDOW = 3.0
 
 
-def one_launch_cpu(kernels: Kernels, profile: str, runs: int) -> tuple[list[float], list[float]]:
+def one_launch_cpu(
+    kernels: Kernels, profile: str, runs: int
+) -> tuple[list[float], list[float], dict[str, float]]:
     """The machine CPU seconds one launch costs (a fixed window from its create, less what the
-    machine spends idle in as long) and the wall seconds from create to Running; one at a time."""
+    machine spends idle in as long), the wall seconds from create to Running, one at a time, and
+    the median CPU seconds of each part of the machine in that window (less its idle use)."""
     c0, t0 = machine_cpu(), time.perf_counter()
+    idle_split = CpuSplit().start()
     time.sleep(LAUNCH_CPU_WINDOW)
-    idle = (machine_cpu() - c0) / (time.perf_counter() - t0)
-    cpu, wall = [], []
+    idle_split.stop()
+    idle_seconds = time.perf_counter() - t0
+    idle = (machine_cpu() - c0) / idle_seconds
+    idle_parts = {k: v / idle_seconds for k, v in idle_split.parts().items()}
+    cpu, wall, splits = [], [], []
     for _ in range(runs + 1):
+        split = CpuSplit().start()
         c0, t0 = machine_cpu(), time.perf_counter()
         name = kernels.create(profile)
         while (kernels.get(name) or {}).get("status", {}).get("phase") not in ("Running", "Failed"):
@@ -155,12 +156,18 @@ def one_launch_cpu(kernels: Kernels, profile: str, runs: int) -> tuple[list[floa
         wall.append(time.perf_counter() - t0)
         time.sleep(max(0.0, t0 + LAUNCH_CPU_WINDOW - time.perf_counter()))
         cpu.append(machine_cpu() - c0 - idle * (time.perf_counter() - t0))
+        split.stop()
+        took = time.perf_counter() - t0
+        splits.append({k: v - idle_parts.get(k, 0.0) * took for k, v in split.parts().items()})
         kernels.delete_all()
         time.sleep(0.5)
-    return cpu[1:], wall[1:]  # the first is a warm-up
+    parts = {k for s in splits[1:] for k in s}
+    median = {k: statistics.median([s.get(k, 0.0) for s in splits[1:]]) for k in parts}
+    return cpu[1:], wall[1:], median  # the first is a warm-up
 
 
 def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[str, Any]:
+    split = CpuSplit().start()
     c0, t0 = machine_cpu(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         names = list(pool.map(lambda _: kernels.create(profile), range(count)))
@@ -174,6 +181,8 @@ def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[st
         "wall": settled - t0,
         "cpu": machine_cpu() - c0,
     }
+    split.stop()
+    result["split"] = split.parts()
     kernels.delete_all(timeout=300)
     result["left"] = kernels_left()
     return result
@@ -374,8 +383,9 @@ def main() -> int:
         )
         operator = localhost_operator(cluster.admin_kubeconfig, WORK / "operator.log")
         operator.start()
-        cpu, wall = one_launch_cpu(kernels, "local", args.runs)
+        cpu, wall, split = one_launch_cpu(kernels, "local", args.runs)
         report["one_launch"] = {
+            "split": split,
             "cpu_p50": statistics.median(cpu),
             "wall_p50": statistics.median(wall),
             "wall_p95": p95(wall),
@@ -416,8 +426,9 @@ def main() -> int:
             labels = {"kernel-operator.io/operator-class": "hosts"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            hcpu, _ = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
+            hcpu, _, hsplit = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
             report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
+            report["one_launch_hosts_split"] = hsplit
             report["burst_hosts"] = burst(kernels, "hosts", args.count, 600)
             kernels.create = orig  # type: ignore[method-assign]
         if "pods" not in skip:
@@ -442,8 +453,9 @@ def main() -> int:
             labels = {"kernel-operator.io/operator-class": "pods"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            pcpu, _ = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
+            pcpu, _, psplit = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
             report["one_launch_pods_cpu_p50"] = statistics.median(pcpu)
+            report["one_launch_pods_split"] = psplit
             report["burst_pods"] = burst(kernels, "pods", args.count, 900)
             kernels.create = orig  # type: ignore[method-assign]
         if {"direct", "jupyter", "gp"} - skip:
@@ -490,6 +502,18 @@ def main() -> int:
     return 0
 
 
+def print_split(one: dict[str, float], burst: dict[str, float], count: int) -> None:
+    """Where the CPU went: one launch against a burst's share per kernel, part by part."""
+    print("\nWhere the CPU went (CPU-s per kernel): one launch alone, and a burst's total / N:")
+    print("| part | one launch | in the burst | burst / one |\n|---|---:|---:|---:|")
+    for part in sorted(set(one) | set(burst), key=lambda p: -burst.get(p, 0.0)):
+        a, b = one.get(part, 0.0), burst.get(part, 0.0) / count
+        ratio = f"{b / a:.2f}x" if a > 0.005 else "-"
+        print(f"| {part} | {a:.3f} | {b:.3f} | {ratio} |")
+    a, b = sum(one.values()), sum(burst.values()) / count
+    print(f"| all | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+
+
 def print_report(r: dict[str, Any]) -> None:
     cores = r["cores"]
     if "one_launch" not in r:
@@ -526,6 +550,9 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"| {b['running']} | {b['failed']} | {b['wall']:.1f} | {limit:.1f} | {b['wall'] / limit:.2f}x | {b['cpu']:.0f} | {b['left']} |"
         )
+        one_split = r.get(cpu_key.replace("cpu_p50", "split")) if cpu_key else one.get("split")
+        if b.get("split") and one_split:
+            print_split(one_split, b["split"], b["count"])
     rows = [(k, v) for k, v in r.items() if k.startswith("jupyter_")]
     if rows:
         print(

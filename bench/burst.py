@@ -183,6 +183,7 @@ def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[st
     }
     split.stop()
     result["split"] = split.parts()
+    result["started"] = split.started()
     kernels.delete_all(timeout=300)
     result["left"] = kernels_left()
     return result
@@ -502,7 +503,9 @@ def main() -> int:
     return 0
 
 
-def print_split(one: dict[str, float], burst: dict[str, float], count: int) -> None:
+def print_split(
+    one: dict[str, float], burst: dict[str, float], count: int, started: dict[str, int] | None = None
+) -> None:
     """Where the CPU went: one launch against a burst's share per kernel, part by part."""
     print("\nWhere the CPU went (CPU-s per kernel): one launch alone, and a burst's total / N:")
     print("| part | one launch | in the burst | burst / one |\n|---|---:|---:|---:|")
@@ -512,6 +515,8 @@ def print_split(one: dict[str, float], burst: dict[str, float], count: int) -> N
         print(f"| {part} | {a:.3f} | {b:.3f} | {ratio} |")
     a, b = sum(one.values()), sum(burst.values()) / count
     print(f"| all | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+    if started:
+        print("Processes started in the burst: " + ", ".join(f"{part} {n}" for part, n in started.items()))
 
 
 def print_report(r: dict[str, Any]) -> None:
@@ -552,7 +557,7 @@ def print_report(r: dict[str, Any]) -> None:
         )
         one_split = r.get(cpu_key.replace("cpu_p50", "split")) if cpu_key else one.get("split")
         if b.get("split") and one_split:
-            print_split(one_split, b["split"], b["count"])
+            print_split(one_split, b["split"], b["count"], b.get("started"))
     rows = [(k, v) for k, v in r.items() if k.startswith("jupyter_")]
     if rows:
         print(

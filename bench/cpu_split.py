@@ -73,6 +73,7 @@ class CpuSplit:
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
         self._part: dict[int, str] = {}
+        self._born: set[int] = set()  # first seen after the start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._machine0 = self._machine1 = 0.0
@@ -90,6 +91,8 @@ class CpuSplit:
             if pid not in self._first:
                 # A process born after the start counts from zero; one alive before, from now.
                 self._first[pid] = 0 if self._new_since_start else ticks
+                if self._new_since_start:
+                    self._born.add(pid)
                 self._part[pid] = _part(pid, own)
             self._last[pid] = ticks
 
@@ -109,6 +112,14 @@ class CpuSplit:
         self._thread.join()
         self._sample()
         self._machine1 = machine_cpu()
+
+    def started(self) -> dict[str, int]:
+        """How many processes of each part started while sampling (a kernel started twice, or a
+        launcher retried, shows here as more processes than kernels)."""
+        out: dict[str, int] = {}
+        for pid in self._born:
+            out[self._part[pid]] = out.get(self._part[pid], 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def parts(self) -> dict[str, float]:
         """CPU seconds by part, with "unattributed" for the machine's rest."""

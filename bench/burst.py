@@ -7,7 +7,9 @@ time of one launch goes. Every figure is a ratio to something measured in the sa
   launcher's log (one machine, one clock).
 - Burst: N RemoteKernels created at once (ssh backend: localhost, and the three network-
   namespace hosts): all Running? wall time against the CPU-bound limit, N x (machine CPU
-  seconds one launch costs) / cores, measured here first.
+  seconds one launch costs) / cores, measured here first. On localhost twice: from memory as
+  it is, then with the memory the burst uses faulted in first, as one launch finds it
+  (guest_memory says why); the other backends' bursts from faulted-in memory.
 - Through jupyter_client: N AsyncKernelManagers in one process, ours against
   gateway_provisioners' DistributedProvisioner on localhost (how many fail, hang, or are left
   running after shutdown_kernel(now=True); the longest the client's event loop was blocked).
@@ -41,6 +43,7 @@ from kubernetes.client.rest import ApiException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_split import CpuSplit, machine_cpu
+from guest_memory import available_mib, balloon_present, burst_mib, prefault
 from launch_latency import gateway_provisioners_python, kernels_left, kernelspecs, p95
 
 from localcluster import LocalCluster, free_port
@@ -135,10 +138,11 @@ LAUNCH_CPU_WINDOW = 3.0
 
 def one_launch_cpu(
     kernels: Kernels, profile: str, runs: int
-) -> tuple[list[float], list[float], dict[str, float]]:
+) -> tuple[list[float], list[float], dict[str, float], float]:
     """The machine CPU seconds one launch costs (a fixed window from its create, less what the
-    machine spends idle in as long), the wall seconds from create to Running, one at a time, and
-    the median CPU seconds of each part of the machine in that window (less its idle use)."""
+    machine spends idle in as long), the wall seconds from create to Running, one at a time, the
+    median CPU seconds of each part of the machine in that window (less its idle use), and the
+    median MiB of memory one running kernel takes from the machine."""
     c0, t0 = machine_cpu(), time.perf_counter()
     idle_split = CpuSplit().start()
     time.sleep(LAUNCH_CPU_WINDOW)
@@ -146,9 +150,10 @@ def one_launch_cpu(
     idle_seconds = time.perf_counter() - t0
     idle = (machine_cpu() - c0) / idle_seconds
     idle_parts = {k: v / idle_seconds for k, v in idle_split.parts().items()}
-    cpu, wall, splits = [], [], []
+    cpu, wall, splits, memory = [], [], [], []
     for _ in range(runs + 1):
         split = CpuSplit().start()
+        m0 = available_mib()
         c0, t0 = machine_cpu(), time.perf_counter()
         name = kernels.create(profile)
         while (kernels.get(name) or {}).get("status", {}).get("phase") not in ("Running", "Failed"):
@@ -159,14 +164,22 @@ def one_launch_cpu(
         split.stop()
         took = time.perf_counter() - t0
         splits.append({k: v - idle_parts.get(k, 0.0) * took for k, v in split.parts().items()})
+        memory.append(float(m0 - available_mib()))
         kernels.delete_all()
         time.sleep(0.5)
     parts = {k for s in splits[1:] for k in s}
     median = {k: statistics.median([s.get(k, 0.0) for s in splits[1:]]) for k in parts}
-    return cpu[1:], wall[1:], median  # the first is a warm-up
+    return cpu[1:], wall[1:], median, statistics.median(memory[1:])  # the first is a warm-up
 
 
-def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[str, Any]:
+def burst(
+    kernels: Kernels, profile: str, count: int, timeout: float, per_kernel_mib: float | None = None
+) -> dict[str, Any]:
+    """``count`` RemoteKernels created at once, until all settle. Given ``per_kernel_mib``, the
+    memory they will use is faulted in first (guest_memory: like for like with one launch)."""
+    memory: dict[str, Any] = {"warm": False}
+    if per_kernel_mib is not None:
+        memory = {"warm": True, **prefault(burst_mib(count, per_kernel_mib, available_mib()))}
     split = CpuSplit().start()
     c0, t0 = machine_cpu(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -180,6 +193,7 @@ def burst(kernels: Kernels, profile: str, count: int, timeout: float) -> dict[st
         "created_in": created,
         "wall": settled - t0,
         "cpu": machine_cpu() - c0,
+        "memory": memory,
     }
     split.stop()
     result["split"] = split.parts()
@@ -384,9 +398,11 @@ def main() -> int:
         )
         operator = localhost_operator(cluster.admin_kubeconfig, WORK / "operator.log")
         operator.start()
-        cpu, wall, split = one_launch_cpu(kernels, "local", args.runs)
+        cpu, wall, split, mib = one_launch_cpu(kernels, "local", args.runs)
+        report["balloon"] = balloon_present()
         report["one_launch"] = {
             "split": split,
+            "mib": mib,
             "cpu_p50": statistics.median(cpu),
             "wall_p50": statistics.median(wall),
             "wall_p95": p95(wall),
@@ -395,8 +411,15 @@ def main() -> int:
             runs = [steps(kernels, "local", operator, api) for _ in range(args.runs)]
             report["steps"] = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
         if "burst" not in skip:
-            print(f"==> Burst: {args.count} RemoteKernels at once on localhost...", flush=True)
-            report["burst_local"] = burst(kernels, "local", args.count, 600)
+            print(
+                f"==> Burst: {args.count} RemoteKernels at once on localhost, memory as it is...", flush=True
+            )
+            report["burst_local_cold"] = burst(kernels, "local", args.count, 600)
+            print(
+                f"==> Burst: {args.count} RemoteKernels at once on localhost, memory faulted in...",
+                flush=True,
+            )
+            report["burst_local"] = burst(kernels, "local", args.count, 600, per_kernel_mib=mib)
         if "hosts" not in skip:
             pool.start()
             known = WORK / "hosts" / "known_hosts"
@@ -427,10 +450,10 @@ def main() -> int:
             labels = {"kernel-operator.io/operator-class": "hosts"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            hcpu, _, hsplit = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
+            hcpu, _, hsplit, hmib = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
             report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
             report["one_launch_hosts_split"] = hsplit
-            report["burst_hosts"] = burst(kernels, "hosts", args.count, 600)
+            report["burst_hosts"] = burst(kernels, "hosts", args.count, 600, per_kernel_mib=hmib)
             kernels.create = orig  # type: ignore[method-assign]
         if "pods" not in skip:
             engine = DockerEngine()
@@ -454,10 +477,10 @@ def main() -> int:
             labels = {"kernel-operator.io/operator-class": "pods"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            pcpu, _, psplit = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
+            pcpu, _, psplit, pmib = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
             report["one_launch_pods_cpu_p50"] = statistics.median(pcpu)
             report["one_launch_pods_split"] = psplit
-            report["burst_pods"] = burst(kernels, "pods", args.count, 900)
+            report["burst_pods"] = burst(kernels, "pods", args.count, 900, per_kernel_mib=pmib)
             kernels.create = orig  # type: ignore[method-assign]
         if {"direct", "jupyter", "gp"} - skip:
             jupyter = kernelspecs(
@@ -537,7 +560,20 @@ def print_report(r: dict[str, Any]) -> None:
         for k, v in r["steps"].items():
             print(f"| {k} | {v:.3f} | {v - prev:.3f} |")
             prev = v
+    if any(k.startswith("burst_") for k in r):
+        print(
+            f"\nMemory: one kernel takes {one.get('mib', 0):.0f} MiB of the machine's available memory; "
+            + (
+                "a virtio balloon is bound, so the host may take back what the guest leaves free, "
+                "and a first touch of that memory costs more: a burst marked 'memory faulted in' "
+                "had the memory it uses touched first, as one launch finds it (the pages the "
+                "launch before it freed)."
+                if r.get("balloon")
+                else "no virtio balloon is bound."
+            )
+        )
     for key, label, cpu_key in (
+        ("burst_local_cold", "ssh backend, localhost, memory as it is", None),
         ("burst_local", "ssh backend, localhost", None),
         ("burst_hosts", "ssh backend, 3 ssh hosts", "one_launch_hosts_cpu_p50"),
         ("burst_pods", "kubernetes backend, pods on one real node", "one_launch_pods_cpu_p50"),
@@ -547,6 +583,12 @@ def print_report(r: dict[str, Any]) -> None:
         b = r[key]
         cpu_one = r[cpu_key] if cpu_key else one["cpu_p50"]
         limit = b["count"] * cpu_one / cores
+        mem = b.get("memory", {})
+        if mem.get("warm"):
+            label += (
+                f", memory faulted in ({mem['mib'] / 1024:.1f} GiB: first touch "
+                f"{mem['first_s_per_gib']:.2f} s/GiB, again {mem['again_s_per_gib']:.2f} s/GiB)"
+            )
         print(f"\nBurst, {b['count']} RemoteKernels created at once, {label}:")
         print(
             "| Running | failed | all settled (s) | CPU-bound limit (s) | ratio | machine CPU-s | left running |"

@@ -111,11 +111,15 @@ def test_cluster_admin_is_never_the_kernels_role() -> None:
 
 
 def pod(
-    phase: str = "Running", waiting: str | None = None, terminated: int | None = None, **meta: Any
+    phase: str = "Running",
+    waiting: str | None = None,
+    terminated: int | None = None,
+    message: str = "details",
+    **meta: Any,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {"running": {}}
     if waiting:
-        state = {"waiting": {"reason": waiting, "message": "details"}}
+        state = {"waiting": {"reason": waiting, "message": message}}
     if terminated is not None:
         state = {"terminated": {"exitCode": terminated, "reason": "Error"}}
     return {
@@ -134,6 +138,30 @@ def pod(
         (pod("Pending", waiting="ErrImagePull"), True, "failed", "ImagePullFailed"),
         (pod("Pending", waiting="ImagePullBackOff"), True, "failed", "ImagePullFailed"),
         (pod("Running", waiting="CrashLoopBackOff"), True, "failed", "CrashLoop"),
+        (pod("Pending", waiting="CreateContainerConfigError"), True, "failed", "ContainerCreateFailed"),
+        (
+            pod("Pending", waiting="CreateContainerConfigError", message='secret "s" not found'),
+            True,
+            "failed",
+            "ContainerCreateFailed",
+        ),
+        # Seen in a burst of 100 pods on one kubelet: it retries, and the pod started.
+        (
+            pod(
+                "Pending",
+                waiting="CreateContainerConfigError",
+                message="failed to sync secret cache: timed out waiting for the condition",
+            ),
+            True,
+            "starting",
+            "",
+        ),
+        (
+            pod("Pending", waiting="CreateContainerError", message="context deadline exceeded"),
+            True,
+            "starting",
+            "",
+        ),
         (pod("Running"), True, "running", ""),
         (pod("Running"), False, "failed", "NodeLost"),
         (pod("Failed", terminated=3), True, "failed", "PodFailed"),

@@ -27,6 +27,16 @@ FAILED_WAITING = {
     "CrashLoopBackOff": "CrashLoop",
     "RunContainerError": "ContainerCreateFailed",
 }
+# The kubelet retries a container it could not create, and under load it often cannot for a
+# moment: its Secret cache has not synced yet, or the runtime timed out. Those waits are not
+# the kernel's failure (the launch's timeout still bounds them); a missing Secret or a bad
+# command is.
+TRANSIENT_CREATE_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+TRANSIENT_CREATE_MESSAGES = (
+    "failed to sync",
+    "timed out waiting for the condition",
+    "context deadline exceeded",
+)
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -312,6 +322,14 @@ def build_pod(
     return enforce_pod_security(merged, level)
 
 
+def is_transient_wait(waiting: Mapping[str, Any]) -> bool:
+    """A container the kubelet could not create for a moment and will try again."""
+    message = str(waiting.get("message") or "")
+    return waiting.get("reason") in TRANSIENT_CREATE_REASONS and any(
+        words in message for words in TRANSIENT_CREATE_MESSAGES
+    )
+
+
 def pod_state(pod: Mapping[str, Any] | None, node_ready: bool | None) -> BackendStatus:
     """What a kernel pod's status means for the kernel. ``node_ready`` None: node unknown."""
     if pod is None:
@@ -323,6 +341,8 @@ def pod_state(pod: Mapping[str, Any] | None, node_ready: bool | None) -> Backend
     phase = status.get("phase", "Pending")
     for container in status.get("containerStatuses") or []:
         waiting = (container.get("state") or {}).get("waiting") or {}
+        if is_transient_wait(waiting):
+            continue
         if waiting.get("reason") in FAILED_WAITING:
             detail = waiting.get("message") or waiting["reason"]
             return BackendStatus(

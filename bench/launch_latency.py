@@ -2,7 +2,10 @@
 
 Rows, all measured in one run by bench/measure.py (start_kernel -> first execute_reply of 1+1):
 - jupyter_client's direct local launch (ipykernel's own kernelspec);
-- our provisioner, ssh backend, host localhost (the operator starts the launcher locally);
+- our provisioner, ssh backend, host localhost (the operator starts the launcher locally), from
+  the project's venv (an editable install, whose import hook costs every Python process ~10-20
+  ms) and from the wheel installed as a host has it (the ssh test hosts' environment), as
+  gateway_provisioners' row runs from its wheel; the ratio of each to gateway_provisioners;
 - our provisioner, ssh backend through Debian's sshd on 127.0.0.1;
 - our provisioner, ssh backend round-robin over three hosts (network namespaces, own sshd each);
 - our provisioner on the kubernetes, docker and dockerSwarm backends, and on the
@@ -41,7 +44,7 @@ from localcluster.cluster import REPO_ROOT
 from localcluster.crds import install_crds
 from localcluster.docker import DockerEngine
 from localcluster.gateway_provisioners import GP_VERSION, gp_install, gp_venv
-from localcluster.hosts import PYTHON_MOUNT, HostPool
+from localcluster.hosts import PYTHON_MOUNT, HostPool, build_host_env
 from localcluster.node import KubeletNode
 from localcluster.servers import OperatorProcess, Sshd
 from localcluster.yarn import MiniYarn, operator_env, spark_home, spark_opts
@@ -206,7 +209,7 @@ def ssh_home(pool: HostPool) -> Path:
     return home
 
 
-def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
+def kernelspecs(root: Path, kubeconfig: Path, image: str, host_python: Path | None = None) -> Path:
     configs: dict[str, dict[str, object]] = {
         # Since profiles, the hosts are the administrator's: each row's profile names its own.
         "rk_local": {"backend": "ssh", "backend_config": {"profileHosts": ["localhost"]}},
@@ -232,6 +235,11 @@ def kernelspecs(root: Path, kubeconfig: Path, image: str) -> Path:
         # The same, run with KERNEL_SPARK_INIT_MODE=lazy (main): as GP's Scala kernelspec starts.
         "rk_scala_yarn_lazy": {"backend": "yarn", "operator_class": "yarn", "launch_timeout": 240},
     }
+    if host_python is not None:  # the launcher and kernel from the wheel, not the editable venv
+        configs["rk_local_installed"] = {
+            "backend": "ssh",
+            "backend_config": {"profileHosts": ["localhost"], "python": str(host_python)},
+        }
     scala = {"rk_scala_local", "rk_scala_yarn", "rk_scala_yarn_lazy"}
     api = config.new_client_from_config(config_file=str(kubeconfig))
     try:  # each config as the profile an administrator would write for it, and a kernelspec naming it
@@ -418,7 +426,12 @@ def main() -> int:
             env={"RKO_OPERATOR_CLASS": "yarn", **operator_env(yarn, f"127.0.0.1:{free_port()}")},
         )
         yarn_operator.start()
-        jupyter = kernelspecs(Path(tempfile.mkdtemp(prefix="rko-bench-")), cluster.admin_kubeconfig, image)
+        jupyter = kernelspecs(
+            Path(tempfile.mkdtemp(prefix="rko-bench-")),
+            cluster.admin_kubeconfig,
+            image,
+            build_host_env() / "bin" / "python",
+        )
         gp_hosts_kernelspec(jupyter, gp_python, addresses)
         gp_venv_on_hosts(pool, gp_python)
         gp_yarn_kernelspec(jupyter, gp_python, yarn)
@@ -428,6 +441,11 @@ def main() -> int:
         rows = [
             ("jupyter_client direct local launch", Path(sys.executable), "python3"),
             ("remote-kernel-operator, ssh backend, localhost", Path(sys.executable), "rk_local"),
+            (
+                "remote-kernel-operator, ssh backend, localhost, the wheel installed",
+                Path(sys.executable),
+                "rk_local_installed",
+            ),
             ("remote-kernel-operator, ssh backend, via sshd", Path(sys.executable), "rk_sshd"),
             ("remote-kernel-operator, ssh backend, 3 hosts round-robin", Path(sys.executable), "rk_hosts"),
             (
@@ -589,6 +607,15 @@ def main() -> int:
     for label, why in failed.items():
         print(f"| {label:<68} | {why} |")
     print("(left running: kernel and launcher processes still alive 3 s after the row's last shutdown)")
+    gp = results.get(f"gateway_provisioners {GP_VERSION} DistributedProvisioner, localhost")
+    if gp:
+        for label in (
+            "remote-kernel-operator, ssh backend, localhost",
+            "remote-kernel-operator, ssh backend, localhost, the wheel installed",
+        ):
+            if label in results:
+                ratio = statistics.median(results[label]["launch"]) / statistics.median(gp["launch"])
+                print(f"{label}: {ratio:.2f}x gateway_provisioners on localhost (p50s; goal 0.8x)")
     if through_server:
         print()
         print(

@@ -181,6 +181,7 @@ def burst(
     if per_kernel_mib is not None:
         memory = {"warm": True, **prefault(burst_mib(count, per_kernel_mib, available_mib()))}
     split = CpuSplit().start()
+    before = available_mib()
     c0, t0 = machine_cpu(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         names = list(pool.map(lambda _: kernels.create(profile), range(count)))
@@ -193,7 +194,7 @@ def burst(
         "created_in": created,
         "wall": settled - t0,
         "cpu": machine_cpu() - c0,
-        "memory": memory,
+        "memory": {**memory, "taken_mib": before - available_mib()},
     }
     split.stop()
     result["split"] = split.parts()
@@ -589,6 +590,8 @@ def print_report(r: dict[str, Any]) -> None:
                 f", memory faulted in ({mem['mib'] / 1024:.1f} GiB: first touch "
                 f"{mem['first_s_per_gib']:.2f} s/GiB, again {mem['again_s_per_gib']:.2f} s/GiB)"
             )
+        if "taken_mib" in mem:
+            label += f"; all settled, the kernels held {mem['taken_mib'] / 1024:.1f} GiB"
         print(f"\nBurst, {b['count']} RemoteKernels created at once, {label}:")
         print(
             "| Running | failed | all settled (s) | CPU-bound limit (s) | ratio | machine CPU-s | left running |"

@@ -103,13 +103,17 @@ def remote_start_command(
     run_dir: str,
     working_dir: str | None,
     user: str | None = None,
+    *,
+    launch_bytes: int,
 ) -> str:
     """A POSIX shell command that starts the launcher detached and prints its pid.
 
     The launch file (token and environment, see ``launch_file``) arrives on the command's
     stdin and is written into a run directory made for this launch alone: ``mkdir`` without
     ``-p`` fails on anything already there (a planted directory or symlink), and the file is
-    0600. An earlier attempt of this same launch (its status write failed, say) is stopped and
+    0600. Unless all ``launch_bytes`` of it arrived (an operator stopped while sending it leaves
+    a short file, and a launcher started on that fails the kernel), nothing is started and the
+    directory is removed, so the next operator finds no launch and launches again. An earlier attempt of this same launch (its status write failed, say) is stopped and
     its directory removed first, but only a real directory owned by this account, mode 0700:
     anything else stays, and ``mkdir`` refuses it. With ``user``, everything runs as that
     account, with its own HOME.
@@ -125,8 +129,15 @@ def remote_start_command(
     )
     # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
     # and the launch file must be read from ours first.
+    incomplete = q(
+        "The launch file arrived incomplete (the operator stopped while sending it?); nothing was started."
+    )
+    received = (
+        f'{{ cat > {q(path)} && [ "$(wc -c < {q(path)})" -eq {int(launch_bytes)} ] || '
+        f"{{ rm -rf -- {q(run_dir)}; echo {incomplete} >&2; exit 3; }}; }}"
+    )
     script = (
-        f"{login}{_clear_earlier_attempt(run_dir)}umask 077 && mkdir -m 700 -- {q(run_dir)} && cat > {q(path)} && {cd}"
+        f"{login}{_clear_earlier_attempt(run_dir)}umask 077 && mkdir -m 700 -- {q(run_dir)} && {received} && {cd}"
         f"{{ setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
         "echo $!; }"
     )
@@ -270,14 +281,18 @@ def split_status_batch(output: str, count: int) -> list[str]:
 def remote_find_command(run_dir: str, user: str | None = None) -> str:
     """Prints ``<pid> <pgid>`` of the launcher whose command line names ``run_dir`` (else of
     any process naming it, e.g. its kernel; ``0 0`` when none is left but the directory is);
-    prints nothing when the run directory is not on the host."""
+    prints nothing when the run directory is not on the host, or when no launcher ever started
+    there (no process and no launcher log: a launch cut off before its launcher started, which
+    the next launch of the kernel clears)."""
+    d = shlex.quote(run_dir)
     script = (
-        f"[ -d {shlex.quote(run_dir)} ] || exit 0; found=0; any=0; "
+        f"[ -d {d} ] || exit 0; found=0; any=0; "
         "for d in /proc/[0-9]*; do p=${d#/proc/}; "
         f"if {_is_ours('p', run_dir)}; then any=$p; "
         f"if tr '\\0' '\\n' < /proc/$p/cmdline | grep -qxF -- {shlex.quote(LAUNCHER_MODULE)}; then "
         "found=$p; break; fi; fi; done; "
-        "[ $found = 0 ] && found=$any; [ $found = 0 ] && { echo 0 0; exit 0; }; "
+        "[ $found = 0 ] && found=$any; "
+        f"[ $found = 0 ] && {{ [ -e {shlex.quote(run_dir + '/launcher.log')} ] && echo 0 0; exit 0; }}; "
         "echo $found $(ps -o pgid= -p $found || echo 0)"
     )
     return as_user(user, script)

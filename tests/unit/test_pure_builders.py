@@ -89,10 +89,11 @@ def test_launcher_args_carry_the_seed_arguments_but_no_token() -> None:
 
 
 def test_remote_start_command_quotes_everything_and_reads_the_launch_file_from_stdin() -> None:
-    cmd = remote_start_command("/opt/py thon", ["--a", "x y"], "/tmp/r", "/work dir")
+    cmd = remote_start_command("/opt/py thon", ["--a", "x y"], "/tmp/r", "/work dir", launch_bytes=42)
     assert "'/opt/py thon'" in cmd and "'x y'" in cmd and "cd '/work dir'" in cmd
     assert "mkdir -m 700 -- /tmp/r" in cmd and "mkdir -p" not in cmd  # a planted directory fails it
     assert "cat > /tmp/r/launch.json" in cmd and "--launch-file /tmp/r/launch.json" in cmd
+    assert '[ "$(wc -c < /tmp/r/launch.json)" -eq 42 ]' in cmd  # all of it, or nothing starts
     shlex.split(cmd)  # well-formed for a POSIX shell
 
 

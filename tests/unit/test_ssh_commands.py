@@ -99,10 +99,10 @@ def test_the_user_switch_runs_the_script_as_that_account() -> None:
 
 
 def test_an_impersonated_start_logs_in_as_the_user_and_quotes_everything() -> None:
-    command = remote_start_command("python3", ["--x", "a b"], "/tmp/rko-k", None, "alice")
+    command = remote_start_command("python3", ["--x", "a b"], "/tmp/rko-k", None, "alice", launch_bytes=1)
     assert "runuser -u alice" in command and "sudo -n -H -u alice" in command
     assert 'cd "$HOME"' in command  # the user's home, not the ssh login's directory
-    plain = remote_start_command("python3", [], "/tmp/rko-k", "/work", None)
+    plain = remote_start_command("python3", [], "/tmp/rko-k", "/work", None, launch_bytes=1)
     assert "runuser" not in plain and "cd /work" in plain
 
 
@@ -110,8 +110,10 @@ def test_the_token_and_the_env_reach_the_launcher_through_a_private_file_not_the
     tmp_path: Path,
 ) -> None:
     run_dir = tmp_path / "rko-k"
-    command = remote_start_command("/bin/echo", ["--x"], str(run_dir), None, None)
     secret = launch_file("the-token", {"V": "it's secret"})
+    command = remote_start_command(
+        "/bin/echo", ["--x"], str(run_dir), None, None, launch_bytes=len(secret.encode())
+    )
     assert "the-token" not in command and "secret" not in command
     done = subprocess.run(
         ["/bin/sh", "-c", command], input=secret, capture_output=True, text=True, timeout=20
@@ -133,7 +135,7 @@ def test_a_run_directory_planted_before_the_launch_is_refused(tmp_path: Path) ->
     elsewhere = tmp_path / "attacker"
     elsewhere.mkdir()
     run_dir.symlink_to(elsewhere)  # a symlink where the run directory will be made
-    command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+    command = remote_start_command("/bin/echo", [], str(run_dir), None, None, launch_bytes=1)
     done = subprocess.run(["/bin/sh", "-c", command], input="x", capture_output=True, text=True, timeout=20)
     assert done.returncode != 0 and "File exists" in done.stderr
     assert list(elsewhere.iterdir()) == []  # nothing was written through the link
@@ -332,7 +334,7 @@ def test_a_relaunch_stops_an_earlier_attempt_and_makes_the_run_directory_again(t
     earlier = subprocess.Popen(["sh", "-c", "sleep 60", str(run_dir)], start_new_session=True)
     stranger = subprocess.Popen(["sh", "-c", "sleep 60", str(tmp_path / "rko-other")], start_new_session=True)
     try:
-        command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+        command = remote_start_command("/bin/echo", [], str(run_dir), None, None, launch_bytes=3)
         done = subprocess.run(
             ["/bin/sh", "-c", command], input="new", capture_output=True, text=True, timeout=20
         )
@@ -351,7 +353,7 @@ def test_a_run_directory_that_is_not_private_is_not_cleared(tmp_path: Path) -> N
     run_dir.mkdir(mode=0o755)
     run_dir.chmod(0o755)
     (run_dir / "keep").write_text("x")
-    command = remote_start_command("/bin/echo", [], str(run_dir), None, None)
+    command = remote_start_command("/bin/echo", [], str(run_dir), None, None, launch_bytes=1)
     done = subprocess.run(["/bin/sh", "-c", command], input="x", capture_output=True, text=True, timeout=20)
     assert done.returncode != 0 and "File exists" in done.stderr
     assert (run_dir / "keep").exists()
@@ -363,6 +365,7 @@ def test_finding_a_launch_never_takes_the_finding_shell_for_its_launcher(tmp_pat
     at that process group while the real launcher ran on. Only whole arguments count."""
     run_dir = tmp_path / "rko-k-u"
     run_dir.mkdir()
+    (run_dir / "launcher.log").write_text("")  # a launcher started here once
     assert sh(remote_find_command(str(run_dir))).stdout.split() == ["0", "0"]  # nothing runs
     kernel = sleeper(run_dir / "kernel.json")  # a kernel, named by a path in the run directory
     launcher = subprocess.Popen(
@@ -381,3 +384,64 @@ def test_finding_a_launch_never_takes_the_finding_shell_for_its_launcher(tmp_pat
         for proc in (kernel, launcher, stranger):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("sent", ["", '{"token": "t'])
+def test_a_launch_file_cut_off_starts_no_launcher_and_leaves_no_run_directory(
+    tmp_path: Path, sent: str
+) -> None:
+    """Seen in CI: an operator replica killed while it sent the launch file over ssh; the
+    remote shell's ``cat`` ended at the cut, the launcher started on an empty file, failed,
+    and the next replica found its run directory and failed the kernel instead of launching it
+    again. A short file now starts nothing, and the directory goes (nothing for find)."""
+    run_dir = tmp_path / "rko-k"
+    whole = launch_file("the-token", {"V": "x"})
+    command = remote_start_command(
+        "/bin/echo", [], str(run_dir), None, None, launch_bytes=len(whole.encode())
+    )
+    done = subprocess.run(["/bin/sh", "-c", command], input=sent, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 3 and done.stdout == ""  # no pid: nothing was started
+    assert "arrived incomplete" in done.stderr
+    assert not run_dir.exists()
+    assert sh(remote_find_command(str(run_dir))).stdout == ""
+
+
+def test_a_run_directory_no_launcher_ever_started_in_is_not_found(tmp_path: Path) -> None:
+    """A launch cut off after its directory was made but before its launcher started (its
+    shell killed): find answers nothing, so the next operator launches again (and clears it)."""
+    run_dir = tmp_path / "rko-k"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "launch.json").write_text("{")
+    assert sh(remote_find_command(str(run_dir))).stdout == ""
+
+
+async def test_a_local_run_directory_no_launcher_ever_started_in_is_not_found() -> None:
+    """The local twin: the operator made the directory and wrote the launch file, then stopped
+    before it started the launcher. Found, the kernel would fail ("the launcher is gone");
+    not found, the next operator launches it again, clearing the directory first."""
+    import shutil
+
+    from kernel_operator.backends.ssh import SshBackend
+    from kernel_operator.settings import SshSettings
+    from tests.unit.requests import request_from
+
+    uid = "7d2f8a10-1111-4c4c-8d8d-222233334444"
+    req = request_from(
+        {
+            "kernelId": "6c9c8d0e-aaaa-2222-3333-444455556666",
+            "username": "alice",
+            "ssh": {"hosts": ["localhost"]},
+        },
+        uid=uid,
+    )
+    run_dir = Path(run_dir_for(req.kernel_id, req.uid))
+    run_dir.mkdir(mode=0o700)
+    try:
+        (run_dir / "launch.json").write_text("{}")
+        backend = SshBackend(SshSettings(local_hosts=("localhost",)))
+        assert await backend.find(req) is None
+        (run_dir / "launcher.log").write_text("usage: ...")  # a launcher started, and is gone
+        found = await backend.find(req)
+        assert found is not None and found["pid"] == 0 and found["runDir"] == str(run_dir)
+    finally:
+        shutil.rmtree(run_dir)

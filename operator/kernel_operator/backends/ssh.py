@@ -179,6 +179,8 @@ class SshBackend:
                 if not Path(run_dir).is_dir():
                     continue
                 pid = _launcher_of(run_dir)
+                if not pid and not (Path(run_dir) / "launcher.log").exists():
+                    continue  # cut off before its launcher started: the next launch clears it
                 return {"host": host, "pid": pid, "pgid": _pgid_of(pid), "runDir": run_dir, "local": True}
             try:
                 out = await self._run(host, port, login, remote_find_command(run_dir, user))
@@ -276,9 +278,11 @@ class SshBackend:
             return await self._launch_local(host, await _address_of(host), plan, working_dir)
         ip = await _address_of(host)
         python = str(config.get("python") or self.settings.python)
-        command = remote_start_command(python, plan.launcher_args(ip), run_dir, working_dir, user)
-        port, login = self.login(request)
         launch = launch_file(plan.token, self._kernel_env(plan, remote=True))
+        command = remote_start_command(
+            python, plan.launcher_args(ip), run_dir, working_dir, user, launch_bytes=len(launch.encode())
+        )
+        port, login = self.login(request)
         out = await self._run(host, port, login, command, launch, user)
         try:
             pid = int(out.strip().splitlines()[-1])

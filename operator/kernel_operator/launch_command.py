@@ -78,6 +78,7 @@ def as_user(user: str | None, script: str) -> str:
 
 
 LAUNCH_FILE = "launch.json"
+LAUNCHER_LOG = "launcher.log"  # the launcher's output, in its run directory
 # Run directories are made by the operator under this pattern and nowhere else; one named in a
 # status is used only if it matches it, with the RemoteKernel's uid at its end.
 _RUN_DIR = re.compile(
@@ -113,10 +114,11 @@ def remote_start_command(
     ``-p`` fails on anything already there (a planted directory or symlink), and the file is
     0600. Unless all ``launch_bytes`` of it arrived (an operator stopped while sending it leaves
     a short file, and a launcher started on that fails the kernel), nothing is started and the
-    directory is removed, so the next operator finds no launch and launches again. An earlier attempt of this same launch (its status write failed, say) is stopped and
-    its directory removed first, but only a real directory owned by this account, mode 0700:
-    anything else stays, and ``mkdir`` refuses it. With ``user``, everything runs as that
-    account, with its own HOME.
+    directory is removed, so the next operator finds no launch and launches again. An earlier
+    attempt of this same launch (its status write failed, say) is stopped and its directory
+    removed first, but only a real directory owned by this account, mode 0700: anything else
+    stays, and ``mkdir`` refuses it. With ``user``, everything runs as that account, with its
+    own HOME.
     """
     q = shlex.quote
     path = f"{run_dir}/{LAUNCH_FILE}"
@@ -127,8 +129,6 @@ def remote_start_command(
         if user
         else ""
     )
-    # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
-    # and the launch file must be read from ours first.
     incomplete = q(
         "The launch file arrived incomplete (the operator stopped while sending it?); nothing was started."
     )
@@ -136,9 +136,11 @@ def remote_start_command(
         f'{{ cat > {q(path)} && [ "$(wc -c < {q(path)})" -eq {int(launch_bytes)} ] || '
         f"{{ rm -rf -- {q(run_dir)}; echo {incomplete} >&2; exit 3; }}; }}"
     )
+    # Only the launcher is put in the background: an asynchronous list's stdin is /dev/null,
+    # and the launch file must be read from ours first.
     script = (
         f"{login}{_clear_earlier_attempt(run_dir)}umask 077 && mkdir -m 700 -- {q(run_dir)} && {received} && {cd}"
-        f"{{ setsid {launcher} > {q(run_dir + '/launcher.log')} 2>&1 < /dev/null & "
+        f"{{ setsid {launcher} > {q(f'{run_dir}/{LAUNCHER_LOG}')} 2>&1 < /dev/null & "
         "echo $!; }"
     )
     return as_user(user, script)
@@ -190,7 +192,7 @@ def _status_script(pid: int, kernel_pid: int, run_dir: str) -> str:
         f"if [ -f {status_file} ]; then cat {status_file}; "
         f"elif {_is_ours('p', run_dir)}; then echo running; "
         f"elif [ $k -gt 0 ] && {_is_ours('k', run_dir)}; then echo orphaned; "
-        f"else echo gone; tail -c 1500 {shlex.quote(run_dir + '/launcher.log')} 2>/dev/null; fi"
+        f"else echo gone; tail -c 1500 {shlex.quote(f'{run_dir}/{LAUNCHER_LOG}')} 2>/dev/null; fi"
     )
 
 
@@ -226,7 +228,7 @@ def remote_status_batch_command(items: list[tuple[int, int, str]], user: str | N
         f"printf '\\n{STATUS_MARK} %s\\n' \"$i\"; "
         'if [ -f "$d/exit_status" ]; then cat "$d/exit_status"; '
         'elif [ "$state" != gone ]; then echo "$state"; '
-        'else echo gone; tail -c 1500 "$d/launcher.log" 2>/dev/null; fi; done'
+        f'else echo gone; tail -c 1500 "$d/{LAUNCHER_LOG}" 2>/dev/null; fi; done'
     )
     return as_user(user, script)
 
@@ -284,15 +286,14 @@ def remote_find_command(run_dir: str, user: str | None = None) -> str:
     prints nothing when the run directory is not on the host, or when no launcher ever started
     there (no process and no launcher log: a launch cut off before its launcher started, which
     the next launch of the kernel clears)."""
-    d = shlex.quote(run_dir)
     script = (
-        f"[ -d {d} ] || exit 0; found=0; any=0; "
+        f"[ -d {shlex.quote(run_dir)} ] || exit 0; found=0; any=0; "
         "for d in /proc/[0-9]*; do p=${d#/proc/}; "
         f"if {_is_ours('p', run_dir)}; then any=$p; "
         f"if tr '\\0' '\\n' < /proc/$p/cmdline | grep -qxF -- {shlex.quote(LAUNCHER_MODULE)}; then "
         "found=$p; break; fi; fi; done; "
         "[ $found = 0 ] && found=$any; "
-        f"[ $found = 0 ] && {{ [ -e {shlex.quote(run_dir + '/launcher.log')} ] && echo 0 0; exit 0; }}; "
+        f"[ $found = 0 ] && {{ [ -e {shlex.quote(f'{run_dir}/{LAUNCHER_LOG}')} ] && echo 0 0; exit 0; }}; "
         "echo $found $(ps -o pgid= -p $found || echo 0)"
     )
     return as_user(user, script)
@@ -300,7 +301,7 @@ def remote_find_command(run_dir: str, user: str | None = None) -> str:
 
 def remote_log_tail_command(run_dir: str, user: str | None = None) -> str:
     """Prints the end of the launcher's log in ``run_dir`` (nothing if there is none)."""
-    return as_user(user, f"tail -c 600 {shlex.quote(run_dir + '/launcher.log')} 2>/dev/null; true")
+    return as_user(user, f"tail -c 600 {shlex.quote(f'{run_dir}/{LAUNCHER_LOG}')} 2>/dev/null; true")
 
 
 def remote_signal_command(pid: int, signum: int, run_dir: str, user: str | None = None) -> str:

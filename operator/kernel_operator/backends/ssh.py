@@ -41,6 +41,7 @@ from ..launch_command import (
     EXIT_NO_ACCOUNT,
     EXIT_UID_ZERO,
     LAUNCH_FILE,
+    LAUNCHER_LOG,
     LAUNCHER_MODULE,
     launch_file,
     remote_find_command,
@@ -179,7 +180,7 @@ class SshBackend:
                 if not Path(run_dir).is_dir():
                     continue
                 pid = _launcher_of(run_dir)
-                if not pid and not (Path(run_dir) / "launcher.log").exists():
+                if not pid and not (Path(run_dir) / LAUNCHER_LOG).exists():
                     continue  # cut off before its launcher started: the next launch clears it
                 return {"host": host, "pid": pid, "pgid": _pgid_of(pid), "runDir": run_dir, "local": True}
             try:
@@ -308,7 +309,7 @@ class SshBackend:
         fd = os.open(path / LAUNCH_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(launch_file(plan.token, self._kernel_env(plan, remote=False)))
-        with open(path / "launcher.log", "ab") as log_file:
+        with open(path / LAUNCHER_LOG, "ab") as log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     python,
@@ -350,7 +351,7 @@ class SshBackend:
             if text == "gone" and (running or (kernel_pid and _is_ours(kernel_pid, run_dir))):
                 return BackendStatus("running")
             if text == "gone":
-                text += "\n" + _tail(Path(run_dir) / "launcher.log")
+                text += "\n" + _tail(Path(run_dir) / LAUNCHER_LOG)
         else:
             try:
                 # One command per host and user answers every kernel asking meanwhile.
@@ -378,7 +379,7 @@ class SshBackend:
         if not _complete(ref) or not run_dir_is_for(run_dir, owner):
             return ""
         if ref.get("local"):
-            return _tail(Path(run_dir) / "launcher.log", 600)
+            return _tail(Path(run_dir) / LAUNCHER_LOG, 600)
         with contextlib.suppress(BackendError):
             return await self._run(*self._host_of(ref), remote_log_tail_command(run_dir, ref.get("user")))
         return ""

@@ -177,9 +177,9 @@ def burst(
 ) -> dict[str, Any]:
     """``count`` RemoteKernels created at once, until all settle. Given ``per_kernel_mib``, the
     memory they will use is faulted in first (guest_memory: like for like with one launch)."""
-    memory: dict[str, Any] = {"warm": False}
+    memory: dict[str, Any] = {}
     if per_kernel_mib is not None:
-        memory = {"warm": True, **prefault(burst_mib(count, per_kernel_mib, available_mib()))}
+        memory = prefault(burst_mib(count, per_kernel_mib, available_mib()))
     split = CpuSplit().start()
     before = available_mib()
     c0, t0 = machine_cpu(), time.perf_counter()
@@ -585,7 +585,7 @@ def print_report(r: dict[str, Any]) -> None:
         cpu_one = r[cpu_key] if cpu_key else one["cpu_p50"]
         limit = b["count"] * cpu_one / cores
         mem = b.get("memory", {})
-        if mem.get("warm"):
+        if "first_s_per_gib" in mem:  # faulted in first
             label += (
                 f", memory faulted in ({mem['mib'] / 1024:.1f} GiB: first touch "
                 f"{mem['first_s_per_gib']:.2f} s/GiB, again {mem['again_s_per_gib']:.2f} s/GiB)"

@@ -23,3 +23,12 @@ CLASS_LABEL = f"{GROUP}/operator-class"
 # Everything the operator creates for a kernel carries its RemoteKernel's metadata.uid here;
 # stopping acts only on objects that do (status alone is never trusted to name them).
 UID_LABEL = f"{GROUP}/uid"
+
+
+def finalizer_for(operator_class: str) -> str:
+    """The finalizer an operator of ``operator_class`` keeps on its kernels. Per class: kopf
+    drops a finalizer of its own name from objects none of its handlers match, so operators of
+    two classes sharing one name would strip each other's before cleaning up. Kernels created
+    with it already on (pool members; the provisioner's, see its resource.finalizer_name) save
+    kopf a write while they launch."""
+    return f"{GROUP}/finalizer" + (f"-{operator_class}" if operator_class else "")

@@ -13,7 +13,7 @@ import kopf
 
 from kernel_launchers.protocol import ProtocolError, canonical_kernel_id
 
-from . import CLASS_LABEL, GROUP, PLURAL, VERSION, keys, kube_auth
+from . import CLASS_LABEL, GROUP, KIND, PLURAL, VERSION, finalizer_for, keys, kube_auth
 from .activity import raise_open_file_limit
 from .errors import BackendError, SpecError
 from .kube import KubeError
@@ -27,12 +27,23 @@ SIGNAL_ANNOTATION = f"{GROUP}/signal"
 # Raised by the API client when the connection itself fails (not an API error): transient.
 CONNECTION_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
 OPERATOR_CLASS = operator_class_from_env()
-# Per class: kopf drops a finalizer of its own name from objects none of its handlers match,
-# so operators of two classes sharing one name would strip each other's before cleaning up.
-FINALIZER = f"{GROUP}/finalizer" + (f"-{OPERATOR_CLASS}" if OPERATOR_CLASS else "")
+
+FINALIZER = finalizer_for(OPERATOR_CLASS)
 KOPF_PREFIX = (f"{OPERATOR_CLASS}." if OPERATOR_CLASS else "") + f"kopf.{GROUP}"
 # Every handler sees only this operator's kernels (see CLASS_LABEL).
 MINE: dict[str, Any] = {CLASS_LABEL: OPERATOR_CLASS or kopf.ABSENT}
+
+
+class PoolsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled-configuration, kept for pools only. kopf writes it on an object's
+    first cycle whenever any change handler could match (the delete handler does), so every new
+    RemoteKernel paid an extra write while it launched or was claimed. Nothing of a RemoteKernel
+    is diffed: its signal requests are followed by event (``signal``), not by change."""
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        if body.get("kind") == KIND:
+            return
+        super().store(body=body, patch=patch, essence=essence)
 
 
 def _emitter(body: kopf.Body) -> Any:
@@ -76,7 +87,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     # kopf keeps its state under a prefix of its own: it ignores every annotation under that
     # prefix when it compares versions, and our users' annotations (signal requests) must count.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = PoolsOnlyDiffBase(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     # A watch that goes silent (a dropped connection no one notices) is re-opened in time.
@@ -167,22 +178,14 @@ async def delete(
         raise kopf.TemporaryError(f"Stopping the kernel failed; retrying: {err}", delay=2) from err
 
 
-# A tuple, not a dotted string: the annotation's name has dots of its own.
-@kopf.on.field(GROUP, VERSION, PLURAL, labels=MINE, field=("metadata", "annotations", SIGNAL_ANNOTATION))
-async def signal(body: kopf.Body, new: Any, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
-    """Forward a signal the client asked for (annotation value ``<signum>/<request id>``)."""
-    if not new:
+@kopf.on.event(GROUP, VERSION, PLURAL, labels=MINE, annotations={SIGNAL_ANNOTATION: kopf.PRESENT})
+async def signal(type: str, body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """Forward a signal the client asked for (annotation value ``<signum>/<request id>``), once
+    per request id: the lifecycle remembers the last one it handled, in memory and in status."""
+    if type == "DELETED":
         return
-    text = str(new).split("/", 1)[0]
-    if not text.isdigit():
-        raise kopf.PermanentError(f"The signal annotation {new!r} is not '<signal number>/<request id>'.")
-    lifecycle = KernelLifecycle(memo["ctx"], body, _emitter(body), logger)
-    try:
-        reply = await lifecycle.send_signal(int(text))
-    except BackendError as err:
-        logger.warning(f"Signal {text} could not be delivered: {err}")
-        return
-    logger.info(f"Signal {text} was delivered to the kernel: {reply}.")
+    request = str(body["metadata"]["annotations"][SIGNAL_ANNOTATION])
+    await KernelLifecycle(memo["ctx"], body, _emitter(body), logger).signal_requested(request)
 
 
 @kopf.daemon(GROUP, VERSION, POOL_PLURAL, labels=MINE, cancellation_timeout=10.0, initial_delay=0)

@@ -106,6 +106,8 @@ class OperatorContext:
     # Stops done, by RemoteKernel uid (monotonic time): the finalizer may read a body older than
     # the daemon's "stopped" mark and would stop (and count) the same kernel again.
     stopped: dict[str, float] = field(default_factory=dict)
+    # The last signal request handled, by RemoteKernel uid (see KernelLifecycle.signal_requested).
+    signals_handled: dict[str, str] = field(default_factory=dict)
     _slots: asyncio.Semaphore | None = None
     _profiles: ProfileCache | None = None
 
@@ -330,6 +332,9 @@ class KernelLifecycle:
         return protocol.canonical_kernel_id(str(self.spec["kernelId"]))
 
     def _release_kernel_id(self) -> None:
+        """Forget what this replica keeps of the kernel once it is gone: its kernel id, its
+        signal requests."""
+        self.ctx.signals_handled.pop(self.uid, None)
         with contextlib.suppress(protocol.ProtocolError, KeyError):
             self.ctx.release_kernel_id(self._kernel_id(), self.uid)
 
@@ -1097,6 +1102,30 @@ class KernelLifecycle:
         await self.ctx.kube.delete_secret(*self.secret_location())
         self._release_kernel_id()
         self.ctx.metrics.kernels.forget(self.uid)
+
+    async def signal_requested(self, request: str) -> None:
+        """Deliver the signal a client asked for with the signal annotation
+        (``<signum>/<request id>``), once: a request this replica handled, or that status
+        records as handled (by the replica before a restart), is not sent again."""
+        if request in (self.ctx.signals_handled.get(self.uid), self.status.get("signalHandled")):
+            return
+        self.ctx.signals_handled[self.uid] = request
+        text = request.split("/", 1)[0]
+        if not text.isdigit():
+            self.log.warning(
+                f"The signal annotation {request!r} is not '<signal number>/<request id>'; ignored."
+            )
+        else:
+            try:
+                reply = await self.send_signal(int(text))
+            except BackendError as err:
+                self.log.warning(f"Signal {text} could not be delivered: {err}")
+            else:
+                self.log.info(f"Signal {text} was delivered to the kernel: {reply}.")
+        try:
+            await self.patch({"signalHandled": request})
+        except KubeError as err:  # e.g. deleted meanwhile; this replica remembers it anyway
+            self.log.debug(f"Could not record signal request {request!r} as handled: {err}")
 
     async def send_signal(self, signum: int, timeout: float = 5.0) -> dict[str, Any]:
         """Forward a signal to the kernel through its launcher's control port, at most once."""

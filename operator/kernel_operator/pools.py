@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import CLASS_LABEL, GROUP, VERSION
+from . import CLASS_LABEL, GROUP, VERSION, finalizer_for
 from .errors import SpecError
 from .spec import POOL_USERNAME, KernelRequest
 
@@ -202,6 +202,7 @@ def member_manifest(
             "namespace": pool.namespace,
             "labels": labels,
             "annotations": {SEAL_ANNOTATION: member_seal(key, pool.namespace, name, pool.uid, spec)},
+            "finalizers": [finalizer_for(operator_class)],
             "ownerReferences": [
                 {
                     "apiVersion": f"{GROUP}/{VERSION}",

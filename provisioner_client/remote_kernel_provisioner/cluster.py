@@ -15,6 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from .resource import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class ClusterError(RuntimeError):
@@ -104,6 +105,35 @@ class RemoteKernels:
                 raise ClusterError(
                     f"Deleting RemoteKernel {self.namespace}/{name} failed: {err.status} {err.reason}"
                 ) from err
+
+    async def release_unseen(self, obj: dict[str, Any], finalizer: str) -> bool:
+        """Drop ``finalizer`` from a RemoteKernel as ``obj`` shows it, if the object is unchanged
+        since (a JSON patch ``test`` of its resourceVersion): an operator that writes it
+        meanwhile keeps its finalizer. True if dropped."""
+        meta = obj.get("metadata") or {}
+        finalizers = list(meta.get("finalizers") or [])
+        if finalizer not in finalizers:
+            return False
+        patch = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")},
+            {
+                "op": "replace",
+                "path": "/metadata/finalizers",
+                "value": [f for f in finalizers if f != finalizer],
+            },
+        ]
+        try:
+            await self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, meta["name"], patch, _content_type=JSON_PATCH
+            )
+        except ApiException as err:
+            # A failed test is 422 (or 500 from older servers); gone is 404.
+            if err.status in (404, 409, 422, 500):
+                return False
+            raise ClusterError(
+                f"Releasing RemoteKernel {self.namespace}/{meta['name']} failed: {err.status} {err.reason}"
+            ) from err
+        return True
 
     async def annotate(self, name: str, key: str, value: str) -> None:
         body = {"metadata": {"annotations": {key: value}}}

@@ -30,6 +30,7 @@ from .resource import (
     build_remote_kernel,
     check_user,
     connection_info,
+    finalizer_name,
     kernel_env,
     kernel_labels,
     pod_owner,
@@ -248,6 +249,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             owner_references=pod_owner(self.owner_pod_name, self.owner_pod_uid),
             use_pool=self.use_pool,
             client_public_key=client_public_key,
+            finalizer=finalizer_name(self.operator_class),
         )
 
     def _kernel_name(self) -> str:
@@ -271,6 +273,8 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             created = await kernels.create(body)
         self._created = True
         PROCESS_KEY.prepare()  # made while this launch waits: the next ones read no Secret
+        if key is not None:  # the connection comes sealed in status: no read follows the wait
+            return await self._launched(await self._wait_settled(kernels, created))
         warming = asyncio.ensure_future(kernels.warm())
         try:
             obj = await self._wait_settled(kernels, created)
@@ -297,7 +301,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                     break
                 more = more_time(obj, timeout, time.monotonic() - began)
                 if more is None:
-                    await self._discard()
+                    await self._discard(obj)
                     raise TimeoutError(
                         f"Kernel {self.kernel_id} did not start within {time.monotonic() - began:.0f} s "
                         "and no reason was reported; is the Remote Kernel Operator running?"
@@ -368,8 +372,12 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             self.log.warning("Reading the Secret of RemoteKernel %s instead: %s", self.name, err)
             return None
 
-    async def _discard(self) -> None:
+    async def _discard(self, obj: dict[str, Any] | None = None) -> None:
         kernels = await self._api()
+        if obj is not None and not obj.get("status"):
+            # No operator ever wrote it (none serves its class or namespace): the finalizer it was
+            # created with would keep it Terminating until one does. Nothing was started.
+            await kernels.release_unseen(obj, finalizer_name(self.operator_class))
         await kernels.delete(self.name)
         self._created = False
 

@@ -33,6 +33,7 @@ from tests.profiles import kernelspec_config, tenant_spec
 from .conftest import launcher_processes
 
 GROUP, VERSION, PLURAL = "kernel-operator.io", "v1alpha1", "remotekernels"
+CLASS_LABEL = f"{GROUP}/operator-class"
 pytestmark = pytest.mark.integration
 
 
@@ -656,11 +657,56 @@ async def test_a_signal_reaches_the_kernel_through_the_operator_and_the_launcher
     # interrupt_mode "signal": KernelManager calls provisioner.send_signal(SIGINT), which the
     # operator forwards over the launcher's signed control port.
     km = await start_remote_kernel(tmp_path, kubeconfig, namespace, monkeypatch, interrupt_mode="signal")
+    custom = client.CustomObjectsApi(api_client)
+    name = f"k-{km.kernel_id}"
     try:
+        # kopf keeps no last-handled-configuration on a RemoteKernel (a write less per launch):
+        # signals are followed by event, and each request is recorded once handled.
+        annotations = (get(custom, namespace, name) or {})["metadata"].get("annotations") or {}
+        assert not [a for a in annotations if a.endswith("last-handled-configuration")], annotations
         await assert_interrupt_ends_a_long_cell(km)
+        obj = get(custom, namespace, name) or {}
+        request = obj["metadata"]["annotations"]["kernel-operator.io/signal"]
+        wait_for(
+            lambda: (
+                ((get(custom, namespace, name) or {}).get("status") or {}).get("signalHandled") == request
+            ),
+            timeout=10,
+            what="the signal request recorded as handled",
+        )
+        time.sleep(0.5)  # the events of that status write carry the annotation too
+        assert operator.log().count("Signal 2 was delivered to the kernel") == 1  # one per request
     finally:
         await km.shutdown_kernel(now=True)
     assert "Signal 2 was delivered to the kernel" in operator.log()
+
+
+async def test_a_kernel_no_operator_takes_up_times_out_and_is_not_left_terminating(
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+    kubeconfig: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The provisioner creates a RemoteKernel with its operator's finalizer already on (a write
+    less per launch). For a class no operator serves, nothing would ever remove it: the timed-out
+    launch must still delete the resource, not leave it Terminating for good."""
+    with pytest.raises(TimeoutError, match="is the Remote Kernel Operator running"):
+        await start_remote_kernel(
+            tmp_path, kubeconfig, namespace, monkeypatch, operator_class="nobody", launch_timeout=1
+        )
+    custom = client.CustomObjectsApi(api_client)
+
+    def nobodys() -> list[str]:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        return [
+            o["metadata"]["name"]
+            for o in items
+            if o["metadata"].get("labels", {}).get(CLASS_LABEL) == "nobody"
+        ]
+
+    wait_for(lambda: not nobodys(), timeout=5, what="the timed-out RemoteKernel to be deleted")
 
 
 async def assert_interrupt_ends_a_long_cell(km: AsyncKernelManager, before: Any = None) -> None:

@@ -11,6 +11,7 @@ from remote_kernel_provisioner.resource import (
     build_remote_kernel,
     check_user,
     connection_info,
+    finalizer_name,
     kernel_env,
 )
 
@@ -73,3 +74,25 @@ def test_connection_info_comes_from_status_and_secret() -> None:
     assert info["ip"] == "10.0.0.5" and info["shell_port"] == 1 and info["hb_port"] == 5
     assert info["key"] == b"hmac"  # bytes, as KernelManager compares it
     assert info["curve_publickey"] == "P" and info["curve_secretkey"] == "S"
+
+
+@pytest.mark.parametrize("operator_class", ["", "blue"])
+def test_the_body_carries_the_finalizer_its_operator_keeps(operator_class: str) -> None:
+    """Set at creation, the operator's finalizer saves it a write on every launch; the name must
+    be the one that operator's class uses, or it would never be removed."""
+    from kernel_operator import finalizer_for
+
+    body = build_remote_kernel(
+        kernel_id="6c9c8d0e-1111-2222-3333-444455556666",
+        username="alice",
+        language="python",
+        env={},
+        finalizer=finalizer_name(operator_class),
+    )
+    assert body["metadata"]["finalizers"] == [finalizer_for(operator_class)]
+    assert (
+        "finalizers"
+        not in build_remote_kernel(
+            kernel_id="6c9c8d0e-1111-2222-3333-444455556666", username="alice", language="python", env={}
+        )["metadata"]
+    )

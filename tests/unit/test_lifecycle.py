@@ -642,6 +642,59 @@ async def test_a_signal_goes_through_the_backend_when_the_launcher_is_gone() -> 
     assert backend.signals == [(b["status"]["backendRef"], 2)]
 
 
+async def test_a_signal_request_is_delivered_once_and_recorded_in_status() -> None:
+    """kopf hands the signal handler every event of the kernel while the annotation stays: one
+    request id is one signal, however many events repeat it."""
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    for _ in range(3):
+        await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested("2/r1")
+    assert [s for _, s in backend.signals] == [2]
+    assert kube.patches[-1] == {"signalHandled": "2/r1"}
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested("2/r2")
+    assert [s for _, s in backend.signals] == [2, 2]  # a new request is a new signal
+
+
+async def test_a_restarted_operator_does_not_send_a_handled_signal_again() -> None:
+    """A new replica remembers nothing; status says which request the one before handled (an
+    interrupt delivered twice can end an R kernel between requests)."""
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    b["status"]["signalHandled"] = "2/r1"
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested("2/r1")
+    assert backend.signals == [] and kube.patches == []
+
+
+@pytest.mark.parametrize("request_", ["abc/r1", "", "-9/r1", "2"])
+async def test_a_malformed_signal_request_is_ignored_and_not_retried(
+    request_: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = _running_with_dead_launcher(ctx, kube)
+    for _ in range(2):
+        await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested(request_)
+    if request_ == "2":  # no request id: still one signal, once
+        assert [s for _, s in backend.signals] == [2]
+    else:
+        assert backend.signals == []
+        assert "is not '<signal number>/<request id>'" in caplog.text
+    assert kube.patches == [{"signalHandled": request_}]
+
+
+async def test_a_signal_for_a_kernel_not_running_is_a_warning_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = SignalingFake()
+    ctx, kube, _ = context(backend)
+    b = body(status={"phase": "Launching"})
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested("2/r1")
+    assert backend.signals == [] and "could not be delivered" in caplog.text
+    assert kube.patches == [{"signalHandled": "2/r1"}]  # not tried again at the next event
+
+
 async def test_without_a_signaling_backend_a_dead_launcher_is_an_error() -> None:
     backend = FakeBackend()
     ctx, kube, _ = context(backend)

@@ -59,6 +59,8 @@ def test_a_member_the_operator_made_is_sealed_and_any_change_breaks_the_seal() -
     assert is_sealed_member(KEY, obj)
     assert obj["metadata"]["labels"][CLAIM_LABEL] == FREE
     assert obj["metadata"]["ownerReferences"][0]["uid"] == "pool-uid-1"
+    # Made with the operator's finalizer on: kopf does not spend a write adding it.
+    assert obj["metadata"]["finalizers"] == ["kernel-operator.io/finalizer"]
     for tamper in (
         lambda o: o["spec"].update(username="mallory"),
         lambda o: o["spec"].setdefault("env", {}).update(PYTHONSTARTUP="/tmp/evil.py"),

@@ -11,6 +11,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
 
 from .resource import GROUP, PLURAL, VERSION
 
@@ -26,6 +27,42 @@ class AlreadyExists(ClusterError):
     """The RemoteKernel to create exists already (a restart's, or another server's)."""
 
 
+# Loaded kubeconfigs, by path and the file's state: an event loop's first kernel (every kernel
+# of nbclient or jupyter console, each in a loop of its own) no longer parses it again. Tokens
+# that expire are refreshed by the configuration's own hook, request by request.
+_LOADED: dict[tuple[str | None, int, int], client.Configuration] = {}
+LOADED_KEPT = 8
+
+
+async def _configuration(kubeconfig: str | None) -> client.Configuration:
+    path = os.path.expanduser(kubeconfig or KUBE_CONFIG_DEFAULT_LOCATION)
+    try:
+        st = os.stat(path)
+        key: tuple[str | None, int, int] | None = (kubeconfig, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # no file: in-cluster credentials (their token file rotates: not kept)
+    cached = _LOADED.get(key) if key else None
+    if cached is not None:
+        return cached
+    cfg = client.Configuration()
+    try:
+        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except (config.ConfigException, OSError, TypeError):
+        if kubeconfig:
+            raise
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        key = None
+    # Shared by every provisioner of a process (connections.py), each holding a watch
+    # while its kernel starts or stops: aiohttp's default of 100 connections made the
+    # 101st kernel of a burst wait for a free one (and time out).
+    cfg.connection_pool_maxsize = 0  # aiohttp: no limit
+    if key:
+        while len(_LOADED) >= LOADED_KEPT:  # oldest first (a file rewritten leaves its old state)
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = cfg
+    return cfg
+
+
 class RemoteKernels:
     """RemoteKernels in one namespace."""
 
@@ -39,20 +76,9 @@ class RemoteKernels:
     @classmethod
     async def connect(cls, namespace: str, kubeconfig: str | None = None) -> RemoteKernels:
         """From ``kubeconfig`` (or KUBECONFIG / ~/.kube/config), else in-cluster credentials."""
-        cfg = client.Configuration()
         # KUBECONFIG read now: kubernetes_asyncio reads it once, when it is first imported.
         kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
-        try:
-            await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        except (config.ConfigException, OSError, TypeError):
-            if kubeconfig:
-                raise
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        # Shared by every provisioner of a process (connections.py), each holding a watch
-        # while its kernel starts or stops: aiohttp's default of 100 connections made the
-        # 101st kernel of a burst wait for a free one (and time out).
-        cfg.connection_pool_maxsize = 0  # aiohttp: no limit
-        return cls(client.ApiClient(cfg), namespace)
+        return cls(client.ApiClient(await _configuration(kubeconfig)), namespace)
 
     async def close(self) -> None:
         await self.api.close()

@@ -94,3 +94,31 @@ async def test_a_shared_connection_has_no_limit_on_concurrent_requests(tmp_path:
         assert kernels.api.rest_client.pool_manager.connector.limit == 0  # aiohttp: unlimited
     finally:
         await kernels.close()
+
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:%d", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: t%d}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
+async def test_a_kubeconfig_is_parsed_once_until_the_file_changes(tmp_path: Any) -> None:
+    """Each event loop makes its own connection (nbclient and jupyter console run a loop per
+    kernel), but the file is not parsed again unless it changed."""
+    import os
+
+    from remote_kernel_provisioner.cluster import _configuration
+
+    path = tmp_path / "kubeconfig"
+    path.write_text(KUBECONFIG % (6443, 1))
+    first = await _configuration(str(path))
+    assert await _configuration(str(path)) is first
+    assert first.host == "https://127.0.0.1:6443"
+    path.write_text(KUBECONFIG % (7443, 22))  # another size; the time may not move on coarse clocks
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    second = await _configuration(str(path))
+    assert second is not first and second.host == "https://127.0.0.1:7443"
+    assert second.api_key.get("BearerToken", second.api_key.get("authorization", "")).endswith("t22")

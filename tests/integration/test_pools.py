@@ -145,11 +145,13 @@ def test_a_claim_takes_a_ready_kernel_binds_its_user_and_the_pool_refills(
         said = run(
             kc,
             "import os; print(os.environ['KERNEL_USERNAME'], os.environ['KERNEL_ID'], "
-            "os.environ['TEAM_NAME'], os.getcwd())",
+            "os.environ['TEAM_NAME'], os.getcwd(), len(In), len(Out))",
         )
     finally:
         kc.stop_channels()
-    assert said.split() == ["alice", kernel_id, "blue", "/tmp"], said
+    # The warm-up and binding cells left nothing in the claimer's history or output cache: its
+    # first cell is In[1].
+    assert said.split() == ["alice", kernel_id, "blue", "/tmp", "2", "0"], said
     # The member passes from the pool to its claimer (what it owns goes with the claimer); the
     # pool refills behind the claim and counts it.
     (member,) = [m for m in members(custom, namespace) if m["metadata"]["uid"] == status["pool"]["memberUid"]]

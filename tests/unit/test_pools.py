@@ -420,7 +420,7 @@ def test_a_running_member_that_has_not_answered_yet_is_launching_not_ready() -> 
     assert (plan.ready, plan.launching, plan.create) == (0, 1, 0)
 
 
-def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
+def test_the_warm_up_cell_readies_ipython_and_runs_spark_jobs_only_where_there_is_spark() -> None:
     from kernel_operator.pools import warmup_code
 
     code = warmup_code("python")
@@ -434,11 +434,21 @@ def test_the_warm_up_cell_runs_a_spark_job_only_where_there_is_spark() -> None:
         def count(self) -> int:
             return 1
 
-    namespace: dict[str, Any] = {"spark": Spark()}
+    formatted: list[Any] = []
+
+    class Shell:  # IPython's, as far as the warm-up uses it
+        class display_formatter:
+            @staticmethod
+            def format(obj: Any) -> Any:
+                formatted.append(obj)
+                return {}, {}
+
+    namespace: dict[str, Any] = {"spark": Spark(), "get_ipython": Shell}
     exec(code, namespace)
-    exec(code, {})  # no Spark: nothing happens, nothing fails
+    exec(code, {})  # no Spark, no IPython: nothing happens, nothing fails
     assert ran == [1, 10, 100, 1000, 10000] and warmup_code("r") == ""
-    assert set(namespace) == {"spark", "__builtins__"}  # nothing left for the claimer to see
+    assert formatted == [0]  # the display formatters made before the claimer's first result
+    assert set(namespace) == {"spark", "get_ipython", "__builtins__"}  # nothing left to see
     assert (
         warmup_code("scala") == "Seq(1L, 10L, 100L, 1000L, 10000L).foreach(n => spark.range(n).count()); ()"
     )

@@ -27,7 +27,6 @@ SIGNAL_ANNOTATION = f"{GROUP}/signal"
 # Raised by the API client when the connection itself fails (not an API error): transient.
 CONNECTION_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError)
 OPERATOR_CLASS = operator_class_from_env()
-
 FINALIZER = finalizer_for(OPERATOR_CLASS)
 KOPF_PREFIX = (f"{OPERATOR_CLASS}." if OPERATOR_CLASS else "") + f"kopf.{GROUP}"
 # Every handler sees only this operator's kernels (see CLASS_LABEL).
@@ -84,8 +83,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Logger
     ctx: OperatorContext = memo["ctx"]
     cfg = ctx.settings
     settings.persistence.finalizer = FINALIZER
-    # kopf keeps its state under a prefix of its own: it ignores every annotation under that
-    # prefix when it compares versions, and our users' annotations (signal requests) must count.
+    # kopf keeps its state under a prefix of its own (per class), which it ignores when it
+    # compares versions; it compares pools only (see PoolsOnlyDiffBase).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = PoolsOnlyDiffBase(
         prefix=KOPF_PREFIX, key="last-handled-configuration"

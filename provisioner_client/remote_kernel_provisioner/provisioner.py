@@ -273,16 +273,17 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             created = await kernels.create(body)
         self._created = True
         PROCESS_KEY.prepare()  # made while this launch waits: the next ones read no Secret
-        if key is not None:  # the connection comes sealed in status: no read follows the wait
-            return await self._launched(await self._wait_settled(kernels, created))
-        warming = asyncio.ensure_future(kernels.warm())
+        # Sealed in status, the connection needs no Secret read after the wait: no second
+        # connection is opened for one.
+        warming = asyncio.ensure_future(kernels.warm()) if key is None else None
         try:
             obj = await self._wait_settled(kernels, created)
         finally:
-            if not warming.done():
-                warming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warming
+            if warming is not None:
+                if not warming.done():
+                    warming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
         return await self._launched(obj)
 
     async def _wait_settled(self, kernels: RemoteKernels, created: dict[str, Any]) -> dict[str, Any] | None:

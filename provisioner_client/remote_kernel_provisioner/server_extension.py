@@ -91,9 +91,16 @@ async def reattach_kernels(serverapp: Any, server_name: str | None = None) -> li
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Start making this process's key for sealed connections (client_key.py), so even the
-    server's first kernel reads no Secret; the re-attaching is in the start hook."""
-    PROCESS_KEY.prepare()
+    """Make this process's key for sealed connections (client_key.py) before the server
+    serves, so even its first kernel reads no Secret; the re-attaching is in the start hook.
+
+    Made here, not in a background thread: on a loaded machine a thread could still be making
+    it when the first kernel is asked for (seen in CI), and ~20 ms once at server start-up is
+    cheaper than one Secret read on a kernel's path."""
+    if PROCESS_KEY.wait(timeout=10.0) is None:
+        serverapp.log.warning(
+            "No key for sealed connections: kernels' connections will be read from Secrets."
+        )
 
 
 async def _start_jupyter_server_extension(serverapp: Any) -> None:

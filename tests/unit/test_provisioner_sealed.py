@@ -148,3 +148,18 @@ async def test_a_process_that_cannot_make_its_key_reads_secrets_as_before(
     info = await _launch(provisioner())
     assert "clientPublicKey" not in kernels.bodies[0]["spec"] and info["key"] == HMAC_KEY
     assert len(kernels.secret_reads) == 1
+
+
+async def test_a_server_with_the_extension_loaded_launches_its_first_kernel_sealed(
+    kernels: FakeKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The extension makes the key before the server serves, however slow the machine: a key
+    # still being made in a thread when the first kernel came was seen in CI.
+    from remote_kernel_provisioner import server_extension
+
+    monkeypatch.setattr(server_extension, "PROCESS_KEY", provisioner_module.PROCESS_KEY)
+    server_extension._load_jupyter_server_extension(object())
+    assert provisioner_module.PROCESS_KEY.ready() is not None
+    info = await _launch(provisioner())
+    assert kernels.bodies[0]["spec"]["clientPublicKey"] == provisioner_module.PROCESS_KEY.ready()[1]
+    assert kernels.secret_reads == [] and info["key"] == HMAC_KEY

@@ -504,6 +504,7 @@ def main() -> int:
                     **env,
                     "PATH": f"{gp_python.parent}{os.pathsep}{env['PATH']}",
                     "GP_RESPONSE_IP": "127.0.0.1",
+                    "GP_KERNEL_LOG_DIR": str(WORK),  # its kernels' logs here, not left in /tmp
                 }
                 for n in sorted({30, args.count}):
                     print(f"==> {n} AsyncKernelManagers at once, gateway_provisioners...", flush=True)

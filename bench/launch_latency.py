@@ -512,6 +512,8 @@ def main() -> int:
                 # response listener on loopback: nothing is sent to other addresses.
                 row_env["PATH"] = f"{python.parent}{os.pathsep}{env['PATH']}"
                 row_env["GP_RESPONSE_IP"] = "127.0.0.1"
+                # Its kernels' logs in this bench's folder, not left in /tmp (its default).
+                row_env["GP_KERNEL_LOG_DIR"] = str(WORK)
             if kernel == "gp_hosts":
                 row_env.update(HOME=str(gp_home), GP_RESPONSE_IP=pool.gateway, GP_REMOTE_USER="root")
             runs = args.runs

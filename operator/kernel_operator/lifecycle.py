@@ -1105,11 +1105,19 @@ class KernelLifecycle:
 
     async def signal_requested(self, request: str) -> None:
         """Deliver the signal a client asked for with the signal annotation
-        (``<signum>/<request id>``), once: a request this replica handled, or that status
-        records as handled (by the replica before a restart), is not sent again."""
+        (``<signum>/<request id>``), at most once: a request this replica handled, or that
+        status records as handled (by the replica before a restart), is not sent again.
+
+        Recorded before it is sent: an operator killed between the two then loses the request
+        (the user interrupts again) rather than sending it again after its restart, into
+        whatever the kernel runs by then (a second interrupt can end an R kernel)."""
         if request in (self.ctx.signals_handled.get(self.uid), self.status.get("signalHandled")):
             return
         self.ctx.signals_handled[self.uid] = request
+        try:
+            await self.patch({"signalHandled": request})
+        except KubeError as err:  # e.g. the API server away; this replica remembers it anyway
+            self.log.debug(f"Could not record signal request {request!r} as handled: {err}")
         text = request.split("/", 1)[0]
         if not text.isdigit():
             self.log.warning(
@@ -1122,10 +1130,6 @@ class KernelLifecycle:
                 self.log.warning(f"Signal {text} could not be delivered: {err}")
             else:
                 self.log.info(f"Signal {text} was delivered to the kernel: {reply}.")
-        try:
-            await self.patch({"signalHandled": request})
-        except KubeError as err:  # e.g. deleted meanwhile; this replica remembers it anyway
-            self.log.debug(f"Could not record signal request {request!r} as handled: {err}")
 
     async def send_signal(self, signum: int, timeout: float = 5.0) -> dict[str, Any]:
         """Forward a signal to the kernel through its launcher's control port, at most once."""

@@ -667,6 +667,21 @@ async def test_a_restarted_operator_does_not_send_a_handled_signal_again() -> No
     assert backend.signals == [] and kube.patches == []
 
 
+async def test_a_signal_request_is_recorded_before_it_is_sent() -> None:
+    """An operator killed between the two must not send the request again after its restart."""
+    recorded_when_sent: list[list[dict[str, Any]]] = []
+
+    class Recording(SignalingFake):
+        async def signal(self, ref: dict[str, Any], signum: int, owner: str) -> None:
+            recorded_when_sent.append(list(kube.patches))
+            await super().signal(ref, signum, owner)
+
+    ctx, kube, _ = context(Recording())
+    b = _running_with_dead_launcher(ctx, kube)
+    await KernelLifecycle(ctx, b, events()[1], logging.getLogger("t")).signal_requested("2/r1")
+    assert recorded_when_sent == [[{"signalHandled": "2/r1"}]]
+
+
 @pytest.mark.parametrize("request_", ["abc/r1", "", "-9/r1", "2"])
 async def test_a_malformed_signal_request_is_ignored_and_not_retried(
     request_: str, caplog: pytest.LogCaptureFixture

@@ -4,6 +4,10 @@ Runs one ``jupyter server`` on loopback with the kernelspecs of JUPYTER_PATH and
 kernel name given, ``--runs`` times: POST /api/kernels, execute ``1+1`` over
 /api/kernels/<id>/channels, DELETE. Prints one JSON object {kernel: [seconds, ...],
 "<kernel> create": [seconds of the POST alone, ...]}.
+
+The server runs with our server extension on, as the README tells users to run it (its kernel
+websockets then send each message at once, for every kernel alike); ``--no-extension`` runs
+jupyter_server as it comes.
 """
 
 from __future__ import annotations
@@ -86,14 +90,18 @@ def main() -> None:
         help="seconds to wait before each run, the same for every kernel: the previous kernel's stop "
         "and a pool's refill are over (else the next launch shares the cores with them)",
     )
+    parser.add_argument("--no-extension", action="store_true", help="without our server extension")
     args = parser.parse_args()
     port, token = free_port(), uuid.uuid4().hex
+    extension = (
+        [] if args.no_extension else ['--ServerApp.jpserver_extensions={"remote_kernel_provisioner": true}']
+    )
     root = Path(tempfile.mkdtemp(prefix="rko-bench-server-"))
     server = subprocess.Popen(
         [
             sys.executable, "-m", "jupyter_server", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
             "--ServerApp.open_browser=False", f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-            "--allow-root",
+            "--allow-root", *extension,
         ],
         stdout=open(root / "server.log", "ab"),  # noqa: SIM115 - handed to the child
         stderr=subprocess.STDOUT,

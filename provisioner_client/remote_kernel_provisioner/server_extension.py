@@ -7,8 +7,9 @@ the namespaces its remote kernelspecs use, and starts each running one again by 
 the provisioner then attaches instead of launching, so /api/kernels lists it, its websocket
 works, and restart and shutdown behave as for any kernel. Public APIs only: jupyter_server's
 kernel manager ``start_kernel(kernel_id=…)`` and the provisioner's own attach. At load it also
-starts making the process's key for sealed connections, so the server's first kernel needs no
-Secret read.
+makes the process's key for sealed connections, so the server's first kernel needs no Secret
+read, and turns Nagle's delay off on kernel websockets (websocket.py) unless the server names a
+websocket connection class of its own.
 
 A server stopped gracefully shuts its kernels down first (jupyter_server's behaviour); one
 that crashed, was killed or lost its pod leaves them running, and they come back here.
@@ -90,6 +91,22 @@ async def reattach_kernels(serverapp: Any, server_name: str | None = None) -> li
     return attached
 
 
+def use_nodelay_websockets(serverapp: Any) -> bool:
+    """Serve kernel websockets with NoDelayKernelConnection, if the server uses jupyter_server's
+    own connection class and its configuration does not name one; True if it does now."""
+    from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+
+    from .websocket import NoDelayKernelConnection
+
+    configured = "kernel_websocket_connection_class" in (serverapp.config.get("ServerApp") or {})
+    settings = serverapp.web_app.settings
+    if configured or settings.get("kernel_websocket_connection_class") is not ZMQChannelsWebsocketConnection:
+        return False
+    settings["kernel_websocket_connection_class"] = NoDelayKernelConnection
+    serverapp.kernel_websocket_connection_class = NoDelayKernelConnection
+    return True
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Make this process's key for sealed connections (client_key.py) before the server
     serves, so even its first kernel reads no Secret; the re-attaching is in the start hook.
@@ -101,6 +118,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         serverapp.log.warning(
             "No key for sealed connections: kernels' connections will be read from Secrets."
         )
+    if use_nodelay_websockets(serverapp):
+        serverapp.log.info("Kernel websockets send each message at once (TCP_NODELAY).")
 
 
 async def _start_jupyter_server_extension(serverapp: Any) -> None:

@@ -216,6 +216,8 @@ async def test_jupyter_server_creates_executes_restarts_and_deletes_a_remote_ker
     assert rk["spec"]["username"] == "alice" and rk["status"]["backend"] == "ssh"
     # The extension made the server's key at start-up: even its first kernel's key came sealed.
     assert rk["spec"]["clientPublicKey"] and rk["status"]["connection"]["sealed"]
+    # Its kernel websockets are ours (TCP_NODELAY), and this execute goes through one.
+    assert "Kernel websockets send each message at once (TCP_NODELAY)." in server.log()
     reply, out = await execute(server, kernel_id, "x = 6\nprint(x * 7)")
     assert reply["status"] == "ok" and out == "42\n"
 

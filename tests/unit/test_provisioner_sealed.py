@@ -16,6 +16,8 @@ from remote_kernel_provisioner.client_key import ProcessKey
 from remote_kernel_provisioner.cluster import RemoteKernels
 from remote_kernel_provisioner.provisioner import RemoteKernelProvisioner
 
+from .test_server_extension import FakeServerApp
+
 HMAC_KEY = b"the-hmac-key"
 
 
@@ -158,7 +160,7 @@ async def test_a_server_with_the_extension_loaded_launches_its_first_kernel_seal
     from remote_kernel_provisioner import server_extension
 
     monkeypatch.setattr(server_extension, "PROCESS_KEY", provisioner_module.PROCESS_KEY)
-    server_extension._load_jupyter_server_extension(object())
+    server_extension._load_jupyter_server_extension(FakeServerApp())
     assert provisioner_module.PROCESS_KEY.ready() is not None
     info = await _launch(provisioner())
     assert kernels.bodies[0]["spec"]["clientPublicKey"] == provisioner_module.PROCESS_KEY.ready()[1]

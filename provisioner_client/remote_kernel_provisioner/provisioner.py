@@ -147,6 +147,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     _kernels: RemoteKernels | None = None
     _kernels_loop: asyncio.AbstractEventLoop | None = None
     _created = False
+    _running_seen: float | None = None  # when the RemoteKernel was last seen Running (monotonic)
 
     @default("namespace")
     def _namespace_default(self) -> str:
@@ -271,7 +272,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
                 return await self._attach(existing)
             await kernels.watch_until(self.name, lambda obj: obj is None, timeout=30)
             created = await kernels.create(body)
-        self._created = True
+        self._created, self._running_seen = True, None
         PROCESS_KEY.prepare()  # made while this launch waits: the next ones read no Secret
         # Sealed in status, the connection needs no Secret read after the wait: no second
         # connection is opened for one.
@@ -313,6 +314,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
     async def _launched(self, obj: dict[str, Any] | None) -> KernelConnectionInfo:
         if obj is None:
             self._created = False
+            self._running_seen = None
             raise KernelLaunchError(f"RemoteKernel {self.namespace}/{self.name} was deleted during launch.")
         status = obj.get("status") or {}
         if status.get("phase") != RUNNING:
@@ -353,6 +355,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return self.connection_info
 
     async def _load_connection(self, obj: dict[str, Any]) -> None:
+        self._running_seen = time.monotonic()
         status = obj["status"]
         data = self._sealed_data(obj)
         if data is None:
@@ -381,11 +384,21 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
             await kernels.release_unseen(obj, finalizer_name(self.operator_class))
         await kernels.delete(self.name)
         self._created = False
+        self._running_seen = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def poll(self) -> int | None:
         if not self._created:
             return 0
+        # Seen Running by the launch a moment ago: alive, without a read. Right after a start,
+        # jupyter_client's wait_for_ready asks, and so does Jupyter Server when a client opens
+        # the kernel's first websocket (its restarter asks every 3 s).
+        if self._running_seen is not None and time.monotonic() - self._running_seen < RUNNING_FRESH_SECONDS:
+            return None
+        return await self._exit_code()
+
+    async def _exit_code(self) -> int | None:
+        """The kernel's exit code as its RemoteKernel says now (None: not ended)."""
         obj = await (await self._api()).get(self.name)
         if obj is None:
             return 0
@@ -397,11 +410,13 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         return None
 
     async def wait(self) -> int | None:
-        while True:
-            code = await self.poll()
+        # Read every turn, never from the launch's sighting: a shutdown waits here for the end.
+        while self._created:
+            code = await self._exit_code()
             if code is not None:
                 return code
             await asyncio.sleep(self.poll_interval)
+        return 0
 
     async def send_signal(self, signum: int) -> None:
         if signum == 0 or not self._created:
@@ -422,6 +437,7 @@ class RemoteKernelProvisioner(KernelProvisionerBase):
         await kernels.delete(self.name)
         await kernels.watch_until(self.name, lambda obj: obj is None, timeout)
         self._created = False
+        self._running_seen = None
 
     async def cleanup(self, restart: bool = False) -> None:
         await self._delete_and_wait()
@@ -477,6 +493,7 @@ def _deleting(obj: dict[str, Any]) -> bool:
     return bool(obj.get("metadata", {}).get("deletionTimestamp"))
 
 
+RUNNING_FRESH_SECONDS = 1.0  # the launch's Running answers poll() this long without a read
 QUEUED_MAX_SECONDS = 600.0  # the longest a kernel may wait in the operator's queue (Pending)
 
 

@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     port, token = free_port(), uuid.uuid4().hex
     extension = (
-        [] if args.no_extension else ['--ServerApp.jpserver_extensions={"remote_kernel_provisioner": true}']
+        [] if args.no_extension else ["--ServerApp.jpserver_extensions=remote_kernel_provisioner=True"]
     )
     root = Path(tempfile.mkdtemp(prefix="rko-bench-server-"))
     server = subprocess.Popen(

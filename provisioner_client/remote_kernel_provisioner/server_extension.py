@@ -1,6 +1,6 @@
 """A Jupyter Server extension: a restarted server gets its running remote kernels back.
 
-Enable it with ``--ServerApp.jpserver_extensions='{"remote_kernel_provisioner": true}'`` (or
+Enable it with ``--ServerApp.jpserver_extensions=remote_kernel_provisioner=True`` (or
 the same in jupyter_server_config). At start-up it lists the RemoteKernels labelled with this
 server's name (``JUPYTER_SERVER_NAME``, else the host name; the provisioner sets the label) in
 the namespaces its remote kernelspecs use, and starts each running one again by its kernel id:

@@ -122,6 +122,7 @@ class Claim:
             if obj is None:  # claimed by another, or gone: the next one
                 self.registry.in_flight.pop(uid, None)
                 continue
+            self.registry.member_taken(entry)
             try:
                 return await self._bind(entry, obj, uid, request)
             except (BackendError, keys.KeyError_, KeyError, ValueError) as err:

@@ -34,6 +34,7 @@ from .pools import (
     member_name,
     member_spec,
     plan_pool,
+    refill_hold_seconds,
     selector,
 )
 from .profiles import Profile
@@ -91,6 +92,7 @@ class PoolController:
             await self._write_status(entry, None, invalid=err)
             return RESYNC_SECONDS * 6
         entry.member_request = request
+        listed_at = time.monotonic()
         found = await self.ctx.kube.list_remote_kernels(selector(spec.uid), (spec.namespace,))
         # Only sealed members count: an object a tenant labelled like one is not the pool's.
         objects = [o for o in found if is_sealed_member(self.ctx.pools.seal_key, o)]
@@ -120,6 +122,9 @@ class PoolController:
         await asyncio.gather(*(self._retire(spec, m, n) for m in members for n in [m.name] if n in retire))
         create = plan.create + sum(1 for m in members if m.name in stale and m.name not in plan.retire)
         waiting = self.refill_after - time.monotonic()
+        held = refill_hold_seconds(
+            entry.claimed_at, self.ctx.settings.pool_refill_delay, plan.ready, time.monotonic()
+        )
         # A bound on what this pool may have created and not yet counted (objects labelled as
         # its members that fail their seal, say): never a creation loop.
         room = max(0, 2 * replicas + 8 - len(found))
@@ -127,7 +132,8 @@ class PoolController:
             self.last_error = f"{len(found) - len(objects)} objects carry this pool's label but not its seal"
             self.log.warning(f"Pool {spec.name} creates at most {room} kernels now: {self.last_error}.")
             create = room
-        if create and waiting <= 0:
+        if create and waiting <= 0 and held <= 0:
+            _refilled(entry, listed_at)
             count = min(create, MAX_CREATES_PER_ROUND)
             results = await asyncio.gather(
                 *(self._create(spec) for _ in range(count)), return_exceptions=True
@@ -143,10 +149,14 @@ class PoolController:
             made = count - len(errors)
             if made:
                 self.log.info(f"Creating {made} kernels to refill pool {spec.name} ({plan.ready} ready).")
+        elif create and held > 0:
+            self.log.debug(
+                f"Pool {spec.name} refills in {held:.2f} s, after its claimed kernel's first requests."
+            )
+        elif not create:
+            _refilled(entry, listed_at)  # the claims it saw left nothing to refill
         await self._write_status(entry, plan, replicas=replicas)
-        if waiting > 0:
-            return min(waiting, RESYNC_SECONDS)
-        return RESYNC_SECONDS
+        return min([RESYNC_SECONDS] + [s for s in (waiting, held) if s > 0])
 
     async def _member_request(self, spec: PoolSpec) -> tuple[KernelRequest, int, dict[str, Any]]:
         """The members' checked request (under the pool's profile, as every member will be
@@ -269,6 +279,13 @@ class PoolController:
         await self.ctx.kube.patch_pool_status(spec.namespace, spec.name, status)
         entry.claims -= claims
         self.status.update(status)
+
+
+def _refilled(entry: PoolEntry, listed_at: float) -> None:
+    """The claims this round saw are answered; one made after its list still holds the next
+    refill back."""
+    if entry.claimed_at < listed_at:
+        entry.claimed_at = 0.0
 
 
 def _member_defaults(profile: Profile, template: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ operators or two claims holding the same stale view never both win.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ class PoolEntry:
     # Members ready to be claimed, oldest first: uid -> name.
     ready: OrderedDict[str, str] = field(default_factory=OrderedDict)
     claims: int = 0  # claims not yet counted in the pool's status
+    # When the first claim not yet answered by a refill took its member (monotonic; 0: none).
+    claimed_at: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)  # a member became ready
 
@@ -68,6 +71,11 @@ class PoolRegistry:
         entry.wake.set()
         async with entry.changed:
             entry.changed.notify_all()
+
+    def member_taken(self, entry: PoolEntry) -> None:
+        """A claim took a member: the refill's hold-back counts from the first such claim."""
+        if not entry.claimed_at:
+            entry.claimed_at = time.monotonic()
 
     def member_gone(self, pool_uid: str, member_uid: str) -> None:
         self.secrets.pop(member_uid, None)

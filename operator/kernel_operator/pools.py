@@ -394,6 +394,18 @@ def backoff_seconds(consecutive_failures: int) -> float:
     return float(min(300, 2 ** min(consecutive_failures, 9)))
 
 
+def refill_hold_seconds(claimed_at: float, delay: float, ready: int, now: float) -> float:
+    """How much longer a pool holds its refill back after a claim (0: refill now).
+
+    A claimed kernel's first requests come right after its claim; launches started then take
+    the CPU they need (RKO_POOL_REFILL_DELAY_SECONDS). The hold counts from the first claim not
+    yet refilled, so steady claims never starve the refill, and it ends at once when no kernel
+    is left ready (the next claim would start cold or wait)."""
+    if claimed_at <= 0 or delay <= 0 or ready <= 0:
+        return 0.0
+    return max(0.0, claimed_at + delay - now)
+
+
 # -- late binding: code the claimed kernel runs, silently -------------------------------------
 BINDABLE_LANGUAGES = ("python", "r", "scala")  # those binding_code writes a cell for
 

@@ -21,7 +21,9 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, minimum: float = 0, maximum: float | None = None
+) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -31,6 +33,8 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
         raise SettingsError(f"{name}={raw!r} is not a number.") from err
     if value < minimum:
         raise SettingsError(f"{name}={raw!r} must be at least {minimum}.")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={raw!r} must be at most {maximum}.")
     return value
 
 
@@ -177,6 +181,9 @@ class OperatorSettings:
     # Launches between Launching and the kernel's report at once; more wait in Pending, so each
     # launch runs at full speed and its timeout counts from when it really starts.
     max_concurrent_launches: int = 16
+    # Seconds a pool waits after a claim before it refills, while it still has a ready kernel:
+    # the claimed kernel's first requests get the CPU that the refill's launches would take.
+    pool_refill_delay: float = 1.0
     authorized_users: frozenset[str] = frozenset()
     unauthorized_users: frozenset[str] = frozenset({"root"})
     port_range: tuple[int, int] = (0, 0)
@@ -288,6 +295,7 @@ class OperatorSettings:
             watch_namespaces=_list(env.get("RKO_WATCH_NAMESPACES", "")),
             launch_timeout=_number(env, "RKO_LAUNCH_TIMEOUT", 30.0, 1),
             max_concurrent_launches=int(_number(env, "RKO_MAX_CONCURRENT_LAUNCHES", 16, 1)),
+            pool_refill_delay=_number(env, "RKO_POOL_REFILL_DELAY_SECONDS", 1.0, 0, 60),
             authorized_users=frozenset(_list(env.get("RKO_AUTHORIZED_USERS", ""))),
             unauthorized_users=frozenset(_list(env.get("RKO_UNAUTHORIZED_USERS", "root"))),
             port_range=port_range,

@@ -32,6 +32,7 @@ from kernel_operator.pools import (
     member_spec,
     mismatch,
     plan_pool,
+    refill_hold_seconds,
     scala_env_payload,
     seal_key,
 )
@@ -334,13 +335,15 @@ class PoolKube:
         self.pool_status.update(status)
 
 
-def _controller(kube: PoolKube, replicas: int = 2, **spec: Any) -> tuple[Any, Any]:
+def _controller(
+    kube: PoolKube, replicas: int = 2, settings: OperatorSettings | None = None, **spec: Any
+) -> tuple[Any, Any]:
     from kernel_operator.lifecycle import OperatorContext
     from kernel_operator.pool_controller import PoolController
     from kernel_operator.pool_registry import PoolRegistry
 
     ctx = OperatorContext(
-        settings=OperatorSettings(),
+        settings=settings or OperatorSettings(),
         kube=kube,  # type: ignore[arg-type]
         backends=None,  # type: ignore[arg-type]
         listener=None,  # type: ignore[arg-type]
@@ -412,6 +415,62 @@ async def test_an_invalid_pool_creates_nothing_and_says_why() -> None:
     await controller.reconcile(entry)
     assert kube.created == 0 and entry.member_request is None
     assert kube.pool_status["conditions"][0]["reason"] == "ProfileNotFound"
+
+
+def test_the_refill_hold_counts_from_the_first_claim_and_ends_when_nothing_is_ready() -> None:
+    assert refill_hold_seconds(0.0, 1.0, 3, 100.0) == 0  # no claim
+    assert refill_hold_seconds(100.0, 1.0, 3, 100.25) == 0.75
+    assert refill_hold_seconds(100.0, 1.0, 3, 102.0) == 0  # held long enough
+    assert refill_hold_seconds(100.0, 1.0, 0, 100.25) == 0  # none ready: the next claim starts cold
+    assert refill_hold_seconds(100.0, 0.0, 3, 100.25) == 0  # RKO_POOL_REFILL_DELAY_SECONDS=0
+
+
+def _ready_all(kube: PoolKube) -> None:
+    for obj in kube.kernels.values():
+        stamp = obj["metadata"]["creationTimestamp"]
+        obj["status"] = {"phase": "Running", "readyAt": stamp, "pooledAt": stamp}
+
+
+async def _claim(kube: PoolKube, entry: Any, registry: Any, name: str) -> None:
+    assert await kube.swap_label("team", name, CLAIM_LABEL, FREE, f"claimer-{name}") is not None
+    registry.member_taken(entry)
+
+
+async def test_the_pool_refills_a_claim_after_the_delay_while_kernels_are_ready() -> None:
+    kube = PoolKube()
+    controller, entry = _controller(kube, replicas=3)
+    await controller.reconcile(entry)
+    _ready_all(kube)
+    first, second, _ = sorted(kube.kernels)
+    await _claim(kube, entry, controller.ctx.pools, first)
+    delay = await controller.reconcile(entry)
+    assert kube.created == 3 and 0 < delay <= 1.0  # held back, and woken when the hold ends
+    # A second claim during the hold does not push it further: steady claims never starve it.
+    claimed_at = entry.claimed_at
+    await _claim(kube, entry, controller.ctx.pools, second)
+    assert entry.claimed_at == claimed_at
+    entry.claimed_at -= 1.0  # the hold has passed
+    await controller.reconcile(entry)
+    assert kube.created == 5 and entry.claimed_at == 0
+
+
+async def test_the_pool_refills_at_once_when_its_last_ready_kernel_is_claimed_or_no_delay_is_set() -> None:
+    kube = PoolKube()
+    controller, entry = _controller(kube, replicas=1)
+    await controller.reconcile(entry)
+    _ready_all(kube)
+    await _claim(kube, entry, controller.ctx.pools, next(iter(kube.kernels)))
+    await controller.reconcile(entry)
+    assert kube.created == 2  # nothing left ready: refilled at once
+
+    kube = PoolKube()
+    settings = OperatorSettings.from_env({"RKO_POOL_REFILL_DELAY_SECONDS": "0"})
+    controller, entry = _controller(kube, replicas=2, settings=settings)
+    await controller.reconcile(entry)
+    _ready_all(kube)
+    await _claim(kube, entry, controller.ctx.pools, next(iter(kube.kernels)))
+    await controller.reconcile(entry)
+    assert kube.created == 3
 
 
 def test_a_running_member_that_has_not_answered_yet_is_launching_not_ready() -> None:

@@ -42,6 +42,8 @@ def test_settings_are_read_from_rko_variables() -> None:
     assert s.port_range == (40000, 42000)
     assert s.ssh.hosts == ("h1", "h2")
     assert s.response_bind == ("127.0.0.1", 9000)
+    assert OperatorSettings.from_env({}).pool_refill_delay == 1.0
+    assert OperatorSettings.from_env({"RKO_POOL_REFILL_DELAY_SECONDS": "0"}).pool_refill_delay == 0
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,9 @@ def test_settings_are_read_from_rko_variables() -> None:
         ({"RKO_UNREACHABLE_GRACE_SECONDS": "-1"}, "at least 0"),
         ({"RKO_SSH_COMMAND_TIMEOUT": "0"}, "at least 0.1"),
         ({"RKO_CHECK_NODES": "rarely"}, "RKO_CHECK_NODES"),
+        ({"RKO_POOL_REFILL_DELAY_SECONDS": "-0.5"}, "at least 0"),
+        ({"RKO_POOL_REFILL_DELAY_SECONDS": "600"}, "at most 60"),
+        ({"RKO_POOL_REFILL_DELAY_SECONDS": "later"}, "not a number"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], words: str) -> None:

@@ -9,7 +9,9 @@ time of one launch goes. Every figure is a ratio to something measured in the sa
   namespace hosts): all Running? wall time against the CPU-bound limit, N x (machine CPU
   seconds one launch costs) / cores, measured here first. On localhost twice: from memory as
   it is, then with the memory the burst uses faulted in first, as one launch finds it
-  (guest_memory says why); the other backends' bursts from faulted-in memory.
+  (guest_memory says why); the pods the same two ways (faulting in made the pod burst slower
+  here, see the README); the ssh hosts' burst from faulted-in memory. One launch's CPU is
+  measured before and after each burst, and the limit takes the median of both.
 - Through jupyter_client: N AsyncKernelManagers in one process, ours against
   gateway_provisioners' DistributedProvisioner on localhost (how many fail, hang, or are left
   running after shutdown_kernel(now=True); the longest the client's event loop was blocked).
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,24 +168,37 @@ def wait_settled(kernels: Kernels, names: list[str], timeout: float) -> tuple[di
 # How long one launch's CPU is counted from its create: past Running, because a kernel reports
 # ready once its sockets are bound and finishes its start-up (its shell, its IOLoop) after that.
 LAUNCH_CPU_WINDOW = 3.0
+# How long the machine's idle use is measured before each single launch.
+IDLE_WINDOW = 2.0
+# A pause after each single launch's deletion: its pod or processes finish stopping in it, not
+# in the next launch's idle window.
+AFTER_DELETE = 2.0
+
+
+def idle_use(seconds: float) -> tuple[float, dict[str, float]]:
+    """The machine's CPU use while nothing is launched: CPU-s a second, in all and by part."""
+    c0, t0 = machine_cpu(), time.perf_counter()
+    split = CpuSplit().start()
+    time.sleep(seconds)
+    split.stop()
+    took = time.perf_counter() - t0
+    return (machine_cpu() - c0) / took, {k: v / took for k, v in split.parts().items()}
 
 
 def one_launch_cpu(
     kernels: Kernels, profile: str, runs: int
 ) -> tuple[list[float], list[float], dict[str, float], float]:
     """The machine CPU seconds one launch costs (a fixed window from its create, less what the
-    machine spends idle in as long), the wall seconds from create to Running, one at a time, the
-    median CPU seconds of each part of the machine in that window (less its idle use), and the
-    median MiB of memory one running kernel takes from the machine."""
-    c0, t0 = machine_cpu(), time.perf_counter()
-    idle_split = CpuSplit().start()
-    time.sleep(LAUNCH_CPU_WINDOW)
-    idle_split.stop()
-    idle_seconds = time.perf_counter() - t0
-    idle = (machine_cpu() - c0) / idle_seconds
-    idle_parts = {k: v / idle_seconds for k, v in idle_split.parts().items()}
+    machine spent idle just before it), the wall seconds from create to Running, one at a time,
+    the median CPU seconds of each part of the machine in that window (less its idle use), and
+    the median MiB of memory one running kernel takes from the machine.
+
+    The idle use is measured before each launch, not once: a node that has just started, or
+    one still removing the containers of deleted pods, is busy for a while, and one busy idle
+    window subtracted from every launch once made a pod's launch look like 0.26 CPU-s."""
     cpu, wall, splits, memory = [], [], [], []
     for _ in range(runs + 1):
+        idle, idle_parts = idle_use(IDLE_WINDOW)
         split = CpuSplit().start()
         m0 = available_mib()
         c0, t0 = machine_cpu(), time.perf_counter()
@@ -196,7 +212,7 @@ def one_launch_cpu(
         splits.append({k: v - idle_parts.get(k, 0.0) * took for k, v in split.parts().items()})
         memory.append(float(m0 - available_mib()))
         kernels.delete_all()
-        time.sleep(0.5)
+        time.sleep(AFTER_DELETE)
     parts = {k for s in splits[1:] for k in s}
     median = {k: statistics.median([s.get(k, 0.0) for s in splits[1:]]) for k in parts}
     return cpu[1:], wall[1:], median, statistics.median(memory[1:])  # the first is a warm-up
@@ -231,6 +247,35 @@ def burst(
     result["started"] = split.started()
     kernels.delete_all(timeout=300)
     result["left"] = kernels_left()
+    return result
+
+
+def burst_against_one(
+    kernels: Kernels,
+    profile: str,
+    count: int,
+    timeout: float,
+    before: list[float],
+    runs: int,
+    per_kernel_mib: float | None = None,
+    settle: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """A burst, then one launch's CPU measured again. The CPU-bound limit takes the median of
+    the single launches before and after it: what one launch costs moves with the hour on this
+    VM (0.63-1.05 CPU-s for a pod within an hour), and a few launches measured only before
+    the burst decided the ratio more than the burst did. ``settle`` waits until the kernels
+    before are cleaned up (a node removes its containers up to a minute after the pods are
+    gone), so that no clean-up is counted as the burst's or the single launches' work."""
+    if settle is not None:
+        settle()
+    result = burst(kernels, profile, count, timeout, per_kernel_mib=per_kernel_mib)
+    if settle is not None:
+        result["settled_after_s"] = settle()
+    after = one_launch_cpu(kernels, profile, runs)[0]
+    result["one_cpu_before"] = statistics.median(before)
+    result["one_cpu_after"] = statistics.median(after)
+    result["one_cpu_after_runs"] = after
+    result["one_cpu"] = statistics.median(before + after)
     return result
 
 
@@ -445,12 +490,15 @@ def main() -> int:
             print(
                 f"==> Burst: {args.count} RemoteKernels at once on localhost, memory as it is...", flush=True
             )
-            report["burst_local_cold"] = burst(kernels, "local", args.count, 600)
+            report["burst_local_cold"] = burst_against_one(kernels, "local", args.count, 600, cpu, args.runs)
             print(
                 f"==> Burst: {args.count} RemoteKernels at once on localhost, memory faulted in...",
                 flush=True,
             )
-            report["burst_local"] = burst(kernels, "local", args.count, 600, per_kernel_mib=mib)
+            before = report["burst_local_cold"]["one_cpu_after_runs"]
+            report["burst_local"] = burst_against_one(
+                kernels, "local", args.count, 600, before, args.runs, per_kernel_mib=mib
+            )
         if "hosts" not in skip:
             pool.start()
             known = WORK / "hosts" / "known_hosts"
@@ -481,10 +529,12 @@ def main() -> int:
             labels = {"kernel-operator.io/operator-class": "hosts"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            hcpu, _, hsplit, hmib = one_launch_cpu(kernels, "hosts", max(2, args.runs // 2))
+            hcpu, _, hsplit, hmib = one_launch_cpu(kernels, "hosts", args.runs)
             report["one_launch_hosts_cpu_p50"] = statistics.median(hcpu)
             report["one_launch_hosts_split"] = hsplit
-            report["burst_hosts"] = burst(kernels, "hosts", args.count, 600, per_kernel_mib=hmib)
+            report["burst_hosts"] = burst_against_one(
+                kernels, "hosts", args.count, 600, hcpu, args.runs, per_kernel_mib=hmib
+            )
             kernels.create = orig  # type: ignore[method-assign]
         if "pods" not in skip:
             engine = DockerEngine()
@@ -504,14 +554,34 @@ def main() -> int:
                 },
             )
             pods_operator.start()
-            print(f"==> Burst: {args.count} RemoteKernels at once as pods on one real node...", flush=True)
             labels = {"kernel-operator.io/operator-class": "pods"}
             orig = kernels.create
             kernels.create = lambda profile, **kw: orig(profile, labels=labels, **kw)  # type: ignore[method-assign]
-            pcpu, _, psplit, pmib = one_launch_cpu(kernels, "pods", max(2, args.runs // 2))
+            pcpu, _, psplit, pmib = one_launch_cpu(kernels, "pods", args.runs)
             report["one_launch_pods_cpu_p50"] = statistics.median(pcpu)
             report["one_launch_pods_split"] = psplit
-            report["burst_pods"] = burst(kernels, "pods", args.count, 900, per_kernel_mib=pmib)
+            print(
+                f"==> Burst: {args.count} RemoteKernels at once as pods on one real node, memory as it is...",
+                flush=True,
+            )
+            cold = burst_against_one(
+                kernels, "pods", args.count, 900, pcpu, args.runs, settle=node.wait_empty
+            )
+            report["burst_pods_cold"] = cold
+            print(
+                f"==> Burst: {args.count} RemoteKernels at once as pods on one real node, memory faulted in...",
+                flush=True,
+            )
+            report["burst_pods"] = burst_against_one(
+                kernels,
+                "pods",
+                args.count,
+                900,
+                cold["one_cpu_after_runs"],
+                args.runs,
+                per_kernel_mib=pmib,
+                settle=node.wait_empty,
+            )
             kernels.create = orig  # type: ignore[method-assign]
         if {"direct", "jupyter", "gp"} - skip:
             jupyter = kernelspecs(
@@ -608,12 +678,17 @@ def print_report(r: dict[str, Any]) -> None:
         ("burst_local_cold", "ssh backend, localhost, memory as it is", None),
         ("burst_local", "ssh backend, localhost", None),
         ("burst_hosts", "ssh backend, 3 ssh hosts", "one_launch_hosts_cpu_p50"),
+        (
+            "burst_pods_cold",
+            "kubernetes backend, pods on one real node, memory as it is",
+            "one_launch_pods_cpu_p50",
+        ),
         ("burst_pods", "kubernetes backend, pods on one real node", "one_launch_pods_cpu_p50"),
     ):
         if key not in r:
             continue
         b = r[key]
-        cpu_one = r[cpu_key] if cpu_key else one["cpu_p50"]
+        cpu_one = b.get("one_cpu") or (r[cpu_key] if cpu_key else one["cpu_p50"])
         limit = b["count"] * cpu_one / cores
         mem = b.get("memory", {})
         if "first_s_per_gib" in mem:  # faulted in first
@@ -631,6 +706,12 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"| {b['running']} | {b['failed']} | {b['wall']:.1f} | {limit:.1f} | {b['wall'] / limit:.2f}x | {b['cpu']:.0f} | {b['left']} |"
         )
+        if "one_cpu_after" in b:
+            print(
+                f"One launch: {b['one_cpu_before']:.3f} CPU-s before the burst, {b['one_cpu_after']:.3f} "
+                f"after; the limit uses {cpu_one:.3f} (the median of both); in the burst "
+                f"{b['cpu'] / b['count']:.3f} CPU-s a kernel."
+            )
         one_split = r.get(cpu_key.replace("cpu_p50", "split")) if cpu_key else one.get("split")
         if b.get("split") and one_split:
             print_split(one_split, b["split"], b["count"], b.get("started"))

@@ -457,6 +457,19 @@ class KubeletNode:
             if save.wait() != 0:
                 raise NodeError(f"`docker save {' '.join(refs)}` failed with code {save.returncode}.")
 
+    def containers(self) -> int:
+        """How many containers containerd holds for the kubelet, pod sandboxes included."""
+        listed = _run("ctr", "--address", str(self.socket), "-n", "k8s.io", "containers", "list", "-q")
+        return len(listed.stdout.split())
+
+    def wait_empty(self, timeout: float = 120.0) -> float:
+        """Wait until the kubelet has removed every container of the pods deleted from it (its
+        container GC runs once a minute, after the pods are gone from the API); seconds waited."""
+        start = time.monotonic()
+        while self.containers() and time.monotonic() - start < timeout:
+            time.sleep(1.0)
+        return time.monotonic() - start
+
     def _build_pause_image(self, docker_env: dict[str, str] | None) -> None:
         context = self.root / "pause-image"
         context.mkdir(exist_ok=True)

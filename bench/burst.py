@@ -674,21 +674,21 @@ def print_report(r: dict[str, Any]) -> None:
                 else "no virtio balloon is bound."
             )
         )
-    for key, label, cpu_key in (
+    for key, label, split_key in (
         ("burst_local_cold", "ssh backend, localhost, memory as it is", None),
         ("burst_local", "ssh backend, localhost", None),
-        ("burst_hosts", "ssh backend, 3 ssh hosts", "one_launch_hosts_cpu_p50"),
+        ("burst_hosts", "ssh backend, 3 ssh hosts", "one_launch_hosts_split"),
         (
             "burst_pods_cold",
             "kubernetes backend, pods on one real node, memory as it is",
-            "one_launch_pods_cpu_p50",
+            "one_launch_pods_split",
         ),
-        ("burst_pods", "kubernetes backend, pods on one real node", "one_launch_pods_cpu_p50"),
+        ("burst_pods", "kubernetes backend, pods on one real node", "one_launch_pods_split"),
     ):
         if key not in r:
             continue
         b = r[key]
-        cpu_one = b.get("one_cpu") or (r[cpu_key] if cpu_key else one["cpu_p50"])
+        cpu_one = b["one_cpu"]
         limit = b["count"] * cpu_one / cores
         mem = b.get("memory", {})
         if "first_s_per_gib" in mem:  # faulted in first
@@ -712,7 +712,7 @@ def print_report(r: dict[str, Any]) -> None:
                 f"after; the limit uses {cpu_one:.3f} (the median of both); in the burst "
                 f"{b['cpu'] / b['count']:.3f} CPU-s a kernel."
             )
-        one_split = r.get(cpu_key.replace("cpu_p50", "split")) if cpu_key else one.get("split")
+        one_split = r.get(split_key) if split_key else one.get("split")
         if b.get("split") and one_split:
             print_split(one_split, b["split"], b["count"], b.get("started"))
     rows = [(k, v) for k, v in r.items() if k.startswith("jupyter_")]
